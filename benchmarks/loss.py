@@ -1,0 +1,245 @@
+"""kdsweep's distillation loss against a naive PyTorch version of the same formulas.
+
+Run by hand from the repository root::
+
+    python benchmarks/loss.py              # V = 151,936, N in {1024, 2048}, fp32, CPU (~5 min)
+    python benchmarks/loss.py --quick      # small N and V: a smoke run
+    python benchmarks/loss.py --device cuda
+
+Each case is one forward + backward of ``alpha * T^2 * KL + (1 - alpha) * CE`` (alpha 0.5, T 2,
+10% of labels -100) with the teacher as full logits ("full") or as its top-64 values and ids
+("top64", kdsweep's `distill_loss_sparse`), in two forms:
+
+- logits: the student's ``[N, V]`` logits are the input; kdsweep uses `distill_loss(_sparse)`.
+- hidden: the input is hidden states ``[N, H]`` and the lm_head weight ``[V, H]``; kdsweep uses
+  `distill_loss_from_hidden`, the naive version computes ``logits = hidden @ weight.T`` first.
+
+The naive version (`naive_loss`) is what one writes first: ``log_softmax`` and ``softmax`` over
+``[N, V]``, a ``[N, V]`` tensor of -inf with the top-k scattered in, ``F.kl_div`` and
+``F.cross_entropy``, autograd for the backward.
+
+How it measures, and why it is honest:
+
+- Each (case, implementation) runs in a fresh subprocess, so no allocator cache or heap left by
+  another case hides or adds memory.
+- Memory on CPU: after the inputs exist (and any throw-away tensors used to make them are
+  freed), the process's RSS high-water mark is reset (Linux: ``echo 5 > /proc/self/clear_refs``)
+  and its RSS read; "extra peak" is the high-water mark after one forward + backward minus that
+  RSS. Tensors this large are mmap'ed by the allocator, so RSS follows them closely. The
+  gradients left behind (``.grad`` of the inputs) are included: they are part of what a training
+  step holds. The "excl. grads" ratio subtracts their size from both sides, leaving the working
+  memory each implementation needs on top of its unavoidable outputs.
+- Memory on CUDA: ``torch.cuda.max_memory_allocated()`` after a reset, minus the memory allocated
+  before the call.
+- Time: the median wall time of ``--reps`` forward + backward calls after the measured one
+  (CUDA: synchronised).
+
+Targets flagged in the table: extra peak memory <= 0.25x naive in the logits form and <= 0.05x
+in the hidden form; time <= 1.0x naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kdsweep.losses import distill_loss, distill_loss_from_hidden, distill_loss_sparse  # noqa: E402
+
+ALPHA, TEMPERATURE, TOP_K, IGNORED = 0.5, 2.0, 64, 0.1
+MEMORY_TARGET = {"logits": 0.25, "hidden": 0.05}
+TIME_TARGET = 1.0
+
+
+@dataclass(frozen=True)
+class Case:
+    form: str  # "logits" or "hidden"
+    tokens: int
+    teacher: str  # "full" or "top64"
+    impl: str  # "naive" or "kdsweep"
+    vocab: int
+    hidden_size: int
+    device: str
+    reps: int
+
+
+def naive_loss(
+    student: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The formulas written plainly over ``[N, V]``; teacher as logits or top-k values + ids."""
+    if teacher is None:
+        teacher = torch.full_like(student, float("-inf")).scatter(-1, indices, values.float())
+    log_ps = F.log_softmax(student / TEMPERATURE, dim=-1)
+    p_t = F.softmax(teacher / TEMPERATURE, dim=-1)
+    kl_rows = F.kl_div(log_ps, p_t, reduction="none").sum(-1)
+    keep = labels != -100
+    kl = TEMPERATURE**2 * (kl_rows * keep).sum() / keep.sum()
+    ce = F.cross_entropy(student, labels, ignore_index=-100)
+    return ALPHA * kl + (1 - ALPHA) * ce
+
+
+def make_inputs(case: Case) -> dict[str, torch.Tensor]:
+    """Inputs of one case on its device; teacher top-k is taken from random full logits."""
+    gen = torch.Generator().manual_seed(0)
+    n, v, device = case.tokens, case.vocab, case.device
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < IGNORED] = -100
+    inputs = {"labels": labels.to(device)}
+    teacher = (3 * torch.randn(n, v, generator=gen)).to(device)
+    if case.teacher == "full":
+        inputs["teacher"] = teacher
+    else:
+        top = teacher.topk(TOP_K, dim=-1)
+        inputs["values"], inputs["indices"] = top.values, top.indices
+    del teacher
+    if case.form == "logits":
+        inputs["student"] = (2 * torch.randn(n, v, generator=gen)).to(device).requires_grad_()
+    else:
+        h = case.hidden_size
+        inputs["hidden"] = torch.randn(n, h, generator=gen).to(device).requires_grad_()
+        inputs["weight"] = (torch.randn(v, h, generator=gen) / h**0.5).to(device).requires_grad_()
+    return inputs
+
+
+def step(case: Case, x: dict[str, torch.Tensor]) -> float:
+    """One forward + backward; returns the loss value."""
+    teacher = {"teacher": x.get("teacher"), "values": x.get("values"), "indices": x.get("indices")}
+    if case.impl == "naive":
+        student = x["student"] if case.form == "logits" else x["hidden"] @ x["weight"].T
+        loss = naive_loss(student, x["labels"], **teacher)
+    elif case.form == "logits" and case.teacher == "full":
+        loss = distill_loss(x["student"], x["teacher"], x["labels"], alpha=ALPHA,
+                            temperature=TEMPERATURE).loss
+    elif case.form == "logits":
+        loss = distill_loss_sparse(x["student"], x["values"], x["indices"], x["labels"],
+                                   alpha=ALPHA, temperature=TEMPERATURE).loss
+    else:
+        loss = distill_loss_from_hidden(
+            x["hidden"], x["weight"], x["labels"], teacher_logits=teacher["teacher"],
+            teacher_values=teacher["values"], teacher_indices=teacher["indices"], alpha=ALPHA,
+            temperature=TEMPERATURE).loss
+    loss.backward()
+    return loss.item()
+
+
+class Memory:
+    """Extra peak memory of the code between `start` and `peak`: RSS on CPU, allocator on CUDA."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.base = _proc_status_kib("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return _proc_status_kib("VmHWM") * 1024 - self.base
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status: CPU memory needs Linux")
+
+
+def run_child(case: Case) -> dict[str, object]:
+    """Measures one case in this process (a fresh subprocess of `main`)."""
+    x = make_inputs(case)
+    memory = Memory(case.device)
+    memory.start()
+    loss = step(case, x)
+    peak = memory.peak()
+    grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in x.values() if t.grad is not None)
+    times = []
+    for _ in range(case.reps):
+        for t in x.values():
+            t.grad = None
+        start = time.perf_counter()
+        step(case, x)
+        if case.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"loss": loss, "peak": peak, "grads": grad_bytes, "time": statistics.median(times)}
+
+
+def measure(case: Case) -> dict[str, object]:
+    command = [sys.executable, __file__, "--child", json.dumps(asdict(case))]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{case} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:6.2f}"
+
+
+def row(form: str, tokens: int, teacher: str, naive: dict, ours: dict) -> str:
+    memory = ours["peak"] / naive["peak"]
+    workspace = (ours["peak"] - ours["grads"]) / (naive["peak"] - naive["grads"])
+    speed = ours["time"] / naive["time"]
+    memory_flag = "ok" if memory <= MEMORY_TARGET[form] else "MISS"
+    time_flag = "ok" if speed <= TIME_TARGET else "MISS"
+    loss_gap = abs(ours["loss"] - naive["loss"]) / abs(naive["loss"])
+    return (f"{form:6} {tokens:5} {teacher:5} | {gib(naive['peak'])} {gib(ours['peak'])} "
+            f"{gib(ours['grads'])} | {memory:5.3f} {memory_flag:4} (<= {MEMORY_TARGET[form]:.2f}) "
+            f"{workspace:5.3f} | {naive['time']:7.2f} {ours['time']:7.2f} {speed:5.2f} "
+            f"{time_flag:4} | {loss_gap:.1e}")
+
+
+HEADER = ("form   N     teach | naive   kds    grads  GiB | mem ratio  (target)    excl.grads | "
+          "naive_s  kds_s  ratio      | rel.Δloss")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="N in {128, 256}, V = 8192, H = 64")
+    parser.add_argument("--reps", type=int, default=2, help="timed calls per case (median)")
+    parser.add_argument("--forms", default="logits,hidden", help="comma-separated subset")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(Case(**json.loads(args.child)))))
+        return
+    vocab, hidden_size, sizes = (8192, 64, (128, 256)) if args.quick else (151_936, 1024, (1024, 2048))
+    print(f"V={vocab} H={hidden_size} fp32 {args.device} threads={torch.get_num_threads()} "
+          f"reps={args.reps} alpha={ALPHA} T={TEMPERATURE}; kds/naive ratios\n{HEADER}")
+    for form in args.forms.split(","):
+        for tokens in sizes:
+            for teacher in ("full", "top64"):
+                results = {impl: measure(Case(form, tokens, teacher, impl, vocab, hidden_size,
+                                              args.device, args.reps))
+                           for impl in ("naive", "kdsweep")}
+                print(row(form, tokens, teacher, results["naive"], results["kdsweep"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from kdsweep.cli import main
+
+raise SystemExit(main())

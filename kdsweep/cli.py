@@ -1,0 +1,138 @@
+"""The ``kdsweep`` command: each subcommand checks its flags, then calls one library function.
+
+``main`` is the one place that turns errors into messages and exit codes: 0 success, 2 usage or
+study-file error (one line per problem, no traceback), 1 any other failure, 130 interrupted.
+``KDSWEEP_DEBUG=1`` shows tracebacks. Importing this module loads neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from kdsweep import __version__
+from kdsweep.config import SEARCHED, StudyConfig, load_study
+from kdsweep.errors import StudyError, UsageError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.command(args) or 0
+    except StudyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"kdsweep: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdsweep: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last line of defence: one line, the traceback on request
+        if os.environ.get("KDSWEEP_DEBUG") == "1":
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"kdsweep: error: {type(exc).__name__}: {message} (KDSWEEP_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdsweep", description="Sweep knowledge-distillation hyperparameters.")
+    parser.add_argument("--version", action="version", version=f"kdsweep {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("study", metavar="STUDY.yaml", help="the study file")
+        sub.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+            help="override a study field, e.g. --set train.max_steps=50 (repeatable)",
+        )
+        sub.set_defaults(command=handler)
+        return sub
+
+    run = command("run", cmd_run, "run (or continue) the study's trials, then write its report")
+    run.add_argument("--n-trials", type=_positive_int, help="total finished trials the study should hold")
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
+    run.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    command("check", cmd_check, "validate the study file without training")
+    report = command("report", cmd_report, "write the study's Markdown report")
+    report.add_argument("--output", metavar="PATH", help="report file (default reports/<study>.md)")
+    command("status", cmd_status, "show the study's trials as a table")
+    ui = command("ui", cmd_ui, "open the MLflow UI on the study's runs")
+    ui.add_argument("--port", type=int, default=5000)
+    command("cache", cmd_cache, "build the teacher's top-K cache ahead of a many-worker launch")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _study(args) -> StudyConfig:
+    return load_study(args.study, args.overrides)
+
+
+def cmd_check(args) -> int:
+    study = _study(args)
+    searched = [n for n in SEARCHED if not getattr(study.search, n).is_fixed]
+    print(
+        f"{args.study}: ok: study {study.name!r}, {study.n_trials} trials of {study.train.max_steps} steps, "
+        f"{study.teacher.name} -> {study.student.name} on {study.data.dataset}, "
+        f"searching {', '.join(searched) or 'nothing'} (fingerprint {study.fingerprint()})"
+    )
+    return 0
+
+
+def cmd_run(args) -> int:
+    from kdsweep.progress import SweepProgress
+    from kdsweep.sweep import run_study
+
+    study = _study(args)
+    progress = SweepProgress()
+    try:
+        summary = run_study(study, n_trials=args.n_trials, timeout=args.timeout, progress=progress)
+    finally:
+        progress.close()
+    if summary.best is not None:
+        print(f"best: trial {summary.best.number}, {study.objective} {summary.best.value:.4f}, {summary.best.user_attrs.get('params')}")
+    if not args.no_report and summary.finished:
+        return cmd_report(argparse.Namespace(**vars(args), output=None))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kdsweep.report import write_report
+
+    study = _study(args)
+    path = write_report(study, output=args.output)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from kdsweep.status import print_status
+
+    print_status(_study(args))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from kdsweep.ui import serve
+
+    return serve(_study(args), port=args.port)
+
+
+def cmd_cache(args) -> int:
+    from kdsweep.workspace import build_cache
+
+    path = build_cache(_study(args))
+    print(f"teacher cache: {path}")
+    return 0

@@ -1,0 +1,440 @@
+"""Study files: frozen dataclasses that mirror the YAML key for key.
+
+A study file is loaded, overridden with ``--set key.path=value`` and validated before any model
+loads. Every problem is collected and raised at once as a :class:`StudyError`, one line per
+problem naming the file and the key path. This module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from kdsweep.errors import StudyError
+
+SEARCHED = ("alpha", "temperature", "top_k", "learning_rate")
+OBJECTIVES = ("student_ppl", "ppl_ratio")
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+WHOLE_VOCAB = "all"  # the top_k choice that keeps the teacher's whole vocabulary
+_INVALID = object()  # what a value of the wrong type becomes while the file is read
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched hyperparameter: a fixed ``value``, a ``low``..``high`` range, or ``choices``."""
+
+    value: float | int | str | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.low is None and self.choices is None
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The search space. A bare number in YAML fixes the parameter."""
+
+    alpha: Param = Param(low=0.1, high=0.9)
+    temperature: Param = Param(low=1.0, high=8.0, log=True)
+    top_k: Param = Param(choices=(WHOLE_VOCAB,))
+    learning_rate: Param = Param(low=1e-5, high=1e-3, log=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A teacher or student: hub id, local folder, or ``demo:teacher`` / ``demo:student``."""
+
+    name: str = ""
+    revision: str | None = None
+    dtype: str = "auto"  # weights dtype; "auto" is bf16 on a bf16-capable GPU, else fp32
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the rows come from and how they become tokens."""
+
+    dataset: str = ""  # hub id, or a local file (jsonl/json/parquet/csv) or folder of them
+    train_split: str = "train"
+    eval_split: str = "test"
+    text_field: str = "text"
+    max_length: int = 512
+    assistant_only: bool = True  # score only the assistant's tokens (the answers)
+    group_by_length: bool = True  # batch rows of similar length so little compute goes to padding
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fixed training settings shared by every trial."""
+
+    max_steps: int = 100  # optimizer steps per trial
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 where the GPU supports it, else fp32
+    eval_every: int = 50  # steps between evaluations (pruning decisions)
+    eval_batch_size: int = 16
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    loss_chunk_tokens: int = 1024  # tokens per loss chunk: bounds the loss's memory
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = 5
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    name: str = "median"
+    n_startup_trials: int = 2  # median: trials to finish before any is pruned
+    n_warmup_steps: int = 0  # median: steps before a trial can be pruned
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None  # MLflow tracking URI; MLFLOW_TRACKING_URI wins over it
+    experiment: str | None = None  # defaults to the study name
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = ""
+    objective: str = "student_ppl"  # or ppl_ratio: student perplexity / teacher perplexity
+    n_trials: int = 10  # total finished trials the study should hold, across all runs and workers
+    storage: str | None = None  # Optuna storage URL; default sqlite:///kdsweep.db here
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    teacher: ModelConfig = ModelConfig()
+    student: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
+    baselines: tuple[dict, ...] = ()  # fixed parameter sets enqueued first, e.g. {alpha: 0}
+    save_best: bool = False  # keep the best trial's student as an MLflow artifact
+    report_top_n: int = 5
+    base_dir: str = field(default=".", metadata={"internal": True})  # folder of the study file
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or "sqlite:///kdsweep.db"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def resolve_path(self, value: str) -> str:
+        """A relative local path is taken from the study file's folder, if it exists there."""
+        candidate = Path(self.base_dir) / value
+        return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
+
+    def to_dict(self) -> dict:
+        data = _to_plain(self)
+        data.pop("base_dir")
+        return data
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved study, the same for equal settings."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    """Read, override and validate a study file; raise StudyError listing every problem."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = _parse(path.read_text())
+    except FileNotFoundError:
+        raise StudyError([f"{where}: no such study file"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise StudyError([f"{where}{line}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise StudyError([f"{where}: must be a mapping of keys, got {type(raw).__name__}"])
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    raw["base_dir"] = str(path.parent)
+    study = _build(StudyConfig, raw, "", problems)
+    problems += validate(study)
+    if problems:
+        raise StudyError([f"{where}: {p}" for p in problems])
+    return study
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        problems.append(f"--set {item}: expected key.path=value")
+        return
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append(f"--set {key}: {part} is not a mapping")
+            return
+    node[leaf] = _parse(text) if text else None
+
+
+def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    """Turn a YAML mapping into the dataclass ``cls``, noting every mismatch in ``problems``."""
+    if cls is Param:
+        return _build_param(raw, where, problems)
+    if not isinstance(raw, dict):
+        problems.append(f"{where or 'study'}: must be a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            allowed = ", ".join(sorted(k for k in known if k != "base_dir"))
+            problems.append(f"{_join(where, key)}: unknown key (allowed: {allowed})")
+    values = {}
+    for name in known & raw.keys():
+        value = _coerce(hints[name], raw[name], _join(where, name), problems)
+        if value is not _INVALID:  # an invalid value keeps the default, so validation can go on
+            values[name] = value
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, problems)
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        problems.append(f"{where}: must be set")
+        return _INVALID
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is tuple and isinstance(value, list):
+            return tuple(value)
+    names = " or ".join(_type_name(o) for o in options if o is not type(None))
+    problems.append(f"{where}: must be {names}, got {value!r}")
+    return _INVALID
+
+
+def _build_param(raw: Any, where: str, problems: list[str]) -> Param:
+    if isinstance(raw, (int, float, str)) and not isinstance(raw, bool):
+        return Param(value=raw)
+    if isinstance(raw, list):
+        return Param(choices=tuple(raw))
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: must be a number, a list of choices or {{low, high}}, got {raw!r}")
+        return Param()
+    param = _build(_ParamFields, raw, where, problems)
+    values = {f.name: getattr(param, f.name) for f in dataclasses.fields(_ParamFields)}
+    return Param(**values)
+
+
+@dataclass(frozen=True)
+class _ParamFields:
+    value: float | str | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+
+def validate(study: StudyConfig) -> list[str]:
+    """Every problem with an assembled study, as 'key.path: what is wrong' lines."""
+    problems: list[str] = []
+
+    def need(ok: bool, where: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{where}: {message}")
+
+    need(bool(study.name), "name", "must be set (it names the Optuna study and MLflow experiment)")
+    need(study.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}, got {study.objective!r}")
+    need(study.n_trials >= 1, "n_trials", f"must be >= 1, got {study.n_trials}")
+    need(study.sampler.name in SAMPLERS, "sampler.name", f"must be one of {', '.join(SAMPLERS)}, got {study.sampler.name!r}")
+    need(study.pruner.name in PRUNERS, "pruner.name", f"must be one of {', '.join(PRUNERS)}, got {study.pruner.name!r}")
+    need(study.report_top_n >= 1, "report_top_n", f"must be >= 1, got {study.report_top_n}")
+    for role in ("teacher", "student"):
+        model: ModelConfig = getattr(study, role)
+        need(bool(model.name), f"{role}.name", "must be set (a hub id, a local folder or demo:" + role + ")")
+        need(model.dtype in DTYPES, f"{role}.dtype", f"must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
+    need(bool(study.data.dataset), "data.dataset", "must be set (a hub id, a local file or folder, or demo)")
+    need(study.data.max_length >= 2, "data.max_length", f"must be >= 2, got {study.data.max_length}")
+    problems += _validate_train(study.train)
+    problems += _validate_search(study)
+    return problems
+
+
+def _validate_train(train: TrainConfig) -> list[str]:
+    problems = []
+    for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "log_every", "loss_chunk_tokens"):
+        value = getattr(train, name)
+        if value < 1:
+            problems.append(f"train.{name}: must be >= 1, got {value}")
+    if not 0 <= train.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")
+    if train.weight_decay < 0:
+        problems.append(f"train.weight_decay: must be >= 0, got {train.weight_decay}")
+    if train.max_grad_norm <= 0:
+        problems.append(f"train.max_grad_norm: must be > 0, got {train.max_grad_norm}")
+    if train.precision not in PRECISIONS:
+        problems.append(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {train.precision!r}")
+    if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
+        problems.append(f"train.device: must be auto, cpu, cuda or cuda:N, got {train.device!r}")
+    return problems
+
+
+# What each searched parameter may take: (lowest, highest, lowest is allowed).
+_BOUNDS = {
+    "alpha": (0.0, 1.0, True),
+    "temperature": (0.0, float("inf"), False),
+    "learning_rate": (0.0, 1.0, False),
+}
+
+
+def _validate_search(study: StudyConfig) -> list[str]:
+    problems = []
+    for name in SEARCHED:
+        param: Param = getattr(study.search, name)
+        problems += _validate_param(name, param, study.sampler.name)
+    for i, baseline in enumerate(study.baselines):
+        where = f"baselines[{i}]"
+        if not isinstance(baseline, dict):
+            problems.append(f"{where}: must be a mapping of parameters, e.g. {{alpha: 0}}")
+            continue
+        for key, value in baseline.items():
+            if key not in SEARCHED:
+                problems.append(f"{where}.{key}: unknown parameter (allowed: {', '.join(SEARCHED)})")
+            else:
+                problems += _check_value(f"{where}.{key}", key, value)
+    return problems
+
+
+def _validate_param(name: str, param: Param, sampler: str) -> list[str]:
+    where = f"search.{name}"
+    if param.choices is not None:
+        if param.low is not None or param.high is not None:
+            return [f"{where}: give either choices or low/high, not both"]
+        if not param.choices:
+            return [f"{where}.choices: must list at least one value"]
+        problems = []
+        for i, value in enumerate(param.choices):
+            problems += _check_value(f"{where}.choices[{i}]", name, value)
+        return problems
+    if param.is_fixed:
+        if param.value is None:
+            return [f"{where}: must be a value, a list of choices or {{low, high}}"]
+        return _check_value(f"{where}", name, param.value)
+    if name == "top_k":
+        return [f"{where}: must be a list of choices (integers or {WHOLE_VOCAB}), not a range"]
+    if param.low is None or param.high is None:
+        return [f"{where}: a range needs both low and high"]
+    problems = _check_value(f"{where}.low", name, param.low) + _check_value(f"{where}.high", name, param.high)
+    if param.low > param.high:
+        problems.append(f"{where}: low must be <= high, got {param.low} > {param.high}")
+    if param.log and param.low <= 0:
+        problems.append(f"{where}.low: must be > 0 for a log range, got {param.low}")
+    if param.log and param.step is not None:
+        problems.append(f"{where}: step and log cannot be combined")
+    if sampler == "grid" and param.step is None:
+        problems.append(f"{where}: the grid sampler needs choices (or a step) for every searched parameter")
+    return problems
+
+
+def _check_value(where: str, name: str, value: Any) -> list[str]:
+    if name == "top_k":
+        if value == WHOLE_VOCAB or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return []
+        return [f"{where}: must be an integer >= 1 or {WHOLE_VOCAB!r}, got {value!r}"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return [f"{where}: must be a number, got {value!r}"]
+    low, high, low_ok = _BOUNDS[name]
+    if value < low or (value == low and not low_ok):
+        return [f"{where}: must be {'>=' if low_ok else '>'} {low:g}, got {value}"]
+    if value > high:
+        return [f"{where}: must be <= {high:g}, got {value}"]
+    return []
+
+
+def finite_top_ks(study: StudyConfig) -> list[int]:
+    """The finite top_k values trials may use (baselines included), or [] if any uses the whole vocabulary."""
+    param = study.search.top_k
+    values = list(param.choices) if param.choices is not None else [param.value]
+    values += [b["top_k"] for b in study.baselines if "top_k" in b]
+    return [] if WHOLE_VOCAB in values else sorted(set(values))
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, Param):
+        if obj.is_fixed:
+            return obj.value
+        if obj.choices is not None:
+            return list(obj.choices)
+        plain = {"low": obj.low, "high": obj.high, "log": obj.log}
+        return plain | ({"step": obj.step} if obj.step is not None else {})
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

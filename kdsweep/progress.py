@@ -1,0 +1,68 @@
+"""Progress of a sweep: rich bars on a terminal, plain log lines anywhere else (CI, log files)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class SweepProgress:
+    """Study bar (trials done, best so far) and trial bar (step, loss, tokens/s)."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.live = self.console.is_terminal
+        self._bars: Progress | None = None
+        self._study_task = self._trial_task = None
+        self._best = "-"
+
+    def message(self, text: str) -> None:
+        self.console.log(text) if self.live else self.console.print(text, highlight=False)
+
+    def study_started(self, name: str, *, done: int, target: int) -> None:
+        self.message(f"study {name!r}: {done} of {target} trials finished, running {target - done} more")
+        if not self.live:
+            return
+        self._bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+        self._bars.start()
+        self._study_task = self._bars.add_task("trials", total=target, completed=done, info="best -")
+
+    def trial_started(self, number: int, params: dict, steps: int) -> None:
+        text = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+        if not self.live:
+            self.message(f"trial {number} started: {text}")
+            return
+        if self._trial_task is not None:
+            self._bars.remove_task(self._trial_task)
+        self._trial_task = self._bars.add_task(f"trial {number}", total=steps, info=text)
+
+    def step(self, log) -> None:
+        info = f"loss {log.loss:.4f}  {log.tokens_per_second:,.0f} tok/s"
+        if self.live and self._trial_task is not None:
+            self._bars.update(self._trial_task, completed=log.step, info=info)
+        elif not self.live:
+            self.message(f"  step {log.step}: {info}")
+
+    def trial_finished(self, trial, best) -> None:
+        value = "" if trial.value is None else f" {trial.value:.4f}"
+        if best is not None:
+            self._best = f"trial {best.number} ({best.value:.4f})"
+        self.message(f"trial {trial.number} {trial.state.name.lower()}{value}; best: {self._best}")
+        if self.live and self._study_task is not None:
+            self._bars.update(self._study_task, advance=1, info=f"best {self._best}")
+
+    def close(self) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+            self._bars = None
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

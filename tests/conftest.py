@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny Qwen3 models and a study file that sweeps them offline in seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdsweep import demo
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """No test reads or writes the user's caches, MLflow store or Optuna database."""
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """A two-layer teacher and a one-layer student (hidden size 16 and 8), untrained, sharing the
+    demo tokenizer; the student's embedding is padded by 6 rows, as Qwen3's are."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = demo.build_tokenizer(demo.generate_rows(300, seed=0))
+    shapes = {
+        "teacher": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer)),
+        "student": dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=len(tokenizer) + 6),
+    }
+    folders = {}
+    for role, shape in shapes.items():
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(Qwen3Config(max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, **shape))
+        folders[role] = root / role
+        model.save_pretrained(folders[role])
+        tokenizer.save_pretrained(folders[role])
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    for split, (rows, seed) in {"train": (64, 0), "test": (16, 1)}.items():
+        lines = [json.dumps({"text": text}) for text in demo.generate_rows(rows, seed=seed)]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def tiny_study(tmp_path, tiny_models, tiny_data) -> Path:
+    """A study of 8-step trials on the tiny models, with its stores under tmp_path."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"""
+name: tiny
+n_trials: 2
+storage: sqlite:///{tmp_path / 'optuna.db'}
+tracking: {{uri: "sqlite:///{tmp_path / 'mlflow.db'}"}}
+sampler: {{name: random, seed: 0}}
+pruner: {{name: none}}
+teacher: {{name: {tiny_models['teacher']}}}
+student: {{name: {tiny_models['student']}}}
+data: {{dataset: {tiny_data}, max_length: 48}}
+train: {{max_steps: 8, batch_size: 8, eval_every: 4, log_every: 2, eval_batch_size: 8, device: cpu}}
+search:
+  alpha: {{low: 0.2, high: 0.9}}
+  temperature: {{low: 1.0, high: 4.0, log: true}}
+  top_k: [4, all]
+  learning_rate: {{low: 1.0e-3, high: 1.0e-2, log: true}}
+"""
+    )
+    return path

@@ -1,0 +1,349 @@
+"""kdsweep.losses against the plain formulas computed in float64 with full softmaxes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdsweep.losses import (
+    LossResult,
+    distill_loss,
+    distill_loss_from_hidden,
+    distill_loss_sparse,
+)
+
+B, S, V, H = 2, 7, 33, 6
+
+
+def make_batch(*, seed: int = 0, ignored: float = 0.3) -> dict[str, torch.Tensor]:
+    """Student/teacher logits [B, S, V], hidden [B, S, H], weight [V, H], labels [B, S]."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (B, S), generator=gen)
+    labels[torch.rand(B, S, generator=gen) < ignored] = -100
+    return {
+        "student": 2 * torch.randn(B, S, V, generator=gen),
+        "teacher": 3 * torch.randn(B, S, V, generator=gen),
+        "hidden": torch.randn(B, S, H, generator=gen),
+        "weight": torch.randn(V, H, generator=gen),
+        "labels": labels,
+    }
+
+
+def reference(
+    student: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    teacher: torch.Tensor | None = None,
+    top_k: int | None = None,
+    support: torch.Tensor | None = None,
+) -> LossResult:
+    """The formulas in float64: p_t is the full softmax, masked to its support and renormalised.
+
+    ``support`` [..., K] gives the kept vocabulary ids directly (sparse form); ``top_k`` takes them
+    from the teacher's top-k.
+    """
+    keep = labels != -100
+    student, labels = student.double()[keep], labels[keep]
+    count = max(int(keep.sum()), 1)
+    ce = -torch.log_softmax(student, -1).gather(-1, labels[:, None]).sum() / count
+    if teacher is None:
+        kl = student.new_zeros(())
+    else:
+        p_t = torch.softmax(teacher.double()[keep] / temperature, -1)
+        if top_k is not None:
+            support = teacher[keep].topk(min(top_k, V), dim=-1).indices
+        elif support is not None:
+            support = support[keep].long()
+        if support is not None:
+            mask = torch.zeros_like(p_t).scatter(-1, support, 1.0)
+            p_t = p_t * mask / (p_t * mask).sum(-1, keepdim=True)
+        log_ps = torch.log_softmax(student / temperature, -1)
+        kl = temperature**2 * (torch.xlogy(p_t, p_t) - p_t * log_ps).sum() / count
+    return LossResult(loss=alpha * kl + (1 - alpha) * ce, kl=kl, ce=ce)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 1e-5) -> None:
+    """Relative agreement, with entries near zero judged against the tensor's scale."""
+    expected = expected.double()
+    atol = rtol * max(expected.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
+
+
+def assert_results_close(actual: LossResult, expected: LossResult, *, rtol: float = 1e-5) -> None:
+    for name in ("loss", "kl", "ce"):
+        value = getattr(actual, name)
+        assert value.dtype == torch.float32 and value.dim() == 0, name
+        assert_close(value, getattr(expected, name), rtol=rtol)
+
+
+def grads_of(result: LossResult, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(result.loss, inputs)
+
+
+def leaf(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return tensor.detach().to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 8.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("top_k", [None, 1, 5, V, V + 10])
+def test_logits_form_matches_reference(temperature, alpha, top_k):
+    batch = make_batch()
+    settings = dict(alpha=alpha, temperature=temperature)
+    student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
+    result = distill_loss(student, batch["teacher"], batch["labels"], **settings, top_k=top_k,
+                          chunk_tokens=3)
+    expected = reference(student64, batch["labels"], teacher=batch["teacher"], top_k=top_k,
+                         **settings)
+    assert_results_close(result, expected)
+    assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_sparse_form_equals_dense_top_k(temperature, index_dtype):
+    batch = make_batch(seed=1)
+    settings = dict(alpha=0.6, temperature=temperature)
+    top = batch["teacher"].topk(5, dim=-1)
+    dense, sparse = leaf(batch["student"]), leaf(batch["student"])
+    expected = distill_loss(dense, batch["teacher"], batch["labels"], top_k=5, **settings)
+    result = distill_loss_sparse(sparse, top.values, top.indices.to(index_dtype), batch["labels"],
+                                 **settings)
+    assert_results_close(result, expected)
+    assert_close(grads_of(result, sparse)[0], grads_of(expected, dense)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_teacher_values_are_upcast(dtype):
+    batch = make_batch(seed=2)
+    top = batch["teacher"].topk(7, dim=-1)
+    values = top.values.to(dtype)
+    student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
+    settings = dict(alpha=0.5, temperature=2.0)
+    result = distill_loss_sparse(student, values, top.indices, batch["labels"], **settings)
+    # The reference sees the same rounded values: the loss adds no rounding of its own.
+    teacher = torch.full_like(batch["teacher"], -1e4).scatter(-1, top.indices, values.float())
+    expected = reference(student64, batch["labels"], teacher=teacher, support=top.indices,
+                         **settings)
+    assert_results_close(result, expected)
+    assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_use_fp32_math(dtype):
+    batch = make_batch(seed=3)
+    student, teacher = leaf(batch["student"], dtype), batch["teacher"].to(dtype)
+    student64 = leaf(student, torch.float64)
+    settings = dict(alpha=0.3, temperature=2.0, top_k=4)
+    result = distill_loss(student, teacher, batch["labels"], **settings)
+    expected = reference(student64, batch["labels"], teacher=teacher, **settings)
+    assert_results_close(result, expected)
+    grad = grads_of(result, student)[0]
+    assert grad.dtype == dtype
+    assert_close(grad, grads_of(expected, student64)[0], rtol=1e-2)  # rounded once, to dtype
+
+
+@pytest.mark.parametrize("form", ["logits", "sparse", "hidden"])
+def test_all_positions_ignored_gives_zero(form):
+    batch = make_batch(ignored=1.0)
+    settings = dict(alpha=0.5, temperature=2.0)
+    student, hidden, weight = leaf(batch["student"]), leaf(batch["hidden"]), leaf(batch["weight"])
+    top = batch["teacher"].topk(3, dim=-1)
+    if form == "logits":
+        result, inputs = distill_loss(student, batch["teacher"], batch["labels"], **settings), (student,)
+    elif form == "sparse":
+        result = distill_loss_sparse(student, top.values, top.indices, batch["labels"], **settings)
+        inputs = (student,)
+    else:
+        result = distill_loss_from_hidden(hidden, weight, batch["labels"],
+                                          teacher_logits=batch["teacher"], **settings)
+        inputs = (hidden, weight)
+    for value in (result.loss, result.kl, result.ce):
+        assert value.item() == 0.0
+    for grad in grads_of(result, *inputs):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 2, 5, 1000, None])
+def test_chunk_size_does_not_change_results(chunk_tokens):
+    batch = make_batch(seed=4)
+    settings = dict(alpha=0.4, temperature=2.0, top_k=6)
+    whole_student = leaf(batch["student"])
+    whole = distill_loss(whole_student, batch["teacher"], batch["labels"], chunk_tokens=B * S,
+                         **settings)
+    student, hidden, weight = leaf(batch["student"]), leaf(batch["hidden"]), leaf(batch["weight"])
+    result = distill_loss(student, batch["teacher"], batch["labels"], chunk_tokens=chunk_tokens,
+                          **settings)
+    assert_results_close(result, whole)
+    assert_close(grads_of(result, student)[0], grads_of(whole, whole_student)[0])
+    whole_hidden = distill_loss_from_hidden(leaf(hidden), leaf(weight), batch["labels"],
+                                            teacher_logits=batch["teacher"], chunk_tokens=B * S,
+                                            **settings)
+    result = distill_loss_from_hidden(hidden, weight, batch["labels"],
+                                      teacher_logits=batch["teacher"], chunk_tokens=chunk_tokens,
+                                      **settings)
+    assert_results_close(result, whole_hidden)
+
+
+TEACHERS = {
+    "dense": lambda t: dict(teacher_logits=t),
+    "top_k": lambda t: dict(teacher_logits=t, top_k=4),
+    "sparse": lambda t: dict(teacher_values=t.topk(4, -1).values.half(),
+                             teacher_indices=t.topk(4, -1).indices),
+    "none": lambda t: {},
+}
+
+
+@pytest.mark.parametrize("teacher", list(TEACHERS))
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_hidden_form_matches_reference(teacher, temperature):
+    batch = make_batch(seed=5)
+    alpha = 0.0 if teacher == "none" else 0.7
+    kwargs = TEACHERS[teacher](batch["teacher"])
+    hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
+    result = distill_loss_from_hidden(hidden, weight, batch["labels"], alpha=alpha,
+                                      temperature=temperature, chunk_tokens=4, **kwargs)
+    hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
+    if teacher == "sparse":
+        values, support = kwargs["teacher_values"], kwargs["teacher_indices"]
+        ref_teacher = torch.full_like(batch["teacher"], -1e4).scatter(-1, support, values.float())
+        ref_teacher_kwargs = dict(teacher=ref_teacher, support=support)
+    else:
+        ref_teacher_kwargs = dict(teacher=kwargs.get("teacher_logits"), top_k=kwargs.get("top_k"))
+    expected = reference(hidden64 @ weight64.T, batch["labels"], alpha=alpha,
+                         temperature=temperature, **ref_teacher_kwargs)
+    assert_results_close(result, expected)
+    for grad, grad64 in zip(grads_of(result, hidden, weight), grads_of(expected, hidden64, weight64)):
+        assert_close(grad, grad64)
+
+
+def test_hidden_form_equals_logits_form():
+    batch = make_batch(seed=6)
+    settings = dict(alpha=0.5, temperature=1.5, top_k=8)
+    hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
+    from_hidden = distill_loss_from_hidden(hidden, weight, batch["labels"],
+                                           teacher_logits=batch["teacher"], **settings)
+    logits = hidden @ weight.T
+    from_logits = distill_loss(logits, batch["teacher"], batch["labels"], **settings)
+    assert_results_close(from_hidden, from_logits)
+    for a, b in zip(grads_of(from_hidden, hidden, weight), grads_of(from_logits, hidden, weight)):
+        assert_close(a, b)
+
+
+def test_alpha_zero_needs_no_teacher():
+    batch = make_batch(seed=7)
+    expected = reference(batch["student"], batch["labels"], alpha=0.0, temperature=1.0)
+    from_logits = distill_loss(batch["student"], None, batch["labels"], alpha=0.0, temperature=1.0)
+    from_hidden = distill_loss_from_hidden(batch["hidden"], batch["weight"], batch["labels"],
+                                           alpha=0.0, temperature=1.0)
+    assert_results_close(from_logits, expected)
+    assert from_hidden.kl.item() == 0.0
+    assert_close(from_hidden.loss, from_hidden.ce)
+
+
+def test_kl_is_nonnegative_and_zero_for_the_teacher_itself():
+    batch = make_batch(seed=8)
+    for temperature in (0.5, 1.0, 4.0):
+        result = distill_loss(batch["student"], batch["teacher"], batch["labels"], alpha=1.0,
+                              temperature=temperature)
+        assert result.kl.item() > 0.0
+        itself = distill_loss(batch["teacher"], batch["teacher"], batch["labels"], alpha=1.0,
+                              temperature=temperature)
+        assert itself.kl.item() == 0.0
+
+
+def test_teacher_logits_of_minus_infinity_are_handled():
+    batch = make_batch(seed=9)
+    teacher = batch["teacher"].clone()
+    teacher[..., -3:] = float("-inf")  # e.g. padded vocabulary rows masked out
+    student = leaf(batch["student"])
+    result = distill_loss(student, teacher, batch["labels"], alpha=1.0, temperature=2.0)
+    expected = reference(batch["student"], batch["labels"], teacher=teacher, alpha=1.0,
+                         temperature=2.0)
+    assert_results_close(result, expected)
+    assert torch.isfinite(grads_of(result, student)[0]).all()
+
+
+def test_gradient_is_scaled_by_the_upstream_gradient_and_terms_are_detached():
+    batch = make_batch(seed=10)
+    student = leaf(batch["student"])
+    result = distill_loss(student, batch["teacher"], batch["labels"], alpha=0.5, temperature=2.0)
+    (unit,) = torch.autograd.grad(result.loss, student, retain_graph=False)
+    result = distill_loss(student, batch["teacher"], batch["labels"], alpha=0.5, temperature=2.0)
+    (tripled,) = torch.autograd.grad(3.0 * result.loss, student)
+    assert_close(tripled, 3.0 * unit)
+    assert not result.kl.requires_grad and not result.ce.requires_grad
+
+
+def test_no_gradient_work_without_grad():
+    batch = make_batch(seed=11)
+    student = leaf(batch["student"])
+    with torch.no_grad():
+        result = distill_loss(student, batch["teacher"], batch["labels"], alpha=0.5,
+                              temperature=2.0)
+    assert result.loss.grad_fn is None
+    result = distill_loss(batch["student"], batch["teacher"], batch["labels"], alpha=0.5,
+                          temperature=2.0)
+    assert not result.loss.requires_grad
+
+
+BAD_ARGUMENTS = {
+    "alpha above 1": (dict(alpha=1.5), "alpha"),
+    "alpha below 0": (dict(alpha=-0.1), "alpha"),
+    "zero temperature": (dict(temperature=0.0), "temperature"),
+    "top_k zero": (dict(top_k=0), "top_k"),
+    "chunk_tokens zero": (dict(chunk_tokens=0), "chunk_tokens"),
+    "teacher missing": (dict(teacher_logits=None), "needs a teacher"),
+    "teacher shape": (dict(teacher_logits=torch.zeros(B, S, V + 1)), "teacher_logits shape"),
+    "labels shape": (dict(labels=torch.zeros(B, S + 1, dtype=torch.long)), "labels shape"),
+    "float labels": (dict(labels=torch.zeros(B, S)), "integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_raise_value_error(case):
+    batch = make_batch()
+    kwargs = dict(student_logits=batch["student"], teacher_logits=batch["teacher"],
+                  labels=batch["labels"], alpha=0.5, temperature=1.0)
+    change, message = BAD_ARGUMENTS[case]
+    with pytest.raises(ValueError, match=message):
+        distill_loss(**{**kwargs, **change})
+
+
+BAD_SPARSE_AND_HIDDEN = {
+    "sparse shapes": (lambda b, top: distill_loss_sparse(
+        b["student"], top.values, top.indices[..., :2], b["labels"], alpha=0.5, temperature=1.0),
+        "teacher_values"),
+    "float indices": (lambda b, top: distill_loss_sparse(
+        b["student"], top.values, top.values, b["labels"], alpha=0.5, temperature=1.0),
+        "int64 or int32"),
+    "weight width": (lambda b, top: distill_loss_from_hidden(
+        b["hidden"], b["weight"][:, :-1], b["labels"], alpha=0.0, temperature=1.0), "weight"),
+    "two teachers": (lambda b, top: distill_loss_from_hidden(
+        b["hidden"], b["weight"], b["labels"], teacher_logits=b["teacher"],
+        teacher_values=top.values, teacher_indices=top.indices, alpha=0.5, temperature=1.0),
+        "not both"),
+    "values without indices": (lambda b, top: distill_loss_from_hidden(
+        b["hidden"], b["weight"], b["labels"], teacher_values=top.values, alpha=0.5,
+        temperature=1.0), "go together"),
+    "top_k with sparse": (lambda b, top: distill_loss_from_hidden(
+        b["hidden"], b["weight"], b["labels"], teacher_values=top.values,
+        teacher_indices=top.indices, top_k=2, alpha=0.5, temperature=1.0), "top_k"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPARSE_AND_HIDDEN))
+def test_bad_sparse_and_hidden_arguments_raise_value_error(case):
+    batch = make_batch()
+    call, message = BAD_SPARSE_AND_HIDDEN[case]
+    with pytest.raises(ValueError, match=message):
+        call(batch, batch["teacher"].topk(3, dim=-1))
+
+
+def test_every_problem_is_reported_at_once():
+    batch = make_batch()
+    with pytest.raises(ValueError) as raised:
+        distill_loss(batch["student"], None, batch["labels"], alpha=2.0, temperature=-1.0)
+    assert "alpha must be" in str(raised.value) and "temperature must be" in str(raised.value)

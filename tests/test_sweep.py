@@ -1,0 +1,111 @@
+"""A study end to end on tiny models: Optuna trials and MLflow runs, re-runs, baselines, failures."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kdsweep.cli import main
+from kdsweep.config import load_study
+from kdsweep.sweep import load_existing_study
+
+
+def mlflow_runs(study_path):
+    study = load_study(study_path)
+    client = MlflowClient(tracking_uri=study.tracking.uri)
+    experiment = client.get_experiment_by_name(study.name)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_two_trial_study_end_to_end(tiny_study):
+    assert main(["run", str(tiny_study), "--no-report"]) == 0
+
+    optuna_study = load_existing_study(load_study(tiny_study))
+    trials = optuna_study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert optuna_study.user_attrs["teacher_ppl"] > 1
+    assert optuna_study.user_attrs["student_ppl_untrained"] > 1
+
+    client, parents, children = mlflow_runs(tiny_study)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_id == optuna_study.user_attrs["mlflow_parent_run_id"]
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        for key in ("alpha", "temperature", "top_k", "learning_rate", "teacher", "max_steps"):
+            assert key in run.data.params
+        ppl = client.get_metric_history(run.info.run_id, "student_ppl")
+        assert [m.step for m in ppl] == [4, 8]
+        assert all(math.isfinite(m.value) and m.value > 1 for m in ppl)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4, 6, 8]
+        trial = trials[int(run.data.tags["kdsweep.trial"])]
+        assert trial.value == pytest.approx(ppl[-1].value)
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+
+
+def test_rerun_continues_up_to_the_total(tiny_study, capsys):
+    assert main(["run", str(tiny_study), "--n-trials", "1", "--no-report"]) == 0
+    assert main(["run", str(tiny_study), "--n-trials", "2", "--no-report"]) == 0
+    assert main(["run", str(tiny_study), "--n-trials", "2", "--no-report"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert len(load_existing_study(load_study(tiny_study)).get_trials()) == 2
+    _, parents, children = mlflow_runs(tiny_study)
+    assert len(parents) == 1 and len(children) == 2
+
+
+def test_baselines_run_first_and_are_tagged(tiny_study):
+    text = tiny_study.read_text() + "baselines:\n  - {alpha: 0.0, top_k: all}\n"
+    tiny_study.write_text(text)
+    assert main(["run", str(tiny_study), "--n-trials", "2", "--no-report"]) == 0
+    trials = load_existing_study(load_study(tiny_study)).get_trials()
+    assert trials[0].user_attrs["baseline"] is True
+    assert trials[0].user_attrs["params"]["alpha"] == 0.0
+    assert "baseline" not in trials[1].user_attrs
+    _, _, children = mlflow_runs(tiny_study)
+    tags = {r.data.tags["kdsweep.trial"]: r.data.tags["kdsweep.baseline"] for r in children}
+    assert tags == {"0": "True", "1": "False"}
+
+
+def test_failed_trial_is_failed_in_both_and_the_sweep_goes_on(tiny_study, monkeypatch):
+    from kdsweep import workspace
+
+    original = workspace.Workspace.distill
+    calls = []
+
+    def flaky(self, params, **kwargs):
+        calls.append(params)
+        if len(calls) == 1:
+            raise RuntimeError("simulated out of memory")
+        return original(self, params, **kwargs)
+
+    monkeypatch.setattr(workspace.Workspace, "distill", flaky)
+    assert main(["run", str(tiny_study), "--no-report"]) == 0
+    trials = load_existing_study(load_study(tiny_study)).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert "simulated out of memory" in trials[0].user_attrs["fail_reason"]
+    client, _, children = mlflow_runs(tiny_study)
+    by_trial = {r.data.tags["kdsweep.trial"]: r for r in children}
+    assert by_trial["0"].info.status == "FAILED"
+    assert "simulated out of memory" in by_trial["0"].data.tags["kdsweep.reason"]
+    assert by_trial["1"].info.status == "FINISHED"
+
+
+def test_interrupt_leaves_no_running_run(tiny_study, monkeypatch):
+    from kdsweep import workspace
+
+    def interrupted(self, params, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workspace.Workspace, "distill", interrupted)
+    assert main(["run", str(tiny_study), "--no-report"]) == 130
+    _, parents, children = mlflow_runs(tiny_study)
+    assert parents[0].info.status == "KILLED"
+    assert [r.info.status for r in children] == ["KILLED"]
