@@ -123,12 +123,11 @@ def check_vocabularies(study: StudyConfig, tokenizer: PreTrainedTokenizerBase) -
 
 
 def _missing(role: str, location: str, exc: Exception) -> UsageError:
-    where = "local folder" if Path(location).exists() else "hub id or local folder"
+    fix = f"set {role}.name to a model folder or a reachable hub id"
+    if location.startswith(("/", ".", "~")) and not Path(location).expanduser().exists():
+        return UsageError(f"cannot load the {role}: no folder {location}; {fix}")
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UsageError(
-        f"cannot load the {role} from {location!r} ({where}): {reason}; "
-        f"set {role}.name to a model folder or a reachable hub id"
-    )
+    return UsageError(f"cannot load the {role} from {location!r}: {reason}; {fix}")
 
 
 def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

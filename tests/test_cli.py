@@ -1,0 +1,104 @@
+"""The command line: exit codes, one line per problem, nothing written on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kdsweep.cli import main
+
+
+def written(folder):
+    """Files under ``folder``, less the `datasets` library's own cache of the rows it read."""
+    return {p for p in folder.rglob("*") if "hf-datasets" not in p.parts}
+
+
+def test_check_accepts_a_good_study(tiny_study, capsys):
+    assert main(["check", str(tiny_study)]) == 0
+    assert "ok: study 'tiny'" in capsys.readouterr().out
+
+
+def test_study_errors_exit_2_one_line_each_and_write_nothing(tiny_study, tmp_path, capsys):
+    before = set(tmp_path.rglob("*"))
+    code = main(["run", str(tiny_study), "--set", "search.alpha.high=1.5", "--set", "train.batch_size=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [
+        f"{tiny_study}: train.batch_size: must be >= 1, got 0",
+        f"{tiny_study}: search.alpha.high: must be <= 1, got 1.5",
+    ]
+    assert set(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("teacher.name=/nonexistent/teacher", "cannot load the teacher: no folder /nonexistent/teacher"),
+        ("data.dataset=/nonexistent/rows.jsonl", "/nonexistent/rows.jsonl"),
+        ("data.text_field=body", "text_field"),
+    ],
+)
+def test_missing_inputs_exit_2_before_anything_is_written(tiny_study, tmp_path, capsys, override, needle):
+    before = written(tmp_path)
+    assert main(["run", str(tiny_study), "--set", override]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("kdsweep:")]
+    assert len(errors) == 1 and needle in errors[0], err
+    assert "Traceback" not in err
+    assert written(tmp_path) == before  # no Optuna database, no MLflow store, no kdsweep cache
+
+
+def test_vocabulary_mismatch_is_a_usage_error(tiny_study, tmp_path, capsys):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    small = tmp_path / "small-vocab"
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=50, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8)).save_pretrained(small)
+    assert main(["run", str(tiny_study), "--set", f"student.name={small}"]) == 2
+    err = capsys.readouterr().err
+    assert "the student has 50 embedding rows" in err and "share one tokenizer" in err
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def test_status_of_a_study_never_run_is_a_usage_error(tiny_study, tmp_path, capsys):
+    assert main(["status", str(tiny_study)]) == 2
+    assert "run `kdsweep run` on this study first" in capsys.readouterr().err
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def test_status_lists_trials(tiny_study, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps narrow columns
+    assert main(["run", str(tiny_study), "--n-trials", "1", "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["status", str(tiny_study)]) == 0
+    out = capsys.readouterr().out
+    assert "COMPLETE" in out and "learning_rate" in out
+
+
+def test_unexpected_errors_exit_1_with_one_line(tiny_study, monkeypatch, capsys):
+    from kdsweep import sweep
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(sweep, "run_study", broken)
+    assert main(["run", str(tiny_study)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kdsweep: error: RuntimeError: disk on fire (KDSWEEP_DEBUG=1 shows the traceback)"]
+
+
+def test_bad_flags_exit_2():
+    with pytest.raises(SystemExit) as info:
+        main(["run"])
+    assert info.value.code == 2
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, kdsweep.cli, kdsweep.config; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_dash_m_runs_the_cli(tiny_study):
+    out = subprocess.run([sys.executable, "-m", "kdsweep", "check", str(tiny_study)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
