@@ -25,14 +25,23 @@ How it measures, and why it is honest:
 - Memory on CPU: after the inputs exist (and any throw-away tensors used to make them are
   freed), the process's RSS high-water mark is reset (Linux: ``echo 5 > /proc/self/clear_refs``)
   and its RSS read; "extra peak" is the high-water mark after one forward + backward minus that
-  RSS. Tensors this large are mmap'ed by the allocator, so RSS follows them closely. The
-  gradients left behind (``.grad`` of the inputs) are included: they are part of what a training
-  step holds. The "excl. grads" ratio subtracts their size from both sides, leaving the working
-  memory each implementation needs on top of its unavoidable outputs.
+  RSS. The gradients left behind (``.grad`` of the inputs) are included: they are part of what
+  a training step holds. The "excl. grads" ratio subtracts their size from both sides, leaving
+  the working memory each implementation needs on top of its unavoidable outputs.
+- That RSS includes what glibc's heap keeps after a free. The naive version's tensors are all
+  above glibc's largest mmap threshold (32 MiB), so they are returned to the system when freed;
+  kdsweep's per-chunk temporaries on a CPU are smaller (16 MiB) and are recycled through the
+  heap, which can hold up to about twice their live size. ``--live-memory`` runs every case
+  with ``MALLOC_MMAP_THRESHOLD_=65536``, so each tensor gets its own mapping and RSS follows the
+  live tensors, like CUDA's ``max_memory_allocated`` (times are then slower for kdsweep, whose
+  temporaries are no longer recycled).
 - Memory on CUDA: ``torch.cuda.max_memory_allocated()`` after a reset, minus the memory allocated
   before the call.
-- Time: the median wall time of ``--reps`` forward + backward calls after the measured one
-  (CUDA: synchronised).
+- Time: the median of ``--reps`` forward + backward calls (``--hidden-reps`` in the hidden form,
+  whose matmuls make each call long), the first being the one whose memory is measured. On CPU
+  the flagged ratio is of process CPU time (user + system, all threads), because the machine may
+  be shared and wall time then measures the neighbours; wall time is shown too, with the load
+  average. On CUDA it is synchronised wall time.
 
 Targets flagged in the table: extra peak memory <= 0.25x naive in the logits form and <= 0.05x
 in the hidden form; time <= 1.0x naive.
@@ -43,6 +52,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -58,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdsweep.losses import distill_loss, distill_loss_from_hidden, distill_loss_sparse  # noqa: E402
 
+V, H = 151_936, 1024  # Qwen3's vocabulary, Qwen3-0.6B's hidden size
 ALPHA, TEMPERATURE, TOP_K, IGNORED = 0.5, 2.0, 64, 0.1
 MEMORY_TARGET = {"logits": 0.25, "hidden": 0.05}
 TIME_TARGET = 1.0
@@ -73,6 +84,7 @@ class Case:
     hidden_size: int
     device: str
     reps: int
+    chunk_tokens: int | None = None  # hidden form only; None: the function's default
 
 
 def naive_loss(
@@ -131,10 +143,11 @@ def step(case: Case, x: dict[str, torch.Tensor]) -> float:
         loss = distill_loss_sparse(x["student"], x["values"], x["indices"], x["labels"],
                                    alpha=ALPHA, temperature=TEMPERATURE).loss
     else:
+        chunk = {} if case.chunk_tokens is None else {"chunk_tokens": case.chunk_tokens}
         loss = distill_loss_from_hidden(
             x["hidden"], x["weight"], x["labels"], teacher_logits=teacher["teacher"],
             teacher_values=teacher["values"], teacher_indices=teacher["indices"], alpha=ALPHA,
-            temperature=TEMPERATURE).loss
+            temperature=TEMPERATURE, **chunk).loss
     loss.backward()
     return loss.item()
 
@@ -173,25 +186,30 @@ def run_child(case: Case) -> dict[str, object]:
     """Measures one case in this process (a fresh subprocess of `main`)."""
     x = make_inputs(case)
     memory = Memory(case.device)
-    memory.start()
-    loss = step(case, x)
-    peak = memory.peak()
-    grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in x.values() if t.grad is not None)
-    times = []
-    for _ in range(case.reps):
+    walls, cpus = [], []
+    for rep in range(case.reps):
         for t in x.values():
             t.grad = None
-        start = time.perf_counter()
-        step(case, x)
+        if rep == 0:
+            memory.start()
+        wall, cpu = time.perf_counter(), time.process_time()
+        loss = step(case, x)
         if case.device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"loss": loss, "peak": peak, "grads": grad_bytes, "time": statistics.median(times)}
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+        if rep == 0:
+            peak = memory.peak()
+            grads = sum(t.grad.numel() * t.grad.element_size() for t in x.values()
+                        if t.grad is not None)
+    return {"loss": loss, "peak": peak, "grads": grads, "wall": statistics.median(walls),
+            "cpu": statistics.median(cpus)}
 
 
-def measure(case: Case) -> dict[str, object]:
+def measure(case: Case, *, live_memory: bool) -> dict[str, object]:
     command = [sys.executable, __file__, "--child", json.dumps(asdict(case))]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if live_memory else None
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{case} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -201,44 +219,67 @@ def gib(n: float) -> str:
     return f"{n / 2**30:6.2f}"
 
 
-def row(form: str, tokens: int, teacher: str, naive: dict, ours: dict) -> str:
+def row(form: str, tokens: int, teacher: str, naive: dict, ours: dict, timer: str) -> str:
     memory = ours["peak"] / naive["peak"]
     workspace = (ours["peak"] - ours["grads"]) / (naive["peak"] - naive["grads"])
-    speed = ours["time"] / naive["time"]
+    speed = ours[timer] / naive[timer]
     memory_flag = "ok" if memory <= MEMORY_TARGET[form] else "MISS"
     time_flag = "ok" if speed <= TIME_TARGET else "MISS"
     loss_gap = abs(ours["loss"] - naive["loss"]) / abs(naive["loss"])
     return (f"{form:6} {tokens:5} {teacher:5} | {gib(naive['peak'])} {gib(ours['peak'])} "
-            f"{gib(ours['grads'])} | {memory:5.3f} {memory_flag:4} (<= {MEMORY_TARGET[form]:.2f}) "
-            f"{workspace:5.3f} | {naive['time']:7.2f} {ours['time']:7.2f} {speed:5.2f} "
-            f"{time_flag:4} | {loss_gap:.1e}")
+            f"{gib(ours['grads'])} | {memory:5.3f} {memory_flag:4} (<={MEMORY_TARGET[form]:.2f}) "
+            f"{workspace:5.3f} | {naive[timer]:6.1f} {ours[timer]:6.1f} {speed:5.2f} {time_flag:4} "
+            f"| {naive['wall']:6.1f} {ours['wall']:6.1f} {ours['wall'] / naive['wall']:5.2f} "
+            f"| {loss_gap:.0e}")
 
 
-HEADER = ("form   N     teach | naive   kds    grads  GiB | mem ratio  (target)    excl.grads | "
-          "naive_s  kds_s  ratio      | rel.Δloss")
+HEADER = (
+    "                   | extra peak memory, GiB | kds/naive              | {timer:>6} time, s"
+    "           | wall time, s         | loss\n"
+    "form       N teach |  naive    kds  grads  | ratio       (target)  excl.grads"
+    " |  naive    kds ratio      |  naive    kds ratio | rel.diff"
+)
+
+
+def load() -> str:
+    return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="N in {128, 256}, V = 8192, H = 64")
-    parser.add_argument("--reps", type=int, default=2, help="timed calls per case (median)")
+    parser.add_argument("--reps", type=int, default=3, help="calls per logits-form case (median)")
+    parser.add_argument("--hidden-reps", type=int, default=1, help="calls per hidden-form case")
+    parser.add_argument("--hidden-chunk", type=int, help="chunk_tokens of the hidden form "
+                        "(default: distill_loss_from_hidden's)")
     parser.add_argument("--forms", default="logits,hidden", help="comma-separated subset")
+    parser.add_argument("--live-memory", action="store_true",
+                        help="CPU: glibc mmaps every tensor, so RSS follows live tensors")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_child(Case(**json.loads(args.child)))))
         return
-    vocab, hidden_size, sizes = (8192, 64, (128, 256)) if args.quick else (151_936, 1024, (1024, 2048))
+    vocab, hidden_size, sizes = (8192, 64, (128, 256)) if args.quick else (V, H, (1024, 2048))
+    timer = "wall" if args.device == "cuda" else "cpu"
     print(f"V={vocab} H={hidden_size} fp32 {args.device} threads={torch.get_num_threads()} "
-          f"reps={args.reps} alpha={ALPHA} T={TEMPERATURE}; kds/naive ratios\n{HEADER}")
+          f"reps={args.reps}/{args.hidden_reps} (logits/hidden) hidden chunk_tokens="
+          f"{args.hidden_chunk or 'default'} alpha={ALPHA} T={TEMPERATURE} "
+          f"{'live-memory ' if args.live_memory else ''}{load()}")
+    print(HEADER.format(timer=timer))
     for form in args.forms.split(","):
+        reps = args.reps if form == "logits" else args.hidden_reps
+        chunk = args.hidden_chunk if form == "hidden" else None
         for tokens in sizes:
             for teacher in ("full", "top64"):
                 results = {impl: measure(Case(form, tokens, teacher, impl, vocab, hidden_size,
-                                              args.device, args.reps))
+                                              args.device, reps, chunk),
+                                         live_memory=args.live_memory)
                            for impl in ("naive", "kdsweep")}
-                print(row(form, tokens, teacher, results["naive"], results["kdsweep"]), flush=True)
+                print(row(form, tokens, teacher, results["naive"], results["kdsweep"], timer),
+                      flush=True)
+    print(load())
 
 
 if __name__ == "__main__":

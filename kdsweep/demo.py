@@ -202,7 +202,7 @@ def _config(vocab_size: int, *, eos_token_id: int, **shape: int) -> Qwen3Config:
 
 # Bump when the demo data, tokenizer, configs or teacher training change: it names the cache.
 DEMO_VERSION = 1
-TEACHER_TRAINING = {"max_steps": 1200, "batch_size": 32, "learning_rate": 3e-3, "eval_every": 400}
+TEACHER_TRAINING = {"max_steps": 500, "batch_size": 32, "learning_rate": 3e-3, "eval_every": 250}
 
 
 def ensure_models() -> dict[str, Path]:
@@ -254,7 +254,8 @@ def _train_teacher(teacher, tokenizer, texts: list[str], console) -> None:
 
     cfg = TEACHER_TRAINING
     split = tokenize(texts, tokenizer, max_length=64, assistant_only=False)
-    held_out = make_batches(split, batch_size=64, pad_id=tokenizer.pad_token_id, shuffle_seed=None, group_by_length=True)[:4]
+    test_rows = tokenize(generate_rows(256, seed=TEST_SEED), tokenizer, max_length=64, assistant_only=False)
+    held_out = make_batches(test_rows, batch_size=64, pad_id=tokenizer.pad_token_id, shuffle_seed=None, group_by_length=True)
     vocab = Vocabulary(size=len(tokenizer), teacher_rows=len(tokenizer), student_rows=len(tokenizer))
     settings = train.DistillSettings(
         alpha=0.0,
@@ -272,7 +273,7 @@ def _train_teacher(teacher, tokenizer, texts: list[str], console) -> None:
         pad_id=tokenizer.pad_token_id,
         evaluate=lambda model: {"ppl": score(model, held_out, vocab).perplexity},
         on_log=lambda log: console.print(f"  teacher step {log.step}/{cfg['max_steps']}: loss {log.loss:.3f}"),
-        on_eval=lambda step, m: console.print(f"  teacher step {step}: perplexity {m['ppl']:.2f}"),
+        on_eval=lambda step, m: console.print(f"  teacher step {step}: held-out perplexity {m['ppl']:.2f}"),
     )
 
 

@@ -43,9 +43,11 @@ from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
-# chunk_tokens=None takes about this many logits per chunk (128 MiB in fp32, 220 tokens at
-# V = 151,936): big enough to keep the kernels busy, small next to the [N, V] gradient buffer.
-_AUTO_CHUNK_ELEMENTS = 2**25
+# chunk_tokens=None takes about this many logits per chunk. On a CPU, 2**22 (16 MiB in fp32, 27
+# tokens at V = 151,936) is as fast as larger chunks: each fresh tensor costs page faults, and
+# small ones are reused from the heap and stay in cache. On a GPU, 2**25 (128 MiB, 220 tokens)
+# keeps each kernel long enough to hide its launch. Either is small next to the [N, V] gradient.
+_AUTO_CHUNK_ELEMENTS = {"cpu": 2**22, "other": 2**25}
 
 __all__ = [
     "IGNORE_INDEX",
@@ -92,7 +94,8 @@ def distill_loss(
         temperature: Softens both distributions in the KL term; > 0.
         top_k: Keep the teacher's ``top_k`` largest logits and renormalise over them; None, or
             ``top_k >= V``, uses the whole vocabulary.
-        chunk_tokens: Positions per chunk; None takes ``2**25 // V`` (220 at V = 151,936).
+        chunk_tokens: Positions per chunk; None takes ``2**22 // V`` on a CPU (27 at
+            V = 151,936) and ``2**25 // V`` on a GPU (220).
 
     Returns:
         The loss and its terms; extra peak memory is one ``[..., V]`` gradient buffer plus a few
@@ -104,7 +107,8 @@ def distill_loss(
     Example:
         >>> student = torch.randn(2, 3, 10, requires_grad=True)
         >>> labels = torch.tensor([[1, 2, -100], [4, -100, 6]])
-        >>> result = distill_loss(student, torch.randn(2, 3, 10), labels, alpha=0.5, temperature=2.0)
+        >>> teacher = torch.randn(2, 3, 10)
+        >>> result = distill_loss(student, teacher, labels, alpha=0.5, temperature=2.0, top_k=5)
         >>> result.loss.backward()
     """
     problems = _settings_problems(alpha, temperature, top_k=top_k, chunk_tokens=chunk_tokens)
@@ -112,10 +116,13 @@ def distill_loss(
     problems += _teacher_problems(
         alpha, student_logits.shape, logits=teacher_logits, values=None, indices=None, top_k=top_k
     )
+    problems += _device_problems(student_logits, labels=labels, teacher_logits=teacher_logits)
     _raise_if(problems)
-    teacher = _Teacher.build(teacher_logits, None, None, top_k=top_k, vocab=student_logits.shape[-1])
-    settings = _Settings.build(alpha, temperature, chunk_tokens, vocab=student_logits.shape[-1])
-    return _distill(_LogitsStudent, (_flat(student_logits),), labels, teacher, settings)
+    vocab = student_logits.shape[-1]
+    teacher = _Teacher.build(teacher_logits, None, None, top_k=top_k, vocab=vocab)
+    settings = _Settings.build(alpha, temperature, chunk_tokens, vocab=vocab,
+                               device=student_logits.device)
+    return _distill(_LogitsStudent, (student_logits,), labels, teacher, settings)
 
 
 def distill_loss_sparse(
@@ -150,11 +157,14 @@ def distill_loss_sparse(
     problems += _teacher_problems(
         alpha, student_logits.shape, logits=None, values=teacher_values, indices=teacher_indices
     )
+    problems += _device_problems(student_logits, labels=labels, teacher_values=teacher_values,
+                                 teacher_indices=teacher_indices)
     _raise_if(problems)
     teacher = _Teacher.build(None, teacher_values, teacher_indices, top_k=None,
                              vocab=student_logits.shape[-1])
-    settings = _Settings.build(alpha, temperature, None, vocab=student_logits.shape[-1])
-    return _distill(_LogitsStudent, (_flat(student_logits),), labels, teacher, settings)
+    settings = _Settings.build(alpha, temperature, None, vocab=student_logits.shape[-1],
+                               device=student_logits.device)
+    return _distill(_LogitsStudent, (student_logits,), labels, teacher, settings)
 
 
 def distill_loss_from_hidden(
@@ -187,12 +197,15 @@ def distill_loss_from_hidden(
         alpha: Weight of the KL term, in [0, 1].
         temperature: Softens both distributions in the KL term; > 0.
         top_k: With ``teacher_logits``, keep the top_k largest and renormalise over them.
-        chunk_tokens: Positions per chunk; None takes ``2**25 // V``.
+        chunk_tokens: Positions per chunk; None as in `distill_loss`. Each chunk reads the
+            weight three times (logits, hidden and weight gradients), so chunks much smaller
+            than the hidden size turn the matmuls memory-bound; each costs about
+            ``(3 to 4) * chunk_tokens * V * 4`` bytes of temporaries.
 
     Returns:
         The loss and its terms; extra peak memory is an fp32 ``[V, H]`` gradient (plus an fp32
-        copy of a lower-precision weight), a ``[..., H]`` gradient and a few fp32
-        ``[chunk_tokens, V]`` temporaries, whatever the number of positions.
+        copy of a lower-precision weight), a ``[..., H]`` gradient and the chunk's
+        temporaries, whatever the number of positions.
 
     Raises:
         ValueError: On bad shapes or settings, naming every problem at once.
@@ -205,11 +218,14 @@ def distill_loss_from_hidden(
     vocab = weight.shape[0]
     problems += _teacher_problems(alpha, (*hidden.shape[:-1], vocab), logits=teacher_logits,
                                   values=teacher_values, indices=teacher_indices, top_k=top_k)
+    problems += _device_problems(hidden, weight=weight, labels=labels,
+                                 teacher_logits=teacher_logits, teacher_values=teacher_values,
+                                 teacher_indices=teacher_indices)
     _raise_if(problems)
     teacher = _Teacher.build(teacher_logits, teacher_values, teacher_indices, top_k=top_k,
                              vocab=vocab)
-    settings = _Settings.build(alpha, temperature, chunk_tokens, vocab=vocab)
-    return _distill(_HiddenStudent, (_flat(hidden), weight), labels, teacher, settings)
+    settings = _Settings.build(alpha, temperature, chunk_tokens, vocab=vocab, device=hidden.device)
+    return _distill(_HiddenStudent, (hidden, weight), labels, teacher, settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +235,7 @@ def distill_loss_from_hidden(
 def _chunk_terms(
     logits: Tensor,
     labels: Tensor,
-    teacher: _Teacher | None,
+    teacher: tuple[Tensor, Tensor | None] | None,
     *,
     alpha: float,
     temperature: float,
@@ -227,11 +243,13 @@ def _chunk_terms(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Loss sums over one chunk of kept positions and, optionally, their gradient.
 
+    Full-size ops write in place where they can: on a CPU every fresh ``[c, V]`` tensor costs
+    page faults, on any device it costs memory, and each extra pass costs bandwidth.
+
     Args:
-        logits: ``[c, V]`` fp32 student logits, owned by the caller; overwritten by the gradient
-            when ``grad_scale`` is given.
+        logits: ``[c, V]`` fp32 student logits, owned by this call: overwritten.
         labels: ``[c]`` int64 target ids (no -100 left).
-        teacher: The teacher for these positions, or None (CE only).
+        teacher: ``(log p_t, support)`` from `_Teacher.log_probs`, or None (CE only).
         alpha: Weight of the KL term.
         temperature: KL temperature.
         grad_scale: ``1 / kept positions`` (d mean / d sum), or None to skip the gradient.
@@ -240,15 +258,15 @@ def _chunk_terms(
         ``kl_sum`` and ``ce_sum``, 0-dim fp32 sums over the chunk, and the ``[c, V]`` fp32
         gradient of the whole batch's loss w.r.t. ``logits`` (or None).
     """
-    lse = torch.logsumexp(logits, dim=-1)  # [c]
-    ce_sum = (lse - logits.gather(-1, labels[:, None]).squeeze(-1)).sum()
-    kl = None if teacher is None else _kl_terms(logits, teacher, temperature)
+    log_p = torch.log_softmax(logits, dim=-1)  # [c, V]
+    ce_sum = -log_p.gather(-1, labels[:, None]).sum()
+    kl = None if teacher is None else _kl_terms(logits, *teacher, temperature=temperature)
     kl_sum = logits.new_zeros(()) if kl is None else kl[0]
     if grad_scale is None:
         return kl_sum, ce_sum, None
-    # d CE / dz = softmax(z) - onehot(label), written over the logits, which are no longer needed.
+    # d CE / dz = softmax(z) - onehot(label)
     ce_weight = (1.0 - alpha) * grad_scale
-    grad = logits.sub_(lse[:, None]).exp_().mul_(ce_weight)
+    grad = log_p.exp_().mul_(ce_weight)
     grad.scatter_add_(-1, labels[:, None], grad.new_full((len(labels), 1), -ce_weight))
     if kl is not None:
         # d KL / dz = T * (softmax(z / T) - p_t), p_t being zero off its support.
@@ -263,35 +281,37 @@ def _chunk_terms(
 
 
 def _kl_terms(
-    logits: Tensor, teacher: _Teacher, temperature: float
+    logits: Tensor, log_pt: Tensor, support: Tensor | None, *, temperature: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``T^2 * sum KL`` over a chunk, with the pieces its gradient needs.
 
     Args:
-        logits: ``[c, V]`` fp32 student logits.
-        teacher: The teacher for these positions.
+        logits: ``[c, V]`` fp32 student logits: overwritten.
+        log_pt: ``[c, V]`` teacher log-probs, or ``[c, K]`` on ``support``: overwritten.
+        support: ``[c, K]`` int64 vocabulary ids of ``log_pt``'s entries; None: all of them.
         temperature: KL temperature.
 
     Returns:
-        ``kl_sum`` (0-dim), ``log_softmax(z_s / T)`` ``[c, V]``, ``p_t`` (``[c, V]``, or
-        ``[c, K]`` on its support) and the support's vocabulary ids ``[c, K]`` (None: all).
+        ``kl_sum`` (0-dim), ``log_softmax(z_s / T)`` ``[c, V]``, ``p_t`` (shaped as ``log_pt``)
+        and ``support``.
     """
-    # The same op on both sides, so that a student equal to the teacher gives exactly 0.
-    log_ps = torch.log_softmax(logits / temperature, dim=-1)
-    log_pt, support = teacher.log_probs(temperature)
-    p_t = log_pt.exp()
+    # The same op as the teacher's, so that a student equal to the teacher gives exactly 0.
+    log_ps = torch.log_softmax(logits.div_(temperature), dim=-1)
+    # The logits are spent: a dense teacher's probabilities reuse their memory.
+    p_t = log_pt.exp() if support is not None else torch.exp(log_pt, out=logits)
+    # Logits of -inf (a masked vocabulary entry) would give 0 * (-inf - -inf) = NaN; clamped to
+    # the lowest float, they give the true term 0 (and exp() of them is still 0).
+    lowest = torch.finfo(log_ps.dtype).min
+    log_ps.clamp_(min=lowest)
     log_ps_on_support = log_ps if support is None else log_ps.gather(-1, support)
-    # A teacher logit of -inf has p_t = 0 and 0 * -inf = NaN; its true term is 0.
-    terms = torch.where(p_t > 0, p_t * (log_pt - log_ps_on_support), 0.0)
+    terms = log_pt.clamp_(min=lowest).sub_(log_ps_on_support).mul_(p_t)
     return temperature**2 * terms.sum(), log_ps, p_t, support
 
 
 @dataclass(frozen=True)
 class _Teacher:
-    """The teacher for all positions, flattened.
-
-    Either ``logits`` ``[N, V]`` (``top_k`` None: whole vocabulary) or ``values`` and ``indices``
-    ``[N, K]``; `rows` selects a chunk of positions and `log_probs` gives fp32 ``log p_t``.
+    """The teacher: ``logits`` ``[..., V]`` (``top_k`` None: whole vocabulary), or ``values``
+    and ``indices`` ``[..., K]``; `log_probs` gives ``log p_t`` at some positions.
     """
 
     logits: Tensor | None
@@ -310,58 +330,62 @@ class _Teacher:
     ) -> _Teacher | None:
         if logits is None and values is None:
             return None
-        flat = lambda t: None if t is None else _flat(t.detach())  # noqa: E731
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
         # Top-V renormalised is the softmax over the whole vocabulary, which needs no top-k.
         top_k = None if top_k is None or top_k >= vocab else top_k
-        return _Teacher(flat(logits), flat(values), flat(indices), top_k)
+        return _Teacher(detach(logits), detach(values), detach(indices), top_k)
 
-    def rows(self, rows: Tensor) -> _Teacher:
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return _Teacher(pick(self.logits), pick(self.values), pick(self.indices), self.top_k)
+    def log_probs(
+        self, rows: tuple[Tensor, ...], *, temperature: float
+    ) -> tuple[Tensor, Tensor | None]:
+        """fp32 ``log p_t`` at positions ``rows`` (one index tensor per leading dim).
 
-    def log_probs(self, temperature: float) -> tuple[Tensor, Tensor | None]:
-        """fp32 ``log p_t``: ``[c, V]`` with support None, or ``[c, K]`` over ids ``[c, K]``."""
-        if self.logits is not None and self.top_k is None:
-            return torch.log_softmax(self.logits.float() / temperature, dim=-1), None
-        if self.logits is not None:
-            values, indices = torch.topk(self.logits, self.top_k, dim=-1)
+        Returns:
+            ``[c, V]`` log-probs with support None (whole vocabulary), or ``[c, K]`` log-probs
+            over their int64 vocabulary ids ``[c, K]``.
+        """
+        if self.logits is None:
+            values, support = self.values[rows], self.indices[rows].long()
+        elif self.top_k is None:
+            values, support = self.logits[rows], None
         else:
-            values, indices = self.values, self.indices
-        return torch.log_softmax(values.float() / temperature, dim=-1), indices.long()
+            values, support = torch.topk(self.logits[rows], self.top_k, dim=-1)
+        # Indexing made a copy (and float() one more for bf16/fp16): dividing it in place is safe.
+        return torch.log_softmax(values.float().div_(temperature), dim=-1), support
 
 
 # ---------------------------------------------------------------------------------------------
 # Students: where a chunk's logits come from and where their gradient goes
 
 
+# Positions are given as `rows`, one index tensor per leading dim, so that inputs sliced for the
+# shift (logits[:, :-1]) are read where they are: flattening them would copy them whole.
+
+
 class _LogitsStudent:
-    """Student logits ``[N, V]``; their gradient is one buffer of the same size and dtype."""
+    """Student logits ``[..., V]``; their gradient is one buffer of the same size and dtype."""
 
     def __init__(self, logits: Tensor, *, needs_grad: tuple[bool, ...]):
         self.logits = logits
         self.grad = torch.zeros_like(logits) if needs_grad[0] else None
 
     @property
-    def vocab(self) -> int:
-        return self.logits.shape[-1]
-
-    @property
     def needs_grad(self) -> bool:
         return self.grad is not None
 
-    def chunk_logits(self, rows: Tensor) -> Tensor:
-        """``[c, V]`` fp32 logits of positions ``rows``, a fresh tensor the math may overwrite."""
+    def chunk_logits(self, rows: tuple[Tensor, ...]) -> Tensor:
+        """``[c, V]`` fp32 logits of positions ``rows``: a copy, which the math overwrites."""
         return self.logits[rows].float()
 
-    def backprop(self, rows: Tensor, grad_logits: Tensor) -> None:
-        self.grad.index_copy_(0, rows, grad_logits.to(self.grad.dtype))
+    def backprop(self, rows: tuple[Tensor, ...], grad_logits: Tensor) -> None:
+        self.grad.index_put_(rows, grad_logits.to(self.grad.dtype))
 
     def grads(self) -> tuple[Tensor | None, ...]:
         return (self.grad,)
 
 
 class _HiddenStudent:
-    """Student hidden states ``[N, H]`` and lm_head weight ``[V, H]``; logits exist per chunk."""
+    """Student hidden states ``[..., H]`` and lm_head weight ``[V, H]``; logits exist per chunk."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, *, needs_grad: tuple[bool, ...]):
         self.hidden = hidden
@@ -373,21 +397,17 @@ class _HiddenStudent:
         self.grad_weight = torch.zeros_like(self.weight) if needs_grad[1] else None
 
     @property
-    def vocab(self) -> int:
-        return self.weight.shape[0]
-
-    @property
     def needs_grad(self) -> bool:
         return self.grad_hidden is not None or self.grad_weight is not None
 
-    def chunk_logits(self, rows: Tensor) -> Tensor:
-        """``[c, V]`` fp32 logits of positions ``rows``, a fresh tensor the math may overwrite."""
+    def chunk_logits(self, rows: tuple[Tensor, ...]) -> Tensor:
+        """``[c, V]`` fp32 logits of positions ``rows``: a new tensor, which the math overwrites."""
         return self.hidden[rows].float() @ self.weight.T
 
-    def backprop(self, rows: Tensor, grad_logits: Tensor) -> None:
+    def backprop(self, rows: tuple[Tensor, ...], grad_logits: Tensor) -> None:
         if self.grad_hidden is not None:
             grad_hidden = grad_logits @ self.weight  # [c, H]
-            self.grad_hidden.index_copy_(0, rows, grad_hidden.to(self.grad_hidden.dtype))
+            self.grad_hidden.index_put_(rows, grad_hidden.to(self.grad_hidden.dtype))
         if self.grad_weight is not None:
             self.grad_weight.addmm_(grad_logits.T, self.hidden[rows].float())
 
@@ -411,8 +431,13 @@ class _Settings:
     chunk_tokens: int
 
     @staticmethod
-    def build(alpha: float, temperature: float, chunk_tokens: int | None, *, vocab: int) -> _Settings:
-        chunk_tokens = chunk_tokens or max(1, _AUTO_CHUNK_ELEMENTS // vocab)
+    def build(
+        alpha: float, temperature: float, chunk_tokens: int | None, *, vocab: int,
+        device: torch.device,
+    ) -> _Settings:
+        if chunk_tokens is None:
+            elements = _AUTO_CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
+            chunk_tokens = max(1, elements // vocab)
         return _Settings(float(alpha), float(temperature), chunk_tokens)
 
 
@@ -423,10 +448,9 @@ def _distill(
     teacher: _Teacher | None,
     settings: _Settings,
 ) -> LossResult:
-    """Runs `_DistillFunction` on flattened ``inputs`` (``[N, V]`` logits or ``[N, H]`` + weight)."""
-    labels = labels.reshape(-1)
-    # Syncs with the GPU once: the chunks are made of kept positions only.
-    kept = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    """Runs `_DistillFunction` on ``inputs``: ``[..., V]`` logits, or ``[..., H]`` and weight."""
+    # [n, labels.dim()] coordinates of the kept positions; syncs with the GPU, once.
+    kept = (labels != IGNORE_INDEX).nonzero()
     # Decided here because grad mode is always off inside an autograd function's forward.
     needs_grad = tuple(torch.is_grad_enabled() and t.requires_grad for t in inputs)
     loss, kl, ce = _DistillFunction.apply(
@@ -439,16 +463,19 @@ def _sweep(
     student: _Student, labels: Tensor, kept: Tensor, teacher: _Teacher | None, settings: _Settings
 ) -> tuple[Tensor, Tensor]:
     """Mean KL and CE over the ``kept`` positions; fills the student's gradients if it has any."""
-    count = max(kept.numel(), 1)  # all positions ignored: sums of nothing, divided by 1
+    count = max(len(kept), 1)  # all positions ignored: sums of nothing, divided by 1
     grad_scale = 1.0 / count if student.needs_grad else None
+    temperature = settings.temperature
     kl_sum = ce_sum = torch.zeros((), device=labels.device)
-    for rows in kept.split(settings.chunk_tokens):
+    for chunk in kept.split(settings.chunk_tokens):
+        rows = chunk.unbind(1)
+        log_pt = None if teacher is None else teacher.log_probs(rows, temperature=temperature)
         kl, ce, grad = _chunk_terms(
             student.chunk_logits(rows),
             labels[rows].long(),
-            None if teacher is None else teacher.rows(rows),
+            log_pt,
             alpha=settings.alpha,
-            temperature=settings.temperature,
+            temperature=temperature,
             grad_scale=grad_scale,
         )
         kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
@@ -463,7 +490,9 @@ class _DistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, make_student, needs_grad, labels, kept, teacher, settings, *inputs):
         student = make_student(*inputs, needs_grad=needs_grad)
-        kl, ce = _sweep(student, labels, kept, teacher, settings)
+        # fp32 math even under autocast, which would run the hidden form's matmuls in bf16.
+        with torch.autocast(labels.device.type, enabled=False):
+            kl, ce = _sweep(student, labels, kept, teacher, settings)
         loss = settings.alpha * kl + (1.0 - settings.alpha) * ce
         ctx.save_for_backward(*student.grads())
         ctx.mark_non_differentiable(kl, ce)
@@ -499,9 +528,9 @@ def _settings_problems(
 
 def _student_problems(name: str, student: Tensor, labels: Tensor) -> list[str]:
     problems = []
-    if not student.is_floating_point() or student.dim() < 1:
-        problems.append(f"{name} must be a float tensor [..., D], got {student.dtype} "
-                        f"{tuple(student.shape)}")
+    if not student.is_floating_point() or student.dim() < 2:
+        problems.append(f"{name} must be a float tensor [..., D] with at least one position dim, "
+                        f"got {student.dtype} {tuple(student.shape)}")
     elif student.shape[:-1] != labels.shape:
         problems.append(f"labels shape {tuple(labels.shape)} must equal {name}.shape[:-1] = "
                         f"{tuple(student.shape[:-1])}")
@@ -557,11 +586,12 @@ def _sparse_teacher_problems(
     return problems
 
 
+def _device_problems(student: Tensor, **others: Tensor | None) -> list[str]:
+    return [f"{name} is on {other.device} but the student on {student.device}: move it there"
+            for name, other in others.items()
+            if other is not None and other.device != student.device]
+
+
 def _raise_if(problems: list[str]) -> None:
     if problems:
         raise ValueError("\n".join(problems))
-
-
-def _flat(tensor: Tensor) -> Tensor:
-    """``[..., D]`` -> ``[N, D]`` (a view when possible; autograd sees the reshape)."""
-    return tensor.reshape(-1, tensor.shape[-1])

@@ -152,7 +152,8 @@ def test_all_positions_ignored_gives_zero(form):
     student, hidden, weight = leaf(batch["student"]), leaf(batch["hidden"]), leaf(batch["weight"])
     top = batch["teacher"].topk(3, dim=-1)
     if form == "logits":
-        result, inputs = distill_loss(student, batch["teacher"], batch["labels"], **settings), (student,)
+        result = distill_loss(student, batch["teacher"], batch["labels"], **settings)
+        inputs = (student,)
     elif form == "sparse":
         result = distill_loss_sparse(student, top.values, top.indices, batch["labels"], **settings)
         inputs = (student,)
@@ -215,7 +216,8 @@ def test_hidden_form_matches_reference(teacher, temperature):
     expected = reference(hidden64 @ weight64.T, batch["labels"], alpha=alpha,
                          temperature=temperature, **ref_teacher_kwargs)
     assert_results_close(result, expected)
-    for grad, grad64 in zip(grads_of(result, hidden, weight), grads_of(expected, hidden64, weight64)):
+    grads64 = grads_of(expected, hidden64, weight64)
+    for grad, grad64 in zip(grads_of(result, hidden, weight), grads64):
         assert_close(grad, grad64)
 
 
@@ -230,6 +232,49 @@ def test_hidden_form_equals_logits_form():
     assert_results_close(from_hidden, from_logits)
     for a, b in zip(grads_of(from_hidden, hidden, weight), grads_of(from_logits, hidden, weight)):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("layout", ["shifted slice", "flat", "three dims"])
+def test_any_leading_shape_and_strided_inputs(layout):
+    batch = make_batch(seed=12)
+    student, teacher, labels = batch["student"], batch["teacher"], batch["labels"]
+    if layout == "shifted slice":  # how a caller shifts: logits[:, :-1] predicts labels[:, 1:]
+        student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
+    elif layout == "flat":
+        student, teacher = student.reshape(-1, V), teacher.reshape(-1, V)
+        labels = labels.reshape(-1)
+    else:
+        student, teacher = student.reshape(1, B, S, V), teacher.reshape(1, B, S, V)
+        labels = labels.reshape(1, B, S)
+    base = leaf(batch["student"])
+    view = base[:, :-1] if layout == "shifted slice" else base.reshape(student.shape)
+    settings = dict(alpha=0.5, temperature=2.0, top_k=5)
+    result = distill_loss(view, teacher, labels, chunk_tokens=4, **settings)
+    student64 = leaf(student, torch.float64)
+    expected = reference(student64, labels, teacher=teacher, **settings)
+    assert_results_close(result, expected)
+    grad = grads_of(result, view)[0]
+    assert grad.shape == student.shape
+    assert_close(grad, grads_of(expected, student64)[0])
+
+
+def test_second_backward_is_refused():
+    batch = make_batch(seed=13)
+    student = leaf(batch["student"])
+    result = distill_loss(student, batch["teacher"], batch["labels"], alpha=0.5, temperature=2.0)
+    result.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        result.loss.backward()
+
+
+def test_autocast_does_not_lower_the_precision():
+    batch = make_batch(seed=14)
+    hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
+    settings = dict(teacher_logits=batch["teacher"], alpha=0.5, temperature=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = distill_loss_from_hidden(hidden, weight, batch["labels"], **settings)
+    expected = distill_loss_from_hidden(hidden, weight, batch["labels"], **settings)
+    assert_results_close(result, expected)
 
 
 def test_alpha_zero_needs_no_teacher():
@@ -299,6 +344,8 @@ BAD_ARGUMENTS = {
     "teacher shape": (dict(teacher_logits=torch.zeros(B, S, V + 1)), "teacher_logits shape"),
     "labels shape": (dict(labels=torch.zeros(B, S + 1, dtype=torch.long)), "labels shape"),
     "float labels": (dict(labels=torch.zeros(B, S)), "integer"),
+    "teacher on another device": (dict(teacher_logits=torch.zeros(B, S, V, device="meta")),
+                                  "teacher_logits is on meta"),
 }
 
 
