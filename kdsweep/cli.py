@@ -92,10 +92,11 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kdsweep.progress import SweepProgress
+    from kdsweep.progress import SweepProgress, quiet_libraries
     from kdsweep.sweep import run_study
 
     study = _study(args)
+    quiet_libraries()
     progress = SweepProgress()
     try:
         summary = run_study(study, n_trials=args.n_trials, timeout=args.timeout, progress=progress)

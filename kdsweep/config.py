@@ -96,6 +96,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     loss_chunk_tokens: int = 1024  # tokens per loss chunk: bounds the loss's memory
+    teacher_cache: bool = True  # every top_k finite: the teacher runs once per study, into a top-K cache; false: online
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ again continues the same study up to ``n_trials``; other processes may run it at
 
 from __future__ import annotations
 
+import json
 import signal
 import traceback
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsweep import __version__
 from kdsweep.config import SEARCHED, WHOLE_VOCAB, Param, SearchConfig, StudyConfig
 from kdsweep.errors import UsageError
+from kdsweep.mlflow_plugin import active_trial
 from kdsweep.progress import SweepProgress
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -43,8 +45,41 @@ def open_study(study: StudyConfig) -> optuna.Study:
 
 
 def storage(url: str) -> optuna.storages.BaseStorage:
+    from kdsweep.tracking import first_use_lock
+
     # The heartbeat lets any worker mark a killed worker's trial FAIL instead of RUNNING forever.
-    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+    with first_use_lock(url):  # workers starting together must not create the tables twice
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+
+
+def set_user_attr_once(optuna_study: optuna.Study, key: str, value) -> object:
+    """Store ``value`` as the study's user attr ``key`` unless one is there; return the stored one.
+
+    A compare-and-set for workers racing to create the same thing (the MLflow parent run): the
+    value is inserted in one transaction and the storage's unique (study, key) constraint
+    rejects every insert but the first, across processes and machines (SQLite, PostgreSQL,
+    MySQL). ``Study.set_user_attr`` would overwrite instead.
+    """
+    stored = optuna_study.user_attrs.get(key)
+    if stored is not None:
+        return stored
+    backend = getattr(optuna_study._storage, "_backend", optuna_study._storage)  # under Optuna's cache
+    if not isinstance(backend, optuna.storages.RDBStorage):  # in-memory storage: one process
+        optuna_study.set_user_attr(key, value)
+        return value
+    from optuna.storages._rdb.models import StudyUserAttributeModel
+    from sqlalchemy.exc import IntegrityError
+
+    study_id = backend.get_study_id_from_name(optuna_study.study_name)
+    session = backend.scoped_session()
+    try:
+        session.add(StudyUserAttributeModel(study_id=study_id, key=key, value_json=json.dumps(value)))
+        session.commit()
+    except IntegrityError:
+        session.rollback()  # another worker's value came first
+    finally:
+        session.close()
+    return optuna_study.user_attrs[key]
 
 
 def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -164,6 +199,7 @@ def run_study(
         return RunSummary(ran=0, finished=done, target=target, best=best_trial(optuna_study))
 
     tracker = workspace.attach_tracking(optuna_study)
+    tracker.use_data(workspace.train_split, workspace.eval_set)
     enqueue_baselines(optuna_study, study)
     objective = Objective(study, workspace, tracker, progress)
     stop_on = optuna.study.MaxTrialsCallback(target, states=(*FINISHED_STATES, TrialState.RUNNING))
@@ -180,6 +216,9 @@ def run_study(
             gc_after_trial=True,
         )
         status = "FINISHED"
+    except Exception:
+        status = "FAILED"  # the sweep itself broke; Ctrl-C and SIGTERM leave it KILLED
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         tracker.close(optuna_study, status=status)
@@ -207,6 +246,10 @@ class Objective:
         params = suggest(trial, self.study.search)
         trial.set_user_attr("params", params)
         run = self.tracker.start_trial(trial, params)
+        mass = self.workspace.topk_mass(params)  # None when the teacher runs online
+        if mass is not None:
+            trial.set_user_attr("topk_mass", mass)  # the report warns when top_k keeps little
+            run.log_metrics({"topk_mass": mass}, step=0)
         self.progress.trial_started(trial.number, params, self.study.train.max_steps)
 
         def on_eval(step: int, metrics: dict[str, float]) -> None:
@@ -226,8 +269,14 @@ class Objective:
             run.log_step(log)
             self.progress.step(log)
 
+        trained = {}  # save_best: the trained student, until the trial is scored
+        callbacks = {"on_log": on_log, "on_eval": on_eval}
+        if self.study.save_best:
+            callbacks["on_trained"] = lambda student: trained.update(student=student)
         try:
-            result = self.workspace.distill(params, on_log=on_log, on_eval=on_eval)
+            with active_trial(self.study.name, trial.number, run.run_id):  # tags runs that user code starts
+                result = self.workspace.distill(params, **callbacks)
+            return self._complete(trial, run, result, student=trained.pop("student", None))
         except optuna.TrialPruned as exc:
             run.end("KILLED", state="PRUNED", reason=str(exc))
             raise
@@ -239,13 +288,34 @@ class Objective:
             trial.set_user_attr("fail_reason", reason.splitlines()[0][:500])
             run.end("FAILED", state="FAIL", reason=reason, traceback=traceback.format_exc())
             raise
+
+    def _complete(self, trial: optuna.Trial, run, result, *, student) -> float:
+        """A finished distillation: its results on the trial, its final metrics (and model, if
+        it is the best so far) on its run, which ends FINISHED. Returns the objective."""
         value = objective_value(self.study, result.final_eval)
         trial.set_user_attr("duration_s", result.seconds)
         trial.set_user_attr("peak_memory_mb", result.peak_memory_bytes / 2**20)
         for key, metric in result.final_eval.items():
             trial.set_user_attr(key, metric)
-        run.finish(result, objective=value)
+        save_model = self._model_saver(trial, value, student)
+        run.finish(result, objective=value, save_model=save_model)
+        if save_model is not None:
+            self.tracker.keep_best_model()
         return value
+
+    def _model_saver(self, trial: optuna.Trial, value: float, student):
+        """``save_best``: a trial better than every complete one so far saves its student
+        (weights and tokenizer); ``tracker.keep_best_model`` then deletes the one it beat."""
+        best = best_trial(trial.study)
+        if student is None or (best is not None and best.value <= value):
+            return None
+        tokenizer = self.workspace.tokenizer
+
+        def save(folder: str) -> None:
+            student.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+
+        return save
 
     def after_trial(self, optuna_study: optuna.Study, trial: FrozenTrial) -> None:
         self.ran += 1

@@ -2,25 +2,43 @@
 
 Runs are driven through ``MlflowClient`` with explicit run ids rather than the fluent
 ``mlflow.start_run`` stack: several trials, processes and machines write to one parent, and an
-explicit id is what lets each of them attach to it.
+explicit id is what lets each of them attach to it. The layout (names, params, tags, metrics,
+statuses) is described in README.md, "MLflow layout".
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import subprocess
+import tempfile
 import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from kdsweep import __version__
 from kdsweep.config import StudyConfig
+from kdsweep.errors import UsageError
 
-# MLflow 3's UI opens experiments of unknown kind on a GenAI overview with no runs on it.
+# MLflow 3's UI tells model-training experiments from GenAI ones by this tag (where its
+# workflow switch does not decide instead: see ui.runs_url).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PARENT_TAG = "mlflow.parentRunId"
+PARENT_ATTR = "mlflow_parent_run_id"  # the Optuna study user attr that holds the parent run's id
+MODEL_TAG = "kdsweep.model"  # "saved" on the one run that holds the best student (save_best)
+MODEL_PATH = "model"
 _BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 
 
@@ -29,19 +47,39 @@ def tracking_uri(configured: str | None) -> str | None:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured
 
 
+def resolved_tracking_uri(configured: str | None) -> str:
+    """``tracking_uri``, with MLflow's default filled in (it depends on what the current folder
+    holds: an existing ``./mlruns`` store, else ``sqlite:///mlflow.db``)."""
+    from mlflow.tracking import get_tracking_uri
+
+    return tracking_uri(configured) or get_tracking_uri()
+
+
 class StudyTracker:
     """The MLflow side of one study: its experiment, its parent run and its trials' runs."""
 
     def __init__(self, study: StudyConfig):
         self.study = study
-        self.client = MlflowClient(tracking_uri=tracking_uri(study.tracking.uri))
-        self.experiment_id = self._experiment(study.experiment_name)
+        uri = resolved_tracking_uri(study.tracking.uri)
+        with first_use_lock(uri):  # the client creates (or migrates) its store right away
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(study.experiment_name)
         self.parent_run_id: str | None = None
+        self.inputs: list[DatasetInput] = []
+        self._common_tags = self._tags()
+        self._best_logged: int | None = None  # the trial last shown as best on the parent run
+        # Trial runs' batches are written by one background thread, in order, while training goes on.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdsweep-mlflow")
 
     def _experiment(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            return self.client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+            try:
+                return self.client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+            except MlflowException as exc:  # another worker created it a moment ago
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client.get_experiment_by_name(name)
         if experiment.tags.get(EXPERIMENT_KIND[0]) is None:
             self.client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return experiment.experiment_id
@@ -51,54 +89,98 @@ class StudyTracker:
     def attach(self, optuna_study, *, references: dict[str, float]) -> str:
         """Re-open the study's parent run (its id lives with the Optuna study), or create it.
 
-        ``references`` (teacher and untrained-student perplexity, data sizes) are logged once.
+        Workers that start a new study at the same moment each create a candidate run; the
+        Optuna storage keeps the first id written (``sweep.set_user_attr_once``) and every
+        other candidate is deleted, so the study has exactly one parent. ``references``
+        (teacher and untrained-student perplexity) are logged on it by the worker that made it.
         """
-        run_id = optuna_study.user_attrs.get("mlflow_parent_run_id")
+        from kdsweep.sweep import set_user_attr_once
+
+        run_id = optuna_study.user_attrs.get(PARENT_ATTR)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=self.study.name, tags=self._tags())
-            run_id = run.info.run_id
-            optuna_study.set_user_attr("mlflow_parent_run_id", run_id)
-            optuna_study.set_user_attr("mlflow_experiment_id", self.experiment_id)
-            _log_batch(self.client, run_id, params=fixed_settings(self.study), metrics=references)
-            self.client.log_dict(run_id, self.study.to_dict(), "study.yaml")
+            candidate = self.client.create_run(self.experiment_id, run_name=self.study.name, tags=self._common_tags)
+            run_id = set_user_attr_once(optuna_study, PARENT_ATTR, candidate.info.run_id)
+            if run_id != candidate.info.run_id:
+                self.client.delete_run(candidate.info.run_id)  # another worker's parent came first
+            else:
+                optuna_study.set_user_attr("mlflow_experiment_id", self.experiment_id)
+                _log_batch(self.client, run_id, params=fixed_settings(self.study), metrics=references)
+                self.client.log_dict(run_id, self.study.to_dict(), "study.yaml")
         else:
-            self.client.update_run(run_id, status="RUNNING")
+            self._reopen(run_id)
         self.parent_run_id = run_id
         self.end_stale_runs(optuna_study)
         return run_id
 
+    def _reopen(self, run_id: str) -> None:
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise UsageError(
+                f"study {self.study.name!r} logs to MLflow run {run_id}, which is not in the tracking store "
+                f"{self.client.tracking_uri}: use the store the study started with (MLFLOW_TRACKING_URI or "
+                "tracking.uri), or give the study a new name"
+            ) from None
+
     def record_best(self, best) -> None:
-        """Keep the best trial so far visible on the parent run."""
-        if best is None:
+        """Keep the best trial so far visible on the parent run: its number, params, value and
+        run as tags, its value as the metric ``best_value`` (stepped by trial number)."""
+        if best is None or best.number == self._best_logged:
             return
+        self._best_logged = best.number
         params = best.user_attrs.get("params", best.params)
-        tags = {"best_trial": best.number, **{f"best.{k}": v for k, v in params.items()}}
-        _log_batch(self.client, self.parent_run_id, metrics={"best_value": best.value}, tags=tags)
+        tags = {
+            "best_trial": best.number,
+            "best.run_id": best.user_attrs.get("mlflow_run_id", ""),
+            "best.value": f"{best.value:.6g}",
+            **{f"best.{k}": v for k, v in params.items()},
+        }
+        _log_batch(self.client, self.parent_run_id, metrics={"best_value": best.value}, tags=tags, step=best.number)
 
     def close(self, optuna_study, *, status: str) -> None:
-        """End the parent run and any trial run left RUNNING by this or a dead process."""
-        self.end_stale_runs(optuna_study)
-        self.client.set_terminated(self.parent_run_id, status=status)
-
-    def end_stale_runs(self, optuna_study) -> int:
-        """Mark KILLED every nested run still RUNNING whose Optuna trial is no longer running
-        (its process was killed), so no run shows as running forever."""
+        """End every trial run left RUNNING by a dead worker, then the parent run, unless
+        another worker is still running trials under it (the last one to close ends it)."""
         from optuna.trial import TrialState
 
-        live = {
-            t.user_attrs.get("mlflow_run_id")
-            for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        }
+        self._writer.shutdown(wait=True)
+        self.end_stale_runs(optuna_study)
+        if not optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    def end_stale_runs(self, optuna_study) -> int:
+        """Mark KILLED every nested run still RUNNING whose Optuna trial is no longer running.
+
+        That is a trial whose worker was killed (SIGKILL, a lost machine) before it could close
+        its run. Optuna's heartbeat turns such a trial from RUNNING to FAIL once its worker has
+        been silent for the storage's grace period; this asks it to check first.
+        """
+        from optuna.trial import TrialState
+
+        _fail_stale_trials(optuna_study)
+        # Trial numbers, not run ids: a live trial's run may exist a moment before its id is stored.
+        live = {str(t.number) for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
         )
-        stale = [r for r in runs if r.info.run_id not in live]
+        stale = [r for r in runs if r.data.tags.get("kdsweep.trial") not in live]
         for run in stale:
-            TrialRun(self.client, run.info.run_id).end("KILLED", state="KILLED", reason="its worker process died")
+            reason = "its worker stopped without closing the run (killed, or its machine was lost)"
+            TrialRun(self.client, run.info.run_id).end("KILLED", state="KILLED", reason=reason)
         return len(stale)
 
     # -------------------------------------------------------------- one run per trial
+
+    def use_data(self, train_split, eval_set) -> None:
+        """Describe the training and evaluation data once per worker; each trial run logs them
+        as MLflow dataset inputs (a digest and a source: the data itself is not uploaded)."""
+        data = self.study.data
+        self.inputs = [
+            _dataset_input(data, data.train_split, self.study.base_dir, *_training_data(train_split), "training"),
+            _dataset_input(data, data.eval_split, self.study.base_dir, *_evaluation_data(eval_set), "evaluation"),
+        ]
 
     def start_trial(self, trial, params: dict) -> TrialRun:
         from kdsweep.sweep import run_name
@@ -109,22 +191,79 @@ class StudyTracker:
             "kdsweep.trial": trial.number,
             "kdsweep.state": "RUNNING",
             "kdsweep.baseline": baseline,
-            **self._tags(),
+            **self._common_tags,
         }
         run = self.client.create_run(self.experiment_id, run_name=run_name(trial.number, params), tags=_strings(tags))
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        _log_batch(self.client, run.info.run_id, params={**params, **fixed_settings(self.study)})
-        return TrialRun(self.client, run.info.run_id)
+        trial_run = TrialRun(self.client, run.info.run_id, run.info.run_name, writer=self._writer)
+        trial_run.send(params=[Param(k, _param_text(v)) for k, v in {**params, **fixed_settings(self.study)}.items()])
+        if self.inputs:
+            self.client.log_inputs(run.info.run_id, datasets=self.inputs)
+        return trial_run
+
+    def keep_best_model(self) -> None:
+        """``save_best``: of the trial runs holding a saved student, keep the one with the lowest
+        objective and delete the others' model files, so one model stays on disk per study.
+
+        Safe with several workers: every worker that saves a model runs this afterwards, and the
+        outcome depends only on the runs' objectives, not on who runs it last.
+        """
+        saved = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{MODEL_TAG}` = 'saved'",
+            order_by=["metrics.objective ASC"],
+        )
+        if len(saved) < 2:
+            return
+        best = saved[0]
+        for run in saved[1:]:
+            _artifact_repository(run, self.client.tracking_uri).delete_artifacts(MODEL_PATH)
+            note = f"deleted: trial {best.data.tags.get('kdsweep.trial')} is better"
+            self.client.set_tag(run.info.run_id, MODEL_TAG, note)
 
     def _tags(self) -> dict[str, str]:
-        return _strings(
-            {
-                "kdsweep.study": self.study.name,
-                "kdsweep.version": __version__,
-                "kdsweep.fingerprint": self.study.fingerprint(),
-                **({"mlflow.source.git.commit": commit} if (commit := git_commit()) else {}),
-            }
-        )
+        """Tags of every run of the study: MLflow's usual context (user, source) and kdsweep's."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        kdsweep = {
+            "kdsweep.study": self.study.name,
+            "kdsweep.version": __version__,
+            "kdsweep.fingerprint": self.study.fingerprint(),
+            **({"mlflow.source.git.commit": commit} if (commit := git_commit(self.study.base_dir)) else {}),
+        }
+        return _strings(resolve_tags(kdsweep))
+
+
+@contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on a local SQLite store while a process opens it.
+
+    Optuna and MLflow create or migrate a store's tables the first time they open it, and two
+    workers doing so at the same moment break each other's migration ("table already exists").
+    A SQLite file is shared only by processes on one machine, so a file lock on it serialises
+    that first contact (SQLite's own locks are of another kind and are not affected). Server
+    databases (PostgreSQL, MySQL) are left to their own transactions.
+    """
+    path = _sqlite_file(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as handle:  # an empty file is a valid new SQLite database
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_file(uri: str | None) -> str | None:
+    if not uri or not uri.startswith("sqlite:///") or os.name != "posix":
+        return None
+    path = uri.removeprefix("sqlite:///").split("?")[0]
+    return None if path in ("", ":memory:") else path
 
 
 def fixed_settings(study: StudyConfig) -> dict:
@@ -147,9 +286,10 @@ def fixed_settings(study: StudyConfig) -> dict:
     }
 
 
-def git_commit() -> str | None:
+def git_commit(folder: str = ".") -> str | None:
+    """The commit checked out where the study file lives, if that is a git work tree."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -157,11 +297,20 @@ def git_commit() -> str | None:
 
 @dataclass
 class TrialRun:
-    """One trial's nested run. Metrics are buffered and sent in batches to keep logging cheap."""
+    """One trial's nested run, logged so that the trial hardly waits for MLflow: metrics are
+    buffered and sent in batches, which ``writer`` (a background thread) writes while training
+    goes on; the run's end waits until everything sent is written.
+
+    Not MLflow's own async logging: ``set_terminated`` shuts its queue down, which takes up to a
+    second per run, more than all of a short trial's synchronous writes.
+    """
 
     client: MlflowClient
     run_id: str
+    name: str = ""
+    writer: ThreadPoolExecutor | None = None  # None: write at once
     pending: list[Metric] = field(default_factory=list)
+    sending: list[Future] = field(default_factory=list)  # batches not known to be written yet
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         now = int(time.time() * 1000)
@@ -182,37 +331,141 @@ class TrialRun:
             self.flush()
 
     def flush(self) -> None:
+        """Send the buffered metrics in the background."""
         for start in range(0, len(self.pending), _BATCH_LIMIT):
-            self.client.log_batch(self.run_id, metrics=self.pending[start : start + _BATCH_LIMIT])
+            self.send(metrics=self.pending[start : start + _BATCH_LIMIT])
         self.pending = []
 
-    def finish(self, result, *, objective: float) -> None:
-        """A completed trial (``train.DistillResult``): final metrics, then FINISHED."""
+    def send(self, *, metrics=(), params=()) -> None:
+        write = functools.partial(self.client.log_batch, self.run_id, metrics=list(metrics), params=list(params))
+        if self.writer is None:
+            write()
+        else:
+            self.sending.append(self.writer.submit(write))
+
+    def wait_sent(self) -> None:
+        """Block until every batch sent in the background is written (raises if one failed)."""
+        sending, self.sending = self.sending, []
+        for future in sending:
+            future.result()
+
+    def finish(self, result, *, objective: float, save_model: Callable[[str], None] | None = None) -> None:
+        """A completed trial (``train.DistillResult``): final metrics, the model if asked, then
+        FINISHED. ``save_model(folder)`` writes the student (weights and tokenizer) to ``folder``."""
         final = {
             "objective": objective,
             "duration_s": result.seconds,
             "peak_memory_mb": result.peak_memory_bytes / 2**20,
         }
         self.log_metrics(final, step=result.steps)
+        if save_model is not None:
+            self.log_model(save_model)
         self.end("FINISHED", state="COMPLETE")
 
+    def log_model(self, save_model: Callable[[str], None]) -> None:
+        with tempfile.TemporaryDirectory(prefix="kdsweep-model-") as folder:
+            save_model(folder)
+            self.client.log_artifacts(self.run_id, folder, MODEL_PATH)
+        self.client.set_tag(self.run_id, MODEL_TAG, "saved")
+
     def end(self, status: str, *, state: str, reason: str | None = None, traceback: str | None = None) -> None:
-        """Flush, record the Optuna state (and why it ended) as tags, and set the MLflow status."""
-        self.flush()
+        """Write what is left, record the Optuna state (and why it ended) as tags, and set the
+        MLflow status.
+
+        A pruned run also says so in its name, since its status (KILLED) does not tell it from
+        an interrupted one in the runs list.
+        """
         tags = {"kdsweep.state": state}
         if reason:
             tags["kdsweep.reason"] = reason.splitlines()[0][:500]
-        _log_batch(self.client, self.run_id, tags=tags)
+        if len(self.pending) > _BATCH_LIMIT:
+            self.flush()
+        self.wait_sent()
+        self.client.log_batch(self.run_id, metrics=self.pending, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.pending = []
         if traceback:
             self.client.log_text(self.run_id, traceback, "traceback.txt")
+        if state == "PRUNED":
+            self.client.update_run(self.run_id, name=f"{self.name} (pruned)")
         self.client.set_terminated(self.run_id, status=status)
 
 
-def _log_batch(client: MlflowClient, run_id: str, *, params=None, metrics=None, tags=None) -> None:
+# ---------------------------------------------------------------- helpers
+
+
+class _TokenizedDataset(MetaDataset):
+    """A dataset logged by reference: where it comes from, a digest of the exact tokens the
+    trials use, and a profile (rows, scored tokens) that the MLflow UI shows."""
+
+    def __init__(self, source, *, name: str, digest: str, profile: dict):
+        self._profile = profile
+        super().__init__(source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def _dataset_input(data, split: str, base_dir: str, digest: str, profile: dict, context: str) -> DatasetInput:
+    source = _dataset_source(data.dataset, split, base_dir)
+    dataset = _TokenizedDataset(source, name=f"{Path(data.dataset).name}-{split}", digest=digest, profile=profile)
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+def _dataset_source(dataset: str, split: str, base_dir: str):
+    """A local file or folder, or else a Hugging Face hub dataset."""
+    local = next((p for p in (Path(base_dir) / dataset, Path(dataset)) if p.exists()), None)
+    if local is None:
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+        return HuggingFaceDatasetSource(path=dataset, split=split)
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so
+        warnings.simplefilter("ignore")
+        return resolve_dataset_source(str(local.resolve()))
+
+
+def _training_data(split) -> tuple[str, dict]:
+    """Digest and profile (rows, scored tokens) of a ``data.TokenizedSplit``."""
+    digest = _digest([split.input_ids, split.labels])
+    return digest, {"rows": len(split), "scored_tokens": split.num_scored_tokens}
+
+
+def _evaluation_data(eval_set) -> tuple[str, dict]:
+    """Digest and profile of an ``evaluate.EvalSet`` (its padded batches)."""
+    batches = eval_set.batches
+    digest = _digest([[b.input_ids.tolist(), b.labels.tolist()] for b in batches])
+    rows = sum(len(b.input_ids) for b in batches)
+    return digest, {"rows": rows, "scored_tokens": eval_set.num_tokens}
+
+
+def _digest(values) -> str:
+    return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+def _fail_stale_trials(optuna_study) -> None:
+    import optuna
+
+    with warnings.catch_warnings():  # "fail_stale_trials is experimental"
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(optuna_study)
+
+
+def _artifact_repository(run, tracking_uri: str):
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(run.info.artifact_uri, tracking_uri=tracking_uri)
+
+
+def _log_batch(client: MlflowClient, run_id: str, *, params=None, metrics=None, tags=None, step: int = 0) -> None:
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
         params=[Param(k, _param_text(v)) for k, v in (params or {}).items()],
         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
     )

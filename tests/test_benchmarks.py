@@ -1,0 +1,48 @@
+"""The GPU benchmark's CPU smoke mode: the same code paths, on tiny configurations."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_tiny_mode_runs_every_mode_on_the_cpu(tmp_path, capsys):
+    gpu = load_script("gpu")
+    output = tmp_path / "tiny.json"
+    # The dtypes a GPU run uses: bf16 autocast and a bf16 teacher.
+    gpu.main(["--tiny", "--precision", "bf16", "--teacher-dtype", "bfloat16", "--output", str(output)])
+
+    report = json.loads(output.read_text())
+    assert report["notes"] == {}, report["notes"]  # no mode failed or was skipped
+    assert set(report["results"]) == {"notebook", "online", "cached", "ce"}
+    for result in report["results"].values():
+        assert result["tokens_per_s"] > 0 and result["peak_gib"] > 0 and result["mfu"] is None  # no peak on a CPU
+    build = report["cache_build"]
+    assert build["teacher_tokens"] == build["split_tokens"] == 2 * 3 * 32  # the teacher ran once over the rows
+    table = capsys.readouterr().out
+    assert "cached distillation step / plain CE step" in table and "bfloat16 teacher online" in table
+
+
+def test_the_real_configurations_are_qwen3_0_6b_and_4b():
+    gpu = load_script("gpu")
+    student, teacher = gpu.qwen3_0_6b(), gpu.qwen3_4b()
+    # Parameter counts as published: 0.6B (0.44B without embeddings), 4.0B (3.6B without).
+    embedding = 151936 * 1024
+    assert gpu.matmul_weights(student) == pytest.approx(0.44e9 + embedding, rel=0.02)
+    assert gpu.matmul_weights(teacher) - 151936 * 2560 == pytest.approx(3.6e9, rel=0.03)
+    assert (teacher.num_hidden_layers, teacher.num_attention_heads, teacher.num_key_value_heads) == (36, 32, 8)
+    assert student.tie_word_embeddings and teacher.tie_word_embeddings
