@@ -75,7 +75,8 @@ class Tracking:
     def run_link(self, run_id) -> str | None:
         if not (self.link_base and self.experiment_id and isinstance(run_id, str)):
             return None
-        return f"{self.link_base}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        # The query keeps MLflow 3's UI on its model-training pages rather than its GenAI ones.
+        return f"{self.link_base}/#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 @dataclass

@@ -174,7 +174,7 @@ def test_top_table_numbers_equal_the_storage(full_report, studies):
         assert row["top_k"] == str(trial.params["top_k"])
         run_id = trial.user_attrs["mlflow_run_id"]
         exp = load_existing_study(load_study(studies["kd"])).user_attrs["mlflow_experiment_id"]
-        assert f"(http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id})" in row["MLflow run"]
+        assert f"(http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning)" in row["MLflow run"]
 
 
 def test_reference_points_name_baseline_and_best_distilled(full_report):
