@@ -64,21 +64,21 @@ ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}
 
 def qwen3_0_6b() -> Qwen3Config:
     """Qwen/Qwen3-0.6B's config.json, as published."""
-    return Qwen3Config(
-        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, hidden_act="silu",
-        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_parameters=ROPE,
-        tie_word_embeddings=True, attention_bias=False, bos_token_id=151643, eos_token_id=151645,
-    )
+    return _qwen3(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16)
 
 
 def qwen3_4b() -> Qwen3Config:
     """Qwen/Qwen3-4B's config.json, as published."""
+    return _qwen3(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32)
+
+
+def _qwen3(**sizes: int) -> Qwen3Config:
+    """What the Qwen3 family shares: vocabulary, head layout, RoPE, tied embeddings."""
     return Qwen3Config(
-        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",
+        vocab_size=151936, num_key_value_heads=8, head_dim=128, hidden_act="silu",
         max_position_embeddings=40960, rms_norm_eps=1e-6, rope_parameters=ROPE,
         tie_word_embeddings=True, attention_bias=False, bos_token_id=151643, eos_token_id=151645,
+        **sizes,
     )
 
 

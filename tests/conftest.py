@@ -10,15 +10,19 @@ import pytest
 from kdsweep import demo
 
 
+def isolate(patch: pytest.MonkeyPatch, root: Path) -> None:
+    """No test reads or writes the user's caches, MLflow store or Optuna database."""
+    patch.setenv("KDSWEEP_CACHE", str(root / "cache"))
+    patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    patch.setenv("HF_DATASETS_OFFLINE", "1")
+    patch.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
+    patch.chdir(root)
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """No test reads or writes the user's caches, MLflow store or Optuna database."""
-    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
-    monkeypatch.chdir(tmp_path)
+    isolate(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -53,22 +57,21 @@ def tiny_data(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def tiny_study(tmp_path, tiny_models, tiny_data) -> Path:
-    """A study of 8-step trials on the tiny models, with its stores under tmp_path."""
-    path = tmp_path / "tiny.yaml"
+def write_tiny_study(root: Path, models: dict[str, Path], data: Path, *, name: str = "tiny", n_trials: int = 2, max_steps: int = 8, eval_every: int = 4) -> Path:
+    """A study of short trials on the tiny models, with its stores under ``root``."""
+    path = root / f"{name}.yaml"
     path.write_text(
         f"""
-name: tiny
-n_trials: 2
-storage: sqlite:///{tmp_path / 'optuna.db'}
-tracking: {{uri: "sqlite:///{tmp_path / 'mlflow.db'}"}}
+name: {name}
+n_trials: {n_trials}
+storage: sqlite:///{root / 'optuna.db'}
+tracking: {{uri: "sqlite:///{root / 'mlflow.db'}"}}
 sampler: {{name: random, seed: 0}}
 pruner: {{name: none}}
-teacher: {{name: {tiny_models['teacher']}}}
-student: {{name: {tiny_models['student']}}}
-data: {{dataset: {tiny_data}, max_length: 48}}
-train: {{max_steps: 8, batch_size: 8, eval_every: 4, log_every: 2, eval_batch_size: 8, device: cpu}}
+teacher: {{name: {models['teacher']}}}
+student: {{name: {models['student']}}}
+data: {{dataset: {data}, max_length: 48}}
+train: {{max_steps: {max_steps}, batch_size: 8, eval_every: {eval_every}, log_every: 2, eval_batch_size: 8, device: cpu}}
 search:
   alpha: {{low: 0.2, high: 0.9}}
   temperature: {{low: 1.0, high: 4.0, log: true}}
@@ -77,3 +80,9 @@ search:
 """
     )
     return path
+
+
+@pytest.fixture
+def tiny_study(tmp_path, tiny_models, tiny_data) -> Path:
+    """A study of 8-step trials on the tiny models, with its stores under tmp_path."""
+    return write_tiny_study(tmp_path, tiny_models, tiny_data)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import isolate, write_tiny_study
 from kdsweep.cli import main
 from kdsweep.config import load_study
 from kdsweep.ui import compare_url
@@ -52,33 +53,9 @@ def browser_or_skip():
 def swept(tmp_path_factory, tiny_models, tiny_data) -> Path:
     """A three-trial sweep of the tiny models, its stores in a folder of its own."""
     root = tmp_path_factory.mktemp("browser")
-    study = root / "tiny.yaml"
-    study.write_text(
-        f"""
-name: tiny-browser
-n_trials: {TRIALS}
-storage: sqlite:///{root / 'optuna.db'}
-tracking: {{uri: "sqlite:///{root / 'mlflow.db'}"}}
-sampler: {{name: random, seed: 0}}
-pruner: {{name: none}}
-teacher: {{name: {tiny_models['teacher']}}}
-student: {{name: {tiny_models['student']}}}
-data: {{dataset: {tiny_data}, max_length: 48}}
-train: {{max_steps: 4, batch_size: 8, eval_every: 2, log_every: 2, eval_batch_size: 8, device: cpu}}
-search:
-  alpha: {{low: 0.2, high: 0.9}}
-  temperature: {{low: 1.0, high: 4.0, log: true}}
-  top_k: [4, all]
-  learning_rate: {{low: 1.0e-3, high: 1.0e-2, log: true}}
-"""
-    )
+    study = write_tiny_study(root, tiny_models, tiny_data, name="tiny-browser", n_trials=TRIALS, max_steps=4, eval_every=2)
     with pytest.MonkeyPatch.context() as patch:  # the per-test isolation of conftest, for the module
-        patch.setenv("KDSWEEP_CACHE", str(root / "cache"))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
-        patch.chdir(root)
+        isolate(patch, root)
         assert main(["run", str(study), "--no-report"]) == 0
     return study
 
