@@ -15,14 +15,12 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep import __version__
 from kdsweep.config import SEARCHED, WHOLE_VOCAB, Param, SearchConfig, StudyConfig
 from kdsweep.errors import UsageError
 from kdsweep.mlflow_plugin import active_trial
 from kdsweep.progress import SweepProgress
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 
 
 class TrainingDiverged(RuntimeError):
