@@ -54,7 +54,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 from kdsweep import train  # noqa: E402
 from kdsweep.config import TrainConfig  # noqa: E402
-from kdsweep.data import IGNORE_INDEX, TokenizedSplit, make_batches  # noqa: E402
+from kdsweep.data import TokenizedSplit, make_batches  # noqa: E402
+from kdsweep.losses import IGNORE_INDEX  # noqa: E402
 from kdsweep.models import Vocabulary, resolve_dtype  # noqa: E402
 from kdsweep.teacher import CacheKey, CachedTeacher, OnlineTeacher, open_or_build, write_cache  # noqa: E402
 

@@ -6,7 +6,7 @@ Run by hand from the repository root::
     python benchmarks/logging_overhead.py studies/demo.yaml --n-trials 3 --set train.max_steps=200
     python benchmarks/logging_overhead.py STUDY.yaml --tracking-uri http://127.0.0.1:5000
 
-The study runs for real (``sweep.run_study``) with its Optuna and MLflow stores in a temporary
+The study runs for real (``sweep.run``) with its Optuna and MLflow stores in a temporary
 folder (or the tracking URI given). Every public ``MlflowClient`` method is wrapped in a timer, and
 so is the objective (one call per trial): the overhead is the time the trial's thread spent
 inside MLflow calls (creating its run, dataset inputs, waiting for its batches, statuses) divided
@@ -115,7 +115,7 @@ def main() -> None:
         uri = args.tracking_uri or f"sqlite:///{folder}/mlflow.db"
         stores = [f"storage=sqlite:///{folder}/optuna.db", f"tracking.uri={uri}", "name=logging-overhead"]
         study = load_study(args.study, [*stores, *args.overrides])
-        summary = sweep.run_study(study, n_trials=args.n_trials)
+        summary = sweep.run(study, n_trials=args.n_trials)
     report(timers, study, summary, uri if args.tracking_uri else "SQLite (local file)")
 
 

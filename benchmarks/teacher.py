@@ -12,7 +12,7 @@ What it measures, in one process and one run:
    both runs train the very same trials), no pruning and no baseline. Once with the teacher
    cache (built inside the timed run, in a fresh cache folder), once with
    ``train.teacher_cache=false`` (the teacher runs online at every step of every trial).
-   Reported: the wall time of each ``run_study`` (preparation included; the cached run goes
+   Reported: the wall time of each ``sweep.run`` (preparation included; the cached run goes
    first, so it pays for warming the process up) and their ratio, and the tokens the teacher ran
    on over the training split against the split's tokens: the cached sweep must show one pass.
 2. One optimizer step of the same student on the same batches: distillation from the cached
@@ -44,10 +44,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from kdsweep import demo, models, train, workspace  # noqa: E402
+from kdsweep import demo, models, sweep, train, workspace  # noqa: E402
 from kdsweep.config import load_study  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
-from kdsweep.sweep import run_study  # noqa: E402
 
 STEP_RATIO_TARGET = 1.10
 TOP_KS = "[8, 16, 32]"
@@ -73,25 +72,25 @@ def study_for(root: Path, name: str, *, trials: int, steps: int, cached: bool):
 
 @contextlib.contextmanager
 def keep_workspace():
-    """``run_study`` prepares its workspace inside; keep a handle on it to read its counters."""
-    kept, original = [], workspace.prepare
+    """``sweep.run`` prepares its workspace inside; keep a handle on it to read its counters."""
+    kept, original = [], sweep.prepare
 
     def prepare(*args, **kwargs):
         kept.append(original(*args, **kwargs))
         return kept[-1]
 
-    workspace.prepare = prepare
+    sweep.prepare = prepare
     try:
         yield kept
     finally:
-        workspace.prepare = original
+        sweep.prepare = original
 
 
 def timed_sweep(study) -> tuple[float, workspace.Workspace]:
     quiet = SweepProgress(Console(file=io.StringIO()))
     with keep_workspace() as kept:
         started = time.perf_counter()
-        run_study(study, progress=quiet)
+        sweep.run(study, progress=quiet)
         seconds = time.perf_counter() - started
     return seconds, kept[0]
 
@@ -106,7 +105,7 @@ def teacher_training_tokens(ws: workspace.Workspace) -> int:
 
 def step_times(ws: workspace.Workspace, *, reps: int, top_k: int) -> dict[str, float]:
     """Median seconds of one optimizer step: cached-teacher distillation vs plain cross-entropy."""
-    student = models.load_model("student", ws.study, ws.device)
+    student = models.load_model("student", ws.student_spec, ws.device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     base = dict(temperature=2.0, top_k=top_k, learning_rate=1e-3, train=ws.study.train)
     settings = {"ce": train.DistillSettings(alpha=0.0, **base), "cached": train.DistillSettings(alpha=0.5, **base)}

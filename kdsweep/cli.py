@@ -12,9 +12,10 @@ import os
 import sys
 import traceback
 
-from kdsweep import __version__
-from kdsweep.config import SEARCHED, StudyConfig, load_study
+from kdsweep.config import StudyConfig, load_study
 from kdsweep.errors import StudyError, UsageError
+from kdsweep.space import searched_names
+from kdsweep.version import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +83,7 @@ def _study(args) -> StudyConfig:
 
 def cmd_check(args) -> int:
     study = _study(args)
-    searched = [n for n in SEARCHED if not getattr(study.search, n).is_fixed]
+    searched = searched_names(study.search)
     print(
         f"{args.study}: ok: study {study.name!r}, {study.n_trials} trials of {study.train.max_steps} steps, "
         f"{study.teacher.name} -> {study.student.name} on {study.data.dataset}, "
@@ -92,29 +93,20 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kdsweep.progress import SweepProgress, quiet_libraries
-    from kdsweep.sweep import run_study
+    from kdsweep import api  # torch, transformers, Optuna and MLflow load here
 
-    study = _study(args)
-    quiet_libraries()
-    progress = SweepProgress()
-    try:
-        summary = run_study(study, n_trials=args.n_trials, timeout=args.timeout, progress=progress)
-    finally:
-        progress.close()
-    if summary.best is not None:
-        print(f"best: trial {summary.best.number}, {study.objective} {summary.best.value:.4f}, {summary.best.user_attrs.get('params')}")
-    if not args.no_report and summary.finished:
-        return cmd_report(argparse.Namespace(**vars(args), output=None))
+    summary = api.run_study(_study(args), n_trials=args.n_trials, timeout=args.timeout, report=not args.no_report)
+    if summary.best_trial is not None:
+        print(f"best: trial {summary.best_trial}, {summary.objective} {summary.best_value:.4f}, {summary.best_params}")
+    if summary.report is not None:
+        print(f"report: {summary.report}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from kdsweep.report import write_report
+    from kdsweep import api
 
-    study = _study(args)
-    path = write_report(study, output=args.output)
-    print(f"report: {path}")
+    print(f"report: {api.write_report(_study(args), output=args.output)}")
     return 0
 
 

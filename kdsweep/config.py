@@ -20,41 +20,14 @@ from typing import Any, Union
 import yaml
 
 from kdsweep.errors import StudyError
+from kdsweep.names import OBJECTIVES
+from kdsweep.space import Param, SearchConfig, search_problems
 
-SEARCHED = ("alpha", "temperature", "top_k", "learning_rate")
-OBJECTIVES = ("student_ppl", "ppl_ratio")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-WHOLE_VOCAB = "all"  # the top_k choice that keeps the teacher's whole vocabulary
 _INVALID = object()  # what a value of the wrong type becomes while the file is read
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched hyperparameter: a fixed ``value``, a ``low``..``high`` range, or ``choices``."""
-
-    value: float | int | str | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple[Any, ...] | None = None
-
-    @property
-    def is_fixed(self) -> bool:
-        return self.low is None and self.choices is None
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """The search space. A bare number in YAML fixes the parameter."""
-
-    alpha: Param = Param(low=0.1, high=0.9)
-    temperature: Param = Param(low=1.0, high=8.0, log=True)
-    top_k: Param = Param(choices=(WHOLE_VOCAB,))
-    learning_rate: Param = Param(low=1e-5, high=1e-3, log=True)
 
 
 @dataclass(frozen=True)
@@ -122,7 +95,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class StudyConfig:
     name: str = ""
-    objective: str = "student_ppl"  # or ppl_ratio: student perplexity / teacher perplexity
+    objective: str = "student_ppl"  # or ppl_ratio: student perplexity / teacher perplexity (names.OBJECTIVES)
     n_trials: int = 10  # total finished trials the study should hold, across all runs and workers
     storage: str | None = None  # Optuna storage URL; default sqlite:///kdsweep.db here
     sampler: SamplerConfig = SamplerConfig()
@@ -141,6 +114,11 @@ class StudyConfig:
     @property
     def storage_url(self) -> str:
         return self.storage or "sqlite:///kdsweep.db"
+
+    @property
+    def direction(self) -> str:
+        """"minimize" or "maximize": what makes the objective better."""
+        return OBJECTIVES[self.objective]
 
     @property
     def experiment_name(self) -> str:
@@ -309,7 +287,7 @@ def validate(study: StudyConfig) -> list[str]:
     need(bool(study.data.dataset), "data.dataset", "must be set (a hub id, a local file or folder, or demo)")
     need(study.data.max_length >= 2, "data.max_length", f"must be >= 2, got {study.data.max_length}")
     problems += _validate_train(study.train)
-    problems += _validate_search(study)
+    problems += search_problems(study.search, study.baselines, sampler=study.sampler.name)
     return problems
 
 
@@ -330,86 +308,6 @@ def _validate_train(train: TrainConfig) -> list[str]:
     if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
         problems.append(f"train.device: must be auto, cpu, cuda or cuda:N, got {train.device!r}")
     return problems
-
-
-# What each searched parameter may take: (lowest, highest, lowest is allowed).
-_BOUNDS = {
-    "alpha": (0.0, 1.0, True),
-    "temperature": (0.0, float("inf"), False),
-    "learning_rate": (0.0, 1.0, False),
-}
-
-
-def _validate_search(study: StudyConfig) -> list[str]:
-    problems = []
-    for name in SEARCHED:
-        param: Param = getattr(study.search, name)
-        problems += _validate_param(name, param, study.sampler.name)
-    for i, baseline in enumerate(study.baselines):
-        where = f"baselines[{i}]"
-        if not isinstance(baseline, dict):
-            problems.append(f"{where}: must be a mapping of parameters, e.g. {{alpha: 0}}")
-            continue
-        for key, value in baseline.items():
-            if key not in SEARCHED:
-                problems.append(f"{where}.{key}: unknown parameter (allowed: {', '.join(SEARCHED)})")
-            else:
-                problems += _check_value(f"{where}.{key}", key, value)
-    return problems
-
-
-def _validate_param(name: str, param: Param, sampler: str) -> list[str]:
-    where = f"search.{name}"
-    if param.choices is not None:
-        if param.low is not None or param.high is not None:
-            return [f"{where}: give either choices or low/high, not both"]
-        if not param.choices:
-            return [f"{where}.choices: must list at least one value"]
-        problems = []
-        for i, value in enumerate(param.choices):
-            problems += _check_value(f"{where}.choices[{i}]", name, value)
-        return problems
-    if param.is_fixed:
-        if param.value is None:
-            return [f"{where}: must be a value, a list of choices or {{low, high}}"]
-        return _check_value(f"{where}", name, param.value)
-    if name == "top_k":
-        return [f"{where}: must be a list of choices (integers or {WHOLE_VOCAB}), not a range"]
-    if param.low is None or param.high is None:
-        return [f"{where}: a range needs both low and high"]
-    problems = _check_value(f"{where}.low", name, param.low) + _check_value(f"{where}.high", name, param.high)
-    if param.low > param.high:
-        problems.append(f"{where}: low must be <= high, got {param.low} > {param.high}")
-    if param.log and param.low <= 0:
-        problems.append(f"{where}.low: must be > 0 for a log range, got {param.low}")
-    if param.log and param.step is not None:
-        problems.append(f"{where}: step and log cannot be combined")
-    if sampler == "grid" and param.step is None:
-        problems.append(f"{where}: the grid sampler needs choices (or a step) for every searched parameter")
-    return problems
-
-
-def _check_value(where: str, name: str, value: Any) -> list[str]:
-    if name == "top_k":
-        if value == WHOLE_VOCAB or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            return []
-        return [f"{where}: must be an integer >= 1 or {WHOLE_VOCAB!r}, got {value!r}"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return [f"{where}: must be a number, got {value!r}"]
-    low, high, low_ok = _BOUNDS[name]
-    if value < low or (value == low and not low_ok):
-        return [f"{where}: must be {'>=' if low_ok else '>'} {low:g}, got {value}"]
-    if value > high:
-        return [f"{where}: must be <= {high:g}, got {value}"]
-    return []
-
-
-def finite_top_ks(study: StudyConfig) -> list[int]:
-    """The finite top_k values trials may use (baselines included), or [] if any uses the whole vocabulary."""
-    param = study.search.top_k
-    values = list(param.choices) if param.choices is not None else [param.value]
-    values += [b["top_k"] for b in study.baselines if "top_k" in b]
-    return [] if WHOLE_VOCAB in values else sorted(set(values))
 
 
 def _to_plain(obj: Any) -> Any:

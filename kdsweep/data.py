@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 
 from kdsweep.config import DataConfig
 from kdsweep.errors import UsageError
+from kdsweep.losses import IGNORE_INDEX  # the label of positions the loss skips (padding, prompts)
 
-IGNORE_INDEX = -100  # the label of positions the loss skips (padding, prompts)
 HUMAN, ASSISTANT = "human", "assistant"
 
 _MARKERS = {HUMAN: "### Human:", ASSISTANT: "### Assistant:"}
@@ -77,9 +78,6 @@ class _Source:
         return cls(name, (builder,), {"data_files": str(path)}, "file")
 
     def load(self, split: str, *, key: str) -> Any:
-        # datasets pulls in pyarrow and pandas: imported only when rows are actually loaded.
-        import datasets
-
         try:
             return datasets.load_dataset(*self.args, split=split, **self.kwargs)
         except ValueError as exc:  # an unknown split, a malformed slice, a slice without rows
@@ -91,8 +89,6 @@ class _Source:
             raise UsageError(f"data.dataset: {self.name!r} could not be read ({cause}); check its format") from None
 
     def split_names(self) -> list[str]:
-        import datasets
-
         try:
             return list(datasets.load_dataset(*self.args, **self.kwargs))
         except Exception:  # only words an error message; the error being reported is the original one
@@ -114,8 +110,6 @@ class _Source:
         )
 
     def _not_found(self, error: Exception) -> UsageError:
-        import datasets
-
         if self.kind != "hub":
             return UsageError(f"data.dataset: {self.name!r} holds no data ({_one_line(error)}); use {_LOCAL_KINDS}")
         if isinstance(error, ConnectionError) and datasets.config.HF_HUB_OFFLINE:
@@ -247,7 +241,7 @@ class TokenizedSplit:
     @property
     def num_scored_tokens(self) -> int:
         """Tokens a shifted loss predicts: scored labels at positions >= 1."""
-        return sum(_count_scored(labels) for labels in self.labels)
+        return sum(count_scored(labels) for labels in self.labels)
 
 
 def tokenize(texts: list[str], tokenizer: Any, *, max_length: int, assistant_only: bool) -> TokenizedSplit:
@@ -276,7 +270,7 @@ def tokenize(texts: list[str], tokenizer: Any, *, max_length: int, assistant_onl
         scored.append(not assistant_only or bool(spans and spans[-1][1] == len(text)))
         ids = [*ids, tokenizer.eos_token_id][:max_length]
         row_labels = [i if s else IGNORE_INDEX for i, s in zip(ids, scored)]
-        if _count_scored(row_labels):
+        if count_scored(row_labels):
             input_ids.append(tuple(ids))
             labels.append(tuple(row_labels))
     return TokenizedSplit(tuple(input_ids), tuple(labels), dropped=len(texts) - len(input_ids))
@@ -297,7 +291,8 @@ def _covers(offset: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
     return any(start < span_end and end > span_start for span_start, span_end in spans)
 
 
-def _count_scored(labels: tuple[int, ...] | list[int]) -> int:
+def count_scored(labels: tuple[int, ...] | list[int]) -> int:
+    """Scored labels that a shifted loss predicts (positions >= 1)."""
     # Position 0 is never predicted: nothing comes before it.
     return sum(label != IGNORE_INDEX for label in labels[1:])
 

@@ -4,26 +4,29 @@ The demo study runs the real code offline on a laptop CPU. Everything it needs i
 deterministically: guanaco-format arithmetic rows (shipped in ``studies/data/arithmetic``), a
 byte-level BPE tokenizer built from them, and the configurations of a small teacher (~1.8M
 parameters) and a much smaller student (~57K). Models and tokenizer are saved under
-:func:`demo_dir`.
-
-transformers and tokenizers are imported inside the functions that need them, so that reading
-:func:`demo_dir` from the command line costs nothing.
+:func:`demo_dir`; a study names them ``demo:teacher`` and ``demo:student``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast, Qwen3Config
+import torch
+from filelock import FileLock
+from rich.console import Console
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from kdsweep import train
+from kdsweep.config import TrainConfig
+from kdsweep.data import make_batches, tokenize
+from kdsweep.evaluate import score
+from kdsweep.models import Vocabulary
+from kdsweep.paths import atomic_folder, cache_dir
+
+PREFIX = "demo:"  # a study's teacher or student named demo:teacher / demo:student
 EOS_TOKEN = "<|endoftext|>"  # Qwen's end-of-text token, also its padding token
 EOS_TOKEN_ID = 0  # build_tokenizer gives the special token the first id
 MAX_VOCAB_SIZE = 512  # bytes + the special token + merges; on the demo rows the merges run out at 321
@@ -35,14 +38,6 @@ _QWEN_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-
-def cache_dir() -> Path:
-    """Where kdsweep keeps what it computes once: ``$KDSWEEP_CACHE``, else ``~/.cache/kdsweep``."""
-    if os.environ.get("KDSWEEP_CACHE"):
-        return Path(os.environ["KDSWEEP_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kdsweep"
 
 
 def demo_dir() -> Path:
@@ -141,9 +136,6 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     pattern (digits one by one), no BOS token, and ``<|endoftext|>`` as both EOS and padding token
     as in Qwen: the case where masking by token id would wrongly drop every real EOS.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_QWEN_PATTERN), behavior="isolated"),
@@ -185,8 +177,6 @@ def student_config(vocab_size: int, *, eos_token_id: int = EOS_TOKEN_ID) -> Qwen
 
 
 def _config(vocab_size: int, *, eos_token_id: int, **shape: int) -> Qwen3Config:
-    from transformers import Qwen3Config
-
     return Qwen3Config(
         vocab_size=vocab_size,
         max_position_embeddings=MAX_POSITIONS,
@@ -216,18 +206,18 @@ def ensure_models() -> dict[str, Path]:
     if all((f / "config.json").exists() for f in folders.values()):
         return folders
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with FileLock(root / ".lock"):
         if not all((f / "config.json").exists() for f in folders.values()):
             _build_models(root, folders)
     return folders
 
 
-def _build_models(root: Path, folders: dict[str, Path]) -> None:
-    import torch
-    from rich.console import Console
-    from transformers import Qwen3ForCausalLM
+def location(name: str) -> str:
+    """The folder of ``demo:teacher`` or ``demo:student``, built on first use."""
+    return str(ensure_models()[name.removeprefix(PREFIX)])
 
+
+def _build_models(root: Path, folders: dict[str, Path]) -> None:
     console = Console(stderr=True)
     texts = generate_rows(TRAIN_ROWS, seed=TRAIN_SEED)  # the rows shipped in studies/data/arithmetic
     tokenizer = build_tokenizer(texts)
@@ -237,21 +227,13 @@ def _build_models(root: Path, folders: dict[str, Path]) -> None:
     console.print(f"building the demo teacher ({_count(teacher):,} parameters) in {root}: one-time, about two minutes")
     _train_teacher(teacher, tokenizer, texts, console)
     for role, model in (("teacher", teacher), ("student", student)):
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{role}-"))
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(folders[role], ignore_errors=True)
-        staging.rename(folders[role])
+        with atomic_folder(folders[role]) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
 
 
 def _train_teacher(teacher, tokenizer, texts: list[str], console) -> None:
     """Plain next-token training (alpha 0) with kdsweep's own loop."""
-    from kdsweep import train
-    from kdsweep.config import TrainConfig
-    from kdsweep.data import make_batches, tokenize
-    from kdsweep.evaluate import score
-    from kdsweep.models import Vocabulary
-
     cfg = TEACHER_TRAINING
     split = tokenize(texts, tokenizer, max_length=64, assistant_only=False)
     test_rows = tokenize(generate_rows(256, seed=TEST_SEED), tokenizer, max_length=64, assistant_only=False)

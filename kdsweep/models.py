@@ -1,4 +1,8 @@
-"""Loading the teacher and the student, choosing device and dtype, checking their vocabularies."""
+"""Loading the teacher and the student, choosing device and dtype, checking their vocabularies.
+
+Models are named by where they load from: a hub id or a local folder (``ModelConfig.name``
+already resolved by the workspace, which also builds the demo's models).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from kdsweep.config import ModelConfig, StudyConfig
+from kdsweep.config import ModelConfig
 from kdsweep.errors import UsageError
 
-DEMO_PREFIX = "demo:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,37 +39,25 @@ def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dty
     return _DTYPES[name]
 
 
-def model_location(spec: ModelConfig, study: StudyConfig) -> str:
-    """A hub id or local folder; demo models are built (and the teacher trained) on first use."""
-    if spec.name.startswith(DEMO_PREFIX):
-        from kdsweep import demo  # heavy: only demo studies pay for it
-
-        return str(demo.ensure_models()[spec.name.removeprefix(DEMO_PREFIX)])
-    return study.resolve_path(spec.name)
-
-
-def load_tokenizer(study: StudyConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(teacher: ModelConfig) -> PreTrainedTokenizerBase:
     """The teacher's tokenizer tokenizes everything: its ids are what the teacher's logits index."""
-    location = model_location(study.teacher, study)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, revision=study.teacher.revision)
+        tokenizer = AutoTokenizer.from_pretrained(teacher.name, revision=teacher.revision)
     except (OSError, ValueError) as exc:
-        raise _missing("teacher", location, exc) from exc
+        raise _missing("teacher", teacher.name, exc) from exc
     if tokenizer.pad_token_id is None:
         # Padding is masked by the attention mask, never by id, so any id does as the pad.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(role: str, study: StudyConfig, device: torch.device) -> PreTrainedModel:
+def load_model(role: str, spec: ModelConfig, device: torch.device) -> PreTrainedModel:
     """Load the teacher (frozen, eval mode) or a fresh student, on ``device``."""
-    spec: ModelConfig = getattr(study, role)
-    location = model_location(spec, study)
     dtype = resolve_dtype(spec.dtype, device, frozen=role == "teacher")
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, revision=spec.revision, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec.name, revision=spec.revision, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise _missing(role, location, exc) from exc
+        raise _missing(role, spec.name, exc) from exc
     model.to(device)
     if role == "teacher":
         model.eval().requires_grad_(False)
@@ -104,21 +95,17 @@ def shared_vocabulary(tokenizer: PreTrainedTokenizerBase, teacher_rows: int, stu
 
 def embedding_rows(location: str, revision: str | None) -> int:
     """The vocabulary size from the config alone, so a mismatch shows before any weights load."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(location, revision=revision)
     return getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
 
 
-def check_vocabularies(study: StudyConfig, tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
+def check_vocabularies(teacher: ModelConfig, student: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
     rows = {}
-    for role in ("teacher", "student"):
-        spec: ModelConfig = getattr(study, role)
-        location = model_location(spec, study)
+    for role, spec in (("teacher", teacher), ("student", student)):
         try:
-            rows[role] = embedding_rows(location, spec.revision)
+            rows[role] = embedding_rows(spec.name, spec.revision)
         except (OSError, ValueError) as exc:
-            raise _missing(role, location, exc) from exc
+            raise _missing(role, spec.name, exc) from exc
     return shared_vocabulary(tokenizer, rows["teacher"], rows["student"])
 
 

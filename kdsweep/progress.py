@@ -66,18 +66,3 @@ class SweepProgress:
 
 def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def quiet_libraries() -> None:
-    """Keep the libraries' own chatter out of kdsweep's progress: Optuna's per-trial log lines
-    repeat ours, and transformers draws a bar for every checkpoint a trial loads."""
-    import warnings
-
-    import optuna
-    import transformers
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    # Baselines fix alpha at 0, outside a distillation range, on purpose.
-    warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from kdsweep.config import SEARCHED, StudyConfig
-from kdsweep.sweep import best_trial, load_existing_study
+from kdsweep.config import StudyConfig
+from kdsweep.names import TrialAttr
+from kdsweep.space import SEARCHED
+from kdsweep.storage import best_trial, load_existing_study
 
 
 def print_status(study: StudyConfig, console: Console | None = None) -> None:
@@ -18,10 +20,10 @@ def print_status(study: StudyConfig, console: Console | None = None) -> None:
     for column in ("trial", "state", *SEARCHED, study.objective, "minutes", "note"):
         table.add_column(column)
     for trial in trials:
-        params = trial.user_attrs.get("params", trial.params)
+        params = trial.user_attrs.get(TrialAttr.PARAMS, trial.params)
         duration = trial.duration.total_seconds() / 60 if trial.duration else None
-        note = "baseline" if trial.user_attrs.get("baseline") else ""
-        note = trial.user_attrs.get("fail_reason", note)
+        note = "baseline" if trial.user_attrs.get(TrialAttr.BASELINE) else ""
+        note = trial.user_attrs.get(TrialAttr.FAIL_REASON, note)
         if best is not None and trial.number == best.number:
             note = "best"
         table.add_row(

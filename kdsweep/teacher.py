@@ -23,24 +23,26 @@ so a right-padded batch's rows are its examples' row ranges concatenated in batc
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+from filelock import FileLock
 from transformers import PreTrainedModel
+from transformers.utils import cached_file
 
-from kdsweep.data import IGNORE_INDEX, Batch, TokenizedSplit, make_batches
+from kdsweep.data import Batch, TokenizedSplit, count_scored, make_batches
+from kdsweep.losses import IGNORE_INDEX
 from kdsweep.models import Vocabulary, hidden_states, output_weight
+from kdsweep.paths import atomic_folder, remove_stale_staging
 
 CACHE_VERSION = 1  # bump when the layout or what the rows mean changes: it is part of the key
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -62,9 +64,18 @@ class TeacherTargets:
         return {"teacher_values": self.values, "teacher_indices": self.indices}
 
 
+class TeacherSignal(Protocol):
+    """What a trial distills from: ``OnlineTeacher`` or ``CachedTeacher``."""
+
+    tokens_processed: int  # real tokens the teacher ran on for it (0 when read from a cache)
+
+    def targets(self, batch: Batch, *, top_k: int | None) -> TeacherTargets:
+        """The teacher's logits (top_k None: all of them) at the batch's scored positions."""
+
+
 def scored_positions(labels: torch.Tensor) -> torch.Tensor:
     """``[B, S-1]`` mask of the positions whose next token is scored (position i predicts i+1)."""
-    return labels[:, 1:] != -100
+    return labels[:, 1:] != IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -157,8 +168,6 @@ def model_digest(location: str, revision: str | None) -> dict:
     path = Path(location)
     if path.is_dir():
         return {"files": _folder_digest(path)}
-    from transformers.utils import cached_file
-
     config = Path(cached_file(location, "config.json", revision=revision))
     return {"commit": config.parent.name}
 
@@ -257,7 +266,7 @@ def write_cache(
     """Run ``teacher`` once over ``split`` and write the arrays into ``folder``; returns build facts."""
     started = time.perf_counter()
     tokens_before = teacher.tokens_processed
-    counts = [sum(label != IGNORE_INDEX for label in labels[1:]) for labels in split.labels]
+    counts = [count_scored(labels) for labels in split.labels]
     offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
     rows = int(offsets[-1])
     arrays = {
@@ -317,25 +326,16 @@ def open_or_build(root: Path, key: CacheKey, *, k: int, write: Callable[[Path], 
     if found is not None:
         return found, False
     root.mkdir(parents=True, exist_ok=True)
-    digest = key.digest()
-    with open(root / f"{digest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    final = root / f"{key.digest()}-k{k}"
+    with FileLock(root / f"{key.digest()}.lock"):
         found = find_cache(root, key, k=k)
         if found is not None:
             return found, False
-        for stale in root.glob(f".{digest}-k*"):  # left by a builder that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        final = root / f"{digest}-k{k}"
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{digest}-k{k}-"))
-        try:
+        remove_stale_staging(root, f"{key.digest()}-k")  # left by builders that were killed
+        with atomic_folder(final) as staging:
             facts = write(staging)
             manifest = {"version": CACHE_VERSION, "key": dataclasses.asdict(key), "k": k, **facts, "complete": True}
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name is no cache
-            os.rename(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return CachedTeacher(final), True
 
 

@@ -16,30 +16,46 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import optuna
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, RunTag
+from mlflow.entities import Metric as LoggedMetric
+from mlflow.entities import Param as LoggedParam
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.tracking import MlflowClient, get_tracking_uri
+from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep import __version__
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
+from kdsweep.names import (
+    MAXIMIZE,
+    MODEL_ARTIFACT,
+    STUDY_ARTIFACT,
+    TRACEBACK_ARTIFACT,
+    Metric,
+    StudyAttr,
+    Tag,
+    TrialAttr,
+)
+from kdsweep.space import run_name
+from kdsweep.storage import first_use_lock, set_user_attr_once
+from kdsweep.version import __version__
 
 # MLflow 3's UI tells model-training experiments from GenAI ones by this tag (where its
 # workflow switch does not decide instead: see ui.runs_url).
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-PARENT_TAG = "mlflow.parentRunId"
-PARENT_ATTR = "mlflow_parent_run_id"  # the Optuna study user attr that holds the parent run's id
-MODEL_TAG = "kdsweep.model"  # "saved" on the one run that holds the best student (save_best)
-MODEL_PATH = "model"
+TRAINING_EXPERIMENT = "custom_model_development"
 _BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+_TRAINING = "workflowType=machine_learning"  # the UI's "Model training" pages, not its GenAI ones
 
 
 def tracking_uri(configured: str | None) -> str | None:
@@ -50,9 +66,31 @@ def tracking_uri(configured: str | None) -> str | None:
 def resolved_tracking_uri(configured: str | None) -> str:
     """``tracking_uri``, with MLflow's default filled in (it depends on what the current folder
     holds: an existing ``./mlruns`` store, else ``sqlite:///mlflow.db``)."""
-    from mlflow.tracking import get_tracking_uri
-
     return tracking_uri(configured) or get_tracking_uri()
+
+
+# ---------------------------------------------------------------- MLflow UI addresses
+# MLflow 3's UI opens an experiment's plain URL on its GenAI overview, where no runs are shown:
+# every address names the model-training workflow.
+
+
+def run_url(base: str, experiment: str, run_id: str) -> str:
+    """One run's page."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?{_TRAINING}"
+
+
+def runs_url(base: str, experiment: str | None) -> str:
+    """The study's runs table; the experiments list when the study has not run yet."""
+    base = base.rstrip("/")
+    if experiment is None:
+        return f"{base}/#/experiments"
+    return f"{base}/#/experiments/{experiment}/runs?{_TRAINING}"
+
+
+def compare_url(base: str, experiment: str, run_ids: list[str]) -> str:
+    """MLflow's side-by-side view of ``run_ids``: params, metrics and plots."""
+    runs = ",".join(f'"{r}"' for r in run_ids)
+    return f"{base.rstrip('/')}/#/compare-runs?runs=[{runs}]&experiments=[\"{experiment}\"]&{_TRAINING}"
 
 
 class StudyTracker:
@@ -75,37 +113,35 @@ class StudyTracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return self.client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+                return self.client.create_experiment(name, tags={Tag.EXPERIMENT_KIND: TRAINING_EXPERIMENT})
             except MlflowException as exc:  # another worker created it a moment ago
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = self.client.get_experiment_by_name(name)
-        if experiment.tags.get(EXPERIMENT_KIND[0]) is None:
-            self.client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+        if experiment.tags.get(Tag.EXPERIMENT_KIND) is None:
+            self.client.set_experiment_tag(experiment.experiment_id, Tag.EXPERIMENT_KIND, TRAINING_EXPERIMENT)
         return experiment.experiment_id
 
     # -------------------------------------------------------------- the parent run
 
-    def attach(self, optuna_study, *, references: dict[str, float]) -> str:
+    def attach(self, optuna_study: optuna.Study, *, references: dict[str, float]) -> str:
         """Re-open the study's parent run (its id lives with the Optuna study), or create it.
 
         Workers that start a new study at the same moment each create a candidate run; the
-        Optuna storage keeps the first id written (``sweep.set_user_attr_once``) and every
+        Optuna storage keeps the first id written (``storage.set_user_attr_once``) and every
         other candidate is deleted, so the study has exactly one parent. ``references``
         (teacher and untrained-student perplexity) are logged on it by the worker that made it.
         """
-        from kdsweep.sweep import set_user_attr_once
-
-        run_id = optuna_study.user_attrs.get(PARENT_ATTR)
+        run_id = optuna_study.user_attrs.get(StudyAttr.PARENT_RUN_ID)
         if run_id is None:
             candidate = self.client.create_run(self.experiment_id, run_name=self.study.name, tags=self._common_tags)
-            run_id = set_user_attr_once(optuna_study, PARENT_ATTR, candidate.info.run_id)
+            run_id = set_user_attr_once(optuna_study, StudyAttr.PARENT_RUN_ID, candidate.info.run_id)
             if run_id != candidate.info.run_id:
                 self.client.delete_run(candidate.info.run_id)  # another worker's parent came first
             else:
-                optuna_study.set_user_attr("mlflow_experiment_id", self.experiment_id)
+                optuna_study.set_user_attr(StudyAttr.EXPERIMENT_ID, self.experiment_id)
                 _log_batch(self.client, run_id, params=fixed_settings(self.study), metrics=references)
-                self.client.log_dict(run_id, self.study.to_dict(), "study.yaml")
+                self.client.log_dict(run_id, self.study.to_dict(), STUDY_ARTIFACT)
         else:
             self._reopen(run_id)
         self.parent_run_id = run_id
@@ -124,48 +160,44 @@ class StudyTracker:
                 "tracking.uri), or give the study a new name"
             ) from None
 
-    def record_best(self, best) -> None:
+    def record_best(self, best: FrozenTrial | None) -> None:
         """Keep the best trial so far visible on the parent run: its number, params, value and
         run as tags, its value as the metric ``best_value`` (stepped by trial number)."""
         if best is None or best.number == self._best_logged:
             return
         self._best_logged = best.number
-        params = best.user_attrs.get("params", best.params)
+        params = best.user_attrs.get(TrialAttr.PARAMS, best.params)
         tags = {
-            "best_trial": best.number,
-            "best.run_id": best.user_attrs.get("mlflow_run_id", ""),
-            "best.value": f"{best.value:.6g}",
-            **{f"best.{k}": v for k, v in params.items()},
+            Tag.BEST_TRIAL: best.number,
+            Tag.BEST_RUN_ID: best.user_attrs.get(TrialAttr.MLFLOW_RUN_ID, ""),
+            Tag.BEST_VALUE: f"{best.value:.6g}",
+            **{f"{Tag.BEST_PARAM_PREFIX}{k}": v for k, v in params.items()},
         }
-        _log_batch(self.client, self.parent_run_id, metrics={"best_value": best.value}, tags=tags, step=best.number)
+        _log_batch(self.client, self.parent_run_id, metrics={Metric.BEST_VALUE: best.value}, tags=tags, step=best.number)
 
-    def close(self, optuna_study, *, status: str) -> None:
+    def close(self, optuna_study: optuna.Study, *, status: str) -> None:
         """End every trial run left RUNNING by a dead worker, then the parent run, unless
         another worker is still running trials under it (the last one to close ends it)."""
-        from optuna.trial import TrialState
-
         self._writer.shutdown(wait=True)
         self.end_stale_runs(optuna_study)
         if not optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             self.client.set_terminated(self.parent_run_id, status=status)
 
-    def end_stale_runs(self, optuna_study) -> int:
+    def end_stale_runs(self, optuna_study: optuna.Study) -> int:
         """Mark KILLED every nested run still RUNNING whose Optuna trial is no longer running.
 
         That is a trial whose worker was killed (SIGKILL, a lost machine) before it could close
         its run. Optuna's heartbeat turns such a trial from RUNNING to FAIL once its worker has
         been silent for the storage's grace period; this asks it to check first.
         """
-        from optuna.trial import TrialState
-
         _fail_stale_trials(optuna_study)
         # Trial numbers, not run ids: a live trial's run may exist a moment before its id is stored.
         live = {str(t.number) for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
+            filter_string=f"tags.`{Tag.PARENT}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
         )
-        stale = [r for r in runs if r.data.tags.get("kdsweep.trial") not in live]
+        stale = [r for r in runs if r.data.tags.get(Tag.TRIAL) not in live]
         for run in stale:
             reason = "its worker stopped without closing the run (killed, or its machine was lost)"
             TrialRun(self.client, run.info.run_id).end("KILLED", state="KILLED", reason=reason)
@@ -182,27 +214,25 @@ class StudyTracker:
             _dataset_input(data, data.eval_split, self.study.base_dir, *_evaluation_data(eval_set), "evaluation"),
         ]
 
-    def start_trial(self, trial, params: dict) -> TrialRun:
-        from kdsweep.sweep import run_name
-
-        baseline = bool(trial.user_attrs.get("baseline", False))
+    def start_trial(self, trial: optuna.Trial, params: dict) -> TrialRun:
         tags = {
-            PARENT_TAG: self.parent_run_id,
-            "kdsweep.trial": trial.number,
-            "kdsweep.state": "RUNNING",
-            "kdsweep.baseline": baseline,
+            Tag.PARENT: self.parent_run_id,
+            Tag.TRIAL: trial.number,
+            Tag.STATE: "RUNNING",
+            Tag.BASELINE: bool(trial.user_attrs.get(TrialAttr.BASELINE, False)),
             **self._common_tags,
         }
         run = self.client.create_run(self.experiment_id, run_name=run_name(trial.number, params), tags=_strings(tags))
-        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run.info.run_id)
         trial_run = TrialRun(self.client, run.info.run_id, run.info.run_name, writer=self._writer)
-        trial_run.send(params=[Param(k, _param_text(v)) for k, v in {**params, **fixed_settings(self.study)}.items()])
+        values = {**params, **fixed_settings(self.study)}
+        trial_run.send(params=[LoggedParam(k, _param_text(v)) for k, v in values.items()])
         if self.inputs:
             self.client.log_inputs(run.info.run_id, datasets=self.inputs)
         return trial_run
 
     def keep_best_model(self) -> None:
-        """``save_best``: of the trial runs holding a saved student, keep the one with the lowest
+        """``save_best``: of the trial runs holding a saved student, keep the one with the best
         objective and delete the others' model files, so one model stays on disk per study.
 
         Safe with several workers: every worker that saves a model runs this afterwards, and the
@@ -210,60 +240,26 @@ class StudyTracker:
         """
         saved = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{MODEL_TAG}` = 'saved'",
-            order_by=["metrics.objective ASC"],
+            filter_string=f"tags.`{Tag.PARENT}` = '{self.parent_run_id}' and tags.`{Tag.MODEL}` = 'saved'",
+            order_by=[f"metrics.{Metric.OBJECTIVE} {'DESC' if self.study.direction == MAXIMIZE else 'ASC'}"],
         )
         if len(saved) < 2:
             return
         best = saved[0]
         for run in saved[1:]:
-            _artifact_repository(run, self.client.tracking_uri).delete_artifacts(MODEL_PATH)
-            note = f"deleted: trial {best.data.tags.get('kdsweep.trial')} is better"
-            self.client.set_tag(run.info.run_id, MODEL_TAG, note)
+            _artifact_repository(run, self.client.tracking_uri).delete_artifacts(MODEL_ARTIFACT)
+            note = f"deleted: trial {best.data.tags.get(Tag.TRIAL)} is better"
+            self.client.set_tag(run.info.run_id, Tag.MODEL, note)
 
     def _tags(self) -> dict[str, str]:
         """Tags of every run of the study: MLflow's usual context (user, source) and kdsweep's."""
-        from mlflow.tracking.context.registry import resolve_tags
-
         kdsweep = {
-            "kdsweep.study": self.study.name,
-            "kdsweep.version": __version__,
-            "kdsweep.fingerprint": self.study.fingerprint(),
-            **({"mlflow.source.git.commit": commit} if (commit := git_commit(self.study.base_dir)) else {}),
+            Tag.STUDY: self.study.name,
+            Tag.VERSION: __version__,
+            Tag.FINGERPRINT: self.study.fingerprint(),
+            **({Tag.GIT_COMMIT: commit} if (commit := git_commit(self.study.base_dir)) else {}),
         }
         return _strings(resolve_tags(kdsweep))
-
-
-@contextmanager
-def first_use_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock on a local SQLite store while a process opens it.
-
-    Optuna and MLflow create or migrate a store's tables the first time they open it, and two
-    workers doing so at the same moment break each other's migration ("table already exists").
-    A SQLite file is shared only by processes on one machine, so a file lock on it serialises
-    that first contact (SQLite's own locks are of another kind and are not affected). Server
-    databases (PostgreSQL, MySQL) are left to their own transactions.
-    """
-    path = _sqlite_file(uri)
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as handle:  # an empty file is a valid new SQLite database
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _sqlite_file(uri: str | None) -> str | None:
-    if not uri or not uri.startswith("sqlite:///") or os.name != "posix":
-        return None
-    path = uri.removeprefix("sqlite:///").split("?")[0]
-    return None if path in ("", ":memory:") else path
 
 
 def fixed_settings(study: StudyConfig) -> dict:
@@ -309,22 +305,22 @@ class TrialRun:
     run_id: str
     name: str = ""
     writer: ThreadPoolExecutor | None = None  # None: write at once
-    pending: list[Metric] = field(default_factory=list)
+    pending: list[LoggedMetric] = field(default_factory=list)
     sending: list[Future] = field(default_factory=list)  # batches not known to be written yet
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         now = int(time.time() * 1000)
-        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.pending += [LoggedMetric(key, float(value), now, step) for key, value in metrics.items()]
 
     def log_step(self, log) -> None:
         """A training log line (``train.StepLog``): sent with the next batch, not now."""
         values = {
-            "train_loss": log.loss,
-            "train_kl": log.kl,
-            "train_ce": log.ce,
-            "learning_rate": log.learning_rate,
-            "grad_norm": log.grad_norm,
-            "tokens_per_second": log.tokens_per_second,
+            Metric.TRAIN_LOSS: log.loss,
+            Metric.TRAIN_KL: log.kl,
+            Metric.TRAIN_CE: log.ce,
+            Metric.LEARNING_RATE: log.learning_rate,
+            Metric.GRAD_NORM: log.grad_norm,
+            Metric.TOKENS_PER_SECOND: log.tokens_per_second,
         }
         self.log_metrics(values, step=log.step)
         if len(self.pending) >= _BATCH_LIMIT:
@@ -353,9 +349,9 @@ class TrialRun:
         """A completed trial (``train.DistillResult``): final metrics, the model if asked, then
         FINISHED. ``save_model(folder)`` writes the student (weights and tokenizer) to ``folder``."""
         final = {
-            "objective": objective,
-            "duration_s": result.seconds,
-            "peak_memory_mb": result.peak_memory_bytes / 2**20,
+            Metric.OBJECTIVE: objective,
+            Metric.DURATION_S: result.seconds,
+            Metric.PEAK_MEMORY_MB: result.peak_memory_bytes / 2**20,
         }
         self.log_metrics(final, step=result.steps)
         if save_model is not None:
@@ -365,8 +361,8 @@ class TrialRun:
     def log_model(self, save_model: Callable[[str], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="kdsweep-model-") as folder:
             save_model(folder)
-            self.client.log_artifacts(self.run_id, folder, MODEL_PATH)
-        self.client.set_tag(self.run_id, MODEL_TAG, "saved")
+            self.client.log_artifacts(self.run_id, folder, MODEL_ARTIFACT)
+        self.client.set_tag(self.run_id, Tag.MODEL, "saved")
 
     def end(self, status: str, *, state: str, reason: str | None = None, traceback: str | None = None) -> None:
         """Write what is left, record the Optuna state (and why it ended) as tags, and set the
@@ -375,16 +371,16 @@ class TrialRun:
         A pruned run also says so in its name, since its status (KILLED) does not tell it from
         an interrupted one in the runs list.
         """
-        tags = {"kdsweep.state": state}
+        tags = {Tag.STATE: state}
         if reason:
-            tags["kdsweep.reason"] = reason.splitlines()[0][:500]
+            tags[Tag.REASON] = reason.splitlines()[0][:500]
         if len(self.pending) > _BATCH_LIMIT:
             self.flush()
         self.wait_sent()
         self.client.log_batch(self.run_id, metrics=self.pending, tags=[RunTag(k, v) for k, v in tags.items()])
         self.pending = []
         if traceback:
-            self.client.log_text(self.run_id, traceback, "traceback.txt")
+            self.client.log_text(self.run_id, traceback, TRACEBACK_ARTIFACT)
         if state == "PRUNED":
             self.client.update_run(self.run_id, name=f"{self.name} (pruned)")
         self.client.set_terminated(self.run_id, status=status)
@@ -419,11 +415,7 @@ def _dataset_source(dataset: str, split: str, base_dir: str):
     """A local file or folder, or else a Hugging Face hub dataset."""
     local = next((p for p in (Path(base_dir) / dataset, Path(dataset)) if p.exists()), None)
     if local is None:
-        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-
         return HuggingFaceDatasetSource(path=dataset, split=split)
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-
     with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so
         warnings.simplefilter("ignore")
         return resolve_dataset_source(str(local.resolve()))
@@ -447,17 +439,13 @@ def _digest(values) -> str:
     return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
-def _fail_stale_trials(optuna_study) -> None:
-    import optuna
-
+def _fail_stale_trials(optuna_study: optuna.Study) -> None:
     with warnings.catch_warnings():  # "fail_stale_trials is experimental"
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(optuna_study)
 
 
 def _artifact_repository(run, tracking_uri: str):
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     return get_artifact_repository(run.info.artifact_uri, tracking_uri=tracking_uri)
 
 
@@ -465,8 +453,8 @@ def _log_batch(client: MlflowClient, run_id: str, *, params=None, metrics=None, 
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
-        metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
-        params=[Param(k, _param_text(v)) for k, v in (params or {}).items()],
+        metrics=[LoggedMetric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+        params=[LoggedParam(k, _param_text(v)) for k, v in (params or {}).items()],
         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
     )
 

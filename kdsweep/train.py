@@ -20,7 +20,7 @@ from kdsweep.config import TrainConfig
 from kdsweep.data import Batch, TokenizedSplit, make_batches
 from kdsweep.losses import LossResult, distill_loss_from_hidden
 from kdsweep.models import Vocabulary, bf16_supported, hidden_states, output_weight
-from kdsweep.teacher import TeacherTargets, scored_positions
+from kdsweep.teacher import TeacherSignal, TeacherTargets, scored_positions
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,6 @@ class DistillResult:
     final_eval: dict[str, float]
     seconds: float
     peak_memory_bytes: int
-
-
-class TeacherSignal:
-    """What ``distill`` needs of a teacher (``teacher.OnlineTeacher`` or the top-K cache)."""
-
-    def targets(self, batch: Batch, *, top_k: int | None) -> TeacherTargets: ...
 
 
 def distill(

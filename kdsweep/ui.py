@@ -17,13 +17,14 @@ import sys
 import time
 import urllib.request
 
+from mlflow.tracking import MlflowClient
+
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
+from kdsweep.paths import store_missing
+from kdsweep.tracking import resolved_tracking_uri, runs_url
 
 HOST = "127.0.0.1"
-_TRAINING = "workflowType=machine_learning"  # the UI's "Model training" pages, not its GenAI ones
-
-
 def serve(study: StudyConfig, port: int) -> int:
     """Start the MLflow UI on the study's tracking store, print its runs URL, and wait.
 
@@ -54,35 +55,16 @@ def serve(study: StudyConfig, port: int) -> int:
 def store_uri(study: StudyConfig) -> str:
     """The tracking store ``kdsweep run`` writes to: MLFLOW_TRACKING_URI, the study's, or
     MLflow's own default (which depends on what the current folder holds)."""
-    from kdsweep.tracking import resolved_tracking_uri
-
     return resolved_tracking_uri(study.tracking.uri)
 
 
 def experiment_id(study: StudyConfig, uri: str) -> str | None:
     """The study's experiment in the store at ``uri``; None if it has not run there (and then
     no store is created: opening a SQLite store that is not there would make one)."""
-    from mlflow.tracking import MlflowClient
-
-    local = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    if local is not None and not os.path.exists(local):
+    if store_missing(uri):
         return None
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(study.experiment_name)
     return experiment.experiment_id if experiment else None
-
-
-def runs_url(base: str, experiment: str | None) -> str:
-    """The study's runs table; the experiments list when the study has not run yet."""
-    base = base.rstrip("/")
-    if experiment is None:
-        return f"{base}/#/experiments"
-    return f"{base}/#/experiments/{experiment}/runs?{_TRAINING}"
-
-
-def compare_url(base: str, experiment: str, run_ids: list[str]) -> str:
-    """MLflow's side-by-side view of ``run_ids``: params, metrics and plots."""
-    runs = ",".join(f'"{r}"' for r in run_ids)
-    return f"{base.rstrip('/')}/#/compare-runs?runs=[{runs}]&experiments=[\"{experiment}\"]&{_TRAINING}"
 
 
 def start_server(uri: str, *, port: int) -> subprocess.Popen:

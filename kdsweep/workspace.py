@@ -3,7 +3,7 @@
 Preparing reads and checks every input (models, vocabularies, data) before the sweep writes
 anything, so a missing model or dataset stops the run with one line and nothing half-written.
 
-When every trial keeps only the teacher's top-k (``config.finite_top_ks``), the teacher runs once
+When every trial keeps only the teacher's top-k (``space.finite_top_ks``), the teacher runs once
 per study: its top-K logits on the training tokens, and its top tokens and NLL on the eval tokens,
 go to an on-disk cache (``teacher.py``) that every trial and every worker reads. A worker that
 finds the caches never loads the teacher's weights. Otherwise the teacher is loaded once per
@@ -12,6 +12,7 @@ worker and runs online in every trial.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from dataclasses import dataclass
 from functools import partial
@@ -20,17 +21,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kdsweep import models, train
-from kdsweep.config import StudyConfig, finite_top_ks
+from kdsweep import demo, models, space, train
+from kdsweep.config import ModelConfig, StudyConfig
 from kdsweep.data import TokenizedSplit, load_texts, make_batches, padding_share, tokenize
-from kdsweep.demo import cache_dir
 from kdsweep.errors import UsageError
 from kdsweep.evaluate import EVAL_TOP_K, EvalSet, evaluate_student, prepare_eval_set, score
+from kdsweep.names import StudyAttr
+from kdsweep.paths import teacher_cache_dir
 from kdsweep.progress import SweepProgress
-from kdsweep.sweep import top_k_of
 from kdsweep.teacher import (
-    CacheKey,
     CachedTeacher,
+    CacheKey,
     OnlineTeacher,
     model_digest,
     open_or_build,
@@ -38,12 +39,13 @@ from kdsweep.teacher import (
     vocab_digest,
     write_cache,
 )
-from kdsweep.tracking import StudyTracker
 
 
 @dataclass
 class Workspace:
     study: StudyConfig
+    teacher_spec: ModelConfig  # the study's models, named by where they load from
+    student_spec: ModelConfig
     device: torch.device
     tokenizer: PreTrainedTokenizerBase
     vocab: models.Vocabulary
@@ -55,14 +57,9 @@ class Workspace:
     def distill(self, params: dict, *, on_log, on_eval, on_trained=None) -> train.DistillResult:
         """One trial: a fresh student distilled with ``params`` (alpha, temperature, top_k, lr).
         ``on_trained(student)``, if given, sees the trained student (``save_best`` saves it)."""
-        student = models.load_model("student", self.study, self.device)
+        student = models.load_model("student", self.student_spec, self.device)
         settings = train.DistillSettings(
-            alpha=float(params["alpha"]),
-            temperature=float(params["temperature"]),
-            top_k=top_k_of(params),
-            learning_rate=float(params["learning_rate"]),
-            train=self.study.train,
-            group_by_length=self.study.data.group_by_length,
+            **space.settings(params), train=self.study.train, group_by_length=self.study.data.group_by_length
         )
         result = train.distill(
             student,
@@ -84,46 +81,32 @@ class Workspace:
     def topk_mass(self, params: dict) -> float | None:
         """Mean teacher probability (T=1) over the training tokens that the trial's top_k keeps;
         None when the teacher runs online (its full distribution is never stored)."""
-        top_k = top_k_of(params)
+        top_k = space.BY_NAME["top_k"].setting(params["top_k"])
         if not isinstance(self.teacher, CachedTeacher) or top_k is None:
             return None
         return self.teacher.mass(top_k)
 
-    def references(self, optuna_study) -> dict[str, float]:
-        """Teacher and untrained-student perplexity, padding share and top-k mass: computed once
-        per study, kept with it; returned as the parent run's metrics."""
-        attrs = optuna_study.user_attrs
-        if "student_ppl_untrained" not in attrs:
-            self.progress.message("scoring the untrained student")
-            student = models.load_model("student", self.study, self.device)
-            untrained = score(student, self.eval_set.batches, self.vocab).perplexity
-            values = {
-                "teacher_ppl": self.eval_set.teacher_ppl,
-                "student_ppl_untrained": untrained,
-                "train_rows": len(self.train_split),
-                "eval_rows": sum(len(b.example_ids) for b in self.eval_set.batches),
-                "train_scored_tokens": self.train_split.num_scored_tokens,
-                "eval_scored_tokens": self.eval_set.num_tokens,
-                "train_padding_share": padding_share(self._train_batches()),
-                "vocab_size": self.vocab.size,
-                "vocab_padded": self.vocab.padded,
-            }
-            if isinstance(self.teacher, CachedTeacher):
-                # JSON keys are strings: {"20": 0.93, "50": 0.97}
-                values["topk_mass"] = {str(k): self.teacher.mass(k) for k in finite_top_ks(self.study)}
-            for key, value in values.items():
-                optuna_study.set_user_attr(key, value)
-            optuna_study.set_user_attr("config", self.study.to_dict())
-            optuna_study.set_user_attr("fingerprint", self.study.fingerprint())
-        attrs = optuna_study.user_attrs
-        metrics = {k: float(attrs[k]) for k in ("teacher_ppl", "student_ppl_untrained", "train_padding_share")}
-        metrics |= {f"topk_mass_k{k}": float(mass) for k, mass in attrs.get("topk_mass", {}).items()}
-        return metrics
-
-    def attach_tracking(self, optuna_study) -> StudyTracker:
-        tracker = StudyTracker(self.study)
-        tracker.attach(optuna_study, references=self.references(optuna_study))
-        return tracker
+    def references(self) -> dict:
+        """What every trial is compared with, and what the data holds: teacher and untrained
+        student perplexity, sizes, padding share, top-k mass. Computed once per study (the sweep
+        keeps them with the Optuna study, keyed by ``names.StudyAttr``)."""
+        self.progress.message("scoring the untrained student")
+        student = models.load_model("student", self.student_spec, self.device)
+        values = {
+            StudyAttr.TEACHER_PPL: self.eval_set.teacher_ppl,
+            StudyAttr.UNTRAINED_PPL: score(student, self.eval_set.batches, self.vocab).perplexity,
+            StudyAttr.TRAIN_ROWS: len(self.train_split),
+            StudyAttr.EVAL_ROWS: sum(len(b.example_ids) for b in self.eval_set.batches),
+            StudyAttr.TRAIN_SCORED_TOKENS: self.train_split.num_scored_tokens,
+            StudyAttr.EVAL_SCORED_TOKENS: self.eval_set.num_tokens,
+            StudyAttr.TRAIN_PADDING_SHARE: padding_share(self._train_batches()),
+            StudyAttr.VOCAB_SIZE: self.vocab.size,
+            StudyAttr.VOCAB_PADDED: self.vocab.padded,
+        }
+        if isinstance(self.teacher, CachedTeacher):
+            # JSON keys are strings: {"20": 0.93, "50": 0.97}
+            values[StudyAttr.TOPK_MASS] = {str(k): self.teacher.mass(k) for k in cached_top_ks(self.study)}
+        return values
 
     def _train_batches(self):
         return make_batches(
@@ -136,6 +119,8 @@ class Workspace:
 
 
 def prepare(study: StudyConfig, *, progress: SweepProgress) -> Workspace:
+    """Read and check every input, then make the teacher signal: its cache (built once per
+    study) or the teacher itself, loaded once per worker."""
     inputs = _read_inputs(study, progress)
     eval_batches = make_batches(
         inputs.eval_split,
@@ -150,10 +135,13 @@ def prepare(study: StudyConfig, *, progress: SweepProgress) -> Workspace:
         eval_set = _cached_eval_set(eval_cache, eval_batches, inputs.device)
     else:
         progress.message(f"loading the teacher {study.teacher.name}")
-        teacher = OnlineTeacher(models.load_model("teacher", study, inputs.device), inputs.vocab)
+        teacher = OnlineTeacher(models.load_model("teacher", inputs.teacher, inputs.device), inputs.vocab)
         progress.message("scoring the teacher on the eval tokens")
         eval_set = prepare_eval_set(teacher, eval_batches, chunk_tokens=study.train.loss_chunk_tokens)
-    return Workspace(study, inputs.device, inputs.tokenizer, inputs.vocab, inputs.train_split, eval_set, teacher, progress)
+    return Workspace(
+        study, inputs.teacher, inputs.student, inputs.device, inputs.tokenizer, inputs.vocab, inputs.train_split,
+        eval_set, teacher, progress,
+    )
 
 
 def build_cache(study: StudyConfig) -> Path:
@@ -176,18 +164,23 @@ def build_cache(study: StudyConfig) -> Path:
 
 def cached_top_ks(study: StudyConfig) -> list[int]:
     """The top_k values trials may use when they all read the teacher cache, else []."""
-    return finite_top_ks(study) if study.train.teacher_cache else []
+    return space.finite_top_ks(study.search, study.baselines) if study.train.teacher_cache else []
 
 
-def teacher_cache_root() -> Path:
-    """Where teacher caches live: shared by every study and worker on the machine."""
-    return cache_dir() / "teacher"
+def locate(spec: ModelConfig, study: StudyConfig) -> ModelConfig:
+    """``spec`` named by where it loads from: the demo's models are built on first use, a
+    relative folder is read from the study file's folder."""
+    if spec.name.startswith(demo.PREFIX):
+        return dataclasses.replace(spec, name=demo.location(spec.name))
+    return dataclasses.replace(spec, name=study.resolve_path(spec.name))
 
 
 @dataclass(frozen=True)
 class _Inputs:
     """What preparing reads before any model weights load."""
 
+    teacher: ModelConfig  # located
+    student: ModelConfig
     device: torch.device
     tokenizer: PreTrainedTokenizerBase
     vocab: models.Vocabulary
@@ -197,12 +190,13 @@ class _Inputs:
 
 def _read_inputs(study: StudyConfig, progress: SweepProgress) -> _Inputs:
     device = models.resolve_device(study.train.device)
+    teacher, student = locate(study.teacher, study), locate(study.student, study)
     progress.message(f"loading tokenizer and data for {study.name!r} on {device}")
-    tokenizer = models.load_tokenizer(study)
-    vocab = models.check_vocabularies(study, tokenizer)
+    tokenizer = models.load_tokenizer(teacher)
+    vocab = models.check_vocabularies(teacher, student, tokenizer)
     train_split = _tokenized(study, study.data.train_split, tokenizer)
     eval_split = _tokenized(study, study.data.eval_split, tokenizer)
-    return _Inputs(device, tokenizer, vocab, train_split, eval_split)
+    return _Inputs(teacher, student, device, tokenizer, vocab, train_split, eval_split)
 
 
 def _tokenized(study: StudyConfig, split: str, tokenizer) -> TokenizedSplit:
@@ -237,7 +231,7 @@ def _teacher_caches(study: StudyConfig, inputs: _Inputs, progress: SweepProgress
             )
             k = min(k, inputs.vocab.size)
             write = partial(_write, teacher, split, k=k, study=study, pad_id=inputs.tokenizer.pad_token_id)
-            cache, built = open_or_build(teacher_cache_root(), key, k=k, write=write)
+            cache, built = open_or_build(teacher_cache_dir(), key, k=k, write=write)
             verb = "built" if built else "reusing"
             progress.message(f"teacher top-{cache.k} cache of {split_name!r}: {verb} {cache.folder} ({cache.rows:,} tokens)")
             caches.append(cache)
@@ -254,10 +248,9 @@ def _write(teacher: _TeacherOnDemand, split: TokenizedSplit, folder: Path, *, k:
 
 
 def _teacher_identity(study: StudyConfig, inputs: _Inputs) -> dict:
-    spec = study.teacher
+    spec = inputs.teacher
     dtype = models.resolve_dtype(spec.dtype, inputs.device, frozen=True)
-    location = models.model_location(spec, study)
-    return {"name": spec.name, "revision": spec.revision, "dtype": str(dtype), **model_digest(location, spec.revision)}
+    return {"name": study.teacher.name, "revision": spec.revision, "dtype": str(dtype), **model_digest(spec.name, spec.revision)}
 
 
 def _data_selection(study: StudyConfig, split_name: str) -> dict:
@@ -282,7 +275,7 @@ class _TeacherOnDemand:
     def __call__(self) -> OnlineTeacher:
         if self.teacher is None:
             self.progress.message(f"loading the teacher {self.study.teacher.name} to build its top-K cache")
-            model = models.load_model("teacher", self.study, self.inputs.device)
+            model = models.load_model("teacher", self.inputs.teacher, self.inputs.device)
             self.teacher = OnlineTeacher(model, self.inputs.vocab)
         return self.teacher
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +92,54 @@ search:
 def tiny_study(tmp_path, tiny_models, tiny_data) -> Path:
     """A study of 8-step trials on the tiny models, with its stores under tmp_path."""
     return write_tiny_study(tmp_path, tiny_models, tiny_data)
+
+
+def child_env() -> dict[str, str]:
+    """The environment a ``python -m kdsweep`` child needs to import this checkout."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+class Child:
+    """A ``python -m kdsweep`` process whose output is read by a thread as it comes, so a test
+    can wait for a line, or for the end, with a deadline: a child that hangs fails the test
+    instead of hanging it."""
+
+    def __init__(self, *args: str, cwd: Path | None = None):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kdsweep", *args],
+            env=child_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, *, timeout: float = 300) -> re.Match:
+        """The first output line matching ``pattern``, once it is there."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if match := re.search(pattern, line):
+                    return match
+            if self.process.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(f"exited ({self.process.returncode}) without printing {pattern!r}:\n{self.output}")
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output}")
+
+    def finish(self, *, timeout: float = 300) -> int:
+        """The exit status, once the process has ended and its output is read."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"still running after {timeout} s:\n{self.output}") from None
+        self._reader.join(timeout=30)
+        return code

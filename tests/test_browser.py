@@ -10,18 +10,17 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import Child, isolate, write_tiny_study
 from mlflow.tracking import MlflowClient
 
-from conftest import isolate, write_tiny_study
 from kdsweep.cli import main
 from kdsweep.config import load_study
-from kdsweep.ui import compare_url
+from kdsweep.names import Tag
+from kdsweep.tracking import compare_url
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -66,24 +65,14 @@ def ui(swept):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kdsweep", "ui", str(swept), "--port", str(port)],
-        stdout=subprocess.PIPE, text=True, env=env, cwd=swept.parent,
-    )
-    url = None
-    for line in process.stdout:
-        if line.startswith("http://"):
-            url = line.strip()
-            break
+    child = Child("ui", str(swept), "--port", str(port), cwd=swept.parent)
     try:
-        assert url, f"kdsweep ui printed no URL (exit status {process.poll()})"
-        yield process, url, port
+        url = child.wait_for(r"^http://\S+", timeout=240).group(0)
+        yield child.process, url, port
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+            child.finish(timeout=60)
 
 
 def trial_runs(study_path: Path, base: str) -> list:
@@ -91,7 +80,7 @@ def trial_runs(study_path: Path, base: str) -> list:
     client = MlflowClient(tracking_uri=base)
     experiment = client.get_experiment_by_name(study.name)
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return [r for r in runs if Tag.PARENT in r.data.tags]
 
 
 def test_ui_prints_the_study_runs_table_url(swept, ui):

@@ -82,7 +82,7 @@ def test_unexpected_errors_exit_1_with_one_line(tiny_study, monkeypatch, capsys)
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(sweep, "run_study", broken)
+    monkeypatch.setattr(sweep, "run", broken)
     assert main(["run", str(tiny_study)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kdsweep: error: RuntimeError: disk on fire (KDSWEEP_DEBUG=1 shows the traceback)"]

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from kdsweep.config import WHOLE_VOCAB, finite_top_ks, load_study
+from kdsweep.config import load_study
 from kdsweep.errors import StudyError
+from kdsweep.space import WHOLE_VOCAB, finite_top_ks
 
 STUDIES = sorted(Path(__file__).resolve().parents[1].joinpath("studies").glob("*.yaml"))
 
@@ -126,9 +127,10 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path):
 
 def test_finite_top_ks(tmp_path):
     path = write(tmp_path, MINIMAL)
-    assert finite_top_ks(load_study(path, ["search.top_k=[8, 32]"])) == [8, 32]
-    assert finite_top_ks(load_study(path, ["search.top_k=[8, all]"])) == []
-    assert finite_top_ks(load_study(path, ["search.top_k=16"])) == [16]
+    assert finite_top_ks(load_study(path, ["search.top_k=[8, 32]"]).search) == [8, 32]
+    assert finite_top_ks(load_study(path, ["search.top_k=[8, all]"]).search) == []
+    assert finite_top_ks(load_study(path, ["search.top_k=16"]).search) == [16]
+    assert finite_top_ks(load_study(path, ["search.top_k=16"]).search, ({"top_k": "all"},)) == []
 
 
 def test_relative_paths_resolve_from_the_study_folder(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from kdsweep import demo
+from kdsweep import demo, paths
 from kdsweep.data import parse_guanaco
 
 SHIPPED = Path(__file__).resolve().parents[1] / "studies" / "data" / "arithmetic"
@@ -94,8 +94,8 @@ def test_model_sizes_and_settings(tokenizer):
 
 def test_cache_folders(monkeypatch, tmp_path):
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path))
-    assert demo.cache_dir() == tmp_path
+    assert paths.cache_dir() == tmp_path
     assert demo.demo_dir() == tmp_path / "demo"
     monkeypatch.delenv("KDSWEEP_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert demo.cache_dir() == Path.home() / ".cache" / "kdsweep"
+    assert paths.cache_dir() == Path.home() / ".cache" / "kdsweep"

@@ -14,8 +14,10 @@ from optuna.trial import TrialState
 
 from kdsweep.cli import main
 from kdsweep.config import load_study
+from kdsweep.names import StudyAttr, Tag, TrialAttr
 from kdsweep.report import SECTIONS, collect, render, write_report
-from kdsweep.sweep import load_existing_study, suggest
+from kdsweep.storage import load_existing_study
+from kdsweep.sweep import suggest
 
 TEACHER_PPL = 2.0
 UNTRAINED_PPL = 50.0
@@ -27,11 +29,11 @@ FULL = [
     ({"alpha": 0.5, "temperature": 2.0, "top_k": 32, "learning_rate": 3e-3}, "COMPLETE", 4.0, [18, 8, 5, 4.0], {}),
     ({"alpha": 0.8, "temperature": 4.0, "top_k": "all", "learning_rate": 1e-3}, "COMPLETE", 5.0, [19, 9, 6, 5.0], {}),
     ({"alpha": 0.3, "temperature": 1.5, "top_k": 8, "learning_rate": 1e-2}, "PRUNED", None, [30, 25], {"pruned_step": 20}),
-    ({"alpha": 0.6, "temperature": 3.0, "top_k": 32, "learning_rate": 5e-3}, "FAIL", None, [], {"fail_reason": "RuntimeError: CUDA out of memory"}),
+    ({"alpha": 0.6, "temperature": 3.0, "top_k": 32, "learning_rate": 5e-3}, "FAIL", None, [], {TrialAttr.FAIL_REASON: "RuntimeError: CUDA out of memory"}),
     ({"alpha": 0.7, "temperature": 2.5, "top_k": 32, "learning_rate": 4e-3}, "COMPLETE", 4.0, [17, 9, 5, 4.0], {}),
     ({"alpha": 0.4, "temperature": 6.0, "top_k": "all", "learning_rate": 2e-4}, "COMPLETE", 8.0, [25, 14, 10, 8.0], {}),
     ({"alpha": 0.9, "temperature": 7.0, "top_k": 8, "learning_rate": 9e-3}, "FAIL", None, [22],
-     {"fail_reason": "TrainingDiverged: the training loss is NaN at step 12"}),
+     {TrialAttr.FAIL_REASON: "TrainingDiverged: the training loss is NaN at step 12"}),
 ]
 EMPTY = [FULL[3], FULL[4]]
 SINGLE = [FULL[1]]
@@ -66,7 +68,7 @@ def build_study(root: Path, name: str, specs: list) -> Path:
     experiment_id = client.create_experiment(name, artifact_location=str(root / "artifacts" / name))
     parent = client.create_run(experiment_id, run_name=name).info.run_id
     attrs = {
-        "mlflow_parent_run_id": parent, "mlflow_experiment_id": experiment_id,
+        StudyAttr.PARENT_RUN_ID: parent, StudyAttr.EXPERIMENT_ID: experiment_id,
         "teacher_ppl": TEACHER_PPL, "student_ppl_untrained": UNTRAINED_PPL,
         "train_rows": 400, "eval_rows": 100, "train_scored_tokens": 12000, "eval_scored_tokens": 3000,
         "train_padding_share": 0.1, "vocab_size": 1000, "vocab_padded": True,
@@ -80,9 +82,9 @@ def build_study(root: Path, name: str, specs: list) -> Path:
         trial = optuna_study.ask()
         assert suggest(trial, study.search) == params
         run = client.create_run(experiment_id, run_name=f"trial {trial.number}", tags={
-            "mlflow.parentRunId": parent, "kdsweep.trial": str(trial.number), "kdsweep.state": state})
+            Tag.PARENT: parent, Tag.TRIAL: str(trial.number), Tag.STATE: state})
         trial.set_user_attr("params", params)
-        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run.info.run_id)
         for key, value in extra.items():
             trial.set_user_attr(key, value)
         for i, value in enumerate(curve):
@@ -102,11 +104,11 @@ def _finish(optuna_study, client, trial, run_id, state, ppl, extra):
         optuna_study.tell(trial, ppl)
         client.set_terminated(run_id, status="FINISHED")
     elif state == "PRUNED":
-        client.set_tag(run_id, "kdsweep.reason", f"pruned at step {extra['pruned_step']}: student_ppl 25")
+        client.set_tag(run_id, Tag.REASON, f"pruned at step {extra['pruned_step']}: student_ppl 25")
         optuna_study.tell(trial, state=TrialState.PRUNED)
         client.set_terminated(run_id, status="KILLED")
     else:
-        client.set_tag(run_id, "kdsweep.reason", extra["fail_reason"])
+        client.set_tag(run_id, Tag.REASON, extra[TrialAttr.FAIL_REASON])
         optuna_study.tell(trial, state=TrialState.FAIL)
         client.set_terminated(run_id, status="FAILED")
 
@@ -172,8 +174,8 @@ def test_top_table_numbers_equal_the_storage(full_report, studies):
         for name in ("alpha", "temperature", "learning rate"):
             assert cell_number(row[name]) == pytest.approx(trial.params[name.replace(" ", "_")], rel=1e-2)
         assert row["top_k"] == str(trial.params["top_k"])
-        run_id = trial.user_attrs["mlflow_run_id"]
-        exp = load_existing_study(load_study(studies["kd"])).user_attrs["mlflow_experiment_id"]
+        run_id = trial.user_attrs[TrialAttr.MLFLOW_RUN_ID]
+        exp = load_existing_study(load_study(studies["kd"])).user_attrs[StudyAttr.EXPERIMENT_ID]
         assert f"(http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning)" in row["MLflow run"]
 
 
@@ -186,6 +188,18 @@ def test_reference_points_name_baseline_and_best_distilled(full_report):
     assert rows["best distilled trial"]["trial"].startswith("[1]")
     assert cell_number(rows["best distilled trial"]["gap closed"]) == pytest.approx(95.8, abs=0.05)
     assert "Distillation beats plain fine-tuning" in full_report.read_text()
+
+
+def test_top_trials_link_to_mlflows_compare_view(full_report, studies):
+    trials = storage_trials(studies["kd"])
+    text = section(full_report.read_text(), "Top configurations")
+    link = re.search(r"\[Compare these runs side by side in MLflow\]\((\S+)\)", text).group(1)
+    runs = [trials[n].user_attrs[TrialAttr.MLFLOW_RUN_ID] for n in (1, 5, 2)]  # the top three, in rank order
+    experiment = load_existing_study(load_study(studies["kd"])).user_attrs[StudyAttr.EXPERIMENT_ID]
+    assert link == (
+        "http://127.0.0.1:5000/#/compare-runs?runs=[" + ",".join(f'"{r}"' for r in runs) + "]"
+        f'&experiments=["{experiment}"]&workflowType=machine_learning'
+    )
 
 
 def test_best_configuration_snippet_and_command_reproduce_the_best_trial(full_report, studies):
@@ -250,21 +264,24 @@ def test_importances_rank_the_searched_parameters(full_report):
 def test_report_and_figures_are_logged_on_the_parent_run(full_report, studies):
     study = load_study(studies["kd"])
     client = MlflowClient(tracking_uri=study.tracking.uri)
-    parent = load_existing_study(study).user_attrs["mlflow_parent_run_id"]
+    parent = load_existing_study(study).user_attrs[StudyAttr.PARENT_RUN_ID]
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert logged == {"report/kd.md", "report/kd"}
     figures = {a.path for a in client.list_artifacts(parent, "report/kd")}
     assert "report/kd/curves.png" in figures and len(figures) == 4
 
 
-def test_rendering_needs_no_mlflow(studies):
-    """A ReportData whose MLflow store is gone still renders, and says what is missing."""
-    study = load_study(studies["kd"], ["tracking.uri=sqlite:////nonexistent/mlflow.db"])
+def test_rendering_needs_no_mlflow(studies, tmp_path):
+    """A ReportData whose MLflow store is gone still renders, says what is missing, and reading
+    it creates no store (opening a SQLite URL would)."""
+    gone = tmp_path / "moved" / "mlflow.db"
+    study = load_study(studies["kd"], [f"tracking.uri=sqlite:///{gone}"])
     data = collect(study, load_existing_study(study))
     text = render(data, {name: _skipped(name) for name in ("importances", "history", "slice", "curves")})
     assert all(f"## {h}" in text for h in SECTIONS)
-    assert "MLflow: the MLflow store sqlite:////nonexistent/mlflow.db does not exist" in text
-    assert not Path("/nonexistent/mlflow.db").exists()
+    assert f"MLflow: the MLflow store sqlite:///{gone} does not exist" in text
+    assert "[Compare these runs" not in text and "](http" not in text  # no links into a store that is not there
+    assert not gone.parent.exists()
 
 
 def _skipped(name):

@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from kdsweep.cli import main
 from kdsweep.config import load_study
-from kdsweep.sweep import load_existing_study
+from kdsweep.names import StudyAttr, Tag, TrialAttr
+from kdsweep.storage import load_existing_study
 
 
 def mlflow_runs(study_path):
@@ -18,8 +19,8 @@ def mlflow_runs(study_path):
     client = MlflowClient(tracking_uri=study.tracking.uri)
     experiment = client.get_experiment_by_name(study.name)
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in runs if Tag.PARENT not in r.data.tags]
+    children = [r for r in runs if Tag.PARENT in r.data.tags]
     return client, parents, children
 
 
@@ -36,19 +37,19 @@ def test_two_trial_study_end_to_end(tiny_study):
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_id == optuna_study.user_attrs["mlflow_parent_run_id"]
+    assert parent.info.run_id == optuna_study.user_attrs[StudyAttr.PARENT_RUN_ID]
     for run in children:
         assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags[Tag.PARENT] == parent.info.run_id
         for key in ("alpha", "temperature", "top_k", "learning_rate", "teacher", "max_steps"):
             assert key in run.data.params
         ppl = client.get_metric_history(run.info.run_id, "student_ppl")
         assert [m.step for m in ppl] == [4, 8]
         assert all(math.isfinite(m.value) and m.value > 1 for m in ppl)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4, 6, 8]
-        trial = trials[int(run.data.tags["kdsweep.trial"])]
+        trial = trials[int(run.data.tags[Tag.TRIAL])]
         assert trial.value == pytest.approx(ppl[-1].value)
-        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert trial.user_attrs[TrialAttr.MLFLOW_RUN_ID] == run.info.run_id
 
 
 def test_rerun_continues_up_to_the_total(tiny_study, capsys):
@@ -66,11 +67,11 @@ def test_baselines_run_first_and_are_tagged(tiny_study):
     tiny_study.write_text(text)
     assert main(["run", str(tiny_study), "--n-trials", "2", "--no-report"]) == 0
     trials = load_existing_study(load_study(tiny_study)).get_trials()
-    assert trials[0].user_attrs["baseline"] is True
-    assert trials[0].user_attrs["params"]["alpha"] == 0.0
+    assert trials[0].user_attrs[TrialAttr.BASELINE] is True
+    assert trials[0].user_attrs[TrialAttr.PARAMS]["alpha"] == 0.0
     assert "baseline" not in trials[1].user_attrs
     _, _, children = mlflow_runs(tiny_study)
-    tags = {r.data.tags["kdsweep.trial"]: r.data.tags["kdsweep.baseline"] for r in children}
+    tags = {r.data.tags[Tag.TRIAL]: r.data.tags[Tag.BASELINE] for r in children}
     assert tags == {"0": "True", "1": "False"}
 
 
@@ -90,11 +91,11 @@ def test_failed_trial_is_failed_in_both_and_the_sweep_goes_on(tiny_study, monkey
     assert main(["run", str(tiny_study), "--no-report"]) == 0
     trials = load_existing_study(load_study(tiny_study)).get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
-    assert "simulated out of memory" in trials[0].user_attrs["fail_reason"]
+    assert "simulated out of memory" in trials[0].user_attrs[TrialAttr.FAIL_REASON]
     client, _, children = mlflow_runs(tiny_study)
-    by_trial = {r.data.tags["kdsweep.trial"]: r for r in children}
+    by_trial = {r.data.tags[Tag.TRIAL]: r for r in children}
     assert by_trial["0"].info.status == "FAILED"
-    assert "simulated out of memory" in by_trial["0"].data.tags["kdsweep.reason"]
+    assert "simulated out of memory" in by_trial["0"].data.tags[Tag.REASON]
     assert by_trial["1"].info.status == "FINISHED"
 
 

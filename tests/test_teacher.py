@@ -21,10 +21,12 @@ from kdsweep.config import load_study
 from kdsweep.data import load_texts, make_batches, tokenize
 from kdsweep.evaluate import score
 from kdsweep.models import Vocabulary
+from kdsweep.names import StudyAttr, TrialAttr
+from kdsweep.paths import teacher_cache_dir
 from kdsweep.progress import SweepProgress
-from kdsweep.sweep import load_existing_study
+from kdsweep.storage import load_existing_study
 from kdsweep.teacher import CachedTeacher, CacheKey, OnlineTeacher, find_cache, open_or_build, write_cache
-from kdsweep.workspace import build_cache, prepare, teacher_cache_root
+from kdsweep.workspace import build_cache, prepare
 
 FP16_ATOL = 2e-2  # fp16 keeps 11 significant bits: |logit| < 16 is stored within 1/128
 
@@ -210,7 +212,7 @@ def test_cache_command_builds_once_then_reuses(tiny_study, monkeypatch, capsys):
     assert loads == ["teacher"]  # the second call read no weights
     manifest = json.loads((Path(first) / "manifest.json").read_text())
     assert manifest["complete"] and manifest["k"] == 8
-    assert Path(first).parent == teacher_cache_root()
+    assert Path(first).parent == teacher_cache_dir()
 
     assert main(["cache", str(tiny_study)]) == 2  # top_k [4, all]: whole-vocabulary trials
     assert "'all'" in capsys.readouterr().err
@@ -244,17 +246,17 @@ def test_a_finite_top_k_sweep_runs_the_teacher_once(tiny_study, monkeypatch):
     optuna_study = load_existing_study(load_study(tiny_study))
     assert [t.state for t in optuna_study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 2
     assert calls == [] and loads.count("teacher") == 1  # loaded once to build, never run online
-    [train_cache] = [c for c in teacher_cache_root().glob("*-k8")]
+    [train_cache] = [c for c in teacher_cache_dir().glob("*-k8")]
     assert CachedTeacher(train_cache).manifest["teacher_tokens"] == train_tokens(tiny_study)
 
     mass = optuna_study.user_attrs["topk_mass"]
     assert set(mass) == {"4", "8"} and 0 < mass["4"] < mass["8"] < 1
-    parent = MlflowClient(load_study(tiny_study).tracking.uri).get_run(optuna_study.user_attrs["mlflow_parent_run_id"])
+    parent = MlflowClient(load_study(tiny_study).tracking.uri).get_run(optuna_study.user_attrs[StudyAttr.PARENT_RUN_ID])
     assert parent.data.metrics["topk_mass_k8"] == pytest.approx(mass["8"])
     assert parent.data.metrics["train_padding_share"] == pytest.approx(optuna_study.user_attrs["train_padding_share"])
     assert 0 <= parent.data.metrics["train_padding_share"] < 0.5
     for trial in optuna_study.get_trials():  # each trial knows the mass its own top_k keeps
-        assert trial.user_attrs["topk_mass"] == pytest.approx(mass[str(trial.user_attrs["params"]["top_k"])])
+        assert trial.user_attrs["topk_mass"] == pytest.approx(mass[str(trial.user_attrs[TrialAttr.PARAMS]["top_k"])])
 
 
 @pytest.mark.parametrize("overrides", [[], ["search.top_k=[4]", "train.teacher_cache=false"]])
@@ -262,5 +264,5 @@ def test_whole_vocabulary_or_cache_off_runs_the_teacher_online(tiny_study, overr
     ws = prepare(load_study(tiny_study, overrides), progress=SweepProgress())  # top_k [4, all] by default
     assert isinstance(ws.teacher, OnlineTeacher)
     assert ws.teacher.tokens_processed == sum(b.num_tokens for b in ws.eval_set.batches)  # the eval set's targets
-    assert not teacher_cache_root().exists()
+    assert not teacher_cache_dir().exists()
     assert ws.topk_mass({"top_k": 4}) is None

@@ -17,12 +17,14 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from conftest import Child
 from mlflow.tracking import MlflowClient
 
-from kdsweep import sweep, workspace
+from kdsweep import storage, sweep, workspace
 from kdsweep.cli import main
 from kdsweep.config import load_study
-from kdsweep.sweep import load_existing_study
+from kdsweep.names import StudyAttr, Tag, TrialAttr
+from kdsweep.storage import load_existing_study
 
 SEARCHED = ("alpha", "temperature", "top_k", "learning_rate")
 FIXED = ("teacher", "student", "dataset", "max_length", "batch_size", "max_steps", "precision", "seed")
@@ -34,8 +36,8 @@ def study_runs(study_path, uri: str | None = None):
     client = MlflowClient(tracking_uri=uri or study.tracking.uri)
     experiment = client.get_experiment_by_name(study.name)
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    trials = {int(r.data.tags["kdsweep.trial"]): r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    parents = [r for r in runs if Tag.PARENT not in r.data.tags]
+    trials = {int(r.data.tags[Tag.TRIAL]): r for r in runs if Tag.PARENT in r.data.tags}
     return client, parents, trials
 
 
@@ -53,26 +55,13 @@ class PruneTrial(optuna.pruners.BasePruner):
         return trial.number == self.number
 
 
-def child_env() -> dict[str, str]:
-    """The environment a ``python -m kdsweep`` child needs to import this checkout."""
-    root = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+def start_worker(study_path, *args) -> Child:
+    return Child("run", str(study_path), "--no-report", *args)
 
 
-def start_worker(study_path, *args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "kdsweep", "run", str(study_path), "--no-report", *args]
-    return subprocess.Popen(command, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_running_trial(study_path, worker: subprocess.Popen):
+def wait_for_running_trial(study_path, worker: Child):
     """The trial run ``worker`` is training, once it says the trial started (its run exists by then)."""
-    seen = []
-    for line in worker.stdout:
-        seen.append(line)
-        if "trial 0 started" in line:
-            break
-    else:
-        raise AssertionError("the worker ended before its first trial:\n" + "".join(seen))
+    worker.wait_for("trial 0 started")
     study = load_study(study_path)
     client = MlflowClient(tracking_uri=study.tracking.uri)
     experiment = client.get_experiment_by_name(study.name)
@@ -108,26 +97,26 @@ def test_four_trials_complete_fail_prune_with_the_full_layout(tiny_study, monkey
     client, parents, trials = study_runs(tiny_study)
     assert len(parents) == 1 and sorted(trials) == [0, 1, 2, 3]
     parent = parents[0]
-    assert parent.info.run_id == optuna_study.user_attrs["mlflow_parent_run_id"]
+    assert parent.info.run_id == optuna_study.user_attrs[StudyAttr.PARENT_RUN_ID]
     everything = client.search_runs([parent.info.experiment_id], "attributes.status = 'RUNNING'")
     assert everything == []
 
-    statuses = {n: (r.info.status, r.data.tags["kdsweep.state"]) for n, r in trials.items()}
+    statuses = {n: (r.info.status, r.data.tags[Tag.STATE]) for n, r in trials.items()}
     assert statuses == {0: ("FINISHED", "COMPLETE"), 1: ("FAILED", "FAIL"), 2: ("KILLED", "PRUNED"), 3: ("FINISHED", "COMPLETE")}
-    assert "simulated out of memory" in trials[1].data.tags["kdsweep.reason"]
+    assert "simulated out of memory" in trials[1].data.tags[Tag.REASON]
     traceback = client.download_artifacts(trials[1].info.run_id, "traceback.txt")
     assert "RuntimeError: simulated out of memory" in Path(traceback).read_text()
-    assert trials[2].info.run_name.endswith("(pruned)") and "pruned at step 4" in trials[2].data.tags["kdsweep.reason"]
+    assert trials[2].info.run_name.endswith("(pruned)") and "pruned at step 4" in trials[2].data.tags[Tag.REASON]
 
     for number, run in trials.items():
         trial = optuna_study.trials[number]
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags[Tag.PARENT] == parent.info.run_id
         assert run.info.run_name.startswith(f"trial {number} a=")
         assert set(SEARCHED + FIXED) <= set(run.data.params)
-        assert run.data.params["alpha"] == str(trial.user_attrs["params"]["alpha"])
+        assert run.data.params["alpha"] == str(trial.user_attrs[TrialAttr.PARAMS]["alpha"])
         tags = run.data.tags
-        assert (tags["kdsweep.study"], tags["kdsweep.trial"], tags["kdsweep.baseline"]) == ("tiny", str(number), "False")
-        assert tags["kdsweep.version"] and tags["kdsweep.fingerprint"] == study.fingerprint()
+        assert (tags[Tag.STUDY], tags[Tag.TRIAL], tags[Tag.BASELINE]) == ("tiny", str(number), "False")
+        assert tags[Tag.VERSION] and tags[Tag.FINGERPRINT] == study.fingerprint()
         inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
         assert sorted(inputs) == ["evaluation", "training"]
         assert inputs["training"].name.endswith("-train") and inputs["evaluation"].name.endswith("-test")
@@ -150,7 +139,7 @@ def test_four_trials_complete_fail_prune_with_the_full_layout(tiny_study, monkey
     assert parent.data.tags["best_trial"] == str(best.number)
     assert parent.data.tags["best.run_id"] == trials[best.number].info.run_id
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
-    assert parent.data.tags["best.alpha"] == str(best.user_attrs["params"]["alpha"])
+    assert parent.data.tags["best.alpha"] == str(best.user_attrs[TrialAttr.PARAMS]["alpha"])
     assert {"teacher_ppl", "student_ppl_untrained"} <= set(parent.data.metrics)
     assert set(FIXED) <= set(parent.data.params)
     study_file = Path(client.download_artifacts(parent.info.run_id, "study.yaml")).read_text()
@@ -158,9 +147,9 @@ def test_four_trials_complete_fail_prune_with_the_full_layout(tiny_study, monkey
 
     # The plugin: a run that user code started inside trial 0 carries the study and the trial.
     user_run = client.get_run(user_runs[0])
-    assert user_run.data.tags["kdsweep.study"] == "tiny"
-    assert user_run.data.tags["kdsweep.trial"] == "0"
-    assert user_run.data.tags["kdsweep.trial_run_id"] == trials[0].info.run_id
+    assert user_run.data.tags[Tag.STUDY] == "tiny"
+    assert user_run.data.tags[Tag.TRIAL] == "0"
+    assert user_run.data.tags[Tag.TRIAL_RUN_ID] == trials[0].info.run_id
     assert "KDSWEEP_TRIAL" not in os.environ  # the trial's marks are gone after it
 
 
@@ -195,9 +184,9 @@ def test_save_best_keeps_only_the_best_trials_model(tiny_study, monkeypatch):
     files = {n: [a.path for a in client.list_artifacts(r.info.run_id, "model")] for n, r in trials.items()}
     assert files[0] == [] and files[2] == []
     assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= set(files[1])
-    assert trials[1].data.tags["kdsweep.model"] == "saved"
-    assert trials[0].data.tags["kdsweep.model"] == "deleted: trial 1 is better"
-    assert "kdsweep.model" not in trials[2].data.tags
+    assert trials[1].data.tags[Tag.MODEL] == "saved"
+    assert trials[0].data.tags[Tag.MODEL] == "deleted: trial 1 is better"
+    assert Tag.MODEL not in trials[2].data.tags
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,10 +200,10 @@ def test_save_best_keeps_only_the_best_trials_model(tiny_study, monkeypatch):
 
 def test_set_user_attr_once_keeps_the_first_value(tmp_path):
     optuna_study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
-    assert sweep.set_user_attr_once(optuna_study, "k", "first") == "first"
-    assert sweep.set_user_attr_once(optuna_study, "k", "second") == "first"
+    assert storage.set_user_attr_once(optuna_study, "k", "first") == "first"
+    assert storage.set_user_attr_once(optuna_study, "k", "second") == "first"
     other_worker = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
-    assert sweep.set_user_attr_once(other_worker, "k", "third") == "first"
+    assert storage.set_user_attr_once(other_worker, "k", "third") == "first"
     assert other_worker.user_attrs["k"] == "first"
 
 
@@ -243,16 +232,15 @@ def test_a_worker_that_loses_the_race_for_the_parent_adopts_the_winner(tiny_stud
 @pytest.mark.slow
 def test_two_worker_processes_put_every_trial_under_one_parent(tiny_study):
     workers = [start_worker(tiny_study, "--n-trials", "4", "--set", "train.max_steps=16") for _ in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(outputs)
-    assert all(re.search(r"trial \d started", out) for out in outputs), "a worker ran no trial"
+    assert [w.finish(timeout=600) for w in workers] == [0, 0], "\n\n".join(w.output for w in workers)
+    assert all(re.search(r"trial \d started", w.output) for w in workers), "a worker ran no trial"
 
     optuna_study = load_existing_study(load_study(tiny_study))
     assert len(optuna_study.get_trials()) == 4  # the target counts both workers' trials
     _, parents, trials = study_runs(tiny_study)
     assert len(parents) == 1 and sorted(trials) == [0, 1, 2, 3]
-    assert {r.data.tags["mlflow.parentRunId"] for r in trials.values()} == {parents[0].info.run_id}
-    assert parents[0].info.run_id == optuna_study.user_attrs["mlflow_parent_run_id"]
+    assert {r.data.tags[Tag.PARENT] for r in trials.values()} == {parents[0].info.run_id}
+    assert parents[0].info.run_id == optuna_study.user_attrs[StudyAttr.PARENT_RUN_ID]
     assert {r.info.status for r in [*parents, *trials.values()]} == {"FINISHED"}
 
 
@@ -263,32 +251,32 @@ def test_two_worker_processes_put_every_trial_under_one_parent(tiny_study):
 def test_sigterm_ends_the_trial_and_the_parent(tiny_study):
     worker = start_worker(tiny_study, "--set", "train.max_steps=400", "--set", "train.eval_every=400")
     wait_for_running_trial(tiny_study, worker)
-    worker.send_signal(signal.SIGTERM)
-    output = worker.communicate(timeout=120)[0]
-    assert worker.returncode == 130, output
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.finish(timeout=120) == 130, worker.output
     _, parents, trials = study_runs(tiny_study)
     assert parents[0].info.status == "KILLED"
-    assert [(r.info.status, r.data.tags["kdsweep.state"]) for r in trials.values()] == [("KILLED", "INTERRUPTED")]
+    assert [(r.info.status, r.data.tags[Tag.STATE]) for r in trials.values()] == [("KILLED", "INTERRUPTED")]
 
 
 @pytest.mark.slow
 def test_a_sigkilled_workers_run_is_ended_by_the_next_run(tiny_study, monkeypatch):
     worker = start_worker(tiny_study, "--set", "train.max_steps=400", "--set", "train.eval_every=400")
     killed = wait_for_running_trial(tiny_study, worker)
-    worker.kill()
-    worker.wait()
+    worker.process.kill()
+    worker.finish(timeout=60)
     assert study_runs(tiny_study)[2][0].info.status == "RUNNING"  # nobody could close it
 
     # Optuna's heartbeat declares the trial dead after a grace period (120 s in kdsweep): 1 s here.
-    monkeypatch.setattr(sweep, "storage", lambda url: optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1))
+    monkeypatch.setattr(storage, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(storage, "GRACE_SECONDS", 1)
     time.sleep(1.5)
     assert main(["run", str(tiny_study), "--n-trials", "1", "--no-report"]) == 0
 
     _, _, trials = study_runs(tiny_study)
     ended = trials[0]
     assert ended.info.run_id == killed.info.run_id
-    assert (ended.info.status, ended.data.tags["kdsweep.state"]) == ("KILLED", "KILLED")
-    assert "worker stopped" in ended.data.tags["kdsweep.reason"]
+    assert (ended.info.status, ended.data.tags[Tag.STATE]) == ("KILLED", "KILLED")
+    assert "worker stopped" in ended.data.tags[Tag.REASON]
     assert load_existing_study(load_study(tiny_study)).trials[0].state.name == "FAIL"
     assert [r.info.status for r in trials.values()].count("RUNNING") == 0
 
@@ -372,14 +360,14 @@ def test_the_run_context_provider_is_registered_with_mlflow():
     points = {e.name: e.value for e in entry_points(group="mlflow.run_context_provider")}
     assert points.get("kdsweep") == "kdsweep.mlflow_plugin:TrialRunContext"
     assert TrialRunContext().in_context() is False
-    assert "kdsweep.trial" not in resolve_tags()
+    assert Tag.TRIAL not in resolve_tags()
     with active_trial("demo", 7, "abc123"):
         assert TrialRunContext().in_context() is True
         tags = resolve_tags()
         child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['KDSWEEP_TRIAL'])"], capture_output=True, text=True)
-    assert (tags["kdsweep.study"], tags["kdsweep.trial"], tags["kdsweep.trial_run_id"]) == ("demo", "7", "abc123")
+    assert (tags[Tag.STUDY], tags[Tag.TRIAL], tags[Tag.TRIAL_RUN_ID]) == ("demo", "7", "abc123")
     assert child.stdout.strip() == "7"  # processes a trial starts see it too
-    assert "kdsweep.trial" not in resolve_tags()
+    assert Tag.TRIAL not in resolve_tags()
 
 
 # ---------------------------------------------------------------- kdsweep ui (the browser tests run it for real)
@@ -396,8 +384,6 @@ def test_ui_with_a_tracking_server_prints_its_runs_url(tiny_study, monkeypatch, 
 
 
 def test_ui_urls():
-    from kdsweep.ui import compare_url, runs_url
+    from kdsweep.tracking import runs_url
 
     assert runs_url("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000/#/experiments"
-    url = compare_url("http://127.0.0.1:5000/", "3", ["a1", "b2"])
-    assert url == 'http://127.0.0.1:5000/#/compare-runs?runs=["a1","b2"]&experiments=["3"]&workflowType=machine_learning'

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdsweep import train
+from kdsweep import demo, train
 from kdsweep.config import TrainConfig
 from kdsweep.data import Batch, make_batches, tokenize
+from kdsweep.errors import UsageError
 from kdsweep.evaluate import prepare_eval_set, score
 from kdsweep.models import Vocabulary, shared_vocabulary
 from kdsweep.teacher import OnlineTeacher
-from kdsweep import demo
-from kdsweep.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +74,28 @@ def test_alpha_zero_needs_no_teacher(setup, tiny_models):
     assert all(log.kl == 0 and log.loss == pytest.approx(log.ce) for log in logs)
 
 
-def test_top_k_runs_on_the_teachers_top_entries(setup, tiny_models):
-    _, logs, _, _ = run(setup, tiny_models, settings(top_k=4))
-    assert all(math.isfinite(log.kl) and log.kl >= 0 for log in logs)
+def test_top_k_distills_the_teachers_renormalised_top_entries(setup, tiny_models):
+    """The first step's logged KL is T^2 KL(top-4 teacher renormalised || student) on its batch,
+    computed here in float64 from the two models' full logits."""
+    tokenizer, teacher_model, vocab, split = setup
+    run_settings = settings(top_k=4, temperature=2.0, train={"log_every": 1, "max_steps": 1, "eval_every": 1})
+    batch = next(train.endless_batches(split, run_settings, pad_id=tokenizer.pad_token_id))
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    with torch.no_grad():
+        kept = batch.labels[:, 1:] != -100
+        logits = {
+            name: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][kept][:, : vocab.size].double()
+            for name, model in (("student", student), ("teacher", teacher_model))
+        }
+    top = logits["teacher"].topk(4, dim=-1)
+    p_t = torch.softmax(top.values / 2.0, dim=-1)
+    log_q = torch.log_softmax(logits["student"] / 2.0, dim=-1).gather(-1, top.indices)
+    expected = 4.0 * (p_t * (p_t.log() - log_q)).sum(-1).mean()
+
+    _, logs, _, _ = run(setup, tiny_models, run_settings)
+    assert logs[0].kl == pytest.approx(float(expected), rel=1e-4)
+    full = run(setup, tiny_models, dataclasses.replace(run_settings, top_k=None))[1]
+    assert full[0].kl != pytest.approx(logs[0].kl, rel=1e-3)  # truncation changes what is distilled
 
 
 def test_gradient_accumulation_counts_micro_batches(setup, tiny_models):

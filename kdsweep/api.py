@@ -1,0 +1,119 @@
+"""kdsweep from Python: what the command line does, as functions for notebooks and scripts.
+
+Example:
+    >>> import kdsweep
+    >>> summary = kdsweep.run_study("studies/demo.yaml", n_trials=4, overrides={"train.max_steps": 100})  # doctest: +SKIP
+    >>> summary.best_params, summary.best_run_id  # doctest: +SKIP
+    >>> kdsweep.write_report("studies/demo.yaml")  # doctest: +SKIP
+    PosixPath('reports/demo.md')
+
+Each function is a thin call to what ``kdsweep run`` and ``kdsweep report`` use, and raises the
+same errors: :class:`kdsweep.errors.StudyError` for a bad study file (``.problems`` lists each
+problem), :class:`kdsweep.errors.UsageError` for other bad input (a missing model or dataset).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import transformers
+import yaml
+
+from kdsweep import sweep
+from kdsweep.config import StudyConfig, load_study
+from kdsweep.names import TrialAttr
+from kdsweep.progress import SweepProgress
+from kdsweep.report import write_report as write_markdown_report
+
+StudyLike = str | Path | StudyConfig
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """Where a study stands after a run: its best trial and where to find it."""
+
+    study: str
+    objective: str
+    direction: str  # "minimize" or "maximize"
+    finished: int  # finished trials the study holds (complete, pruned, failed)
+    target: int
+    ran: int  # trials this call ran
+    best_trial: int | None = None
+    best_value: float | None = None
+    best_params: dict = field(default_factory=dict)
+    best_run_id: str | None = None  # the best trial's MLflow run
+    report: Path | None = None
+
+
+def run_study(
+    study: StudyLike,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    overrides: Mapping[str, object] | None = None,
+    report: bool = True,
+) -> StudySummary:
+    """Run (or continue) a study until it holds ``n_trials`` finished trials, as ``kdsweep run``.
+
+    Args:
+        study: A study file, or a loaded :class:`~kdsweep.config.StudyConfig`.
+        n_trials: The total of finished trials the study should hold (default: the study's).
+        timeout: Start no new trial after this many seconds.
+        overrides: Study fields to override, by key path: ``{"train.max_steps": 50}``.
+        report: Write ``reports/<study>.md`` at the end, as the command does.
+    """
+    config = load(study, overrides)
+    quiet_libraries()
+    progress = SweepProgress()
+    try:
+        result = sweep.run(config, n_trials=n_trials, timeout=timeout, progress=progress)
+    finally:
+        progress.close()
+    report_path = write_markdown_report(config) if report and result.finished else None
+    best = result.best
+    return StudySummary(
+        study=config.name,
+        objective=config.objective,
+        direction=config.direction,
+        finished=result.finished,
+        target=result.target,
+        ran=result.ran,
+        best_trial=None if best is None else best.number,
+        best_value=None if best is None else best.value,
+        best_params={} if best is None else dict(best.user_attrs.get(TrialAttr.PARAMS, best.params)),
+        best_run_id=None if best is None else best.user_attrs.get(TrialAttr.MLFLOW_RUN_ID),
+        report=report_path,
+    )
+
+
+def write_report(study: StudyLike, *, output: str | Path | None = None, overrides: Mapping[str, object] | None = None) -> Path:
+    """Write the study's Markdown report and figures, as ``kdsweep report``; returns its path."""
+    return write_markdown_report(load(study, overrides), output=None if output is None else str(output))
+
+
+def load(study: StudyLike, overrides: Mapping[str, object] | None = None) -> StudyConfig:
+    """A study file read, overridden and validated (a StudyConfig is returned as it is)."""
+    if isinstance(study, StudyConfig):
+        if overrides:
+            raise TypeError("overrides apply to a study file; pass the file's path, or change the StudyConfig")
+        return study
+    return load_study(study, [f"{key}={_yaml_text(value)}" for key, value in (overrides or {}).items()])
+
+
+def _yaml_text(value: object) -> str:
+    """A value as ``--set`` reads it (YAML): numbers and booleans keep their type."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' own chatter out of kdsweep's progress: Optuna's per-trial log lines
+    repeat ours, and transformers draws a bar for every checkpoint a trial loads."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Baselines fix alpha at 0, outside a distillation range, on purpose.
+    warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)

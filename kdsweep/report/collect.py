@@ -1,0 +1,323 @@
+"""Everything the report shows, read once from the Optuna storage and the study's MLflow runs.
+
+``collect`` gathers the trials (a pandas DataFrame), the reference numbers, the eval curves and
+the parameter importances into one :class:`ReportData`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsweep.config import StudyConfig
+from kdsweep.names import MAXIMIZE, Metric, StudyAttr, Tag, TrialAttr
+from kdsweep.paths import store_missing
+from kdsweep.report.text import as_float, finite
+from kdsweep.space import SEARCHED
+from kdsweep.tracking import compare_url, run_url, tracking_uri
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `kdsweep ui` serves a local tracking store
+
+
+@dataclass
+class Tracking:
+    """Where the study's MLflow runs live, and how the report links to them."""
+
+    uri: str | None
+    experiment_id: str | None
+    parent_run_id: str | None
+    link_base: str | None = None  # http(s) address of the MLflow UI
+    local: bool = True  # a local store: links assume `kdsweep ui` is serving it
+    problem: str | None = None  # why the runs could not be read
+
+    def run_link(self, run_id) -> str | None:
+        if self.problem or not (self.link_base and self.experiment_id and isinstance(run_id, str)):
+            return None
+        return run_url(self.link_base, self.experiment_id, run_id)
+
+    def compare_link(self, run_ids: list) -> str | None:
+        """MLflow's side-by-side view of the runs."""
+        run_ids = [r for r in run_ids if isinstance(r, str)]
+        if self.problem or not (self.link_base and self.experiment_id and len(run_ids) >= 2):
+            return None
+        return compare_url(self.link_base, self.experiment_id, run_ids)
+
+
+@dataclass
+class Importances:
+    """Parameter importances, or why there are none."""
+
+    values: pd.Series | None  # parameter -> importance, largest first
+    evaluator: str
+    n_trials: int
+    skipped: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows, read once from the Optuna storage and MLflow."""
+
+    study: StudyConfig
+    attrs: dict  # the Optuna study's user attrs
+    trials: pd.DataFrame  # one row per trial, by number (see trials_frame)
+    tracking: Tracking
+    curves: dict[int, pd.DataFrame] = field(default_factory=dict)  # trial -> student_ppl by step
+    importances: Importances | None = None
+
+    @property
+    def ranked(self) -> pd.DataFrame:
+        """Complete trials, best first; ties go to the earlier trial."""
+        complete = self.trials[self.trials.state == "COMPLETE"]
+        ascending = self.study.direction != MAXIMIZE
+        return complete.sort_values(["value", "number"], ascending=[ascending, True], kind="mergesort")
+
+    @property
+    def top(self) -> pd.DataFrame:
+        return self.ranked.head(self.study.report_top_n)
+
+    @property
+    def best_plain(self) -> pd.Series | None:
+        """The best plain fine-tuning trial (alpha 0), the baseline distillation has to beat."""
+        plain = self.ranked[self.ranked.alpha == 0]
+        return plain.iloc[0] if len(plain) else None
+
+    @property
+    def best_distilled(self) -> pd.Series | None:
+        distilled = self.ranked[self.ranked.alpha != 0]
+        return distilled.iloc[0] if len(distilled) else None
+
+    @property
+    def teacher_ppl(self) -> float | None:
+        return as_float(self.attrs.get(StudyAttr.TEACHER_PPL))
+
+    @property
+    def untrained_ppl(self) -> float | None:
+        return as_float(self.attrs.get(StudyAttr.UNTRAINED_PPL))
+
+    def ratio(self, ppl, stored=None) -> float | None:
+        """Student over teacher perplexity: ``stored`` when the trial recorded it."""
+        if as_float(stored) is not None:
+            return float(stored)
+        teacher, ppl = self.teacher_ppl, as_float(ppl)
+        return None if teacher is None or ppl is None else ppl / teacher
+
+    def trial_cell(self, trial) -> str:
+        """The trial's number, linked to its MLflow run when the UI's address is known."""
+        link = self.tracking.run_link(trial.mlflow_run_id)
+        return f"[{trial.number}]({link})" if link else str(trial.number)
+
+    @property
+    def study_file(self) -> str:
+        """The study file, as a command in the report names it."""
+        candidate = Path(self.study.base_dir) / f"{self.study.name}.yaml"
+        return str(candidate) if candidate.exists() else "STUDY.yaml"
+
+    def changed_settings(self) -> dict:
+        """Settings the sweep ran with that differ from the study file as it reads now (--set
+        overrides), flattened to key paths."""
+        as_run = self.attrs.get(StudyAttr.CONFIG)
+        if not as_run:
+            return {}
+        ran, current = _flatten(as_run), _flatten(self.study.to_dict())
+        return {k: v for k, v in ran.items() if current.get(k) != v and k.split(".")[0] not in _NOT_REPRODUCED}
+
+    def gap_closed(self, ppl) -> float | None:
+        """Share (in %) of the untrained-student-to-teacher perplexity gap that ``ppl`` closes."""
+        teacher, untrained, ppl = self.teacher_ppl, self.untrained_ppl, as_float(ppl)
+        if teacher is None or untrained is None or ppl is None or untrained <= teacher:
+            return None
+        return 100 * (untrained - ppl) / (untrained - teacher)
+
+
+# Settings the reproduce command sets itself, or that do not change what a trial computes.
+_NOT_REPRODUCED = ("name", "n_trials", "baselines", "search", "storage", "tracking", "sampler", "pruner", "report_top_n", "save_best")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def collect(study: StudyConfig, optuna_study: optuna.Study) -> ReportData:
+    """Read the study's trials, MLflow runs, curves and importances into one ReportData."""
+    trials = optuna_study.get_trials(deepcopy=False)
+    data = ReportData(study, dict(optuna_study.user_attrs), trials_frame(trials), _tracking(study, optuna_study))
+    runs = _read_runs(data.tracking)
+    data.trials = _merge_runs(data.trials, runs)
+    data.curves = _read_curves(data)
+    data.importances = compute_importances(trials, study.direction)
+    return data
+
+
+def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
+    """One row per trial: state, objective, the four parameters, final metrics, timing, reasons."""
+    rows = [_trial_row(t) for t in trials]
+    frame = pd.DataFrame(rows, columns=list(_trial_row(None).keys()))
+    # Object columns keep top_k's ints (and "all") and run ids as they are, even beside a None.
+    for column in ("top_k", "mlflow_run_id"):
+        frame[column] = pd.Series([row[column] for row in rows], index=frame.index, dtype=object)
+    return frame.sort_values("number", kind="mergesort").reset_index(drop=True)
+
+
+def _trial_row(trial: FrozenTrial | None) -> dict:
+    attrs = trial.user_attrs if trial else {}
+    params = attrs.get(TrialAttr.PARAMS) or (trial.params if trial else {})
+    steps = sorted(trial.intermediate_values.items()) if trial else []
+    return {
+        "number": trial.number if trial else 0,
+        "state": trial.state.name if trial else "",
+        "value": trial.value if trial else None,
+        "baseline": bool(attrs.get(TrialAttr.BASELINE, False)),
+        **{name: params.get(name) for name in SEARCHED},
+        "student_ppl": attrs.get(Metric.STUDENT_PPL),
+        "ppl_ratio": attrs.get(Metric.PPL_RATIO),
+        "kl_to_teacher": attrs.get(Metric.KL_TO_TEACHER),
+        "duration_s": trial.duration.total_seconds() if trial and trial.duration else None,
+        "started": trial.datetime_start if trial else None,
+        "ended": trial.datetime_complete if trial else None,
+        "mlflow_run_id": attrs.get(TrialAttr.MLFLOW_RUN_ID),
+        "fail_reason": attrs.get(TrialAttr.FAIL_REASON),
+        "pruned_step": attrs.get(TrialAttr.PRUNED_STEP, steps[-1][0] if steps else None),
+        "last_reported": steps[-1][1] if steps else None,
+        "topk_mass": attrs.get(TrialAttr.TOPK_MASS),
+    }
+
+
+def _tracking(study: StudyConfig, optuna_study: optuna.Study) -> Tracking:
+    uri = tracking_uri(study.tracking.uri)
+    attrs = optuna_study.user_attrs
+    tracking = Tracking(uri, attrs.get(StudyAttr.EXPERIMENT_ID), attrs.get(StudyAttr.PARENT_RUN_ID))
+    if uri and uri.startswith(("http://", "https://")):
+        tracking.link_base, tracking.local = uri.rstrip("/"), False
+    else:
+        tracking.link_base = LOCAL_UI
+    if tracking.parent_run_id is None or tracking.experiment_id is None:
+        tracking.problem = "the study has no MLflow parent run (it was never attached to MLflow)"
+    elif store_missing(uri):
+        # Opening a missing SQLite store would create an empty one; a report only reads.
+        tracking.problem = f"the MLflow store {uri} does not exist"
+    return tracking
+
+
+def mlflow_client(tracking: Tracking) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking.uri)
+
+
+def _read_runs(tracking: Tracking) -> pd.DataFrame:
+    """The parent's nested runs as a DataFrame shaped like ``mlflow.search_runs``' (run_id,
+    status, tags.*, metrics.*), read through a client bound to the study's tracking URI rather
+    than MLflow's process-wide one."""
+    if tracking.problem:
+        return pd.DataFrame(columns=["run_id", "status"])
+    client, runs, token = mlflow_client(tracking), [], None
+    query = f"tags.`{Tag.PARENT}` = '{tracking.parent_run_id}'"
+    try:
+        while True:
+            page = client.search_runs([tracking.experiment_id], filter_string=query, max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                break
+    except MlflowException as exc:
+        tracking.problem = f"the MLflow runs could not be read: {str(exc).splitlines()[0]}"
+        return pd.DataFrame(columns=["run_id", "status"])
+    rows = [
+        {
+            "run_id": r.info.run_id,
+            "status": r.info.status,
+            **{f"tags.{k}": v for k, v in r.data.tags.items()},
+            **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+        }
+        for r in runs
+    ]
+    return pd.DataFrame(rows).sort_values("run_id", kind="mergesort") if rows else pd.DataFrame(columns=["run_id", "status"])
+
+
+def _merge_runs(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Add each trial's MLflow status, recorded reason and whether any latest metric is not finite."""
+    keep = runs.reindex(columns=["run_id", "status", f"tags.{Tag.REASON}"])
+    keep.columns = ["mlflow_run_id", "run_status", "run_reason"]
+    keep = keep.astype(object)
+    metric_columns = [c for c in runs.columns if c.startswith("metrics.")]
+    keep["nonfinite_metrics"] = [
+        ", ".join(c.removeprefix("metrics.") for c in metric_columns if not finite(row[c]) and not pd.isna(row[c]))
+        for _, row in runs.iterrows()
+    ]
+    return trials.merge(keep, on="mlflow_run_id", how="left")
+
+
+def _read_curves(data: ReportData) -> dict[int, pd.DataFrame]:
+    """student_ppl by eval step for the top trials and the best plain baseline."""
+    if data.tracking.problem:
+        return {}
+    client = mlflow_client(data.tracking)
+    wanted = list(data.top.itertuples())
+    if (plain := data.best_plain) is not None and plain.number not in data.top.number.values:
+        wanted.append(plain)
+    curves = {}
+    for trial in wanted:
+        if not isinstance(trial.mlflow_run_id, str):
+            continue
+        history = client.get_metric_history(trial.mlflow_run_id, Metric.STUDENT_PPL)
+        points = pd.DataFrame([(m.step, m.value) for m in history], columns=["step", "student_ppl"])
+        if len(points):
+            curves[int(trial.number)] = points.sort_values("step", kind="mergesort").drop_duplicates("step", keep="last")
+    return curves
+
+
+# ---------------------------------------------------------------- parameter importances
+
+
+def compute_importances(trials: list[FrozenTrial], direction: str) -> Importances:
+    """PED-ANOVA importances (Optuna's default evaluator: deterministic, handles categorical
+    top_k) over the complete trials the sampler chose. Baselines are left out: their fixed
+    values (alpha 0) lie outside the search space and would dominate the estimate."""
+    evaluator_name = "PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator, Optuna's default)"
+    sampled = sampled_trials(trials)
+    result = Importances(None, evaluator_name, len(sampled))
+    searched = {name for t in sampled for name, dist in t.distributions.items() if not dist.single()}
+    if len(sampled) < 2:
+        result.skipped = f"importances need at least 2 complete non-baseline trials; this study has {len(sampled)}"
+    elif not searched:
+        result.skipped = "no parameter is searched (every one is fixed), so there is nothing to rank"
+    if result.skipped:
+        return result
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = optuna.importance.get_param_importances(
+            importance_study(sampled, direction), evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+        )
+    result.values = pd.Series(values, dtype=float).rename_axis("parameter").rename("importance")
+    result.warnings = sorted({str(w.message) for w in caught if "optuna" in w.filename})
+    return result
+
+
+def sampled_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The complete trials whose parameters the sampler chose (baselines were fixed by hand)."""
+    return [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get(TrialAttr.BASELINE)]
+
+
+def importance_study(trials: list[FrozenTrial], direction: str) -> optuna.Study:
+    """An in-memory copy of the study holding only ``trials``, for the evaluators and plots."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line
+    try:
+        copy = optuna.create_study(direction=direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    copy.add_trials(trials)
+    return copy
+

@@ -1,0 +1,293 @@
+"""The report's Markdown: one short function per section.
+
+The output depends only on the storage: no generation time, stable sort orders (ties broken by
+trial number), so generating it twice gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import shlex
+from urllib.parse import quote
+
+import pandas as pd
+import yaml
+
+from kdsweep.config import StudyConfig
+from kdsweep.names import StudyAttr
+from kdsweep.report.checks import warnings_for
+from kdsweep.report.collect import LOCAL_UI, ReportData
+from kdsweep.report.figures import Figure
+from kdsweep.report.text import (
+    as_float,
+    cell_text,
+    duration,
+    fmt,
+    markdown_table,
+    objective_label,
+    params_short,
+    pct,
+    plain_value,
+    set_text,
+    signed,
+)
+from kdsweep.space import SEARCH_SPACE
+from kdsweep.version import __version__
+
+SECTIONS = ("Reference points", "Top configurations", "What mattered", "What went wrong")
+_STATE_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+
+
+def render(data: ReportData, figures: dict[str, Figure]) -> str:
+    """The whole Markdown report; a study without a complete trial gets a short one."""
+    parts = [render_header(data)]
+    if data.ranked.empty:
+        parts.append(render_no_complete(data))
+    else:
+        parts += [render_references(data), render_top(data), render_what_mattered(data, figures)]
+    parts.append(render_what_went_wrong(data))
+    return "\n\n".join(p.strip("\n") for p in parts) + "\n"
+
+
+def render_header(data: ReportData) -> str:
+    study, attrs, trials = data.study, data.attrs, data.trials
+    counts = trials.state.value_counts()
+    states = ", ".join(f"{counts.get(s, 0)} {word}" for s, word in _STATE_WORDS.items() if s != "WAITING" or counts.get(s, 0))
+    durations = trials.duration_s.dropna()
+    complete = data.ranked.duration_s.dropna()
+    train = (attrs.get(StudyAttr.CONFIG) or study.to_dict())["train"]  # what the trials ran with, --set included
+    lines = [
+        f"# kdsweep report: {study.name}",
+        "",
+        f"- **Teacher**: `{study.teacher.name}`; **student**: `{study.student.name}`",
+        f"- **Dataset**: `{study.data.dataset}` ({_sizes(attrs, study)})",
+        f"- **Objective**: `{study.objective}` ({objective_label(study.objective)}), {study.direction[:-1]}ed",
+        f"- **Trials**: {len(trials)} ({states}); target {study.n_trials}",
+        f"- **Compute**: {duration(durations.sum())} of trial wall time in total; "
+        + (f"median {duration(complete.median())} per complete trial" if len(complete) else "no complete trial"),
+        f"- **Trials ran**: {_period(trials)}",
+        f"- **Fixed settings** (as run): {train['max_steps']} steps of batch {train['batch_size']} x {train['grad_accum_steps']}, "
+        f"eval every {train['eval_every']} steps, precision {train['precision']}, seed {train['seed']}",
+        f"- **Config fingerprint**: `{attrs.get('fingerprint', study.fingerprint())}`; **kdsweep** {__version__}",
+    ]
+    return "\n".join(lines)
+
+
+def _sizes(attrs: dict, study: StudyConfig) -> str:
+    if StudyAttr.TRAIN_ROWS not in attrs:
+        return f"splits {study.data.train_split} / {study.data.eval_split}"
+    return (
+        f"{study.data.train_split}: {attrs[StudyAttr.TRAIN_ROWS]:,} rows, "
+        f"{attrs.get(StudyAttr.TRAIN_SCORED_TOKENS, 0):,} scored tokens; "
+        f"{study.data.eval_split}: {attrs[StudyAttr.EVAL_ROWS]:,} rows, "
+        f"{attrs.get(StudyAttr.EVAL_SCORED_TOKENS, 0):,} scored tokens; "
+        f"max length {study.data.max_length}"
+    )
+
+
+def _period(trials: pd.DataFrame) -> str:
+    start, end = trials.started.dropna(), trials.ended.dropna()
+    if start.empty:
+        return "none started"
+    last = f" to {end.max():%Y-%m-%d %H:%M}" if len(end) else ""
+    return f"{start.min():%Y-%m-%d %H:%M}{last} (local time of the workers)"
+
+
+def render_no_complete(data: ReportData) -> str:
+    return (
+        "## No complete trial\n\n"
+        f"The study holds {len(data.trials)} trial(s) and none has completed, so there is nothing to rank yet. "
+        "Run `kdsweep run` on it again; the failed and pruned trials are listed below."
+    )
+
+
+def render_references(data: ReportData) -> str:
+    rows = [
+        ("teacher", "", data.teacher_ppl),
+        ("untrained student", "", data.untrained_ppl),
+    ]
+    plain, distilled = data.best_plain, data.best_distilled
+    if plain is not None:
+        rows.append(("best plain fine-tuning (alpha 0)", data.trial_cell(plain), plain.student_ppl))
+    if distilled is not None:
+        rows.append(("best distilled trial", data.trial_cell(distilled), distilled.student_ppl))
+    frame = pd.DataFrame(
+        [
+            {
+                "reference": name,
+                "trial": trial,
+                "perplexity": fmt(ppl),
+                "ratio to teacher": fmt(data.ratio(ppl)),
+                "gap closed": pct(data.gap_closed(ppl)) if trial else "",
+            }
+            for name, trial, ppl in rows
+        ]
+    )
+    return "\n\n".join(["## Reference points", markdown_table(frame), _reference_verdict(data)])
+
+
+def _reference_verdict(data: ReportData) -> str:
+    best = data.ranked.iloc[0]
+    gap = data.gap_closed(best.student_ppl)
+    text = (
+        f"The best trial (trial {best.number}) reaches perplexity {fmt(best.student_ppl)}, "
+        f"closing {pct(gap)} of the gap between the untrained student and the teacher."
+        if gap is not None
+        else f"The best trial (trial {best.number}) reaches perplexity {fmt(best.student_ppl)}."
+    )
+    plain, distilled = data.best_plain, data.best_distilled
+    if plain is None:
+        return text + " The study has no plain fine-tuning baseline (`baselines: [{alpha: 0}]`), so it cannot tell whether distillation beats it."
+    if distilled is None:
+        return text + " No distilled trial has completed yet."
+    delta = plain.student_ppl - distilled.student_ppl
+    verdict = "beats" if delta > 0 else "does not beat"
+    return text + (
+        f" Distillation {verdict} plain fine-tuning on the same budget: "
+        f"{fmt(distilled.student_ppl)} against {fmt(plain.student_ppl)} ({signed(-delta)} perplexity)."
+    )
+
+
+def render_top(data: ReportData) -> str:
+    frame = top_table(data)
+    best = data.ranked.iloc[0]
+    intro = f"The {len(frame)} best of {len(data.ranked)} complete trials by `{data.study.objective}`."
+    if (data.top.alpha == 0).any():
+        intro += " Temperature and top_k do nothing at alpha 0, so plain fine-tuning rows leave them blank."
+    parts = ["## Top configurations", intro, markdown_table(frame)]
+    if compare := data.tracking.compare_link(list(data.top.mlflow_run_id)):
+        parts.append(f"[Compare these runs side by side in MLflow]({compare}): parameters, metrics and curves.")
+    if data.tracking.local:
+        parts.append(
+            f"Run links point at a local MLflow store: they open while `kdsweep ui {data.study_file}` serves it on {LOCAL_UI}."
+        )
+    parts += [
+        f"**Best configuration** (trial {best.number}, {data.study.objective} {fmt(best.value)}), ready to paste into a study file:",
+        "```yaml\n" + best_config_yaml(best) + "```",
+        "Reproduce it alone, as a new one-trial study:",
+        "```bash\n" + reproduce_command(data, best) + "\n```",
+    ]
+    return "\n\n".join(parts)
+
+
+def top_table(data: ReportData) -> pd.DataFrame:
+    """The top-N table as strings: what the Markdown shows."""
+    rows = []
+    for rank, trial in enumerate(data.top.itertuples(), start=1):
+        plain = trial.alpha == 0
+        link = data.tracking.run_link(trial.mlflow_run_id)
+        rows.append(
+            {
+                "rank": str(rank),
+                "trial": f"{trial.number}" + (" (baseline)" if trial.baseline else ""),
+                **{p.title: "" if plain and p.distillation_only else p.show(getattr(trial, p.name)) for p in SEARCH_SPACE},
+                "student ppl": fmt(trial.student_ppl),
+                "ratio to teacher": fmt(data.ratio(trial.student_ppl, trial.ppl_ratio)),
+                "gap closed": pct(data.gap_closed(trial.student_ppl)),
+                "duration": duration(trial.duration_s),
+                "MLflow run": f"[{trial.mlflow_run_id[:8]}]({link})" if link else "",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def best_config_yaml(best) -> str:
+    """The best trial's parameters as a ``search:`` block, at full precision."""
+    values = {p.name: plain_value(getattr(best, p.name)) for p in SEARCH_SPACE}
+    return yaml.safe_dump({"search": values}, sort_keys=False)
+
+
+def reproduce_command(data: ReportData, best) -> str:
+    """``kdsweep run`` with every setting of the best trial fixed, as a new one-trial study."""
+    study = data.study
+    settings = {
+        "name": f"{study.name}-trial{best.number}",
+        "n_trials": 1,
+        "baselines": [],
+        **{f"search.{p.name}": plain_value(getattr(best, p.name)) for p in SEARCH_SPACE},
+        **data.changed_settings(),
+    }
+    args = [f"--set {shlex.quote(f'{key}={set_text(value)}')}" for key, value in settings.items()]
+    return " \\\n    ".join([f"kdsweep run {shlex.quote(data.study_file)}", *args])
+
+
+def render_what_mattered(data: ReportData, figures: dict[str, Figure]) -> str:
+    imp = data.importances
+    parts = ["## What mattered", "### Parameter importances"]
+    if imp.values is None:
+        parts.append(f"Skipped: {imp.skipped}.")
+    else:
+        frame = pd.DataFrame({"parameter": imp.values.index, "importance": [fmt(v, 3) for v in imp.values]})
+        parts += [
+            f"Evaluator: {imp.evaluator}, over the {imp.n_trials} complete non-baseline trials; "
+            "the importances sum to 1 and say which parameters the best trials concentrate on.",
+            markdown_table(frame),
+        ]
+    parts.append(_image(figures["importances"]))
+    parts += ["### Optimization history", _image(figures["history"])]
+    parts += ["### Objective against each parameter", _image(figures["slice"])]
+    parts += [
+        "### Eval curves",
+        "Eval perplexity of the top trials (solid) and the best plain fine-tuning trial (dashed) "
+        "at every evaluation, with the teacher's perplexity on the same tokens (dotted).",
+        _image(figures["curves"]),
+    ]
+    return "\n\n".join(p for p in parts if p)
+
+
+def _image(figure: Figure) -> str:
+    if figure.path is None:
+        return f"*{figure.title}: not drawn ({figure.skipped}).*" if figure.skipped and figure.name != "importances" else ""
+    relative = f"{quote(figure.path.parent.name)}/{quote(figure.path.name)}"
+    return f"![{figure.title}]({relative})"
+
+
+def render_what_went_wrong(data: ReportData) -> str:
+    parts = ["## What went wrong"]
+    for title, frame in (("Failed trials", failed_table(data)), ("Pruned trials", pruned_table(data))):
+        if len(frame):
+            parts += [f"### {title}", markdown_table(frame)]
+    found = warnings_for(data)
+    if found:
+        parts += ["### Warnings", "\n".join(f"- {w}" for w in found)]
+    if len(parts) == 1:
+        parts.append(f"Nothing: all {len(data.trials)} trials completed and no check raised a warning.")
+    return "\n\n".join(parts)
+
+
+def failed_table(data: ReportData) -> pd.DataFrame:
+    failed = data.trials[data.trials.state == "FAIL"]
+    return pd.DataFrame(
+        [{"trial": str(t.number), "parameters": _params_cell(t), "reason": cell_text(_fail_reason(t))} for t in failed.itertuples()],
+        columns=["trial", "parameters", "reason"],
+    )
+
+
+def _fail_reason(trial) -> str:
+    for reason in (trial.fail_reason, trial.run_reason):
+        if isinstance(reason, str) and reason:
+            return reason
+    return "no reason recorded (its worker may have died; the heartbeat marks such trials failed)"
+
+
+def pruned_table(data: ReportData) -> pd.DataFrame:
+    pruned = data.trials[data.trials.state == "PRUNED"]
+    rows = []
+    for t in pruned.itertuples():
+        step = "" if as_float(t.pruned_step) is None else str(int(t.pruned_step))
+        rows.append(
+            {
+                "trial": str(t.number),
+                "parameters": _params_cell(t),
+                "pruned at step": step,
+                f"last {data.study.objective}": fmt(t.last_reported),
+                "reason": cell_text(t.run_reason if isinstance(t.run_reason, str) else "below the pruner's bar"),
+            }
+        )
+    return pd.DataFrame(rows, columns=["trial", "parameters", "pruned at step", f"last {data.study.objective}", "reason"])
+
+
+def _params_cell(trial) -> str:
+    if as_float(trial.alpha) is None:
+        return ""
+    return params_short(trial)
+

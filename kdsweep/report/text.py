@@ -1,0 +1,95 @@
+"""Small formatting helpers: numbers, cells and Markdown tables as the report writes them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from kdsweep.names import Metric
+from kdsweep.space import SEARCH_SPACE
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table of a DataFrame of strings (pandas' to_markdown needs tabulate)."""
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    rows = ["| " + " | ".join(cell_text(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def cell_text(value) -> str:
+    text = "" if value is None else str(value)
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def as_float(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def finite(value) -> bool:
+    number = as_float(value)
+    return number is not None and math.isfinite(number)
+
+
+def fmt(value, digits: int = 4) -> str:
+    number = as_float(value)
+    return "" if number is None else f"{number:.{digits}g}"
+
+
+def fmt_lr(value) -> str:
+    number = as_float(value)
+    return "" if number is None else f"{number:.2e}"
+
+
+def pct(value) -> str:
+    number = as_float(value)
+    return "" if number is None else f"{number:.1f}%"
+
+
+def signed(value: float) -> str:
+    return f"{value:+.4g}"
+
+
+
+def duration(seconds) -> str:
+    number = as_float(seconds)
+    if number is None:
+        return ""
+    if number < 120:
+        return f"{number:.0f} s"
+    return f"{number / 60:.1f} min" if number < 7200 else f"{number / 3600:.1f} h"
+
+
+
+def plain_value(value):
+    """A parameter as YAML and --set take it: ints stay ints, "all" stays a string."""
+    if isinstance(value, str):
+        return value
+    number = float(value)
+    return int(number) if number.is_integer() and not isinstance(value, float) else number
+
+
+def set_text(value) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def params_short(trial) -> str:
+    """A trial's parameters in run-name form (a=0.52 T=2.1 k=64 lr=3.1e-04); at alpha 0 only
+    those that act without a teacher."""
+    plain = trial.alpha == 0
+    shown = [p for p in SEARCH_SPACE if not (plain and p.distillation_only)]
+    return " ".join(f"{p.label}={p.show(getattr(trial, p.name), short=True)}" for p in shown)
+
+
+def objective_label(objective: str) -> str:
+    """The objective in words, for axis labels."""
+    words = {Metric.STUDENT_PPL: "student perplexity", Metric.PPL_RATIO: "student / teacher perplexity"}
+    return words.get(objective, objective)

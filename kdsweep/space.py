@@ -1,0 +1,208 @@
+"""The search space, declared once: each searchable hyperparameter and everything about it.
+
+A declaration (:class:`Searched`) says how the parameter is written in a study file (its default
+range, choices or value), which values are allowed, how it reaches a trial (``setting``), and how
+it is shown in run names and the report. The study file's ``search:`` section
+(:data:`SearchConfig`), its validation, Optuna's sampling (``sweep.suggest``), the run names, the
+report's columns and the importances all follow :data:`SEARCH_SPACE`; adding a parameter is one
+declaration here plus its use in the loss or the training loop.
+
+This module imports neither torch nor Optuna.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+WHOLE_VOCAB = "all"  # the top_k choice that keeps the teacher's whole vocabulary
+
+
+@dataclass(frozen=True)
+class Param:
+    """How a study file searches one parameter: a fixed ``value``, a ``low``..``high`` range
+    (``log``-uniform or on a ``step`` grid), or a list of ``choices``."""
+
+    value: float | int | str | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.low is None and self.choices is None
+
+    @property
+    def values(self) -> list:
+        """Every value a trial may take, for a fixed value or a list of choices."""
+        return [self.value] if self.is_fixed else list(self.choices or ())
+
+
+@dataclass(frozen=True)
+class Searched:
+    """One searchable hyperparameter."""
+
+    name: str
+    default: Param
+    help: str
+    label: str  # in run names: "a" gives a=0.52
+    title: str  # the report's column header
+    run_format: str  # format spec in run names
+    table_format: str  # format spec in the report's tables
+    low: float = 0.0  # allowed values: low (or above it, when low_open) up to high
+    high: float = math.inf
+    low_open: bool = False
+    distillation_only: bool = False  # does nothing without a teacher signal (alpha 0)
+    integer_or_all: bool = False  # whole numbers or "all", given as a list (top_k)
+
+    def setting(self, value: Any) -> Any:
+        """The value as the training loop takes it: ``top_k: all`` is None (no truncation)."""
+        if self.integer_or_all:
+            return None if value == WHOLE_VOCAB else int(value)
+        return float(value)
+
+    def show(self, value: Any, *, short: bool = False) -> str:
+        """The value as a run name (``short``) or a report table shows it; "" for None."""
+        if value is None:
+            return ""
+        if isinstance(value, str) or self.integer_or_all:
+            return str(value)
+        return format(float(value), self.run_format if short else self.table_format)
+
+    def problem(self, where: str, value: Any) -> str | None:
+        """Why ``value`` is not allowed, as a 'key.path: message' line; None when it is."""
+        if self.integer_or_all:
+            if value == WHOLE_VOCAB or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                return None
+            return f"{where}: must be an integer >= 1 or {WHOLE_VOCAB!r}, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{where}: must be a number, got {value!r}"
+        if value < self.low or (value == self.low and self.low_open):
+            return f"{where}: must be {'>' if self.low_open else '>='} {self.low:g}, got {value}"
+        if value > self.high:
+            return f"{where}: must be <= {self.high:g}, got {value}"
+        return None
+
+
+SEARCH_SPACE: tuple[Searched, ...] = (
+    Searched(
+        "alpha", Param(low=0.1, high=0.9), "weight of the KL term; 1 - alpha weighs the cross-entropy",
+        label="a", title="alpha", run_format=".2f", table_format=".4g", low=0.0, high=1.0,
+    ),
+    Searched(
+        "temperature", Param(low=1.0, high=8.0, log=True), "softens teacher and student in the KL term",
+        label="T", title="temperature", run_format=".2g", table_format=".4g", low_open=True,
+        distillation_only=True,
+    ),
+    Searched(
+        "top_k", Param(choices=(WHOLE_VOCAB,)), "the teacher's largest logits kept, or all",
+        label="k", title="top_k", run_format="", table_format="", integer_or_all=True,
+        distillation_only=True,
+    ),
+    Searched(
+        "learning_rate", Param(low=1e-5, high=1e-3, log=True), "AdamW's peak learning rate",
+        label="lr", title="learning rate", run_format=".1e", table_format=".2e", high=1.0, low_open=True,
+    ),
+)
+SEARCHED = tuple(p.name for p in SEARCH_SPACE)
+BY_NAME = {p.name: p for p in SEARCH_SPACE}
+
+# The study file's ``search:`` section, one field per declaration (a bare value in YAML fixes it).
+SearchConfig = dataclasses.make_dataclass(
+    "SearchConfig",
+    [(p.name, Param, field(default=p.default)) for p in SEARCH_SPACE],
+    frozen=True,
+    namespace={"__doc__": "The search space: one Param per declared parameter (space.SEARCH_SPACE)."},
+)
+
+
+def settings(params: dict) -> dict[str, Any]:
+    """A trial's parameters as the training loop takes them (``Searched.setting``)."""
+    return {p.name: p.setting(params[p.name]) for p in SEARCH_SPACE}
+
+
+def run_name(number: int, params: dict) -> str:
+    """A name that reads well in a list of runs: trial 3 a=0.52 T=2.1 k=64 lr=3.1e-04."""
+    shown = " ".join(f"{p.label}={p.show(params[p.name], short=True)}" for p in SEARCH_SPACE if p.name in params)
+    return f"trial {number} {shown}"
+
+
+def searched_names(search: Any) -> list[str]:
+    """The parameters a study actually searches (not fixed to one value)."""
+    return [p.name for p in SEARCH_SPACE if not getattr(search, p.name).is_fixed]
+
+
+def finite_top_ks(search: Any, baselines: tuple[dict, ...] = ()) -> list[int]:
+    """The finite top_k values trials may use (baselines included), or [] if any uses the whole vocabulary."""
+    values = search.top_k.values + [b["top_k"] for b in baselines if "top_k" in b]
+    return [] if WHOLE_VOCAB in values else sorted(set(values))
+
+
+def grid(search: Any) -> dict[str, list]:
+    """The grid sampler's space: each searched parameter's choices, or its range at its step."""
+    space = {}
+    for p in SEARCH_SPACE:
+        param: Param = getattr(search, p.name)
+        if param.choices is not None:
+            space[p.name] = list(param.choices)
+        elif not param.is_fixed:
+            count = int(round((param.high - param.low) / param.step)) + 1
+            space[p.name] = [param.low + i * param.step for i in range(count)]
+    return space
+
+
+# ---------------------------------------------------------------- validation
+
+
+def search_problems(search: Any, baselines: tuple[dict, ...], *, sampler: str) -> list[str]:
+    """Every problem with the search space and the baselines, as 'key.path: message' lines."""
+    problems = []
+    for p in SEARCH_SPACE:
+        problems += _param_problems(p, getattr(search, p.name), sampler)
+    for i, baseline in enumerate(baselines):
+        where = f"baselines[{i}]"
+        if not isinstance(baseline, dict):
+            problems.append(f"{where}: must be a mapping of parameters, e.g. {{alpha: 0}}")
+            continue
+        for key, value in baseline.items():
+            if key not in BY_NAME:
+                problems.append(f"{where}.{key}: unknown parameter (allowed: {', '.join(SEARCHED)})")
+            elif problem := BY_NAME[key].problem(f"{where}.{key}", value):
+                problems.append(problem)
+    return problems
+
+
+def _param_problems(p: Searched, param: Param, sampler: str) -> list[str]:
+    where = f"search.{p.name}"
+    if param.choices is not None:
+        if param.low is not None or param.high is not None:
+            return [f"{where}: give either choices or low/high, not both"]
+        if not param.choices:
+            return [f"{where}.choices: must list at least one value"]
+        return _values_problems(p, [(f"{where}.choices[{i}]", v) for i, v in enumerate(param.choices)])
+    if param.is_fixed:
+        if param.value is None:
+            return [f"{where}: must be a value, a list of choices or {{low, high}}"]
+        return _values_problems(p, [(where, param.value)])
+    if p.integer_or_all:
+        return [f"{where}: must be a list of choices (integers or {WHOLE_VOCAB}), not a range"]
+    if param.low is None or param.high is None:
+        return [f"{where}: a range needs both low and high"]
+    problems = _values_problems(p, [(f"{where}.low", param.low), (f"{where}.high", param.high)])
+    if param.low > param.high:
+        problems.append(f"{where}: low must be <= high, got {param.low} > {param.high}")
+    if param.log and param.low <= 0:
+        problems.append(f"{where}.low: must be > 0 for a log range, got {param.low}")
+    if param.log and param.step is not None:
+        problems.append(f"{where}: step and log cannot be combined")
+    if sampler == "grid" and param.step is None:
+        problems.append(f"{where}: the grid sampler needs choices (or a step) for every searched parameter")
+    return problems
+
+
+def _values_problems(p: Searched, values: list[tuple[str, Any]]) -> list[str]:
+    return [problem for where, value in values if (problem := p.problem(where, value))]
