@@ -21,6 +21,11 @@ steps; tokens/s, MFU and peak memory are measured over the last ``--steps``:
 - cached: the same loop reading the teacher's top-K from kdsweep's cache, built once beforehand
   (its build time is reported apart; the teacher is freed before training, as a sweep does).
 - ce: the same loop with alpha 0 (plain cross-entropy, no teacher): the floor for any of them.
+- onpolicy-0.5, onpolicy-1: the cached loop with lmbda 0.5 and 1: that share of the steps has the
+  student sample ``--gen-tokens`` new tokens after each row's prompt (its first quarter), with the
+  KV cache, the bf16 teacher score them online, and trains on them (plus the reference CE); their
+  tokens/s count the training tokens only, and their MFU is left out (generation is not a matmul
+  workload of the same shape).
 
 MFU = (model FLOPs of the work the mode does) / time / the GPU's dense bf16 peak: the student's
 forward and backward (3x its forward), plus the teacher's forward where the teacher runs. A
@@ -129,7 +134,8 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
 
 
 def synthetic_split(rows: int, seq: int, vocab: int, *, seed: int = 0) -> TokenizedSplit:
-    """Rows of ``seq`` random tokens, the first quarter a prompt (label -100), like a chat row."""
+    """Rows of ``seq`` random tokens, the first quarter a prompt (label -100), like a chat row;
+    the prompt is what an on-policy step has the student complete."""
     rng = random.Random(seed)
     prompt = seq // 4
     input_ids, labels = [], []
@@ -137,7 +143,7 @@ def synthetic_split(rows: int, seq: int, vocab: int, *, seed: int = 0) -> Tokeni
         ids = tuple(rng.randrange(vocab) for _ in range(seq))
         input_ids.append(ids)
         labels.append((IGNORE_INDEX,) * prompt + ids[prompt:])
-    return TokenizedSplit(tuple(input_ids), tuple(labels))
+    return TokenizedSplit(tuple(input_ids), tuple(labels), prompt_lengths=(prompt,) * rows, answers=("",) * rows)
 
 
 def build_model(config: Qwen3Config, device: torch.device, dtype: torch.dtype, *, seed: int) -> Qwen3ForCausalLM:
@@ -226,15 +232,23 @@ def notebook_run(student, teacher, batches, *, top_k: int, device: torch.device,
 # kdsweep's loop
 
 
-def kdsweep_run(student, split, teacher, *, args, top_k: int | None, alpha: float, device: torch.device, vocab) -> list[float]:
-    """``train.distill`` for warmup + steps optimizer steps; returns the time after each step."""
+def kdsweep_run(
+    student, split, teacher, *, args, top_k: int | None, alpha: float, device: torch.device, vocab,
+    lmbda: float = 0.0, online: OnlineTeacher | None = None,
+) -> list[float]:
+    """``train.distill`` for warmup + steps optimizer steps; returns the time after each step.
+    With ``lmbda`` > 0 that share of the steps is on-policy, scored by ``online``."""
     total = args.warmup + args.steps
     config = TrainConfig(
         max_steps=total, batch_size=args.batch, log_every=1, eval_every=total, warmup_ratio=0.0,
         precision=args.precision, device=device.type, loss_chunk_tokens=args.chunk_tokens,
     )
     settings = train.DistillSettings(alpha=alpha, temperature=TEMPERATURE, top_k=top_k, learning_rate=5e-5,
-                                     train=config, group_by_length=False)
+                                     train=config, group_by_length=False, lmbda=lmbda)
+    on_policy = None
+    if lmbda > 0:
+        on_policy = train.OnPolicy(online, split, temperature=1.0, max_new_tokens=args.gen_tokens, pad_id=0,
+                                   eos_id=vocab.size)  # no EOS in a random vocabulary: every row runs to the cap
     clock = []
 
     def on_log(log) -> None:
@@ -243,7 +257,8 @@ def kdsweep_run(student, split, teacher, *, args, top_k: int | None, alpha: floa
         if len(clock) == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-    train.distill(student, split, teacher, settings, vocab=vocab, pad_id=0, evaluate=lambda model: {}, on_log=on_log)
+    train.distill(student, split, teacher, settings, vocab=vocab, pad_id=0, evaluate=lambda model, step: {}, on_log=on_log,
+                  on_policy=on_policy)
     return clock
 
 
@@ -298,9 +313,9 @@ def run_modes(args, device: torch.device) -> dict:
     def student() -> Qwen3ForCausalLM:
         return build_model(student_config, device, torch.float32, seed=1)  # fp32 master weights
 
-    def kdsweep(teacher, *, alpha: float, top_k: int | None) -> Callable[[], list[float]]:
+    def kdsweep(teacher, *, alpha: float, top_k: int | None, lmbda: float = 0.0, online=None) -> Callable[[], list[float]]:
         return lambda: kdsweep_run(student(), split, teacher, args=args, top_k=top_k, alpha=alpha, device=device,
-                                   vocab=vocab)
+                                   vocab=vocab, lmbda=lmbda, online=online)
 
     teacher = build_model(teacher_config, device, torch.float32, seed=2).eval().requires_grad_(False)
     batches = make_batches(split, batch_size=args.batch, pad_id=0, shuffle_seed=None, group_by_length=False)
@@ -312,6 +327,9 @@ def run_modes(args, device: torch.device) -> dict:
             kdsweep(OnlineTeacher(teacher, vocab), alpha=ALPHA, top_k=args.top_k))
     with tempfile.TemporaryDirectory(prefix="kdsweep-gpu-bench-") as tmp:
         cache, build = build_cache(teacher, split, vocab, Path(tmp), args=args, device=device)
+        for lmbda in (0.5, 1.0):  # on-policy: the cache for the other steps, the teacher kept loaded beside it
+            attempt(f"onpolicy-{lmbda:g}", f"kdsweep, cached top-{args.top_k}, lmbda {lmbda:g}: {args.gen_tokens} sampled tokens",
+                    0.0, kdsweep(cache, alpha=ALPHA, top_k=args.top_k, lmbda=lmbda, online=OnlineTeacher(teacher, vocab)))
         del teacher  # a sweep reading the cache holds no teacher
         free_memory(device)
         attempt("cached", f"kdsweep, cached teacher top-{args.top_k}", student_flops,
@@ -363,12 +381,12 @@ def print_table(report: dict) -> None:
     base = results.get("notebook")
     print(f"{'mode':9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'step s':>7} {'x notebook tok/s':>17} "
           f"{'x notebook mem':>15}  what")
-    for mode in ("notebook", "online", "cached", "ce"):
+    for mode in ("notebook", "online", "cached", "ce", "onpolicy-0.5", "onpolicy-1"):
         if mode not in results:
             print(f"{mode:9} {report['notes'].get(mode, 'not run')}")
             continue
         r = results[mode]
-        mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else f"{'-':>6}"
+        mfu = f"{r['mfu']:6.1%}" if r["mfu"] else f"{'-':>6}"
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:17.2f}" if base else f"{'-':>17}"
         memory = f"{r['peak_gib'] / base['peak_gib']:15.2f}" if base else f"{'-':>15}"
         print(f"{mode:9} {r['tokens_per_s']:10,.0f} {mfu} {r['peak_gib']:9.2f} {r['step_s']:7.3f} {speed} {memory}  {r['what']}")
@@ -378,6 +396,9 @@ def print_table(report: dict) -> None:
           f"top-{build['k']}, {build['disk_mib']:.1f} MiB on disk")
     if "cached" in results and "ce" in results:
         print(f"cached distillation step / plain CE step: {results['cached']['step_s'] / results['ce']['step_s']:.3f}")
+    for mode in ("onpolicy-0.5", "onpolicy-1"):
+        if "cached" in results and mode in results:
+            print(f"{mode} step / cached step: {results[mode]['step_s'] / results['cached']['step_s']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -389,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, help="timed steps (default 10; tiny 2)")
     parser.add_argument("--top-k", type=int, default=None, help="teacher top-k (default 100; tiny 16)")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="kdsweep's loss chunk")
+    parser.add_argument("--gen-tokens", type=int, help="new tokens an on-policy step samples per row (default 64; tiny 4)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="kdsweep's train.precision (auto: bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--teacher-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
@@ -397,7 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not an H100/H200/A100")
     parser.add_argument("--output", default="gpu-benchmark.json", help="where the JSON goes")
     args = parser.parse_args(argv)
-    defaults = dict(batch=2, seq=32, warmup=1, steps=2, top_k=16) if args.tiny else dict(batch=8, seq=512, warmup=3, steps=10, top_k=100)
+    defaults = (dict(batch=2, seq=32, warmup=1, steps=2, top_k=16, gen_tokens=4) if args.tiny
+                else dict(batch=8, seq=512, warmup=3, steps=10, top_k=100, gen_tokens=64))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

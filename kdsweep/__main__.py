@@ -1,3 +1,3 @@
-from kdsweep.cli import main
+from kdsweep.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -14,6 +14,7 @@ problem), :class:`kdsweep.errors.UsageError` for other bad input (a missing mode
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,7 +112,10 @@ def _yaml_text(value: object) -> str:
 
 def quiet_libraries() -> None:
     """Keep the libraries' own chatter out of kdsweep's progress: Optuna's per-trial log lines
-    repeat ours, and transformers draws a bar for every checkpoint a trial loads."""
+    repeat ours, transformers draws a bar for every checkpoint a trial loads, and MLflow prints a
+    "View run" line for every run it ends on a tracking server, with the server's URL as given
+    (credentials included): kdsweep links its runs itself, with passwords masked."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

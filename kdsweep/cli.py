@@ -14,8 +14,23 @@ import traceback
 
 from kdsweep.config import StudyConfig, load_study
 from kdsweep.errors import StudyError, UsageError
+from kdsweep.redact import redact
 from kdsweep.space import searched_names
 from kdsweep.version import __version__
+
+
+def entry() -> None:
+    """The ``kdsweep`` command (and ``python -m kdsweep``): ``main``, then exit with its status.
+
+    After an interrupt the process exits at once: a thread a library left behind (transformers
+    loads weights in a thread pool) must not keep a stopped worker alive.
+    """
+    status = main()
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the last line of defence: one line, the traceback on request
         if os.environ.get("KDSWEEP_DEBUG") == "1":
-            traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(redact(traceback.format_exc()), file=sys.stderr)
+        message = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
         print(f"kdsweep: error: {type(exc).__name__}: {message} (KDSWEEP_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
@@ -60,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-trials", type=_positive_int, help="total finished trials the study should hold")
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
     run.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    run.add_argument(
+        "--workers", type=_positive_int, metavar="N",
+        help="run N worker processes on the study, one device each (default 1, or one per --devices entry)",
+    )
+    run.add_argument(
+        "--devices", metavar="0,1,...",
+        help="GPU indices for the workers, round-robin (0,0,1,1: two workers per GPU); default: the visible GPUs, else the CPU",
+    )
     command("check", cmd_check, "validate the study file without training")
     report = command("report", cmd_report, "write the study's Markdown report")
     report.add_argument("--output", metavar="PATH", help="report file (default reports/<study>.md)")
@@ -93,14 +116,54 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kdsweep import api  # torch, transformers, Optuna and MLflow load here
+    study = _study(args)
+    devices = _devices(args.devices)
+    workers = args.workers or (len(devices) if devices else 1)
+    if workers == 1 and devices is None:
+        return _run_here(study, args)
+    from kdsweep import launch  # torch, transformers, Optuna and MLflow load here
 
-    summary = api.run_study(_study(args), n_trials=args.n_trials, timeout=args.timeout, report=not args.no_report)
-    if summary.best_trial is not None:
-        print(f"best: trial {summary.best_trial}, {summary.objective} {summary.best_value:.4f}, {summary.best_params}")
-    if summary.report is not None:
-        print(f"report: {summary.report}")
+    result = launch.run_workers(
+        study, args.study, workers=workers, devices=devices, overrides=args.overrides,
+        n_trials=args.n_trials, timeout=args.timeout, report=not args.no_report,
+    )
+    if result.status == 130:
+        print("kdsweep: interrupted", file=sys.stderr)
+    if result.status == 0:
+        _print_outcome(study, result.best_trial, result.report)
+    return result.status
+
+
+def _run_here(study: StudyConfig, args) -> int:
+    """One worker, in this process (a launched worker too: the launcher prints the summary)."""
+    from kdsweep import api, launch  # torch, transformers, Optuna and MLflow load here
+
+    launched = launch.worker_setup()
+    summary = api.run_study(study, n_trials=args.n_trials, timeout=args.timeout, report=not args.no_report)
+    if not launched:
+        _print_outcome(study, summary.best_trial, summary.report)
     return 0
+
+
+def _print_outcome(study: StudyConfig, best_trial: int | None, report) -> None:
+    from kdsweep.status import print_summary
+
+    if best_trial is not None:
+        print_summary(study)
+    if report is not None:
+        print(f"report: {report}")
+
+
+def _devices(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        devices = [int(part) for part in text.split(",")]
+    except ValueError:
+        devices = []
+    if not devices or min(devices) < 0:
+        raise UsageError(f"--devices {text}: expected GPU indices separated by commas, e.g. --devices 0,1")
+    return devices
 
 
 def cmd_report(args) -> int:

@@ -20,7 +20,8 @@ from typing import Any, Union
 import yaml
 
 from kdsweep.errors import StudyError
-from kdsweep.names import OBJECTIVES
+from kdsweep.names import ACCURACY_OBJECTIVES, OBJECTIVES
+from kdsweep.redact import redact_tree
 from kdsweep.space import Param, SearchConfig, search_problems
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -70,6 +71,30 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when present, else CPU
     loss_chunk_tokens: int = 1024  # tokens per loss chunk: bounds the loss's memory
     teacher_cache: bool = True  # every top_k finite: the teacher runs once per study, into a top-K cache; false: online
+    oom_retry: bool = False  # a trial out of GPU memory is retried with half the micro-batch and twice the accumulation
+    # On-policy steps (search.lmbda > 0): how the student samples its own completions.
+    generation_temperature: float = 1.0
+    generation_max_new_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Task accuracy: the student greedy-decodes the last answer of each held-out row from its
+    prompt, scored by exact match (after whitespace normalisation) and ROUGE-L."""
+
+    accuracy: bool = False  # decode and score answers (metrics exact_match and rouge_l)
+    max_rows: int = 200  # the eval split's first rows that end with an answer
+    max_new_tokens: int = 64  # longer answers are cut
+    batch_size: int = 32  # prompts decoded together (left-padded, with the KV cache)
+    every_eval: bool = False  # at every evaluation, not only the last (always, for an accuracy objective)
+
+
+@dataclass(frozen=True)
+class ConfirmConfig:
+    """The seed check: after the sweep, the best configurations train again with other seeds."""
+
+    top: int = 0  # the best distilled configurations re-run (with the best baseline); 0: no check
+    seeds: int = 2  # other training seeds for each: train.seed + 1, + 2, ...
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,8 @@ class PrunerConfig:
 class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; MLFLOW_TRACKING_URI wins over it
     experiment: str | None = None  # defaults to the study name
+    system_metrics: bool = True  # CPU, memory and the trial's own GPU on every trial run
+    system_metrics_interval: float = 5.0  # seconds between samples
 
 
 @dataclass(frozen=True)
@@ -105,9 +132,15 @@ class StudyConfig:
     student: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     search: SearchConfig = SearchConfig()
-    baselines: tuple[dict, ...] = ()  # fixed parameter sets enqueued first, e.g. {alpha: 0}
-    save_best: bool = False  # keep the best trial's student as an MLflow artifact
+    # Parameter sets run first, e.g. {alpha: 0} (plain fine-tuning); {alpha: 0, trials: 3} also
+    # searches the parameters it does not fix (its learning rate) over 3 trials of its own.
+    baselines: tuple[dict, ...] = ()
+    confirm: ConfirmConfig = ConfirmConfig()
+    max_consecutive_failures: int = 3  # the same error failing this many trials in a row stops the sweep
+    save_best: bool = False  # keep the best trial's student as an MLflow model
+    register_as: str | None = None  # with save_best: the MLflow Model Registry name; alias "champion" follows the best
     report_top_n: int = 5
     base_dir: str = field(default=".", metadata={"internal": True})  # folder of the study file
 
@@ -121,6 +154,11 @@ class StudyConfig:
         return OBJECTIVES[self.objective]
 
     @property
+    def accuracy_every_eval(self) -> bool:
+        """Answers are decoded at every evaluation: asked for, or the objective is an accuracy."""
+        return self.eval.accuracy and (self.eval.every_eval or self.objective in ACCURACY_OBJECTIVES)
+
+    @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
 
@@ -130,12 +168,13 @@ class StudyConfig:
         return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
 
     def to_dict(self) -> dict:
-        data = _to_plain(self)
+        """The resolved study as plain data, for recording: passwords in URLs are masked."""
+        data = redact_tree(_to_plain(self))
         data.pop("base_dir")
         return data
 
     def fingerprint(self) -> str:
-        """Short hash of the resolved study, the same for equal settings."""
+        """Short hash of the resolved study, the same for equal settings (passwords aside)."""
         text = json.dumps(self.to_dict(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -168,7 +207,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
         line = f" (line {mark.line + 1})" if mark else ""
         raise StudyError([f"{where}{line}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
     if raw is None:
-        raw = {}
+        raise StudyError([f"{where}: is empty; write a study in it (see studies/demo.yaml)"])
     if not isinstance(raw, dict):
         raise StudyError([f"{where}: must be a mapping of keys, got {type(raw).__name__}"])
     problems: list[str] = []
@@ -287,7 +326,25 @@ def validate(study: StudyConfig) -> list[str]:
     need(bool(study.data.dataset), "data.dataset", "must be set (a hub id, a local file or folder, or demo)")
     need(study.data.max_length >= 2, "data.max_length", f"must be >= 2, got {study.data.max_length}")
     problems += _validate_train(study.train)
+    problems += _validate_eval(study)
     problems += search_problems(study.search, study.baselines, sampler=study.sampler.name)
+    need(study.confirm.top >= 0, "confirm.top", f"must be >= 0, got {study.confirm.top}")
+    need(study.confirm.seeds >= 1, "confirm.seeds", f"must be >= 1, got {study.confirm.seeds}")
+    need(study.register_as is None or study.save_best, "register_as", "needs save_best: true (the model it registers)")
+    need(study.register_as != "", "register_as", "must be a model name, or left out")
+    need(study.max_consecutive_failures >= 1, "max_consecutive_failures", f"must be >= 1, got {study.max_consecutive_failures}")
+    need(study.tracking.system_metrics_interval > 0, "tracking.system_metrics_interval",
+         f"must be > 0 seconds, got {study.tracking.system_metrics_interval}")
+    return problems
+
+
+def _validate_eval(study: StudyConfig) -> list[str]:
+    problems = []
+    for name in ("max_rows", "max_new_tokens", "batch_size"):
+        if (value := getattr(study.eval, name)) < 1:
+            problems.append(f"eval.{name}: must be >= 1, got {value}")
+    if study.objective in ACCURACY_OBJECTIVES and not study.eval.accuracy:
+        problems.append(f"objective: {study.objective} needs the answers decoded: set eval.accuracy: true")
     return problems
 
 
@@ -307,6 +364,15 @@ def _validate_train(train: TrainConfig) -> list[str]:
         problems.append(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {train.precision!r}")
     if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
         problems.append(f"train.device: must be auto, cpu, cuda or cuda:N, got {train.device!r}")
+    if train.generation_temperature <= 0:
+        problems.append(f"train.generation_temperature: must be > 0, got {train.generation_temperature}")
+    if train.generation_max_new_tokens < 1:
+        problems.append(f"train.generation_max_new_tokens: must be >= 1, got {train.generation_max_new_tokens}")
+    if 1 <= train.max_steps < train.eval_every:
+        problems.append(
+            f"train.eval_every: {train.eval_every} is more than train.max_steps ({train.max_steps}), so a trial would "
+            "be evaluated only at its end and could never be pruned; set it to at most max_steps"
+        )
     return problems
 
 

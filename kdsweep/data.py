@@ -227,6 +227,10 @@ class TokenizedSplit:
     input_ids: tuple[tuple[int, ...], ...]
     labels: tuple[tuple[int, ...], ...]  # input id where scored, else -100; unshifted
     dropped: int = 0  # rows left out because no token of theirs would be scored
+    # Rows that end with an answer: input_ids[:prompt_length] is the conversation up to it, the
+    # model's cue to answer; 0 for other rows (and () when not recorded).
+    prompt_lengths: tuple[int, ...] = ()
+    answers: tuple[str, ...] = ()  # the final answer's text, "" for rows without one
 
     def __post_init__(self) -> None:
         shapes_match = len(self.input_ids) == len(self.labels) and all(
@@ -242,6 +246,15 @@ class TokenizedSplit:
     def num_scored_tokens(self) -> int:
         """Tokens a shifted loss predicts: scored labels at positions >= 1."""
         return sum(count_scored(labels) for labels in self.labels)
+
+    def prompt(self, example: int) -> tuple[int, ...]:
+        """The tokens before the example's final answer (empty when it has none)."""
+        length = self.prompt_lengths[example] if self.prompt_lengths else 0
+        return self.input_ids[example][:length]
+
+    def answered(self) -> list[int]:
+        """The examples that end with an answer, in order."""
+        return [e for e, length in enumerate(self.prompt_lengths) if length]
 
 
 def tokenize(texts: list[str], tokenizer: Any, *, max_length: int, assistant_only: bool) -> TokenizedSplit:
@@ -259,21 +272,33 @@ def tokenize(texts: list[str], tokenizer: Any, *, max_length: int, assistant_onl
     scored. Special tokens the tokenizer adds (a BOS) have no characters and are not scored.
     Rows with no scored token at positions >= 1 (none left after truncation, or no answer) would
     add nothing to a loss and are dropped; ``TokenizedSplit.dropped`` counts them.
+
+    A row whose last turn is the assistant's (and survives truncation) also records its prompt,
+    the tokens wholly before that answer: a prefix of its ids, so generating from it continues
+    exactly the token sequence the model is trained on.
     """
     _check_tokenizer(tokenizer)
     rendered = [_render(text) for text in texts]
     encoded = tokenizer([text for text, _ in rendered], return_offsets_mapping=True, add_special_tokens=True)
-    input_ids, labels = [], []
+    input_ids, labels, prompt_lengths, answers = [], [], [], []
     for (text, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+        final_answer = bool(spans and spans[-1][1] == len(text) and spans[-1][0] > 0)
         scored = [not assistant_only or _covers(offset, spans) for offset in offsets]
         # EOS is scored after a final answer: a span that ends at the end of the text.
         scored.append(not assistant_only or bool(spans and spans[-1][1] == len(text)))
         ids = [*ids, tokenizer.eos_token_id][:max_length]
         row_labels = [i if s else IGNORE_INDEX for i, s in zip(ids, scored)]
         if count_scored(row_labels):
+            prompt = sum(end <= spans[-1][0] for _, end in offsets) if final_answer else 0
+            keeps_answer = 0 < prompt < len(ids)
             input_ids.append(tuple(ids))
             labels.append(tuple(row_labels))
-    return TokenizedSplit(tuple(input_ids), tuple(labels), dropped=len(texts) - len(input_ids))
+            prompt_lengths.append(prompt if keeps_answer else 0)
+            answers.append(text[spans[-1][0]:] if keeps_answer else "")
+    return TokenizedSplit(
+        tuple(input_ids), tuple(labels), dropped=len(texts) - len(input_ids),
+        prompt_lengths=tuple(prompt_lengths), answers=tuple(answers),
+    )
 
 
 def _check_tokenizer(tokenizer: Any) -> None:
@@ -337,7 +362,7 @@ def make_batches(
     """
     lengths = [len(ids) for ids in split.input_ids]
     order = _batch_order(lengths, batch_size=batch_size, shuffle_seed=shuffle_seed, group_by_length=group_by_length)
-    return [_collate(split, rows, pad_id=pad_id) for rows in order]
+    return [collate(split, rows, pad_id=pad_id) for rows in order]
 
 
 def _batch_order(
@@ -365,7 +390,8 @@ def _longest_first_within_chunks(indices: list[int], lengths: list[int], *, chun
     return [i for part in chunks for i in sorted(part, key=lambda i: -lengths[i])]
 
 
-def _collate(split: TokenizedSplit, rows: list[int], *, pad_id: int) -> Batch:
+def collate(split: TokenizedSplit, rows: list[int], *, pad_id: int) -> Batch:
+    """The examples ``rows`` of ``split`` as one right-padded batch."""
     width = max(len(split.input_ids[i]) for i in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

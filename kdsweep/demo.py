@@ -253,7 +253,7 @@ def _train_teacher(teacher, tokenizer, texts: list[str], console) -> None:
         settings,
         vocab=vocab,
         pad_id=tokenizer.pad_token_id,
-        evaluate=lambda model: {"ppl": score(model, held_out, vocab).perplexity},
+        evaluate=lambda model, step: {"ppl": score(model, held_out, vocab).perplexity},
         on_log=lambda log: console.print(f"  teacher step {log.step}/{cfg['max_steps']}: loss {log.loss:.3f}"),
         on_eval=lambda step, m: console.print(f"  teacher step {step}: held-out perplexity {m['ppl']:.2f}"),
     )

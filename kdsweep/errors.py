@@ -1,6 +1,12 @@
-"""The errors kdsweep turns into messages and exit codes (see cli.main)."""
+"""The errors kdsweep turns into messages and exit codes (see cli.main).
+
+Their messages are redacted as they are made: a URL they quote keeps no password, wherever the
+error ends up (a terminal, a notebook, a log).
+"""
 
 from __future__ import annotations
+
+from kdsweep.redact import redact
 
 
 class UsageError(Exception):
@@ -9,10 +15,13 @@ class UsageError(Exception):
     The message is one line naming the problem and the fix.
     """
 
+    def __init__(self, message: str = ""):
+        super().__init__(redact(str(message)))
+
 
 class StudyError(UsageError):
     """A study file with problems: one line per problem, naming the file and the key path."""
 
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
+        self.problems = [redact(p) for p in problems]
         super().__init__("\n".join(self.problems))

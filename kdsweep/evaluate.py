@@ -1,25 +1,50 @@
-"""Evaluation on held-out tokens: token-weighted perplexity and KL to the teacher.
+"""Evaluation on held-out rows: token-weighted perplexity, KL to the teacher, task accuracy.
 
 Perplexity is exp(total NLL / total scored tokens) over the whole eval set, so a long answer
 weighs as many times as it has tokens; teacher and student are scored on the very same tokens.
+
+Accuracy asks the model for each held-out row's final answer: it greedy-decodes from the row's
+prompt (``generation.generate``) and the text, cut at the next turn's marker, is scored against
+the reference by exact match (whitespace normalised) and ROUGE-L (the LCS F-measure over
+lower-cased words, as MiniLLM and DistiLLM report it).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdsweep.data import Batch
+from kdsweep.config import EvalConfig
+from kdsweep.data import Batch, TokenizedSplit
+from kdsweep.generation import generate
 from kdsweep.losses import distill_loss_from_hidden
 from kdsweep.models import Vocabulary, hidden_states, output_weight
+from kdsweep.names import Metric
 from kdsweep.teacher import OnlineTeacher, TeacherTargets, scored_positions
 
 # The eval KL at T=1 compares with the teacher's 256 most likely tokens (renormalised): for a
 # trained LM they hold nearly all the mass, and they fit in memory for the whole eval set.
 EVAL_TOP_K = 256
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Held-out rows that end with an answer: what the model is asked, and what it should say."""
+
+    prompts: list[tuple[int, ...]]
+    references: list[str]
+    tokenizer: PreTrainedTokenizerBase
+    settings: EvalConfig  # how many new tokens, how many prompts at a time
+
+    @staticmethod
+    def of(split: TokenizedSplit, tokenizer: PreTrainedTokenizerBase, settings: EvalConfig) -> Answers:
+        """The first ``settings.max_rows`` rows of ``split`` that end with an answer."""
+        rows = split.answered()[: settings.max_rows]
+        return Answers([split.prompt(e) for e in rows], [split.answers[e] for e in rows], tokenizer, settings)
 
 
 @dataclass(frozen=True)
@@ -30,6 +55,7 @@ class EvalSet:
     teacher_targets: list[TeacherTargets]
     teacher_ppl: float
     num_tokens: int
+    answers: Answers | None = None  # eval.accuracy: the rows whose answers are decoded
 
 
 @dataclass(frozen=True)
@@ -98,12 +124,77 @@ def prepare_eval_set(teacher: OnlineTeacher, batches: list[Batch], *, chunk_toke
     )
 
 
-def evaluate_student(student: PreTrainedModel, eval_set: EvalSet, vocab: Vocabulary, *, chunk_tokens: int) -> dict[str, float]:
-    """The eval metrics every trial logs: perplexities, their ratio and KL to the teacher."""
+def evaluate_student(
+    student: PreTrainedModel, eval_set: EvalSet, vocab: Vocabulary, *, chunk_tokens: int | None, with_accuracy: bool
+) -> dict[str, float]:
+    """The eval metrics every trial logs: perplexities, their ratio and KL to the teacher, and
+    (``with_accuracy``, when the eval set has answers) exact match and ROUGE-L."""
     scores = score(student, eval_set.batches, vocab, teacher_targets=eval_set.teacher_targets, chunk_tokens=chunk_tokens)
-    return {
-        "student_ppl": scores.perplexity,
-        "teacher_ppl": eval_set.teacher_ppl,
-        "ppl_ratio": scores.perplexity / eval_set.teacher_ppl,
-        "kl_to_teacher": scores.kl,
+    metrics = {
+        Metric.STUDENT_PPL: scores.perplexity,
+        Metric.TEACHER_PPL: eval_set.teacher_ppl,
+        Metric.PPL_RATIO: scores.perplexity / eval_set.teacher_ppl,
+        Metric.KL_TO_TEACHER: scores.kl,
     }
+    if with_accuracy and eval_set.answers is not None:
+        metrics |= accuracy(student, eval_set.answers)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Task accuracy
+
+
+def accuracy(model: PreTrainedModel, answers: Answers) -> dict[str, float]:
+    """Mean exact match and ROUGE-L of the model's greedy answers, fractions in [0, 1]."""
+    if not answers.prompts:
+        return {}
+    tokenizer, settings = answers.tokenizer, answers.settings
+    generated = generate(
+        model, answers.prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+        max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, vocab_size=len(tokenizer),
+    )
+    predictions = [answer_text(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in generated]
+    pairs = list(zip(predictions, answers.references))
+    return {
+        Metric.EXACT_MATCH: sum(exact_match(p, r) for p, r in pairs) / len(pairs),
+        Metric.ROUGE_L: sum(rouge_l(p, r) for p, r in pairs) / len(pairs),
+    }
+
+
+_NEXT_TURN = re.compile(r"###\s*(Human|Assistant):")
+
+
+def answer_text(generated: str) -> str:
+    """The answer in generated text: up to the next turn's marker, stripped."""
+    return _NEXT_TURN.split(generated, maxsplit=1)[0].strip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Equal once runs of whitespace are one space and the ends are stripped."""
+    return " ".join(prediction.split()) == " ".join(reference.split())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure: the longest common subsequence of lower-cased alphanumeric words,
+    over both lengths (``rouge_score``'s default tokenization; 0 when either is empty)."""
+    ours, theirs = _words(prediction), _words(reference)
+    common = _lcs(ours, theirs)
+    if not common:
+        return 0.0
+    precision, recall = common / len(ours), common / len(theirs)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence, by dynamic programming over one row."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]

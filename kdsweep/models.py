@@ -27,6 +27,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_uuid(device: torch.device) -> str | None:
+    """A GPU's UUID, which names it the same way for CUDA and NVML; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
 def bf16_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 

@@ -13,6 +13,18 @@ from __future__ import annotations
 MINIMIZE, MAXIMIZE = "minimize", "maximize"
 
 
+class Group:
+    """Which history a trial is sampled from (``TrialAttr.GROUP``; see ``sampling``)."""
+
+    SEARCH = "search"  # the sweep's own trials
+    CONFIRM = "confirm"  # the seed check: configurations trained again with other seeds
+    BASELINE_PREFIX = "baseline:"  # each baseline entry's trials: "baseline:0", ...
+
+    @staticmethod
+    def baseline(index: int) -> str:
+        return f"{Group.BASELINE_PREFIX}{index}"
+
+
 class StudyAttr:
     """User attrs of the Optuna study: what every worker shares, computed once."""
 
@@ -29,6 +41,13 @@ class StudyAttr:
     TRAIN_SCORED_TOKENS = "train_scored_tokens"
     EVAL_SCORED_TOKENS = "eval_scored_tokens"
     TRAIN_PADDING_SHARE = "train_padding_share"
+    RECOVERED_PREFIX = "recovered:"  # recovered:<trial>: the worker that failed a dead worker's trial
+    TEACHER_EXACT_MATCH = "teacher_exact_match"
+    TEACHER_ROUGE_L = "teacher_rouge_l"
+    UNTRAINED_EXACT_MATCH = "student_exact_match_untrained"
+    UNTRAINED_ROUGE_L = "student_rouge_l_untrained"
+    ACCURACY_ROWS = "accuracy_rows"  # eval rows whose answers are decoded
+    CONFIRM_JOBS = "confirm_jobs"  # the seed check's (trial, seed) runs, decided once
     VOCAB_SIZE = "vocab_size"
     VOCAB_PADDED = "vocab_padded"
     TOPK_MASS = "topk_mass"  # {"k": share of the teacher's mass its top-k keep}
@@ -46,6 +65,14 @@ class TrialAttr:
     DURATION_S = "duration_s"
     PEAK_MEMORY_MB = "peak_memory_mb"
     TOPK_MASS = "topk_mass"
+    GROUP = "group"  # which sampler history a trial belongs to: "search", "baseline:<i>" or "confirm"
+    SEED = "seed"  # the training seed, when not the study's (seed-check trials)
+    WORKER = "worker"  # {host, pid, started}: the process running the trial
+    DEVICE = "device"  # where it trained: cpu, cuda:0 (in its worker's CUDA_VISIBLE_DEVICES)
+    MICRO_BATCH = "micro_batch"  # an out-of-memory retry's smaller batch ...
+    GRAD_ACCUM = "grad_accum_steps"  # ... and larger accumulation (the same effective batch)
+    OOM_RETRY_OF = "oom_retry_of"  # the trial that ran out of memory
+    CONFIRMS = "confirms"  # a seed-check trial: the trial whose configuration it runs again
     # A complete trial also keeps its final eval metrics (Metric.EVAL) under their own names.
 
 
@@ -61,9 +88,13 @@ class Tag:
     STATE = "kdsweep.state"  # the Optuna state: COMPLETE, PRUNED, FAIL, INTERRUPTED, KILLED
     REASON = "kdsweep.reason"
     BASELINE = "kdsweep.baseline"
+    CONFIRM = "kdsweep.confirm"  # a seed-check run: the trial whose configuration it runs again
     VERSION = "kdsweep.version"
+    LIBRARY_VERSION_PREFIX = "kdsweep.version."  # kdsweep.version.torch, kdsweep.version.transformers
     FINGERPRINT = "kdsweep.fingerprint"
     MODEL = "kdsweep.model"  # "saved" on the one run holding the best student (save_best)
+    HOST = "kdsweep.host"  # the machine a trial ran on
+    DEVICE = "kdsweep.device"  # and its device
     # On the parent run: the best trial so far.
     BEST_TRIAL = "best_trial"
     BEST_RUN_ID = "best.run_id"
@@ -81,11 +112,16 @@ class Metric:
     LEARNING_RATE = "learning_rate"
     GRAD_NORM = "grad_norm"
     TOKENS_PER_SECOND = "tokens_per_second"
+    GENERATED_TOKENS = "generated_tokens"  # on-policy: student tokens trained on, cumulative
+    GENERATION_SECONDS = "generation_seconds"  # ... and the time spent generating them
+    GENERATION_SHARE = "generation_share"  # ... as a share of the time since the previous log
     # Every evaluation of a trial.
     STUDENT_PPL = "student_ppl"
     TEACHER_PPL = "teacher_ppl"
     PPL_RATIO = "ppl_ratio"
     KL_TO_TEACHER = "kl_to_teacher"
+    EXACT_MATCH = "exact_match"  # fractions in [0, 1]
+    ROUGE_L = "rouge_l"
     # The end of a complete trial.
     OBJECTIVE = "objective"
     DURATION_S = "duration_s"
@@ -94,6 +130,10 @@ class Metric:
     # The parent run.
     BEST_VALUE = "best_value"
     UNTRAINED_PPL = "student_ppl_untrained"
+    TEACHER_EXACT_MATCH = "teacher_exact_match"
+    TEACHER_ROUGE_L = "teacher_rouge_l"
+    UNTRAINED_EXACT_MATCH = "student_exact_match_untrained"
+    UNTRAINED_ROUGE_L = "student_rouge_l_untrained"
     TRAIN_PADDING_SHARE = "train_padding_share"
     TOPK_MASS_PREFIX = "topk_mass_k"
 
@@ -103,7 +143,10 @@ class Metric:
 OBJECTIVES: dict[str, str] = {
     Metric.STUDENT_PPL: MINIMIZE,
     Metric.PPL_RATIO: MINIMIZE,
+    Metric.EXACT_MATCH: MAXIMIZE,
+    Metric.ROUGE_L: MAXIMIZE,
 }
+ACCURACY_OBJECTIVES = (Metric.EXACT_MATCH, Metric.ROUGE_L)  # need decoded answers (eval.accuracy)
 
 
 def better(direction: str, value: float, than: float) -> bool:

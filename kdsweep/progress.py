@@ -5,18 +5,22 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kdsweep.redact import redact
+from kdsweep.space import describe
+
 
 class SweepProgress:
     """Study bar (trials done, best so far) and trial bar (step, loss, tokens/s)."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, log_path=False)  # no "progress.py:20" on each line
         self.live = self.console.is_terminal
         self._bars: Progress | None = None
         self._study_task = self._trial_task = None
         self._best = "-"
 
     def message(self, text: str) -> None:
+        text = redact(text)  # a storage URL in a message keeps its password to itself
         self.console.log(text) if self.live else self.console.print(text, highlight=False)
 
     def study_started(self, name: str, *, done: int, target: int) -> None:
@@ -35,7 +39,7 @@ class SweepProgress:
         self._study_task = self._bars.add_task("trials", total=target, completed=done, info="best -")
 
     def trial_started(self, number: int, params: dict, steps: int) -> None:
-        text = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+        text = describe(params, short=True)
         if not self.live:
             self.message(f"trial {number} started: {text}")
             return
@@ -62,7 +66,3 @@ class SweepProgress:
         if self._bars is not None:
             self._bars.stop()
             self._bars = None
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

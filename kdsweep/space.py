@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WHOLE_VOCAB = "all"  # the top_k choice that keeps the teacher's whole vocabulary
+BASELINE_TRIALS = "trials"  # in a baseline entry: how many trials search what it does not fix
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Searched:
     low_open: bool = False
     distillation_only: bool = False  # does nothing without a teacher signal (alpha 0)
     integer_or_all: bool = False  # whole numbers or "all", given as a list (top_k)
+    quiet_at: float | None = None  # a value that means "as before this parameter existed": not shown
 
     def setting(self, value: Any) -> Any:
         """The value as the training loop takes it: ``top_k: all`` is None (no truncation)."""
@@ -107,6 +109,16 @@ SEARCH_SPACE: tuple[Searched, ...] = (
         "learning_rate", Param(low=1e-5, high=1e-3, log=True), "AdamW's peak learning rate",
         label="lr", title="learning rate", run_format=".1e", table_format=".2e", high=1.0, low_open=True,
     ),
+    Searched(
+        "beta", Param(value=0.0), "the divergence, TRL's generalized JSD: 0 forward KL, 1 reverse KL, between: a mix",
+        label="b", title="beta", run_format=".2f", table_format=".3g", low=0.0, high=1.0,
+        distillation_only=True, quiet_at=0.0,
+    ),
+    Searched(
+        "lmbda", Param(value=0.0), "the share of steps trained on the student's own generations (on-policy, GKD)",
+        label="lmbda", title="lmbda", run_format=".2f", table_format=".3g", low=0.0, high=1.0,
+        distillation_only=True, quiet_at=0.0,
+    ),
 )
 SEARCHED = tuple(p.name for p in SEARCH_SPACE)
 BY_NAME = {p.name: p for p in SEARCH_SPACE}
@@ -125,10 +137,38 @@ def settings(params: dict) -> dict[str, Any]:
     return {p.name: p.setting(params[p.name]) for p in SEARCH_SPACE}
 
 
+def mattered(params: dict) -> list[Searched]:
+    """The declared parameters that act in a trial with ``params``: at alpha 0 (plain
+    fine-tuning) those that need a teacher do nothing, and a parameter at its quiet value
+    (beta 0: forward KL; lmbda 0: off-policy) changes nothing from the classic recipe."""
+    plain = params.get("alpha") == 0
+    return [
+        p for p in SEARCH_SPACE
+        if p.name in params and not (plain and p.distillation_only) and params[p.name] != p.quiet_at
+    ]
+
+
+def describe(params: dict, *, short: bool) -> str:
+    """The parameters that mattered: ``a=0.52 T=2.1 k=64 lr=3.1e-04`` (short), or
+    ``alpha 0.52, temperature 2.1, top_k 64, learning_rate 3.10e-04``."""
+    if short:
+        return " ".join(f"{p.label}={p.show(params[p.name], short=True)}" for p in mattered(params))
+    return ", ".join(f"{p.name} {p.show(params[p.name])}" for p in mattered(params))
+
+
 def run_name(number: int, params: dict) -> str:
-    """A name that reads well in a list of runs: trial 3 a=0.52 T=2.1 k=64 lr=3.1e-04."""
-    shown = " ".join(f"{p.label}={p.show(params[p.name], short=True)}" for p in SEARCH_SPACE if p.name in params)
+    """A name that reads well in a list of runs: trial 3 a=0.52 T=2.1 k=64 lr=3.1e-04 (and b=,
+    lmbda= when they are not 0)."""
+    shown = " ".join(
+        f"{p.label}={p.show(params[p.name], short=True)}" for p in SEARCH_SPACE if p.name in params and params[p.name] != p.quiet_at
+    )
     return f"trial {number} {shown}"
+
+
+def columns(search: Any) -> list[Searched]:
+    """The parameters a study's tables show: all but those fixed at their quiet value (a study
+    that never touches beta or lmbda shows neither)."""
+    return [p for p in SEARCH_SPACE if not (getattr(search, p.name).is_fixed and getattr(search, p.name).value == p.quiet_at)]
 
 
 def searched_names(search: Any) -> list[str]:
@@ -139,7 +179,15 @@ def searched_names(search: Any) -> list[str]:
 def finite_top_ks(search: Any, baselines: tuple[dict, ...] = ()) -> list[int]:
     """The finite top_k values trials may use (baselines included), or [] if any uses the whole vocabulary."""
     values = search.top_k.values + [b["top_k"] for b in baselines if "top_k" in b]
+    # A plain fine-tuning baseline that does not fix top_k records its first value, which is in `values`.
     return [] if WHOLE_VOCAB in values else sorted(set(values))
+
+
+def may_be_positive(search: Any, baselines: tuple[dict, ...], name: str) -> bool:
+    """Whether some trial may take ``name`` above 0 (a range, a choice or a baseline)."""
+    param: Param = getattr(search, name)
+    values = param.values if param.choices is not None or param.is_fixed else [param.high]
+    return any(v > 0 for v in values) or any(b.get(name, 0) > 0 for b in baselines)
 
 
 def grid(search: Any) -> dict[str, list]:
@@ -169,11 +217,25 @@ def search_problems(search: Any, baselines: tuple[dict, ...], *, sampler: str) -
             problems.append(f"{where}: must be a mapping of parameters, e.g. {{alpha: 0}}")
             continue
         for key, value in baseline.items():
-            if key not in BY_NAME:
-                problems.append(f"{where}.{key}: unknown parameter (allowed: {', '.join(SEARCHED)})")
+            if key == BASELINE_TRIALS:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    problems.append(f"{where}.{key}: must be an integer >= 1, got {value!r}")
+            elif key not in BY_NAME:
+                problems.append(f"{where}.{key}: unknown parameter (allowed: {', '.join([*SEARCHED, BASELINE_TRIALS])})")
             elif problem := BY_NAME[key].problem(f"{where}.{key}", value):
                 problems.append(problem)
     return problems
+
+
+def baseline_params(baseline: dict) -> dict:
+    """The parameters a baseline entry fixes (without its trial count)."""
+    return {k: v for k, v in baseline.items() if k != BASELINE_TRIALS}
+
+
+def neutral(search: Any, name: str) -> Any:
+    """A parameter's first allowed value: what a trial that does not use it records."""
+    param: Param = getattr(search, name)
+    return param.values[0] if param.values else param.low
 
 
 def _param_problems(p: Searched, param: Param, sampler: str) -> list[str]:

@@ -1,43 +1,116 @@
-"""`kdsweep status`: the study's trials as a table, read from the Optuna storage."""
+"""What a terminal shows of a study: ``kdsweep status``'s trial table, and the short summary
+that ends ``kdsweep run``. Both read the Optuna storage only, and fit an 80-column terminal or a
+pipe: short headers (a legend names them), short values, long notes wrapped, never cut."""
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from kdsweep.config import StudyConfig
-from kdsweep.names import TrialAttr
-from kdsweep.space import SEARCHED
-from kdsweep.storage import best_trial, load_existing_study
+from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
+from kdsweep.space import columns, describe
+from kdsweep.storage import best_trial, group_of, load_existing_study, ranked_trials
+
+_STATES = {"COMPLETE": "done", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
 def print_status(study: StudyConfig, console: Console | None = None) -> None:
+    """Every trial: its state, parameters, objective, duration and a note (baseline, best, seed
+    check, or why it failed)."""
     console = console or Console()
     optuna_study = load_existing_study(study)
     trials = optuna_study.get_trials(deepcopy=False)
     best = best_trial(optuna_study)
-    table = Table(title=f"study {study.name!r}: {len(trials)} trials, target {study.n_trials}")
-    for column in ("trial", "state", *SEARCHED, study.objective, "minutes", "note"):
-        table.add_column(column)
+    sweep = [t for t in trials if group_of(t) != Group.CONFIRM]
+    title = f"study {study.name!r}: {len(sweep)} trials, target {study.n_trials}"
+    if len(sweep) < len(trials):
+        title += f", and {len(trials) - len(sweep)} seed-check runs"
+    shown = columns(study.search)
+    table = _table(["#", "state", *(p.label for p in shown), study.objective, "time", "note"])
     for trial in trials:
         params = trial.user_attrs.get(TrialAttr.PARAMS, trial.params)
-        duration = trial.duration.total_seconds() / 60 if trial.duration else None
-        note = "baseline" if trial.user_attrs.get(TrialAttr.BASELINE) else ""
-        note = trial.user_attrs.get(TrialAttr.FAIL_REASON, note)
-        if best is not None and trial.number == best.number:
-            note = "best"
         table.add_row(
             str(trial.number),
-            trial.state.name,
-            *(_cell(params.get(name)) for name in SEARCHED),
-            _cell(trial.value),
-            _cell(duration),
-            note,
+            _STATES.get(trial.state.name, trial.state.name.lower()),
+            *(_param_cell(p, params) for p in shown),
+            _number(trial.value),
+            _duration(trial.duration.total_seconds() if trial.duration else None),
+            _note(trial, best),
         )
+    console.print(title, highlight=False)
+    console.print(table)
+    console.print(_legend(shown), highlight=False)
+
+
+def print_summary(study: StudyConfig, console: Console | None = None) -> None:
+    """The answer in a few lines: teacher, best distilled trial and best plain fine-tuning."""
+    console = console or Console()
+    optuna_study = load_existing_study(study)
+    attrs = optuna_study.user_attrs
+    ranked = ranked_trials(optuna_study)
+    distilled = next((t for t in ranked if t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha") != 0), None)
+    plain = next((t for t in ranked if t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha") == 0), None)
+    accuracy = StudyAttr.TEACHER_EXACT_MATCH in attrs
+    table = _table(["", "perplexity", *(["exact match"] if accuracy else []), "parameters"], box_style=None)
+    teacher = [_number(attrs.get(StudyAttr.TEACHER_PPL)), *([_percent(attrs.get(StudyAttr.TEACHER_EXACT_MATCH))] if accuracy else [])]
+    table.add_row("teacher", *teacher, "")
+    for name, trial in (("best distilled", distilled), ("best plain fine-tuning", plain)):
+        if trial is not None:
+            metrics = [_number(trial.user_attrs.get(Metric.STUDENT_PPL))]
+            metrics += [_percent(trial.user_attrs.get(Metric.EXACT_MATCH))] if accuracy else []
+            table.add_row(f"{name} (trial {trial.number})", *metrics, describe(trial.user_attrs.get(TrialAttr.PARAMS, {}), short=True))
     console.print(table)
 
 
-def _cell(value) -> str:
-    if value is None:
+def _table(columns: list[str], *, box_style=box.SIMPLE_HEAD) -> Table:
+    table = Table(box=box_style, pad_edge=False, show_edge=False)
+    for i, column in enumerate(columns):
+        last = i == len(columns) - 1
+        table.add_column(column, no_wrap=not last, overflow="fold", justify="left" if last or i == 0 else "right")
+    return table
+
+
+def _param_cell(p, params: dict) -> str:
+    if p.distillation_only and params.get("alpha") == 0:
+        return ""
+    return p.show(params.get(p.name), short=True) if p.name in params else "-"
+
+
+def _note(trial, best) -> str:
+    attrs = trial.user_attrs
+    if attrs.get(TrialAttr.FAIL_REASON):
+        return attrs[TrialAttr.FAIL_REASON]
+    if group_of(trial) == Group.CONFIRM:
+        return f"seed check of {attrs.get(TrialAttr.CONFIRMS)}, seed {attrs.get(TrialAttr.SEED)}"
+    notes = ["best"] if best is not None and trial.number == best.number else []
+    if attrs.get(TrialAttr.BASELINE):
+        notes.append("baseline")
+    return ", ".join(notes)
+
+
+def _legend(shown) -> str:
+    return "  ".join(f"{p.label} = {p.name}" for p in shown if p.label != p.name)
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _duration(seconds: float | None) -> str:
+    """45s, 3m05s, 2h10m: never a fraction of a minute."""
+    if seconds is None:
         return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

@@ -8,11 +8,13 @@ Imports Optuna and SQLAlchemy, never torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from filelock import FileLock
 from optuna.storages._rdb.models import StudyUserAttributeModel
 from optuna.trial import FrozenTrial, TrialState
@@ -20,11 +22,19 @@ from sqlalchemy.exc import IntegrityError
 
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
+from kdsweep.names import Group, TrialAttr
 from kdsweep.paths import sqlite_file, store_missing
+from kdsweep.redact import redact
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120  # a RUNNING trial whose worker was silent this long is failed by the next worker
+# A trial whose worker died is retried once with its parameters: found by the heartbeat (a worker
+# on another host), or at once by workers.fail_dead_trials (on this host). Optuna calls the
+# callback experimental, and says so once per process: noise in every worker's output.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    RETRY_ONCE = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 
 @contextmanager
@@ -51,9 +61,104 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The storage at ``url``, its tables created on first use.
 
     The heartbeat lets any worker mark a killed worker's trial FAIL instead of RUNNING forever.
+    A missing driver or a server that does not let us in is a :class:`UsageError` (see
+    :func:`check_storage`), not Optuna's "Failed to import DB access module".
     """
-    with first_use_lock(url):  # workers starting together must not create the tables twice
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+    with first_use_lock(url), _storage_errors(url):  # workers starting together must not create the tables twice
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=RETRY_ONCE,
+        )
+
+
+CONNECT_TIMEOUT_SECONDS = 10  # a wrong host is reported in seconds, not after TCP's two minutes
+
+# The module SQLAlchemy imports for a URL's driver -> what to pip install for it. A plain
+# postgresql:// imports psycopg2 up to SQLAlchemy 2.0 and psycopg from 2.1 on: the extra has both.
+_DRIVER_PACKAGES = {
+    "psycopg2": '"kdsweep[postgres]"',
+    "psycopg": '"kdsweep[postgres]"',
+    "MySQLdb": "mysqlclient",
+    "pymysql": "PyMySQL",
+}
+# The connect timeout argument of the drivers that take one, by SQLAlchemy's driver name.
+_TIMEOUT_ARGS = {
+    "psycopg2": "connect_timeout",
+    "psycopg": "connect_timeout",
+    "mysqldb": "connect_timeout",
+    "pymysql": "connect_timeout",
+    "pg8000": "timeout",
+}
+
+
+def check_storage(url: str) -> None:
+    """Raise :class:`UsageError` unless the server storage at ``url`` can be used: its driver
+    imports, and the server answers and lets this user into this database.
+
+    ``kdsweep run`` calls it before it writes anything or loads a model, so a bad ``storage``
+    costs seconds, not a model load, and leaves nothing behind. A SQLite URL is left alone: the
+    file is created by the first write, and there is nothing to reach before that.
+    """
+    with _storage_errors(url):
+        parsed = sqlalchemy.make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            return
+        timeout = _TIMEOUT_ARGS.get(parsed.get_driver_name())
+        engine = sqlalchemy.create_engine(parsed, connect_args={timeout: CONNECT_TIMEOUT_SECONDS} if timeout else {})
+        try:
+            engine.connect().close()
+        finally:
+            engine.dispose()
+
+
+@contextmanager
+def _storage_errors(url: str) -> Iterator[None]:
+    """A bad storage URL, a missing driver or an unreachable server as one line that names the
+    key and the fix, the URL's password masked (a driver's message may quote the URL)."""
+    try:
+        yield
+    except ImportError as exc:  # Optuna re-raises the driver's ImportError as its own
+        raise UsageError(_missing_driver(url, exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc)) from None
+    except sqlalchemy.exc.NoSuchModuleError:
+        scheme = url.split(":", 1)[0]
+        raise UsageError(
+            f"storage: SQLAlchemy knows no database {scheme!r} in {redact(url)}; write e.g. "
+            "postgresql://USER:PASSWORD@HOST:5432/DB (not postgres://) or sqlite:///kdsweep.db"
+        ) from None
+    except sqlalchemy.exc.ArgumentError:
+        raise UsageError(
+            f"storage: {redact(url)} is not a database URL; write e.g. postgresql://USER:PASSWORD@HOST:5432/DB "
+            "or sqlite:///kdsweep.db"
+        ) from None
+    except sqlalchemy.exc.DBAPIError as exc:
+        if url.startswith("sqlite"):
+            raise  # a local file's problems are not a server's; leave them as they were
+        raise UsageError(_unreachable(url, exc)) from None
+
+
+def _missing_driver(url: str, exc: ImportError) -> str:
+    module = exc.name or sqlalchemy.make_url(url).get_driver_name()
+    package = _DRIVER_PACKAGES.get(module, module)
+    return (
+        f"storage: {redact(url)} needs the database driver {module}, which does not import "
+        f"({redact(_first_line(exc))}): pip install {package}"
+    )
+
+
+def _unreachable(url: str, exc: sqlalchemy.exc.DBAPIError) -> str:
+    reason = _first_line(exc.orig if exc.orig is not None else exc)
+    if "does not exist" in reason:
+        fix = "create that database on the server (e.g. createdb), or name an existing one"
+    elif "authentication" in reason or "password" in reason or "Access denied" in reason:
+        fix = "fix the user or password"
+    else:
+        fix = "start the server, or fix the host and port"
+    return f"storage: cannot connect to {redact(url)} ({redact(reason)}); {fix} in storage (the study file, or --set storage=...)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split("\n", 1)[0].split())  # drivers add hints on later lines
+    return text or type(exc).__name__
 
 
 def load_existing_study(study: StudyConfig) -> optuna.Study:
@@ -63,7 +168,8 @@ def load_existing_study(study: StudyConfig) -> optuna.Study:
     if store_missing(url):
         raise UsageError(f"no Optuna storage at {url}: run `kdsweep run` on this study first (or set storage)")
     try:
-        return optuna.load_study(study_name=name, storage=url)
+        with _storage_errors(url):
+            return optuna.load_study(study_name=name, storage=url)
     except KeyError:
         raise UsageError(f"no study named {name!r} in {url}: run `kdsweep run` on it first") from None
 
@@ -95,14 +201,45 @@ def set_user_attr_once(optuna_study: optuna.Study, key: str, value) -> object:
     return optuna_study.user_attrs[key]
 
 
-def finished_count(optuna_study: optuna.Study) -> int:
-    return len(optuna_study.get_trials(deepcopy=False, states=FINISHED_STATES))
+def group_of(trial: FrozenTrial | optuna.Trial) -> str:
+    """The trial's group: the sweep's, a baseline's or the seed check's (``names.Group``)."""
+    return trial.user_attrs.get(TrialAttr.GROUP, Group.SEARCH)
+
+
+def retried(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that a later trial retries: a dead worker's (Optuna's retry
+    callback records ``failed_trial``) or one out of memory. They count no longer."""
+    numbers = {t.system_attrs.get("failed_trial") for t in trials} | {t.user_attrs.get(TrialAttr.OOM_RETRY_OF) for t in trials}
+    return numbers - {None}
+
+
+def ranked_trials(optuna_study: optuna.Study) -> list[FrozenTrial]:
+    """The complete trials of the sweep (baselines included, seed-check re-runs not), best first
+    in the study's own direction; ties go to the earlier trial."""
+    complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = 1 if optuna_study.direction == optuna.study.StudyDirection.MINIMIZE else -1
+    return sorted((t for t in complete if group_of(t) != Group.CONFIRM), key=lambda t: (sign * t.value, t.number))
 
 
 def best_trial(optuna_study: optuna.Study) -> FrozenTrial | None:
-    """The best complete trial in the study's own direction; ties go to the earlier trial."""
-    complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        return None
-    sign = 1 if optuna_study.direction == optuna.study.StudyDirection.MINIMIZE else -1
-    return min(complete, key=lambda t: (sign * t.value, t.number))
+    ranked = ranked_trials(optuna_study)
+    return ranked[0] if ranked else None
+
+
+class StudyView(optuna.study.Study):
+    """The study with only the trials ``keep`` accepts: what a group's sampler, the pruner or
+    a plot is shown."""
+
+    def __init__(self, study: optuna.Study, keep: Callable[[FrozenTrial], bool]):
+        super().__init__(study_name=study.study_name, storage=study._storage, sampler=study.sampler, pruner=study.pruner)
+        self._study = study
+        self._keep = keep
+
+    def _get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
+    ) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return [t for t in trials if self._keep(t)]
+
+    def stop(self) -> None:
+        self._study.stop()  # a grid sampler that is done stops the real optimization loop

@@ -1,15 +1,18 @@
-"""Optuna: the study, its search space, the objective, pruning, failures and workers.
+"""Optuna: the study and its run, from the first trial to the seed check.
 
 ``run`` prepares everything a trial shares (tokenizer, data, teacher, eval set) before it opens
-the Optuna study or the MLflow runs, so bad input stops it with nothing written. Running it again
-continues the same study up to ``n_trials``; other processes may run it at the same time.
+the Optuna study or the MLflow runs, so bad input stops it with nothing written. Then it runs
+the sweep (baselines first) until the study holds ``n_trials`` finished trials, and then the seed
+check (``confirm``). Running it again continues the same study; other processes may run it at
+the same time, and share both phases.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import signal
-import traceback
+import socket
+import time
 from dataclasses import dataclass
 
 import optuna
@@ -17,20 +20,33 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
-from kdsweep.mlflow_plugin import active_trial
-from kdsweep.names import Metric, StudyAttr, TrialAttr, better
+from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
+from kdsweep.objective import Objective
 from kdsweep.progress import SweepProgress
-from kdsweep.space import SEARCH_SPACE, Param, grid
-from kdsweep.storage import FINISHED_STATES, best_trial, finished_count, open_storage
-from kdsweep.tracking import StudyTracker, TrialRun
+from kdsweep.sampling import baseline_trials, make_pruner, make_sampler
+from kdsweep.storage import (
+    FINISHED_STATES,
+    best_trial,
+    check_storage,
+    group_of,
+    open_storage,
+    ranked_trials,
+    retried,
+    set_user_attr_once,
+)
+from kdsweep.tracking import StudyTracker
+from kdsweep.workers import fail_dead_trials
 from kdsweep.workspace import Workspace, prepare
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the perplexity stopped being finite."""
+SEED_CHECK_POLL_SECONDS = 5.0  # how often a worker looks whether the last sweep trials have ended
 
 
-# ---------------------------------------------------------------- study, sampler, pruner
+@dataclass(frozen=True)
+class RunSummary:
+    ran: int  # trials this call ran, seed-check trials included
+    finished: int  # finished sweep trials the study holds (seed-check trials not counted)
+    target: int
+    best: FrozenTrial | None
 
 
 def open_study(study: StudyConfig) -> optuna.Study:
@@ -52,67 +68,6 @@ def open_study(study: StudyConfig) -> optuna.Study:
     return optuna_study
 
 
-def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    cfg = study.sampler
-    if cfg.name == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    if cfg.name == "grid":
-        return optuna.samplers.GridSampler(grid(study.search), seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials)
-
-
-def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
-    cfg = study.pruner
-    if cfg.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
-    if cfg.name == "hyperband":
-        train = study.train
-        return optuna.pruners.HyperbandPruner(min_resource=train.eval_every, max_resource=train.max_steps)
-    return optuna.pruners.NopPruner()
-
-
-# ---------------------------------------------------------------- parameters of a trial
-
-
-def suggest(trial: optuna.Trial, search) -> dict:
-    """Every declared parameter of the trial: sampled, fixed by the study, or fixed by a baseline."""
-    baseline = trial.user_attrs.get(TrialAttr.BASELINE_PARAMS, {})
-    params = {}
-    for p in SEARCH_SPACE:
-        param: Param = getattr(search, p.name)
-        if param.is_fixed:
-            params[p.name] = baseline.get(p.name, param.value)
-        elif param.choices is not None:
-            params[p.name] = trial.suggest_categorical(p.name, list(param.choices))
-        elif param.step is not None:
-            params[p.name] = trial.suggest_float(p.name, param.low, param.high, step=param.step)
-        else:
-            params[p.name] = trial.suggest_float(p.name, param.low, param.high, log=param.log)
-    return params
-
-
-def enqueue_baselines(optuna_study: optuna.Study, study: StudyConfig) -> None:
-    """Baseline trials (e.g. alpha 0: plain fine-tuning on the same budget) run first, once."""
-    if optuna_study.user_attrs.get(StudyAttr.BASELINES_ENQUEUED):
-        return
-    for params in study.baselines:
-        searched = {k: v for k, v in params.items() if not getattr(study.search, k).is_fixed}
-        attrs = {TrialAttr.BASELINE: True, TrialAttr.BASELINE_PARAMS: dict(params)}
-        optuna_study.enqueue_trial(searched, user_attrs=attrs)
-    optuna_study.set_user_attr(StudyAttr.BASELINES_ENQUEUED, True)
-
-
-# ---------------------------------------------------------------- the run
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    ran: int
-    finished: int
-    target: int
-    best: FrozenTrial | None
-
-
 def run(
     study: StudyConfig,
     *,
@@ -120,42 +75,78 @@ def run(
     timeout: float | None = None,
     progress: SweepProgress | None = None,
 ) -> RunSummary:
-    """Run trials until the study holds ``n_trials`` finished ones (or ``timeout`` passes)."""
+    """Run trials until the study holds ``n_trials`` finished ones (or ``timeout`` passes), then
+    the seed check."""
     progress = progress or SweepProgress()
     target = n_trials or study.n_trials
+    check_storage(study.storage_url)  # a bad storage URL costs seconds, not a model load
     workspace = prepare(study, progress=progress)  # raises UsageError before anything is written
     optuna_study = open_study(study)
-    done = finished_count(optuna_study)
-    if done >= target:
+    for trial, reason in fail_dead_trials(optuna_study):
+        progress.message(f"trial {trial.number} failed: {reason}; it is retried once with the same parameters")
+    done = sweep_count(optuna_study, FINISHED_STATES)
+    if done >= target and seed_check_done(optuna_study, study):
         progress.message(f"study {study.name!r} already holds {done} finished trials (target {target}): nothing to do")
         return RunSummary(ran=0, finished=done, target=target, best=best_trial(optuna_study))
 
     tracker = attach_tracking(study, optuna_study, workspace)
-    enqueue_baselines(optuna_study, study)
     objective = Objective(study, workspace, tracker, progress)
-    stop_on = optuna.study.MaxTrialsCallback(target, states=(*FINISHED_STATES, TrialState.RUNNING))
+    deadline = None if timeout is None else time.monotonic() + timeout
     status = "KILLED"
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+    restore = _Interrupts().install()
     try:
         progress.study_started(study.name, done=done, target=target)
-        optuna_study.optimize(
-            objective,
-            n_trials=target - done,
-            timeout=timeout,
-            catch=(Exception,),
-            callbacks=[stop_on, objective.after_trial],
-            gc_after_trial=True,
-        )
+        if done < target:
+            enqueue_baselines(optuna_study, study)
+            # No trial count of Optuna's own: retries (a dead worker's, an out-of-memory one) replace
+            # the trials they retry, and the study stops when it holds its target.
+            optimize(optuna_study, objective, n_trials=None, deadline=deadline, stop=_StopAtTarget(target))
+        if study.confirm.top and not _past(deadline):
+            run_seed_check(optuna_study, study, objective, progress, deadline=deadline)
         status = "FINISHED"
     except Exception:
         status = "FAILED"  # the sweep itself broke; Ctrl-C and SIGTERM leave it KILLED
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
         tracker.close(optuna_study, status=status)
-    return RunSummary(
-        ran=objective.ran, finished=finished_count(optuna_study), target=target, best=best_trial(optuna_study)
-    )
+        restore()
+    finished = sweep_count(optuna_study, FINISHED_STATES)
+    return RunSummary(ran=objective.ran, finished=finished, target=target, best=best_trial(optuna_study))
+
+
+def optimize(optuna_study: optuna.Study, objective: Objective, *, n_trials: int | None, deadline: float | None, stop=None) -> None:
+    """Optuna's loop: a failed trial does not stop it; the trial's state is told to the study."""
+    callbacks = [objective.after_trial] + ([stop] if stop else [])
+    timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    optuna_study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+
+
+def sweep_count(optuna_study: optuna.Study, states) -> int:
+    """Trials of the sweep (baselines included; seed-check trials and trials a retry replaces
+    not) in ``states``."""
+    trials = optuna_study.get_trials(deepcopy=False)
+    replaced = retried(trials)
+    return sum(t.state in states and group_of(t) != Group.CONFIRM and t.number not in replaced for t in trials)
+
+
+class _StopAtTarget:
+    """Stop once finished and running sweep trials reach the target: with several workers,
+    each running one, the study ends at exactly the target."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def __call__(self, optuna_study: optuna.Study, trial: FrozenTrial) -> None:
+        if sweep_count(optuna_study, (*FINISHED_STATES, TrialState.RUNNING)) >= self.target:
+            optuna_study.stop()
+
+
+def enqueue_baselines(optuna_study: optuna.Study, study: StudyConfig) -> None:
+    """Baseline trials (e.g. alpha 0: plain fine-tuning on the same budget) run first, once."""
+    if set_user_attr_once(optuna_study, StudyAttr.BASELINES_ENQUEUED, _worker_id()) != _worker_id():
+        return  # another worker (or an earlier run) enqueued them
+    for params, attrs in baseline_trials(study):
+        optuna_study.enqueue_trial(params, user_attrs=attrs)
 
 
 def attach_tracking(study: StudyConfig, optuna_study: optuna.Study, workspace: Workspace) -> StudyTracker:
@@ -172,113 +163,106 @@ def attach_tracking(study: StudyConfig, optuna_study: optuna.Study, workspace: W
     return tracker
 
 
+_PARENT_METRICS = (
+    StudyAttr.TEACHER_PPL,
+    StudyAttr.UNTRAINED_PPL,
+    StudyAttr.TRAIN_PADDING_SHARE,
+    StudyAttr.TEACHER_EXACT_MATCH,
+    StudyAttr.TEACHER_ROUGE_L,
+    StudyAttr.UNTRAINED_EXACT_MATCH,
+    StudyAttr.UNTRAINED_ROUGE_L,
+)
+
+
 def parent_metrics(attrs: dict) -> dict[str, float]:
-    """The references as the parent run's metrics: perplexities, padding share, top-k mass."""
-    keys = (StudyAttr.TEACHER_PPL, StudyAttr.UNTRAINED_PPL, StudyAttr.TRAIN_PADDING_SHARE)
-    metrics = {key: float(attrs[key]) for key in keys}
+    """The references as the parent run's metrics: perplexities, accuracies, padding, top-k mass."""
+    metrics = {key: float(attrs[key]) for key in _PARENT_METRICS if key in attrs}
     masses = attrs.get(StudyAttr.TOPK_MASS, {})
     return metrics | {f"{Metric.TOPK_MASS_PREFIX}{k}": float(mass) for k, mass in masses.items()}
 
 
-def _raise_interrupt(signum, frame):
-    # A plain kill (SIGTERM) unwinds like Ctrl-C, so the running trial and the parent run are closed.
-    raise KeyboardInterrupt
+class _Interrupts:
+    """Ctrl-C and SIGTERM: the first unwinds the run (the running trial ends INTERRUPTED, the
+    parent run is closed); a second one, while that cleanup waits on MLflow, exits at once."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def install(self):
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+    def _handle(self, signum, frame):
+        self.seen += 1
+        if self.seen > 1:
+            os.write(2, b"kdsweep: interrupted again: exiting now\n")
+            os._exit(130)
+        raise KeyboardInterrupt
 
 
-class Objective:
-    """One trial: sample, distill, report each evaluation to the pruner, mirror it in MLflow."""
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
-    def __init__(self, study: StudyConfig, workspace: Workspace, tracker: StudyTracker, progress: SweepProgress):
-        self.study = study
-        self.workspace = workspace
-        self.tracker = tracker
-        self.progress = progress
-        self.ran = 0
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        params = suggest(trial, self.study.search)
-        trial.set_user_attr(TrialAttr.PARAMS, params)
-        run = self.tracker.start_trial(trial, params)
-        mass = self.workspace.topk_mass(params)  # None when the teacher runs online
-        if mass is not None:
-            trial.set_user_attr(TrialAttr.TOPK_MASS, mass)  # the report warns when top_k keeps little
-            run.log_metrics({Metric.TOPK_MASS: mass}, step=0)
-        self.progress.trial_started(trial.number, params, self.study.train.max_steps)
-        trained = {}  # save_best: the trained student, until the trial is scored
-        on_trained = (lambda student: trained.update(student=student)) if self.study.save_best else None
-        try:
-            with active_trial(self.study.name, trial.number, run.run_id):  # tags runs that user code starts
-                result = self.workspace.distill(
-                    params, on_log=self._on_log(run), on_eval=self._on_eval(trial, run), on_trained=on_trained
-                )
-            return self._complete(trial, run, result, student=trained.pop("student", None))
-        except optuna.TrialPruned as exc:
-            run.end("KILLED", state="PRUNED", reason=str(exc))
-            raise
-        except KeyboardInterrupt:
-            run.end("KILLED", state="INTERRUPTED", reason="interrupted (Ctrl-C or SIGTERM)")
-            raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".strip()
-            trial.set_user_attr(TrialAttr.FAIL_REASON, reason.splitlines()[0][:500])
-            run.end("FAILED", state="FAIL", reason=reason, traceback=traceback.format_exc())
-            raise
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    def _on_log(self, run: TrialRun):
-        def on_log(log) -> None:
-            if not math.isfinite(log.loss):
-                raise TrainingDiverged(f"the training loss is {log.loss} at step {log.step}")
-            run.log_step(log)
-            self.progress.step(log)
 
-        return on_log
+# ---------------------------------------------------------------- the seed check
 
-    def _on_eval(self, trial: optuna.Trial, run: TrialRun):
-        objective = self.study.objective
 
-        def on_eval(step: int, metrics: dict[str, float]) -> None:
-            run.log_metrics(metrics, step=step)
-            run.flush()
-            value = metrics[objective]
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"{objective} is {value} at step {step}")
-            trial.report(value, step)
-            if trial.should_prune():
-                trial.set_user_attr(TrialAttr.PRUNED_STEP, step)
-                raise optuna.TrialPruned(f"pruned at step {step}: {objective} {value:.4g}")
+def seed_check_jobs(optuna_study: optuna.Study, study: StudyConfig) -> list[tuple[int, int]] | None:
+    """(trial, seed) of every seed-check run: the best ``confirm.top`` distilled trials and the
+    best baseline, each with ``confirm.seeds`` other seeds. Decided once, by the first worker to
+    find the sweep over (None while sweep trials still run), and kept with the study."""
+    stored = optuna_study.user_attrs.get(StudyAttr.CONFIRM_JOBS)
+    if stored is not None:
+        return [tuple(job) for job in stored]
+    if sweep_count(optuna_study, (TrialState.RUNNING, TrialState.WAITING)):
+        return None
+    ranked = ranked_trials(optuna_study)
+    distilled = [t for t in ranked if not t.user_attrs.get(TrialAttr.BASELINE)][: study.confirm.top]
+    baselines = [t for t in ranked if t.user_attrs.get(TrialAttr.BASELINE)][:1]
+    seeds = [study.train.seed + k for k in range(1, study.confirm.seeds + 1)]
+    jobs = [[t.number, seed] for t in distilled + baselines for seed in seeds]
+    return [tuple(job) for job in set_user_attr_once(optuna_study, StudyAttr.CONFIRM_JOBS, jobs)]
 
-        return on_eval
 
-    def _complete(self, trial: optuna.Trial, run: TrialRun, result, *, student) -> float:
-        """A finished distillation: its results on the trial, its final metrics (and model, if
-        it is the best so far) on its run, which ends FINISHED. Returns the objective."""
-        value = result.final_eval[self.study.objective]
-        trial.set_user_attr(TrialAttr.DURATION_S, result.seconds)
-        trial.set_user_attr(TrialAttr.PEAK_MEMORY_MB, result.peak_memory_bytes / 2**20)
-        for key, metric in result.final_eval.items():
-            trial.set_user_attr(key, metric)
-        save_model = self._model_saver(trial, value, student)
-        run.finish(result, objective=value, save_model=save_model)
-        if save_model is not None:
-            self.tracker.keep_best_model()
-        return value
+def seed_check_done(optuna_study: optuna.Study, study: StudyConfig) -> bool:
+    if not study.confirm.top:
+        return True
+    jobs = optuna_study.user_attrs.get(StudyAttr.CONFIRM_JOBS)
+    return jobs is not None and all(_job_key(*job) in optuna_study.user_attrs for job in jobs)
 
-    def _model_saver(self, trial: optuna.Trial, value: float, student):
-        """``save_best``: a trial better than every complete one so far saves its student
-        (weights and tokenizer); ``tracker.keep_best_model`` then deletes the one it beat."""
-        best = best_trial(trial.study)
-        if student is None or (best is not None and not better(self.study.direction, value, best.value)):
-            return None
-        tokenizer = self.workspace.tokenizer
 
-        def save(folder: str) -> None:
-            student.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
+def run_seed_check(
+    optuna_study: optuna.Study, study: StudyConfig, objective: Objective, progress: SweepProgress, *, deadline: float | None
+) -> None:
+    """Run the seed-check trials, each once across all workers: a worker claims a job (a
+    compare-and-set on the study), enqueues it with every parameter fixed, and runs one trial."""
+    while (jobs := seed_check_jobs(optuna_study, study)) is None:
+        if _past(deadline):
+            return
+        time.sleep(SEED_CHECK_POLL_SECONDS)  # the last sweep trials of other workers are running
+    if jobs:
+        progress.message(f"seed check: {len(jobs)} runs of the best configurations with other seeds")
+    trials = {t.number: t for t in optuna_study.get_trials(deepcopy=False)}
+    for number, seed in jobs:
+        if _past(deadline):
+            return
+        if set_user_attr_once(optuna_study, _job_key(number, seed), _worker_id()) != _worker_id():
+            continue  # another worker has it
+        original = trials[number]
+        attrs = {
+            TrialAttr.GROUP: Group.CONFIRM,
+            TrialAttr.CONFIRMS: number,
+            TrialAttr.SEED: seed,
+            TrialAttr.BASELINE: bool(original.user_attrs.get(TrialAttr.BASELINE)),
+            TrialAttr.BASELINE_PARAMS: original.user_attrs.get(TrialAttr.BASELINE_PARAMS, {}),
+        }
+        optuna_study.enqueue_trial(original.params, user_attrs=attrs)
+        optimize(optuna_study, objective, n_trials=1, deadline=None)
 
-        return save
 
-    def after_trial(self, optuna_study: optuna.Study, trial: FrozenTrial) -> None:
-        self.ran += 1
-        best = best_trial(optuna_study)
-        self.tracker.record_best(best)
-        self.progress.trial_finished(trial, best)
+def _job_key(number: int, seed: int) -> str:
+    return f"confirm:{number}:{seed}"

@@ -8,45 +8,26 @@ statuses) is described in README.md, "MLflow layout".
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
+import socket
 import subprocess
-import tempfile
-import time
 import warnings
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import optuna
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, RunTag
-from mlflow.entities import Metric as LoggedMetric
+from mlflow.entities import DatasetInput
 from mlflow.entities import Param as LoggedParam
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient, get_tracking_uri
 from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.config import StudyConfig
+from kdsweep.dataset_inputs import dataset_inputs
 from kdsweep.errors import UsageError
-from kdsweep.names import (
-    MAXIMIZE,
-    MODEL_ARTIFACT,
-    STUDY_ARTIFACT,
-    TRACEBACK_ARTIFACT,
-    Metric,
-    StudyAttr,
-    Tag,
-    TrialAttr,
-)
+from kdsweep.names import MAXIMIZE, MODEL_ARTIFACT, STUDY_ARTIFACT, Metric, StudyAttr, Tag, TrialAttr
+from kdsweep.runs import TrialRun, library_versions, log_batch, param_text, strings, system_monitor
 from kdsweep.space import run_name
 from kdsweep.storage import first_use_lock, set_user_attr_once
 from kdsweep.version import __version__
@@ -54,7 +35,8 @@ from kdsweep.version import __version__
 # MLflow 3's UI tells model-training experiments from GenAI ones by this tag (where its
 # workflow switch does not decide instead: see ui.runs_url).
 TRAINING_EXPERIMENT = "custom_model_development"
-_BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+RERUN_ARTIFACT = "trial.yaml"  # on every trial run: the study that reruns it
+CHAMPION = "champion"  # the registry alias that follows the study's best student
 _TRAINING = "workflowType=machine_learning"  # the UI's "Model training" pages, not its GenAI ones
 
 
@@ -140,7 +122,7 @@ class StudyTracker:
                 self.client.delete_run(candidate.info.run_id)  # another worker's parent came first
             else:
                 optuna_study.set_user_attr(StudyAttr.EXPERIMENT_ID, self.experiment_id)
-                _log_batch(self.client, run_id, params=fixed_settings(self.study), metrics=references)
+                log_batch(self.client, run_id, params=fixed_settings(self.study), metrics=references)
                 self.client.log_dict(run_id, self.study.to_dict(), STUDY_ARTIFACT)
         else:
             self._reopen(run_id)
@@ -173,7 +155,7 @@ class StudyTracker:
             Tag.BEST_VALUE: f"{best.value:.6g}",
             **{f"{Tag.BEST_PARAM_PREFIX}{k}": v for k, v in params.items()},
         }
-        _log_batch(self.client, self.parent_run_id, metrics={Metric.BEST_VALUE: best.value}, tags=tags, step=best.number)
+        log_batch(self.client, self.parent_run_id, metrics={Metric.BEST_VALUE: best.value}, tags=tags, step=best.number)
 
     def close(self, optuna_study: optuna.Study, *, status: str) -> None:
         """End every trial run left RUNNING by a dead worker, then the parent run, unless
@@ -208,58 +190,92 @@ class StudyTracker:
     def use_data(self, train_split, eval_set) -> None:
         """Describe the training and evaluation data once per worker; each trial run logs them
         as MLflow dataset inputs (a digest and a source: the data itself is not uploaded)."""
-        data = self.study.data
-        self.inputs = [
-            _dataset_input(data, data.train_split, self.study.base_dir, *_training_data(train_split), "training"),
-            _dataset_input(data, data.eval_split, self.study.base_dir, *_evaluation_data(eval_set), "evaluation"),
-        ]
+        self.inputs = dataset_inputs(self.study, train_split, eval_set)
 
-    def start_trial(self, trial: optuna.Trial, params: dict) -> TrialRun:
+    def start_trial(self, trial: optuna.Trial, params: dict, *, seed: int, device: str, gpu_uuid: str | None = None) -> TrialRun:
+        """The trial's nested run, its params (the searched ones, the fixed settings, its seed)
+        sent in the background. A seed-check trial is tagged with the trial it runs again; every
+        run with the host and device it trains on."""
+        confirms = trial.user_attrs.get(TrialAttr.CONFIRMS)
         tags = {
             Tag.PARENT: self.parent_run_id,
             Tag.TRIAL: trial.number,
             Tag.STATE: "RUNNING",
             Tag.BASELINE: bool(trial.user_attrs.get(TrialAttr.BASELINE, False)),
+            Tag.HOST: socket.gethostname(),
+            Tag.DEVICE: device,
+            **({Tag.CONFIRM: confirms} if confirms is not None else {}),
             **self._common_tags,
         }
-        run = self.client.create_run(self.experiment_id, run_name=run_name(trial.number, params), tags=_strings(tags))
+        name = run_name(trial.number, params) + ("" if confirms is None else f" seed={seed} (seed check of {confirms})")
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=strings(tags))
         trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run.info.run_id)
-        trial_run = TrialRun(self.client, run.info.run_id, run.info.run_name, writer=self._writer)
-        values = {**params, **fixed_settings(self.study)}
-        trial_run.send(params=[LoggedParam(k, _param_text(v)) for k, v in values.items()])
+        monitor = None
+        if self.study.tracking.system_metrics:
+            interval = self.study.tracking.system_metrics_interval
+            monitor = system_monitor(self.client, run.info.run_id, interval=interval, gpu_uuid=gpu_uuid)
+        trial_run = TrialRun(self.client, run.info.run_id, run.info.run_name, writer=self._writer, monitor=monitor)
+        values = {**params, **fixed_settings(self.study), "seed": seed}
+        trial_run.send(params=[LoggedParam(k, param_text(v)) for k, v in values.items()])
+        trial_run.send_dict(rerun_study(self.study, params, seed=seed, number=trial.number), RERUN_ARTIFACT)
         if self.inputs:
             self.client.log_inputs(run.info.run_id, datasets=self.inputs)
         return trial_run
 
-    def keep_best_model(self) -> None:
-        """``save_best``: of the trial runs holding a saved student, keep the one with the best
-        objective and delete the others' model files, so one model stays on disk per study.
 
-        Safe with several workers: every worker that saves a model runs this afterwards, and the
-        outcome depends only on the runs' objectives, not on who runs it last.
+
+    def keep_best_model(self) -> None:
+        """``save_best``: of the trial runs holding a saved student, the best one is the model.
+
+        With ``register_as`` every saved student is a version of that registered model and the
+        alias ``champion`` is moved to the best one; without it, the others' model files are
+        deleted, so one model stays on disk per study. Safe with several workers: every worker
+        that saves a model runs this afterwards, and the outcome depends only on the runs'
+        objectives, not on who runs it last.
         """
         saved = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{Tag.PARENT}` = '{self.parent_run_id}' and tags.`{Tag.MODEL}` = 'saved'",
-            order_by=[f"metrics.{Metric.OBJECTIVE} {'DESC' if self.study.direction == MAXIMIZE else 'ASC'}"],
+            order_by=[f"metrics.{Metric.OBJECTIVE} {'DESC' if self.study.direction == MAXIMIZE else 'ASC'}", "attributes.start_time ASC"],
         )
-        if len(saved) < 2:
+        if not saved:
             return
         best = saved[0]
+        if self.study.register_as:
+            self._make_champion(best.info.run_id)
+            return
         for run in saved[1:]:
             _artifact_repository(run, self.client.tracking_uri).delete_artifacts(MODEL_ARTIFACT)
             note = f"deleted: trial {best.data.tags.get(Tag.TRIAL)} is better"
             self.client.set_tag(run.info.run_id, Tag.MODEL, note)
+
+    def _make_champion(self, run_id: str) -> None:
+        """Register the run's model (once) as a version of ``register_as``, and point the alias
+        ``champion`` at it."""
+        name = self.study.register_as
+        try:
+            self.client.create_registered_model(name, tags={Tag.STUDY: self.study.name})
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if versions:
+            version = versions[0].version
+        else:
+            source = f"runs:/{run_id}/{MODEL_ARTIFACT}"
+            version = self.client.create_model_version(name, source=source, run_id=run_id, tags={Tag.STUDY: self.study.name}).version
+        self.client.set_registered_model_alias(name, CHAMPION, version)
 
     def _tags(self) -> dict[str, str]:
         """Tags of every run of the study: MLflow's usual context (user, source) and kdsweep's."""
         kdsweep = {
             Tag.STUDY: self.study.name,
             Tag.VERSION: __version__,
+            **{f"{Tag.LIBRARY_VERSION_PREFIX}{package}": version for package, version in library_versions().items()},
             Tag.FINGERPRINT: self.study.fingerprint(),
             **({Tag.GIT_COMMIT: commit} if (commit := git_commit(self.study.base_dir)) else {}),
         }
-        return _strings(resolve_tags(kdsweep))
+        return strings(resolve_tags(kdsweep))
 
 
 def fixed_settings(study: StudyConfig) -> dict:
@@ -282,6 +298,19 @@ def fixed_settings(study: StudyConfig) -> dict:
     }
 
 
+def rerun_study(study: StudyConfig, params: dict, *, seed: int, number: int) -> dict:
+    """The study that reruns one trial: its parameters fixed, its seed, one trial, local paths
+    made absolute (the artifact is read elsewhere); ``kdsweep run`` takes it as it is."""
+    data = study.to_dict()
+    data.update(name=f"{study.name}-trial{number}", n_trials=1, baselines=[], confirm={"top": 0, "seeds": 1})
+    data["search"] = dict(params)
+    data["train"]["seed"] = seed
+    data["data"]["dataset"] = study.resolve_path(study.data.dataset)
+    for role in ("teacher", "student"):
+        data[role]["name"] = study.resolve_path(data[role]["name"])
+    return data
+
+
 def git_commit(folder: str = ".") -> str | None:
     """The commit checked out where the study file lives, if that is a git work tree."""
     try:
@@ -291,152 +320,7 @@ def git_commit(folder: str = ".") -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-@dataclass
-class TrialRun:
-    """One trial's nested run, logged so that the trial hardly waits for MLflow: metrics are
-    buffered and sent in batches, which ``writer`` (a background thread) writes while training
-    goes on; the run's end waits until everything sent is written.
-
-    Not MLflow's own async logging: ``set_terminated`` shuts its queue down, which takes up to a
-    second per run, more than all of a short trial's synchronous writes.
-    """
-
-    client: MlflowClient
-    run_id: str
-    name: str = ""
-    writer: ThreadPoolExecutor | None = None  # None: write at once
-    pending: list[LoggedMetric] = field(default_factory=list)
-    sending: list[Future] = field(default_factory=list)  # batches not known to be written yet
-
-    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
-        now = int(time.time() * 1000)
-        self.pending += [LoggedMetric(key, float(value), now, step) for key, value in metrics.items()]
-
-    def log_step(self, log) -> None:
-        """A training log line (``train.StepLog``): sent with the next batch, not now."""
-        values = {
-            Metric.TRAIN_LOSS: log.loss,
-            Metric.TRAIN_KL: log.kl,
-            Metric.TRAIN_CE: log.ce,
-            Metric.LEARNING_RATE: log.learning_rate,
-            Metric.GRAD_NORM: log.grad_norm,
-            Metric.TOKENS_PER_SECOND: log.tokens_per_second,
-        }
-        self.log_metrics(values, step=log.step)
-        if len(self.pending) >= _BATCH_LIMIT:
-            self.flush()
-
-    def flush(self) -> None:
-        """Send the buffered metrics in the background."""
-        for start in range(0, len(self.pending), _BATCH_LIMIT):
-            self.send(metrics=self.pending[start : start + _BATCH_LIMIT])
-        self.pending = []
-
-    def send(self, *, metrics=(), params=()) -> None:
-        write = functools.partial(self.client.log_batch, self.run_id, metrics=list(metrics), params=list(params))
-        if self.writer is None:
-            write()
-        else:
-            self.sending.append(self.writer.submit(write))
-
-    def wait_sent(self) -> None:
-        """Block until every batch sent in the background is written (raises if one failed)."""
-        sending, self.sending = self.sending, []
-        for future in sending:
-            future.result()
-
-    def finish(self, result, *, objective: float, save_model: Callable[[str], None] | None = None) -> None:
-        """A completed trial (``train.DistillResult``): final metrics, the model if asked, then
-        FINISHED. ``save_model(folder)`` writes the student (weights and tokenizer) to ``folder``."""
-        final = {
-            Metric.OBJECTIVE: objective,
-            Metric.DURATION_S: result.seconds,
-            Metric.PEAK_MEMORY_MB: result.peak_memory_bytes / 2**20,
-        }
-        self.log_metrics(final, step=result.steps)
-        if save_model is not None:
-            self.log_model(save_model)
-        self.end("FINISHED", state="COMPLETE")
-
-    def log_model(self, save_model: Callable[[str], None]) -> None:
-        with tempfile.TemporaryDirectory(prefix="kdsweep-model-") as folder:
-            save_model(folder)
-            self.client.log_artifacts(self.run_id, folder, MODEL_ARTIFACT)
-        self.client.set_tag(self.run_id, Tag.MODEL, "saved")
-
-    def end(self, status: str, *, state: str, reason: str | None = None, traceback: str | None = None) -> None:
-        """Write what is left, record the Optuna state (and why it ended) as tags, and set the
-        MLflow status.
-
-        A pruned run also says so in its name, since its status (KILLED) does not tell it from
-        an interrupted one in the runs list.
-        """
-        tags = {Tag.STATE: state}
-        if reason:
-            tags[Tag.REASON] = reason.splitlines()[0][:500]
-        if len(self.pending) > _BATCH_LIMIT:
-            self.flush()
-        self.wait_sent()
-        self.client.log_batch(self.run_id, metrics=self.pending, tags=[RunTag(k, v) for k, v in tags.items()])
-        self.pending = []
-        if traceback:
-            self.client.log_text(self.run_id, traceback, TRACEBACK_ARTIFACT)
-        if state == "PRUNED":
-            self.client.update_run(self.run_id, name=f"{self.name} (pruned)")
-        self.client.set_terminated(self.run_id, status=status)
-
-
 # ---------------------------------------------------------------- helpers
-
-
-class _TokenizedDataset(MetaDataset):
-    """A dataset logged by reference: where it comes from, a digest of the exact tokens the
-    trials use, and a profile (rows, scored tokens) that the MLflow UI shows."""
-
-    def __init__(self, source, *, name: str, digest: str, profile: dict):
-        self._profile = profile
-        super().__init__(source, name=name, digest=digest)
-
-    @property
-    def profile(self) -> dict:
-        return self._profile
-
-    def to_dict(self) -> dict[str, str]:
-        return {**super().to_dict(), "profile": json.dumps(self._profile)}
-
-
-def _dataset_input(data, split: str, base_dir: str, digest: str, profile: dict, context: str) -> DatasetInput:
-    source = _dataset_source(data.dataset, split, base_dir)
-    dataset = _TokenizedDataset(source, name=f"{Path(data.dataset).name}-{split}", digest=digest, profile=profile)
-    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-
-
-def _dataset_source(dataset: str, split: str, base_dir: str):
-    """A local file or folder, or else a Hugging Face hub dataset."""
-    local = next((p for p in (Path(base_dir) / dataset, Path(dataset)) if p.exists()), None)
-    if local is None:
-        return HuggingFaceDatasetSource(path=dataset, split=split)
-    with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so
-        warnings.simplefilter("ignore")
-        return resolve_dataset_source(str(local.resolve()))
-
-
-def _training_data(split) -> tuple[str, dict]:
-    """Digest and profile (rows, scored tokens) of a ``data.TokenizedSplit``."""
-    digest = _digest([split.input_ids, split.labels])
-    return digest, {"rows": len(split), "scored_tokens": split.num_scored_tokens}
-
-
-def _evaluation_data(eval_set) -> tuple[str, dict]:
-    """Digest and profile of an ``evaluate.EvalSet`` (its padded batches)."""
-    batches = eval_set.batches
-    digest = _digest([[b.input_ids.tolist(), b.labels.tolist()] for b in batches])
-    rows = sum(len(b.input_ids) for b in batches)
-    return digest, {"rows": rows, "scored_tokens": eval_set.num_tokens}
-
-
-def _digest(values) -> str:
-    return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
 def _fail_stale_trials(optuna_study: optuna.Study) -> None:
@@ -449,20 +333,3 @@ def _artifact_repository(run, tracking_uri: str):
     return get_artifact_repository(run.info.artifact_uri, tracking_uri=tracking_uri)
 
 
-def _log_batch(client: MlflowClient, run_id: str, *, params=None, metrics=None, tags=None, step: int = 0) -> None:
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[LoggedMetric(k, float(v), now, step) for k, v in (metrics or {}).items()],
-        params=[LoggedParam(k, _param_text(v)) for k, v in (params or {}).items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-    )
-
-
-def _param_text(value) -> str:
-    # MLflow params are immutable strings; keep them short and stable.
-    return "None" if value is None else str(value)[:6000]
-
-
-def _strings(values: dict) -> dict[str, str]:
-    return {k: str(v) for k, v in values.items()}

@@ -2,12 +2,19 @@
 
 It knows nothing of Optuna or MLflow: it takes resolved settings, prepared data, a teacher signal
 and callbacks. A callback may raise (a pruned trial) to stop the run.
+
+On-policy steps (GKD; TRL's ``lmbda``): with probability ``lmbda`` an optimizer step trains on
+the student's own completions of its rows' prompts, which the teacher scores online; the
+divergence is taken on the generated tokens only, while the cross-entropy keeps the rows'
+reference answers. The other steps read the teacher signal as usual (the cache, typically).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import random
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -17,10 +24,15 @@ import torch
 from transformers import PreTrainedModel
 
 from kdsweep.config import TrainConfig
-from kdsweep.data import Batch, TokenizedSplit, make_batches
-from kdsweep.losses import LossResult, distill_loss_from_hidden
+from kdsweep.data import Batch, TokenizedSplit, collate, make_batches
+from kdsweep.generation import generate
+from kdsweep.losses import IGNORE_INDEX, LossResult, distill_loss_from_hidden
 from kdsweep.models import Vocabulary, bf16_supported, hidden_states, output_weight
-from kdsweep.teacher import TeacherSignal, TeacherTargets, scored_positions
+from kdsweep.teacher import OnlineTeacher, TeacherSignal, TeacherTargets, scored_positions
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or an evaluation stopped being finite."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,8 @@ class DistillSettings:
     top_k: int | None  # None: the teacher's whole vocabulary
     learning_rate: float
     train: TrainConfig
+    beta: float = 0.0  # the divergence: 0 forward KL, 1 reverse KL (generalized JSD between)
+    lmbda: float = 0.0  # the share of steps on the student's own generations (on-policy)
     group_by_length: bool = True
 
 
@@ -46,6 +60,14 @@ class StepLog:
     learning_rate: float
     grad_norm: float
     tokens_per_second: float
+    # On-policy trials only (None otherwise):
+    generated_tokens: int | None = None  # student-generated tokens trained on so far
+    generation_seconds: float | None = None  # time spent generating so far
+    generation_share: float | None = None  # of the time since the previous log
+    # On-policy trials only (None otherwise):
+    generated_tokens: int | None = None  # student-generated tokens trained on so far
+    generation_seconds: float | None = None  # time spent generating so far
+    generation_share: float | None = None  # of the time since the previous log
 
 
 @dataclass(frozen=True)
@@ -64,11 +86,14 @@ def distill(
     *,
     vocab: Vocabulary,
     pad_id: int,
-    evaluate: Callable[[PreTrainedModel], dict[str, float]],
+    evaluate: Callable[[PreTrainedModel, int], dict[str, float]],
     on_log: Callable[[StepLog], None] = lambda log: None,
     on_eval: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+    on_policy: OnPolicy | None = None,
 ) -> DistillResult:
-    """Train ``student`` for ``settings.train.max_steps`` optimizer steps, evaluating as it goes."""
+    """Train ``student`` for ``settings.train.max_steps`` optimizer steps, evaluating as it goes:
+    ``evaluate(student, step)`` every ``eval_every`` steps and at the last. With
+    ``settings.lmbda > 0``, ``on_policy`` makes that share of the steps on-policy."""
     cfg = settings.train
     device = next(student.parameters()).device
     torch.manual_seed(cfg.seed)
@@ -78,21 +103,31 @@ def distill(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(cfg.max_steps, cfg.warmup_ratio))
     autocast, scaler = mixed_precision(cfg.precision, device)
     batches = endless_batches(train_split, settings, pad_id=pad_id)
-    window = _Window()
+    coin = random.Random(cfg.seed)  # which steps are on-policy: seeded, apart from the data order
+    window = _Window(on_policy)
     started = time.perf_counter()
     final_eval: dict[str, float] = {}
 
     student.train()
     for step in range(1, cfg.max_steps + 1):
+        generating = on_policy is not None and settings.alpha > 0 and coin.random() < settings.lmbda
+        step_loss = torch.zeros((), device=device)
         for _ in range(cfg.grad_accum_steps):
             batch = next(batches)
             window.tokens += int(batch.attention_mask.sum())
             batch = batch.to(device)
-            targets = teacher.targets(batch, top_k=settings.top_k) if teacher and settings.alpha > 0 else None
-            with autocast():
-                result = batch_loss(student, batch, targets, settings, vocab)
+            if generating:
+                result = on_policy.loss(student, batch, settings, vocab, autocast=autocast)
+            else:
+                targets = teacher.targets(batch, top_k=settings.top_k) if teacher and settings.alpha > 0 else None
+                with autocast():
+                    result = batch_loss(student, batch, targets, settings, vocab)
             scaler.scale(result.loss / cfg.grad_accum_steps).backward()
             window.add(result, cfg.grad_accum_steps)
+            step_loss += result.loss.detach()
+        # One device sync a step, so that a diverged trial stops at once rather than at its next log.
+        if not torch.isfinite(step_loss):
+            raise TrainingDiverged(f"the training loss is {float(step_loss)} at step {step}")
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
         scaler.step(optimizer)
@@ -105,7 +140,7 @@ def distill(
         schedule.step()
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             with autocast():
-                final_eval = evaluate(student)
+                final_eval = evaluate(student, step)
             student.train()
             on_eval(step, final_eval)
 
@@ -137,6 +172,59 @@ def batch_loss(
         temperature=settings.temperature,
         chunk_tokens=settings.train.loss_chunk_tokens,
     )
+
+
+@dataclass
+class OnPolicy:
+    """What an on-policy step needs: the teacher run online (its cache holds only the dataset's
+    tokens), the training rows' prompts, and how the student samples its completions."""
+
+    teacher: OnlineTeacher  # scores generated tokens: they are new, no cache holds them
+    split: TokenizedSplit  # the training rows, whose prompts the student completes
+    temperature: float
+    max_new_tokens: int
+    pad_id: int
+    eos_id: int
+    generated_tokens: int = 0  # student tokens trained on, so far
+    seconds: float = 0.0  # spent generating, so far
+    batches: int = 0  # micro-batches completed by the student, so far
+
+    def loss(self, student: PreTrainedModel, batch: Batch, settings: DistillSettings, vocab: Vocabulary, *, autocast) -> LossResult:
+        """``alpha * D(teacher || student on its own completions) + (1 - alpha) * CE(references)``.
+
+        Rows without a final answer (no prompt to complete) take part in the cross-entropy only.
+        """
+        with autocast():
+            reference = batch_loss(student, batch, None, settings, vocab)  # CE on the dataset's answers
+        completions = self.complete(student, batch)
+        if completions is None:
+            return reference
+        targets = self.teacher.targets(completions, top_k=settings.top_k)
+        with autocast():
+            divergence = batch_loss(student, completions, targets, dataclasses.replace(settings, alpha=1.0), vocab)
+        loss = settings.alpha * divergence.loss + (1 - settings.alpha) * reference.loss
+        return LossResult(loss=loss, kl=divergence.kl, ce=reference.ce)
+
+    def complete(self, student: PreTrainedModel, batch: Batch) -> Batch | None:
+        """The student's sampled completions of the batch's prompts, as a batch whose labels mark
+        the generated tokens only (the prompt, and so the reference answer, is never scored)."""
+        rows = [e for e in batch.example_ids.tolist() if self.split.prompt(e)]
+        if not rows:
+            return None
+        prompts = [self.split.prompt(e) for e in rows]
+        started = time.perf_counter()
+        generated = generate(
+            student, prompts, pad_id=self.pad_id, eos_id=self.eos_id, max_new_tokens=self.max_new_tokens,
+            batch_size=len(prompts), temperature=self.temperature, vocab_size=self.teacher.vocab.size,
+        )
+        self.seconds += time.perf_counter() - started
+        self.generated_tokens += sum(map(len, generated))
+        self.batches += 1
+        split = TokenizedSplit(
+            tuple(tuple(p) + tuple(g) for p, g in zip(prompts, generated)),
+            tuple((IGNORE_INDEX,) * len(p) + tuple(g) for p, g in zip(prompts, generated)),
+        )
+        return collate(split, list(range(len(rows))), pad_id=self.pad_id).to(batch.input_ids.device)
 
 
 def endless_batches(split: TokenizedSplit, settings: DistillSettings, *, pad_id: int) -> Iterator[Batch]:
@@ -192,9 +280,11 @@ class _Window:
     """Sums over the steps since the last log. Kept as tensors: reading them syncs the GPU,
     so that happens once per log, not once per step."""
 
-    def __init__(self):
+    def __init__(self, on_policy: OnPolicy | None = None):
         self._reset()
         self.last_time = time.perf_counter()
+        self.on_policy = on_policy
+        self.generation_seconds = 0.0  # the on-policy total at the previous log
 
     def _reset(self):
         self.loss = self.kl = self.ce = self.grad_norm = 0.0
@@ -218,6 +308,15 @@ class _Window:
             grad_norm=float(self.grad_norm) / n,
             tokens_per_second=self.tokens / max(now - self.last_time, 1e-9),
         )
+        if self.on_policy is not None:
+            generating = self.on_policy.seconds - self.generation_seconds
+            log = dataclasses.replace(
+                log,
+                generated_tokens=self.on_policy.generated_tokens,
+                generation_seconds=self.on_policy.seconds,
+                generation_share=generating / max(now - self.last_time, 1e-9),
+            )
+            self.generation_seconds = self.on_policy.seconds
         self._reset()
         self.last_time = now
         return log

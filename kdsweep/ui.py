@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
 from kdsweep.paths import store_missing
+from kdsweep.redact import redact
 from kdsweep.tracking import resolved_tracking_uri, runs_url
 
 HOST = "127.0.0.1"
@@ -33,7 +34,7 @@ def serve(study: StudyConfig, port: int) -> int:
     """
     uri = store_uri(study)
     if uri.startswith(("http://", "https://")):
-        print(runs_url(uri, experiment_id(study, uri)))
+        print(redact(runs_url(uri, experiment_id(study, uri))))
         return 0
     experiment = experiment_id(study, uri)  # read before the server opens the store too
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # before the server exists
@@ -41,7 +42,7 @@ def serve(study: StudyConfig, port: int) -> int:
     try:
         server = start_server(uri, port=port)
         wait_until_up(server, port)
-        print(f"MLflow UI on {uri} (Ctrl-C stops it):")
+        print(redact(f"MLflow UI on {uri} (Ctrl-C stops it):"))
         print(runs_url(f"http://{HOST}:{port}", experiment), flush=True)
         return server.wait()
     except KeyboardInterrupt:

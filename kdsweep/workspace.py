@@ -19,14 +19,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdsweep import demo, models, space, train
 from kdsweep.config import ModelConfig, StudyConfig
 from kdsweep.data import TokenizedSplit, load_texts, make_batches, padding_share, tokenize
 from kdsweep.errors import UsageError
-from kdsweep.evaluate import EVAL_TOP_K, EvalSet, evaluate_student, prepare_eval_set, score
-from kdsweep.names import StudyAttr
+from kdsweep.evaluate import EVAL_TOP_K, Answers, EvalSet, accuracy, evaluate_student, prepare_eval_set, score
+from kdsweep.names import Metric, StudyAttr
 from kdsweep.paths import teacher_cache_dir
 from kdsweep.progress import SweepProgress
 from kdsweep.teacher import (
@@ -53,14 +53,19 @@ class Workspace:
     eval_set: EvalSet
     teacher: OnlineTeacher | CachedTeacher
     progress: SweepProgress
+    online_teacher: OnlineTeacher | None = None  # kept loaded when a trial may be on-policy
 
-    def distill(self, params: dict, *, on_log, on_eval, on_trained=None) -> train.DistillResult:
-        """One trial: a fresh student distilled with ``params`` (alpha, temperature, top_k, lr).
+    def distill(
+        self, params: dict, *, seed: int | None = None, batch: tuple[int, int] | None = None, on_log, on_eval, on_trained=None
+    ) -> train.DistillResult:
+        """One trial: a fresh student distilled with ``params`` (the declared search space), with
+        the study's training seed or ``seed``, and its micro-batch and accumulation or ``batch``.
         ``on_trained(student)``, if given, sees the trained student (``save_best`` saves it)."""
         student = models.load_model("student", self.student_spec, self.device)
-        settings = train.DistillSettings(
-            **space.settings(params), train=self.study.train, group_by_length=self.study.data.group_by_length
-        )
+        fixed = self.study.train if seed is None else dataclasses.replace(self.study.train, seed=seed)
+        if batch is not None:
+            fixed = dataclasses.replace(fixed, batch_size=batch[0], grad_accum_steps=batch[1])
+        settings = train.DistillSettings(**space.settings(params), train=fixed, group_by_length=self.study.data.group_by_length)
         result = train.distill(
             student,
             self.train_split,
@@ -68,15 +73,30 @@ class Workspace:
             settings,
             vocab=self.vocab,
             pad_id=self.tokenizer.pad_token_id,
-            evaluate=partial(
-                evaluate_student, eval_set=self.eval_set, vocab=self.vocab, chunk_tokens=self.study.train.loss_chunk_tokens
-            ),
+            evaluate=self.evaluate,
             on_log=on_log,
             on_eval=on_eval,
+            on_policy=self._on_policy() if settings.lmbda > 0 else None,
         )
         if on_trained is not None:
             on_trained(student)
         return result
+
+    def _on_policy(self) -> train.OnPolicy:
+        cfg = self.study.train
+        return train.OnPolicy(
+            self.online_teacher, self.train_split, temperature=cfg.generation_temperature,
+            max_new_tokens=cfg.generation_max_new_tokens, pad_id=self.tokenizer.pad_token_id,
+            eos_id=self.tokenizer.eos_token_id,
+        )
+
+    def evaluate(self, student: PreTrainedModel, step: int) -> dict[str, float]:
+        """A trial's evaluation at ``step``: accuracy too at the last step, or at every one when
+        the study asks (an accuracy objective needs it for pruning)."""
+        with_accuracy = self.study.accuracy_every_eval or step == self.study.train.max_steps
+        return evaluate_student(
+            student, self.eval_set, self.vocab, chunk_tokens=self.study.train.loss_chunk_tokens, with_accuracy=with_accuracy
+        )
 
     def topk_mass(self, params: dict) -> float | None:
         """Mean teacher probability (T=1) over the training tokens that the trial's top_k keeps;
@@ -88,11 +108,12 @@ class Workspace:
 
     def references(self) -> dict:
         """What every trial is compared with, and what the data holds: teacher and untrained
-        student perplexity, sizes, padding share, top-k mass. Computed once per study (the sweep
-        keeps them with the Optuna study, keyed by ``names.StudyAttr``)."""
+        student perplexity (and accuracy), sizes, padding share, top-k mass. Computed once per
+        study (the sweep keeps them with the Optuna study, keyed by ``names.StudyAttr``)."""
         self.progress.message("scoring the untrained student")
         student = models.load_model("student", self.student_spec, self.device)
-        values = {
+        values = self._accuracy_references(student) if self.eval_set.answers is not None else {}
+        values |= {
             StudyAttr.TEACHER_PPL: self.eval_set.teacher_ppl,
             StudyAttr.UNTRAINED_PPL: score(student, self.eval_set.batches, self.vocab).perplexity,
             StudyAttr.TRAIN_ROWS: len(self.train_split),
@@ -107,6 +128,24 @@ class Workspace:
             # JSON keys are strings: {"20": 0.93, "50": 0.97}
             values[StudyAttr.TOPK_MASS] = {str(k): self.teacher.mass(k) for k in cached_top_ks(self.study)}
         return values
+
+    def _accuracy_references(self, student: PreTrainedModel) -> dict[str, float]:
+        """The teacher's and the untrained student's accuracy on the eval answers. A worker that
+        reads the teacher cache loads the teacher's weights for this, once per study."""
+        answers = self.eval_set.answers
+        self.progress.message(f"decoding the teacher's answers to {len(answers.prompts)} eval rows")
+        loaded = self.online_teacher or (self.teacher if isinstance(self.teacher, OnlineTeacher) else None)
+        teacher = loaded.model if loaded else models.load_model("teacher", self.teacher_spec, self.device)
+        scores = {"teacher": accuracy(teacher, answers), "untrained": accuracy(student, answers)}
+        del teacher
+        release_memory(self.device)
+        return {
+            StudyAttr.ACCURACY_ROWS: len(answers.prompts),
+            StudyAttr.TEACHER_EXACT_MATCH: scores["teacher"][Metric.EXACT_MATCH],
+            StudyAttr.TEACHER_ROUGE_L: scores["teacher"][Metric.ROUGE_L],
+            StudyAttr.UNTRAINED_EXACT_MATCH: scores["untrained"][Metric.EXACT_MATCH],
+            StudyAttr.UNTRAINED_ROUGE_L: scores["untrained"][Metric.ROUGE_L],
+        }
 
     def _train_batches(self):
         return make_batches(
@@ -138,10 +177,28 @@ def prepare(study: StudyConfig, *, progress: SweepProgress) -> Workspace:
         teacher = OnlineTeacher(models.load_model("teacher", inputs.teacher, inputs.device), inputs.vocab)
         progress.message("scoring the teacher on the eval tokens")
         eval_set = prepare_eval_set(teacher, eval_batches, chunk_tokens=study.train.loss_chunk_tokens)
+    if study.eval.accuracy:
+        eval_set = dataclasses.replace(eval_set, answers=Answers.of(inputs.eval_split, inputs.tokenizer, study.eval))
     return Workspace(
         study, inputs.teacher, inputs.student, inputs.device, inputs.tokenizer, inputs.vocab, inputs.train_split,
-        eval_set, teacher, progress,
+        eval_set, teacher, progress, online_teacher=_online_teacher(study, inputs, teacher, progress),
     )
+
+
+def on_policy_possible(study: StudyConfig) -> bool:
+    """Whether any trial may take on-policy steps (search.lmbda above 0 somewhere)."""
+    return space.may_be_positive(study.search, study.baselines, "lmbda")
+
+
+def _online_teacher(study: StudyConfig, inputs: _Inputs, teacher, progress: SweepProgress) -> OnlineTeacher | None:
+    """The teacher's weights, kept loaded beside its cache only when a trial may be on-policy:
+    generated tokens are new, the cache cannot hold them. Other studies never load them again."""
+    if not on_policy_possible(study):
+        return None
+    if isinstance(teacher, OnlineTeacher):
+        return teacher
+    progress.message(f"loading the teacher {study.teacher.name} to score on-policy completions")
+    return OnlineTeacher(models.load_model("teacher", inputs.teacher, inputs.device), inputs.vocab)
 
 
 def build_cache(study: StudyConfig) -> Path:
@@ -162,6 +219,16 @@ def build_cache(study: StudyConfig) -> Path:
     return train_cache.folder
 
 
+def check_inputs(study: StudyConfig) -> None:
+    """Read and check what a trial needs, loading no weights: the models' tokenizer and
+    vocabularies, the data splits (the demo's models are built on first use)."""
+    progress = SweepProgress()
+    try:
+        _read_inputs(study, progress)
+    finally:
+        progress.close()
+
+
 def cached_top_ks(study: StudyConfig) -> list[int]:
     """The top_k values trials may use when they all read the teacher cache, else []."""
     return space.finite_top_ks(study.search, study.baselines) if study.train.teacher_cache else []
@@ -169,10 +236,15 @@ def cached_top_ks(study: StudyConfig) -> list[int]:
 
 def locate(spec: ModelConfig, study: StudyConfig) -> ModelConfig:
     """``spec`` named by where it loads from: the demo's models are built on first use, a
-    relative folder is read from the study file's folder."""
+    relative folder is read from the study file's folder. A local folder is named by its
+    absolute path, which no library mistakes for a hub id (MLflow looks hub ids up for their
+    model card when it saves a model)."""
     if spec.name.startswith(demo.PREFIX):
         return dataclasses.replace(spec, name=demo.location(spec.name))
-    return dataclasses.replace(spec, name=study.resolve_path(spec.name))
+    location = study.resolve_path(spec.name)
+    if Path(location).expanduser().exists():
+        location = str(Path(location).expanduser().resolve())
+    return dataclasses.replace(spec, name=location)
 
 
 @dataclass(frozen=True)
@@ -194,9 +266,23 @@ def _read_inputs(study: StudyConfig, progress: SweepProgress) -> _Inputs:
     progress.message(f"loading tokenizer and data for {study.name!r} on {device}")
     tokenizer = models.load_tokenizer(teacher)
     vocab = models.check_vocabularies(teacher, student, tokenizer)
+    _check_top_k(study, vocab)
     train_split = _tokenized(study, study.data.train_split, tokenizer)
     eval_split = _tokenized(study, study.data.eval_split, tokenizer)
     return _Inputs(teacher, student, device, tokenizer, vocab, train_split, eval_split)
+
+
+def _check_top_k(study: StudyConfig, vocab: models.Vocabulary) -> None:
+    """A top_k above the vocabulary keeps nothing more than the whole of it: a typo, or the
+    wrong models. Known only once the vocabulary is read, so not a study-file check."""
+    where = [("search.top_k", k) for k in study.search.top_k.values]
+    where += [(f"baselines[{i}].top_k", b["top_k"]) for i, b in enumerate(study.baselines) if "top_k" in b]
+    for key, k in where:
+        if k != space.WHOLE_VOCAB and k > vocab.size:
+            raise UsageError(
+                f"{key}: {k} is above the vocabulary size ({vocab.size:,} tokens); use values up to {vocab.size:,}, "
+                f"or {space.WHOLE_VOCAB!r} for the whole vocabulary"
+            )
 
 
 def _tokenized(study: StudyConfig, split: str, tokenizer) -> TokenizedSplit:
@@ -280,15 +366,20 @@ class _TeacherOnDemand:
         return self.teacher
 
     def release(self) -> None:
-        if self.teacher is None:
-            return
-        self.teacher = None
-        gc.collect()
-        if self.inputs.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if self.teacher is not None:
+            self.teacher = None
+            release_memory(self.inputs.device)
 
 
 def _cached_eval_set(cache: CachedTeacher, batches, device: torch.device) -> EvalSet:
     """The eval set as ``evaluate.prepare_eval_set`` makes it, from the cache instead of the teacher."""
     targets = [cache.targets(batch.to(device), top_k=EVAL_TOP_K) for batch in batches]
     return EvalSet(batches=batches, teacher_targets=targets, teacher_ppl=cache.perplexity(), num_tokens=cache.rows)
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed tensors' memory back: models just dropped would otherwise stay in the CUDA
+    allocator's cache, out of reach of the next trial."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -54,6 +54,21 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_models):
+    """(tokenizer, the frozen teacher, the shared vocabulary, a tokenized split of 48 rows)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdsweep.data import tokenize
+    from kdsweep.models import shared_vocabulary
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval().requires_grad_(False)
+    vocab = shared_vocabulary(tokenizer, teacher.config.vocab_size, teacher.config.vocab_size + 6)
+    split = tokenize(demo.generate_rows(48, seed=3), tokenizer, max_length=48, assistant_only=True)
+    return tokenizer, teacher, vocab, split
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data")

@@ -28,13 +28,14 @@ def test_gpu_benchmark_tiny_mode_runs_every_mode_on_the_cpu(tmp_path, capsys):
 
     report = json.loads(output.read_text())
     assert report["notes"] == {}, report["notes"]  # no mode failed or was skipped
-    assert set(report["results"]) == {"notebook", "online", "cached", "ce"}
+    assert set(report["results"]) == {"notebook", "online", "cached", "ce", "onpolicy-0.5", "onpolicy-1"}
     for result in report["results"].values():
         assert result["tokens_per_s"] > 0 and result["peak_gib"] > 0 and result["mfu"] is None  # no peak on a CPU
     build = report["cache_build"]
     assert build["teacher_tokens"] == build["split_tokens"] == 2 * 3 * 32  # the teacher ran once over the rows
     table = capsys.readouterr().out
     assert "cached distillation step / plain CE step" in table and "bfloat16 teacher online" in table
+    assert "onpolicy-1 step / cached step" in table
 
 
 def test_the_real_configurations_are_qwen3_0_6b_and_4b():

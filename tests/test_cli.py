@@ -22,11 +22,15 @@ def test_check_accepts_a_good_study(tiny_study, capsys):
 
 def test_study_errors_exit_2_one_line_each_and_write_nothing(tiny_study, tmp_path, capsys):
     before = set(tmp_path.rglob("*"))
-    code = main(["run", str(tiny_study), "--set", "search.alpha.high=1.5", "--set", "train.batch_size=0"])
+    overrides = ["search.alpha.high=1.5", "train.batch_size=0", "n_trials=0", "train.eval_every=50"]
+    code = main(["run", str(tiny_study), *(arg for o in overrides for arg in ("--set", o))])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [
+        f"{tiny_study}: n_trials: must be >= 1, got 0",
         f"{tiny_study}: train.batch_size: must be >= 1, got 0",
+        f"{tiny_study}: train.eval_every: 50 is more than train.max_steps (8), so a trial would be evaluated only "
+        "at its end and could never be pruned; set it to at most max_steps",
         f"{tiny_study}: search.alpha.high: must be <= 1, got 1.5",
     ]
     assert set(tmp_path.rglob("*")) == before
@@ -36,8 +40,11 @@ def test_study_errors_exit_2_one_line_each_and_write_nothing(tiny_study, tmp_pat
     "override, needle",
     [
         ("teacher.name=/nonexistent/teacher", "cannot load the teacher: no folder /nonexistent/teacher"),
+        ("student.name=/nonexistent/student", "cannot load the student: no folder /nonexistent/student"),
         ("data.dataset=/nonexistent/rows.jsonl", "/nonexistent/rows.jsonl"),
         ("data.text_field=body", "text_field"),
+        ("data.train_split=train[:0]", "data.train_split"),  # empty once the split is applied
+        ("search.top_k=[8, 10000000]", "search.top_k: 10000000 is above the vocabulary size"),
     ],
 )
 def test_missing_inputs_exit_2_before_anything_is_written(tiny_study, tmp_path, capsys, override, needle):
@@ -73,7 +80,7 @@ def test_status_lists_trials(tiny_study, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["status", str(tiny_study)]) == 0
     out = capsys.readouterr().out
-    assert "COMPLETE" in out and "learning_rate" in out
+    assert "done" in out and "lr = learning_rate" in out
 
 
 def test_unexpected_errors_exit_1_with_one_line(tiny_study, monkeypatch, capsys):

@@ -81,7 +81,7 @@ def test_missing_file(tmp_path):
 
 def test_set_overrides_any_field(tmp_path):
     path = write(tmp_path, MINIMAL)
-    study = load_study(path, ["train.max_steps=7", "search.alpha=0.5", "search.top_k=[4, all]", "tracking.uri=sqlite:///m.db"])
+    study = load_study(path, ["train.max_steps=7", "train.eval_every=7", "search.alpha=0.5", "search.top_k=[4, all]", "tracking.uri=sqlite:///m.db"])
     assert study.train.max_steps == 7
     assert study.search.alpha.is_fixed and study.search.alpha.value == 0.5
     assert study.search.top_k.choices == (4, WHOLE_VOCAB)

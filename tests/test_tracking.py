@@ -11,10 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
+import mlflow.transformers
 import optuna
 import pytest
 from conftest import Child
@@ -158,7 +158,7 @@ def test_a_sweep_that_breaks_between_trials_ends_its_parent_failed(tiny_study, m
         raise RuntimeError("the tracking server went away")
 
     monkeypatch.setattr(sweep.Objective, "after_trial", broken)
-    assert main(["run", str(tiny_study), "--no-report", "--set", "train.max_steps=2"]) == 1
+    assert main(["run", str(tiny_study), "--no-report", "--set", "train.max_steps=2", "--set", "train.eval_every=2"]) == 1
     _, parents, trials = study_runs(tiny_study)
     assert parents[0].info.status == "FAILED"
     assert [r.info.status for r in trials.values()] == ["FINISHED"]
@@ -167,9 +167,9 @@ def test_a_sweep_that_breaks_between_trials_ends_its_parent_failed(tiny_study, m
 # ---------------------------------------------------------------- save_best
 
 
-def test_save_best_keeps_only_the_best_trials_model(tiny_study, monkeypatch):
-    """Trial 0 is saved, trial 1 beats it (trial 0's model is deleted), trial 2 is worse."""
-    forced = iter([30.0, 20.0, 50.0])
+def force_perplexities(monkeypatch, values: list[float]) -> None:
+    """The trials train for real, but end with these perplexities, in order."""
+    forced = iter(values)
     original = workspace.Workspace.distill
 
     def distill(self, params, **kwargs):
@@ -177,22 +177,44 @@ def test_save_best_keeps_only_the_best_trials_model(tiny_study, monkeypatch):
         return dataclasses.replace(result, final_eval={**result.final_eval, "student_ppl": next(forced)})
 
     monkeypatch.setattr(workspace.Workspace, "distill", distill)
+
+
+def test_save_best_keeps_only_the_best_trials_model(tiny_study, monkeypatch):
+    """Trial 0 is saved, trial 1 beats it (trial 0's model is deleted), trial 2 is worse."""
+    force_perplexities(monkeypatch, [30.0, 20.0, 50.0])
     overrides = ["--set", "save_best=true", "--set", "train.max_steps=4", "--set", "train.eval_every=4"]
     assert main(["run", str(tiny_study), "--n-trials", "3", "--no-report", *overrides]) == 0
 
     client, _, trials = study_runs(tiny_study)
     files = {n: [a.path for a in client.list_artifacts(r.info.run_id, "model")] for n, r in trials.items()}
     assert files[0] == [] and files[2] == []
-    assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= set(files[1])
+    assert {"model/MLmodel", "model/model", "model/components"} <= set(files[1])  # an MLflow model
     assert trials[1].data.tags[Tag.MODEL] == "saved"
     assert trials[0].data.tags[Tag.MODEL] == "deleted: trial 1 is better"
     assert Tag.MODEL not in trials[2].data.tags
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    mlflow.set_tracking_uri(client.tracking_uri)
+    loaded = mlflow.transformers.load_model(f"runs:/{trials[1].info.run_id}/model", return_type="components")
+    assert loaded["task"] == "text-generation" and loaded["model"].num_parameters() > 0
+    assert len(loaded["tokenizer"]) > 0
 
-    folder = client.download_artifacts(trials[1].info.run_id, "model")
-    assert AutoModelForCausalLM.from_pretrained(folder).num_parameters() > 0
-    assert len(AutoTokenizer.from_pretrained(folder)) > 0
+
+def test_register_as_moves_the_champion_alias_to_the_best_student(tiny_study, monkeypatch):
+    """Trials 0 and 1 each beat the best so far and are registered (versions 1 and 2); trial 2
+    is worse and saves nothing. The alias follows the best, and no registered files are deleted."""
+    force_perplexities(monkeypatch, [30.0, 20.0, 50.0])
+    overrides = ["--set", "save_best=true", "--set", "register_as=tiny-student", "--set", "train.max_steps=4", "--set", "train.eval_every=4"]
+    assert main(["run", str(tiny_study), "--n-trials", "3", "--no-report", *overrides]) == 0
+
+    client, _, trials = study_runs(tiny_study)
+    versions = {v.run_id: str(v.version) for v in client.search_model_versions("name = 'tiny-student'")}
+    assert versions == {trials[0].info.run_id: "1", trials[1].info.run_id: "2"}
+    champion = client.get_model_version_by_alias("tiny-student", "champion")
+    assert champion.run_id == trials[1].info.run_id
+    assert "model/MLmodel" in [a.path for a in client.list_artifacts(trials[0].info.run_id, "model")]  # version 1 intact
+    mlflow.set_tracking_uri(client.tracking_uri)
+    loaded = mlflow.transformers.load_model("models:/tiny-student@champion", return_type="components")
+    assert loaded["model"].num_parameters() > 0
 
 
 # ---------------------------------------------------------------- one parent, however many workers
@@ -259,26 +281,30 @@ def test_sigterm_ends_the_trial_and_the_parent(tiny_study):
 
 
 @pytest.mark.slow
-def test_a_sigkilled_workers_run_is_ended_by_the_next_run(tiny_study, monkeypatch):
-    worker = start_worker(tiny_study, "--set", "train.max_steps=400", "--set", "train.eval_every=400")
+def test_a_sigkilled_worker_is_resumed_at_once(tiny_study):
+    """kill -9 during a trial, then the same command at once (no heartbeat grace period to wait
+    out): the dead trial fails, is retried once with its parameters, the study reaches its
+    target, and nothing is left RUNNING in Optuna or MLflow."""
+    worker = start_worker(tiny_study, "--n-trials", "2", "--set", "train.max_steps=400", "--set", "train.eval_every=400")
     killed = wait_for_running_trial(tiny_study, worker)
     worker.process.kill()
     worker.finish(timeout=60)
     assert study_runs(tiny_study)[2][0].info.status == "RUNNING"  # nobody could close it
 
-    # Optuna's heartbeat declares the trial dead after a grace period (120 s in kdsweep): 1 s here.
-    monkeypatch.setattr(storage, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(storage, "GRACE_SECONDS", 1)
-    time.sleep(1.5)
-    assert main(["run", str(tiny_study), "--n-trials", "1", "--no-report"]) == 0
+    assert main(["run", str(tiny_study), "--n-trials", "2", "--no-report", "--set", "train.max_steps=4"]) == 0
 
-    _, _, trials = study_runs(tiny_study)
+    optuna_study = load_existing_study(load_study(tiny_study))
+    dead, retry, fresh = optuna_study.trials
+    assert dead.state.name == "FAIL" and "its worker (process" in dead.user_attrs[TrialAttr.FAIL_REASON]
+    assert retry.system_attrs["failed_trial"] == 0 and retry.params == dead.params and retry.state.name == "COMPLETE"
+    assert fresh.state.name == "COMPLETE"
+    _, parents, trials = study_runs(tiny_study)
     ended = trials[0]
     assert ended.info.run_id == killed.info.run_id
     assert (ended.info.status, ended.data.tags[Tag.STATE]) == ("KILLED", "KILLED")
     assert "worker stopped" in ended.data.tags[Tag.REASON]
-    assert load_existing_study(load_study(tiny_study)).trials[0].state.name == "FAIL"
-    assert [r.info.status for r in trials.values()].count("RUNNING") == 0
+    assert [r.info.status for r in [*parents, *trials.values()]].count("RUNNING") == 0
+    assert parents[0].info.status == "FINISHED"
 
 
 # ---------------------------------------------------------------- any tracking store
@@ -323,14 +349,14 @@ def test_a_real_mlflow_server_over_http(tiny_study, mlflow_server):
     assert trials[0].info.status == "FINISHED"
     assert steps(client, trials[0], "student_ppl") == [4, 8]
     assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == ["study.yaml"]
-    assert "model/config.json" in [a.path for a in client.list_artifacts(trials[0].info.run_id, "model")]
+    assert "model/MLmodel" in [a.path for a in client.list_artifacts(trials[0].info.run_id, "model")]
 
 
 def test_the_default_local_store_is_mlflows_default(tiny_study, tmp_path):
     """No tracking URI anywhere: the runs land where a plain ``mlflow ui`` here looks."""
     text = "\n".join(line for line in tiny_study.read_text().splitlines() if not line.startswith("tracking:"))
     tiny_study.write_text(text + "\n")
-    assert main(["run", str(tiny_study), "--n-trials", "1", "--no-report", "--set", "train.max_steps=2"]) == 0
+    assert main(["run", str(tiny_study), "--n-trials", "1", "--no-report", "--set", "train.max_steps=2", "--set", "train.eval_every=2"]) == 0
     from kdsweep.ui import store_uri
 
     uri = store_uri(load_study(tiny_study))
@@ -340,7 +366,7 @@ def test_the_default_local_store_is_mlflows_default(tiny_study, tmp_path):
 
 
 def test_a_study_moved_to_another_store_is_a_usage_error(tiny_study, tmp_path, capsys):
-    fast = ["--no-report", "--set", "train.max_steps=2"]
+    fast = ["--no-report", "--set", "train.max_steps=2", "--set", "train.eval_every=2"]
     assert main(["run", str(tiny_study), "--n-trials", "1", *fast]) == 0
     elsewhere = f"tracking.uri=sqlite:///{tmp_path / 'other.db'}"
     assert main(["run", str(tiny_study), "--n-trials", "2", *fast, "--set", elsewhere]) == 2

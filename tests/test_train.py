@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from kdsweep import demo, train
+from kdsweep import train
 from kdsweep.config import TrainConfig
-from kdsweep.data import Batch, make_batches, tokenize
+from kdsweep.data import Batch, make_batches
 from kdsweep.errors import UsageError
 from kdsweep.evaluate import prepare_eval_set, score
 from kdsweep.models import Vocabulary, shared_vocabulary
@@ -19,12 +19,8 @@ from kdsweep.teacher import OnlineTeacher
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_models):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval().requires_grad_(False)
-    vocab = shared_vocabulary(tokenizer, teacher.config.vocab_size, teacher.config.vocab_size + 6)
-    split = tokenize(demo.generate_rows(48, seed=3), tokenizer, max_length=48, assistant_only=True)
-    return tokenizer, teacher, vocab, split
+def setup(tiny_setup):
+    return tiny_setup
 
 
 def settings(**overrides):
@@ -46,7 +42,7 @@ def run(setup, tiny_models, run_settings, teacher=True):
         run_settings,
         vocab=vocab,
         pad_id=tokenizer.pad_token_id,
-        evaluate=lambda model: {"nll": score(model, make_batches(split, batch_size=16, pad_id=0, shuffle_seed=None, group_by_length=False), vocab).nll_sum},
+        evaluate=lambda model, step: {"nll": score(model, make_batches(split, batch_size=16, pad_id=0, shuffle_seed=None, group_by_length=False), vocab).nll_sum},
         on_log=logs.append,
         on_eval=lambda step, metrics: evals.append((step, metrics)),
     )
@@ -113,7 +109,7 @@ def test_callback_can_stop_the_run(setup, tiny_models):
     tokenizer, teacher_model, vocab, split = setup
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     with pytest.raises(Pruned):
-        train.distill(student, split, None, settings(alpha=0.0), vocab=vocab, pad_id=0, evaluate=lambda m: {}, on_eval=stop)
+        train.distill(student, split, None, settings(alpha=0.0), vocab=vocab, pad_id=0, evaluate=lambda m, step: {}, on_eval=stop)
 
 
 def test_warmup_then_cosine():

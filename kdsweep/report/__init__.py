@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from kdsweep.config import StudyConfig
 from kdsweep.names import REPORT_ARTIFACTS
+from kdsweep.redact import redact
 from kdsweep.report.collect import ReportData, collect, mlflow_client
 from kdsweep.report.figures import Figure, draw_figures
 from kdsweep.report.render import SECTIONS, render
@@ -40,7 +41,7 @@ def write_report(study: StudyConfig, output: str | None = None) -> Path:
     data = collect(study, optuna_study)
     figures = draw_figures(optuna_study, data, figure_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(data, figures))
+    path.write_text(redact(render(data, figures)))  # links and messages quote URLs
     _log_artifacts(data, path, figure_dir)
     return path
 

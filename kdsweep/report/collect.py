@@ -17,10 +17,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.config import StudyConfig
-from kdsweep.names import MAXIMIZE, Metric, StudyAttr, Tag, TrialAttr
+from kdsweep.names import MAXIMIZE, Group, Metric, StudyAttr, Tag, TrialAttr
 from kdsweep.paths import store_missing
 from kdsweep.report.text import as_float, finite
 from kdsweep.space import SEARCHED
+from kdsweep.storage import group_of
 from kdsweep.tracking import compare_url, run_url, tracking_uri
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `kdsweep ui` serves a local tracking store
@@ -73,21 +74,37 @@ class ReportData:
     importances: Importances | None = None
 
     @property
+    def sweep(self) -> pd.DataFrame:
+        """The sweep's trials (baselines included): the seed check's re-runs left out."""
+        return self.trials[self.trials.group != Group.CONFIRM]
+
+    @property
+    def reruns(self) -> pd.DataFrame:
+        """The seed check's trials."""
+        return self.trials[self.trials.group == Group.CONFIRM]
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.study.direction != MAXIMIZE
+
+    @property
     def ranked(self) -> pd.DataFrame:
-        """Complete trials, best first; ties go to the earlier trial."""
-        complete = self.trials[self.trials.state == "COMPLETE"]
-        ascending = self.study.direction != MAXIMIZE
-        return complete.sort_values(["value", "number"], ascending=[ascending, True], kind="mergesort")
+        """Complete sweep trials, best first; ties go to the earlier trial."""
+        complete = self.sweep[self.sweep.state == "COMPLETE"]
+        return complete.sort_values(["value", "number"], ascending=[self.lower_is_better, True], kind="mergesort")
 
     @property
     def top(self) -> pd.DataFrame:
         return self.ranked.head(self.study.report_top_n)
 
     @property
+    def plain(self) -> pd.DataFrame:
+        """Complete plain fine-tuning trials (alpha 0), best first: what distillation must beat."""
+        return self.ranked[self.ranked.alpha == 0]
+
+    @property
     def best_plain(self) -> pd.Series | None:
-        """The best plain fine-tuning trial (alpha 0), the baseline distillation has to beat."""
-        plain = self.ranked[self.ranked.alpha == 0]
-        return plain.iloc[0] if len(plain) else None
+        return self.plain.iloc[0] if len(self.plain) else None
 
     @property
     def best_distilled(self) -> pd.Series | None:
@@ -101,6 +118,10 @@ class ReportData:
     @property
     def untrained_ppl(self) -> float | None:
         return as_float(self.attrs.get(StudyAttr.UNTRAINED_PPL))
+
+    @property
+    def has_accuracy(self) -> bool:
+        return StudyAttr.TEACHER_EXACT_MATCH in self.attrs
 
     def ratio(self, ppl, stored=None) -> float | None:
         """Student over teacher perplexity: ``stored`` when the trial recorded it."""
@@ -130,11 +151,14 @@ class ReportData:
         return {k: v for k, v in ran.items() if current.get(k) != v and k.split(".")[0] not in _NOT_REPRODUCED}
 
     def gap_closed(self, ppl) -> float | None:
-        """Share (in %) of the untrained-student-to-teacher perplexity gap that ``ppl`` closes."""
-        teacher, untrained, ppl = self.teacher_ppl, self.untrained_ppl, as_float(ppl)
-        if teacher is None or untrained is None or ppl is None or untrained <= teacher:
+        """Share (in %) of the perplexity gap between the best plain fine-tuning trial and the
+        teacher that ``ppl`` closes: 0 at the baseline, 100 at the teacher, negative when worse."""
+        plain = self.best_plain
+        teacher, ppl = self.teacher_ppl, as_float(ppl)
+        start = None if plain is None else as_float(plain.student_ppl)
+        if teacher is None or start is None or ppl is None or start <= teacher:
             return None
-        return 100 * (untrained - ppl) / (untrained - teacher)
+        return 100 * (start - ppl) / (start - teacher)
 
 
 # Settings the reproduce command sets itself, or that do not change what a trial computes.
@@ -181,10 +205,17 @@ def _trial_row(trial: FrozenTrial | None) -> dict:
         "state": trial.state.name if trial else "",
         "value": trial.value if trial else None,
         "baseline": bool(attrs.get(TrialAttr.BASELINE, False)),
+        "group": attrs.get(TrialAttr.GROUP, Group.SEARCH),
+        "confirms": attrs.get(TrialAttr.CONFIRMS),
+        # A retry: of a trial whose worker died (Optuna's retry callback), or that ran out of memory.
+        "retry_of": next((n for n in (trial.system_attrs.get("failed_trial") if trial else None, attrs.get(TrialAttr.OOM_RETRY_OF)) if n is not None), None),
+        "seed": attrs.get(TrialAttr.SEED),
         **{name: params.get(name) for name in SEARCHED},
         "student_ppl": attrs.get(Metric.STUDENT_PPL),
         "ppl_ratio": attrs.get(Metric.PPL_RATIO),
         "kl_to_teacher": attrs.get(Metric.KL_TO_TEACHER),
+        "exact_match": attrs.get(Metric.EXACT_MATCH),
+        "rouge_l": attrs.get(Metric.ROUGE_L),
         "duration_s": trial.duration.total_seconds() if trial and trial.duration else None,
         "started": trial.datetime_start if trial else None,
         "ended": trial.datetime_complete if trial else None,
@@ -306,8 +337,12 @@ def compute_importances(trials: list[FrozenTrial], direction: str) -> Importance
 
 
 def sampled_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """The complete trials whose parameters the sampler chose (baselines were fixed by hand)."""
-    return [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get(TrialAttr.BASELINE)]
+    """The complete trials of the sweep's own search (baselines were fixed by hand, seed-check
+    re-runs repeat a configuration)."""
+    return [
+        t for t in trials
+        if t.state == TrialState.COMPLETE and group_of(t) == Group.SEARCH and not t.user_attrs.get(TrialAttr.BASELINE)
+    ]
 
 
 def importance_study(trials: list[FrozenTrial], direction: str) -> optuna.Study:

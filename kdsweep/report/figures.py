@@ -17,9 +17,10 @@ import pandas as pd
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances, plot_slice
 
-from kdsweep.names import MAXIMIZE, Metric
+from kdsweep.names import MAXIMIZE, Group, Metric
 from kdsweep.report.collect import ReportData, importance_study, sampled_trials
 from kdsweep.report.text import objective_label, params_short
+from kdsweep.storage import StudyView, group_of
 
 # Fixed figure settings: the same storage gives the same PNG bytes.
 _RC = {
@@ -94,7 +95,7 @@ def _plot_importances(optuna_study: optuna.Study, data: ReportData):
 
 
 def _plot_history(optuna_study: optuna.Study, data: ReportData):
-    ax = plot_optimization_history(optuna_study, target_name=objective_label(data.study.objective))
+    ax = plot_optimization_history(_sweep(optuna_study), target_name=objective_label(data.study.objective))
     teacher = {Metric.STUDENT_PPL: data.teacher_ppl, Metric.PPL_RATIO: 1.0}.get(data.study.objective)
     if teacher:
         ax.axhline(teacher, color="black", linestyle=":", label=f"teacher {teacher:.4g}")
@@ -106,7 +107,7 @@ def _plot_history(optuna_study: optuna.Study, data: ReportData):
 
 
 def _plot_slice(optuna_study: optuna.Study, data: ReportData):
-    axes = plot_slice(optuna_study, target_name=objective_label(data.study.objective))
+    axes = plot_slice(_sweep(optuna_study), target_name=objective_label(data.study.objective))
     axes = list(axes.flat) if hasattr(axes, "flat") else [axes]
     for ax in axes:
         _readable_log_axis(ax.xaxis)
@@ -115,6 +116,11 @@ def _plot_slice(optuna_study: optuna.Study, data: ReportData):
     fig.suptitle(f"{objective_label(data.study.objective)} of each complete trial against each parameter (darker: later trial)")
     fig.set_size_inches(2.6 * len(axes) + 1.5, 4.5)
     return fig
+
+
+def _sweep(optuna_study: optuna.Study) -> StudyView:
+    """The study without its seed-check re-runs, which repeat configurations already shown."""
+    return StudyView(optuna_study, lambda t: group_of(t) != Group.CONFIRM)
 
 
 def _plot_curves(data: ReportData):

@@ -28,46 +28,56 @@ from kdsweep.report.text import (
     pct,
     plain_value,
     set_text,
-    signed,
 )
-from kdsweep.space import SEARCH_SPACE
+from kdsweep.report.verdict import describe, render_seed_check, render_verdict
+from kdsweep.space import columns
 from kdsweep.version import __version__
 
-SECTIONS = ("Reference points", "Top configurations", "What mattered", "What went wrong")
+SECTIONS = ("Verdict", "Study", "Reference points", "Top configurations", "What mattered", "What went wrong")
 _STATE_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
 def render(data: ReportData, figures: dict[str, Figure]) -> str:
     """The whole Markdown report; a study without a complete trial gets a short one."""
-    parts = [render_header(data)]
+    parts = [f"# kdsweep report: {data.study.name}"]
     if data.ranked.empty:
-        parts.append(render_no_complete(data))
+        parts += [render_header(data), render_no_complete(data)]
     else:
-        parts += [render_references(data), render_top(data), render_what_mattered(data, figures)]
+        parts += [
+            render_verdict(data),
+            render_header(data),
+            render_references(data),
+            render_seed_check(data),
+            render_top(data),
+            render_what_mattered(data, figures),
+        ]
     parts.append(render_what_went_wrong(data))
-    return "\n\n".join(p.strip("\n") for p in parts) + "\n"
+    return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
 
 def render_header(data: ReportData) -> str:
-    study, attrs, trials = data.study, data.attrs, data.trials
+    study, attrs, trials = data.study, data.attrs, data.sweep
     counts = trials.state.value_counts()
     states = ", ".join(f"{counts.get(s, 0)} {word}" for s, word in _STATE_WORDS.items() if s != "WAITING" or counts.get(s, 0))
-    durations = trials.duration_s.dropna()
+    reruns = f", plus {len(data.reruns)} seed-check re-runs" if len(data.reruns) else ""
+    retries = trials.retry_of.notna().sum()
+    reruns += f"; {retries} retr{'y' if retries == 1 else 'ies'} of trials whose worker died or ran out of memory" if retries else ""
+    durations = data.trials.duration_s.dropna()
     complete = data.ranked.duration_s.dropna()
     train = (attrs.get(StudyAttr.CONFIG) or study.to_dict())["train"]  # what the trials ran with, --set included
     lines = [
-        f"# kdsweep report: {study.name}",
+        "## Study",
         "",
         f"- **Teacher**: `{study.teacher.name}`; **student**: `{study.student.name}`",
         f"- **Dataset**: `{study.data.dataset}` ({_sizes(attrs, study)})",
         f"- **Objective**: `{study.objective}` ({objective_label(study.objective)}), {study.direction[:-1]}ed",
-        f"- **Trials**: {len(trials)} ({states}); target {study.n_trials}",
+        f"- **Trials**: {len(trials)} ({states}); target {study.n_trials}{reruns}",
         f"- **Compute**: {duration(durations.sum())} of trial wall time in total; "
         + (f"median {duration(complete.median())} per complete trial" if len(complete) else "no complete trial"),
-        f"- **Trials ran**: {_period(trials)}",
+        f"- **Trials ran**: {_period(data.trials)}",
         f"- **Fixed settings** (as run): {train['max_steps']} steps of batch {train['batch_size']} x {train['grad_accum_steps']}, "
         f"eval every {train['eval_every']} steps, precision {train['precision']}, seed {train['seed']}",
-        f"- **Config fingerprint**: `{attrs.get('fingerprint', study.fingerprint())}`; **kdsweep** {__version__}",
+        f"- **Config fingerprint**: `{attrs.get(StudyAttr.FINGERPRINT, study.fingerprint())}`; **kdsweep** {__version__}",
     ]
     return "\n".join(lines)
 
@@ -75,11 +85,12 @@ def render_header(data: ReportData) -> str:
 def _sizes(attrs: dict, study: StudyConfig) -> str:
     if StudyAttr.TRAIN_ROWS not in attrs:
         return f"splits {study.data.train_split} / {study.data.eval_split}"
+    decoded = f", {attrs[StudyAttr.ACCURACY_ROWS]:,} of them decoded for accuracy" if StudyAttr.ACCURACY_ROWS in attrs else ""
     return (
         f"{study.data.train_split}: {attrs[StudyAttr.TRAIN_ROWS]:,} rows, "
         f"{attrs.get(StudyAttr.TRAIN_SCORED_TOKENS, 0):,} scored tokens; "
         f"{study.data.eval_split}: {attrs[StudyAttr.EVAL_ROWS]:,} rows, "
-        f"{attrs.get(StudyAttr.EVAL_SCORED_TOKENS, 0):,} scored tokens; "
+        f"{attrs.get(StudyAttr.EVAL_SCORED_TOKENS, 0):,} scored tokens{decoded}; "
         f"max length {study.data.max_length}"
     )
 
@@ -101,50 +112,36 @@ def render_no_complete(data: ReportData) -> str:
 
 
 def render_references(data: ReportData) -> str:
+    """Teacher, untrained student, best plain fine-tuning and best distilled trial, side by side."""
+    attrs = data.attrs
     rows = [
-        ("teacher", "", data.teacher_ppl),
-        ("untrained student", "", data.untrained_ppl),
+        ("teacher", None, data.teacher_ppl, attrs.get(StudyAttr.TEACHER_EXACT_MATCH), attrs.get(StudyAttr.TEACHER_ROUGE_L)),
+        ("untrained student", None, data.untrained_ppl, attrs.get(StudyAttr.UNTRAINED_EXACT_MATCH), attrs.get(StudyAttr.UNTRAINED_ROUGE_L)),
     ]
-    plain, distilled = data.best_plain, data.best_distilled
-    if plain is not None:
-        rows.append(("best plain fine-tuning (alpha 0)", data.trial_cell(plain), plain.student_ppl))
-    if distilled is not None:
-        rows.append(("best distilled trial", data.trial_cell(distilled), distilled.student_ppl))
-    frame = pd.DataFrame(
-        [
-            {
-                "reference": name,
-                "trial": trial,
-                "perplexity": fmt(ppl),
-                "ratio to teacher": fmt(data.ratio(ppl)),
-                "gap closed": pct(data.gap_closed(ppl)) if trial else "",
-            }
-            for name, trial, ppl in rows
-        ]
+    for name, trial in (("best plain fine-tuning (alpha 0)", data.best_plain), ("best distilled trial", data.best_distilled)):
+        if trial is not None:
+            rows.append((name, trial, trial.student_ppl, trial.exact_match, trial.rouge_l))
+    frame = pd.DataFrame([
+        {
+            "reference": name,
+            "trial": "" if trial is None else data.trial_cell(trial),
+            "perplexity": fmt(ppl),
+            **({"exact match": pct(_percent(em)), "ROUGE-L": fmt(rouge, 3)} if data.has_accuracy else {}),
+            "ratio to teacher": fmt(data.ratio(ppl)),
+            "gap closed": "" if trial is None else pct(data.gap_closed(ppl)),
+        }
+        for name, trial, ppl, em, rouge in rows
+    ])
+    note = (
+        "Perplexity is token-weighted over the held-out answers; teacher and students are scored on the same tokens. "
+        "\"Gap closed\" is the share of the perplexity gap between the best plain fine-tuning trial and the teacher."
     )
-    return "\n\n".join(["## Reference points", markdown_table(frame), _reference_verdict(data)])
+    return "\n\n".join(["## Reference points", markdown_table(frame), note])
 
 
-def _reference_verdict(data: ReportData) -> str:
-    best = data.ranked.iloc[0]
-    gap = data.gap_closed(best.student_ppl)
-    text = (
-        f"The best trial (trial {best.number}) reaches perplexity {fmt(best.student_ppl)}, "
-        f"closing {pct(gap)} of the gap between the untrained student and the teacher."
-        if gap is not None
-        else f"The best trial (trial {best.number}) reaches perplexity {fmt(best.student_ppl)}."
-    )
-    plain, distilled = data.best_plain, data.best_distilled
-    if plain is None:
-        return text + " The study has no plain fine-tuning baseline (`baselines: [{alpha: 0}]`), so it cannot tell whether distillation beats it."
-    if distilled is None:
-        return text + " No distilled trial has completed yet."
-    delta = plain.student_ppl - distilled.student_ppl
-    verdict = "beats" if delta > 0 else "does not beat"
-    return text + (
-        f" Distillation {verdict} plain fine-tuning on the same budget: "
-        f"{fmt(distilled.student_ppl)} against {fmt(plain.student_ppl)} ({signed(-delta)} perplexity)."
-    )
+def _percent(fraction) -> float | None:
+    value = as_float(fraction)
+    return None if value is None else 100 * value
 
 
 def render_top(data: ReportData) -> str:
@@ -152,7 +149,7 @@ def render_top(data: ReportData) -> str:
     best = data.ranked.iloc[0]
     intro = f"The {len(frame)} best of {len(data.ranked)} complete trials by `{data.study.objective}`."
     if (data.top.alpha == 0).any():
-        intro += " Temperature and top_k do nothing at alpha 0, so plain fine-tuning rows leave them blank."
+        intro += " Parameters that need a teacher do nothing at alpha 0: plain fine-tuning rows leave them blank."
     parts = ["## Top configurations", intro, markdown_table(frame)]
     if compare := data.tracking.compare_link(list(data.top.mlflow_run_id)):
         parts.append(f"[Compare these runs side by side in MLflow]({compare}): parameters, metrics and curves.")
@@ -161,8 +158,9 @@ def render_top(data: ReportData) -> str:
             f"Run links point at a local MLflow store: they open while `kdsweep ui {data.study_file}` serves it on {LOCAL_UI}."
         )
     parts += [
-        f"**Best configuration** (trial {best.number}, {data.study.objective} {fmt(best.value)}), ready to paste into a study file:",
-        "```yaml\n" + best_config_yaml(best) + "```",
+        f"**Best configuration** (trial {best.number}, {data.study.objective} {fmt(best.value)}): {describe(best)}. "
+        "Its parameters, ready to paste into a study file:",
+        "```yaml\n" + best_config_yaml(data, best) + "```",
         "Reproduce it alone, as a new one-trial study:",
         "```bash\n" + reproduce_command(data, best) + "\n```",
     ]
@@ -179,8 +177,9 @@ def top_table(data: ReportData) -> pd.DataFrame:
             {
                 "rank": str(rank),
                 "trial": f"{trial.number}" + (" (baseline)" if trial.baseline else ""),
-                **{p.title: "" if plain and p.distillation_only else p.show(getattr(trial, p.name)) for p in SEARCH_SPACE},
+                **{p.title: "" if plain and p.distillation_only else p.show(getattr(trial, p.name)) for p in columns(data.study.search)},
                 "student ppl": fmt(trial.student_ppl),
+                **({"exact match": pct(_percent(trial.exact_match))} if data.has_accuracy else {}),
                 "ratio to teacher": fmt(data.ratio(trial.student_ppl, trial.ppl_ratio)),
                 "gap closed": pct(data.gap_closed(trial.student_ppl)),
                 "duration": duration(trial.duration_s),
@@ -190,9 +189,12 @@ def top_table(data: ReportData) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def best_config_yaml(best) -> str:
-    """The best trial's parameters as a ``search:`` block, at full precision."""
-    values = {p.name: plain_value(getattr(best, p.name)) for p in SEARCH_SPACE}
+def best_config_yaml(data: ReportData, best) -> str:
+    """The best trial's parameters that mattered as a ``search:`` block, at full precision (at
+    alpha 0, those that act without a teacher; never those the study did not touch)."""
+    plain = best.alpha == 0
+    shown = [p for p in columns(data.study.search) if not (plain and p.distillation_only)]
+    values = {p.name: plain_value(getattr(best, p.name)) for p in shown}
     return yaml.safe_dump({"search": values}, sort_keys=False)
 
 
@@ -203,7 +205,7 @@ def reproduce_command(data: ReportData, best) -> str:
         "name": f"{study.name}-trial{best.number}",
         "n_trials": 1,
         "baselines": [],
-        **{f"search.{p.name}": plain_value(getattr(best, p.name)) for p in SEARCH_SPACE},
+        **{f"search.{p.name}": plain_value(getattr(best, p.name)) for p in columns(study.search)},
         **data.changed_settings(),
     }
     args = [f"--set {shlex.quote(f'{key}={set_text(value)}')}" for key, value in settings.items()]
@@ -256,10 +258,12 @@ def render_what_went_wrong(data: ReportData) -> str:
 
 def failed_table(data: ReportData) -> pd.DataFrame:
     failed = data.trials[data.trials.state == "FAIL"]
-    return pd.DataFrame(
-        [{"trial": str(t.number), "parameters": _params_cell(t), "reason": cell_text(_fail_reason(t))} for t in failed.itertuples()],
-        columns=["trial", "parameters", "reason"],
-    )
+    retries = {int(t.retry_of): t.number for t in data.trials.itertuples() if not pd.isna(t.retry_of)}
+    rows = []
+    for t in failed.itertuples():
+        retried = f" (retried as trial {retries[t.number]})" if t.number in retries else ""
+        rows.append({"trial": str(t.number), "parameters": _params_cell(t), "reason": cell_text(_fail_reason(t) + retried)})
+    return pd.DataFrame(rows, columns=["trial", "parameters", "reason"])
 
 
 def _fail_reason(trial) -> str:

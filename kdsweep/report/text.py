@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from kdsweep.names import Metric
-from kdsweep.space import SEARCH_SPACE
+from kdsweep.space import SEARCH_SPACE, describe
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -52,6 +52,11 @@ def pct(value) -> str:
     return "" if number is None else f"{number:.1f}%"
 
 
+def points(value: float) -> str:
+    """A difference of percentages: +13.0 points."""
+    return f"{value:+.1f} points"
+
+
 def signed(value: float) -> str:
     return f"{value:+.4g}"
 
@@ -81,12 +86,14 @@ def set_text(value) -> str:
     return json.dumps(value)
 
 
+def params_of(trial) -> dict:
+    """A trial row's declared parameters, as a dict."""
+    return {p.name: getattr(trial, p.name) for p in SEARCH_SPACE}
+
+
 def params_short(trial) -> str:
-    """A trial's parameters in run-name form (a=0.52 T=2.1 k=64 lr=3.1e-04); at alpha 0 only
-    those that act without a teacher."""
-    plain = trial.alpha == 0
-    shown = [p for p in SEARCH_SPACE if not (plain and p.distillation_only)]
-    return " ".join(f"{p.label}={p.show(getattr(trial, p.name), short=True)}" for p in shown)
+    """A trial's parameters that mattered, in run-name form: a=0.52 T=2.1 k=64 lr=3.1e-04."""
+    return describe(params_of(trial), short=True)
 
 
 def objective_label(objective: str) -> str:

@@ -1,0 +1,106 @@
+"""On-policy distillation: the cost of a step at lmbda 0, 0.5 and 1 against the cached step.
+
+Run by hand from the repository root (the demo models and the teacher cache are built on first
+use; ``KDSWEEP_CACHE`` says where they are kept)::
+
+    python benchmarks/onpolicy.py                 # studies/demo.yaml, 60 steps per setting
+    python benchmarks/onpolicy.py --steps 10      # a smoke run
+
+What it measures: the demo study's student trained for ``--steps`` optimizer steps with the
+same distillation settings (alpha 0.5, T 2, the smallest top_k of the study, beta 0), once per
+lmbda. lmbda 0 is the off-policy step, reading the teacher's top-K cache; at lmbda > 0 that share
+of the steps (drawn by the trial's seeded coin) generates the student's completions of its rows'
+prompts (sampling at ``train.generation_temperature``, up to ``train.generation_max_new_tokens``,
+batched with the KV cache), scores them with the teacher run online, and adds the reference
+cross-entropy: two forward and backward passes and a generation. Reported per lmbda: the mean
+step time and its ratio to lmbda 0, the share of the time spent generating, and the
+student-generated tokens per on-policy step. Times are wall clock and process CPU time (the
+flagged ratio is of CPU time when the machine is shared, as in benchmarks/loss.py).
+
+Evaluation is left out (a no-op): it costs the same at every lmbda.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from kdsweep import models, train  # noqa: E402
+from kdsweep.config import load_study  # noqa: E402
+from kdsweep.progress import SweepProgress  # noqa: E402
+from kdsweep.teacher import OnlineTeacher  # noqa: E402
+from kdsweep.workspace import prepare  # noqa: E402
+
+LMBDAS = (0.0, 0.5, 1.0)
+
+
+def time_steps(ws, settings: train.DistillSettings, on_policy: train.OnPolicy | None) -> dict:
+    """Train a fresh student; wall and CPU seconds per step, and the on-policy counters."""
+    student = models.load_model("student", ws.student_spec, ws.device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    train.distill(
+        student, ws.train_split, ws.teacher, settings, vocab=ws.vocab, pad_id=ws.tokenizer.pad_token_id,
+        evaluate=lambda model, step: {}, on_policy=on_policy,
+    )
+    steps = settings.train.max_steps
+    return {
+        "wall": (time.perf_counter() - wall) / steps,
+        "cpu": (time.process_time() - cpu) / steps,
+        "generating": on_policy.seconds if on_policy else 0.0,
+        "generated": on_policy.generated_tokens if on_policy else 0,
+        "batches": on_policy.batches if on_policy else 0,
+        "total": time.perf_counter() - wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", nargs="?", default=str(REPO / "studies" / "demo.yaml"))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    study = load_study(args.study, [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"])
+    ws = prepare(study, progress=SweepProgress(Console(stderr=True)))
+    online = OnlineTeacher(models.load_model("teacher", ws.teacher_spec, ws.device), ws.vocab)
+    top_k = min(study.search.top_k.values, key=lambda k: float("inf") if k == "all" else k)
+    base = train.DistillSettings(
+        alpha=0.5, temperature=2.0, top_k=None if top_k == "all" else int(top_k),
+        learning_rate=float(study.search.learning_rate.low or study.search.learning_rate.value), train=study.train,
+    )
+    results = {}
+    for lmbda in LMBDAS:
+        on_policy = None
+        if lmbda > 0:
+            cfg = study.train
+            on_policy = train.OnPolicy(
+                online, ws.train_split, temperature=cfg.generation_temperature, max_new_tokens=cfg.generation_max_new_tokens,
+                pad_id=ws.tokenizer.pad_token_id, eos_id=ws.tokenizer.eos_token_id,
+            )
+        results[lmbda] = time_steps(ws, dataclasses.replace(base, lmbda=lmbda), on_policy)
+
+    print(f"\n{study.name}: {args.steps} steps of batch {study.train.batch_size} x {study.train.grad_accum_steps} per setting, "
+          f"alpha 0.5, T 2, top_k {top_k}, device {ws.device}, torch threads {torch.get_num_threads()}")
+    print(f"generation: temperature {study.train.generation_temperature}, up to {study.train.generation_max_new_tokens} new tokens")
+    print(f"{'lmbda':>6} {'ms/step (wall)':>15} {'ms/step (CPU)':>14} {'x cached (CPU)':>15} {'generating':>11} "
+          f"{'on-policy batches':>18} {'tokens/batch':>13}")
+    cached = results[0.0]
+    for lmbda, r in results.items():
+        per_batch = f"{r['generated'] / r['batches']:.0f}" if r["batches"] else "-"
+        print(f"{lmbda:6.1f} {1e3 * r['wall']:15.1f} {1e3 * r['cpu']:14.1f} {r['cpu'] / cached['cpu']:15.2f} "
+              f"{r['generating'] / r['total']:10.0%} {r['batches']:18} {per_batch:>13}")
+
+
+if __name__ == "__main__":
+    main()

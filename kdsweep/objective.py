@@ -1,0 +1,192 @@
+"""One trial: sample its parameters, distill, report each evaluation to the pruner, mirror it
+all in the trial's MLflow run, and end both with the same state and reason.
+
+Faults stay inside their trial: a diverged loss, an out-of-memory error or any other exception
+fails that trial with its reason, and the memory it held is given back before the next one. An
+out-of-memory trial can be retried with half the micro-batch (``train.oom_retry``). But when the
+same error fails ``max_consecutive_failures`` trials in a row, the sweep stops with it: a bug
+should not burn the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import traceback
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsweep.config import StudyConfig
+from kdsweep.mlflow_plugin import active_trial
+from kdsweep.models import device_uuid
+from kdsweep.names import Group, Metric, TrialAttr, better
+from kdsweep.progress import SweepProgress
+from kdsweep.redact import redact
+from kdsweep.sampling import suggest
+from kdsweep.storage import best_trial, group_of
+from kdsweep.tracking import StudyTracker, TrialRun
+from kdsweep.train import TrainingDiverged
+from kdsweep.workers import this_worker
+from kdsweep.workspace import Workspace, release_memory
+
+OOM = "oom"  # the reason of a trial that ran out of memory
+
+
+class RepeatedFailure(RuntimeError):
+    """The same error failed ``max_consecutive_failures`` trials in a row: the sweep stops."""
+
+
+class Objective:
+    """One trial: sample, distill, report each evaluation to the pruner, mirror it in MLflow."""
+
+    def __init__(self, study: StudyConfig, workspace: Workspace, tracker: StudyTracker, progress: SweepProgress):
+        self.study = study
+        self.workspace = workspace
+        self.tracker = tracker
+        self.progress = progress
+        self.ran = 0
+        self._failures: list[str] = []  # this worker's consecutive failures, as error kinds
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.study.search)
+        seed = trial.user_attrs.get(TrialAttr.SEED, self.study.train.seed)
+        batch = self._batch(trial)
+        trial.set_user_attr(TrialAttr.PARAMS, params)
+        trial.set_user_attr(TrialAttr.WORKER, this_worker())
+        trial.set_user_attr(TrialAttr.DEVICE, str(self.workspace.device))
+        device = self.workspace.device
+        run = self.tracker.start_trial(trial, params, seed=seed, device=str(device), gpu_uuid=device_uuid(device))
+        mass = self.workspace.topk_mass(params)  # None when the teacher runs online
+        if mass is not None:
+            trial.set_user_attr(TrialAttr.TOPK_MASS, mass)  # the report warns when top_k keeps little
+            run.log_metrics({Metric.TOPK_MASS: mass}, step=0)
+        self.progress.trial_started(trial.number, params, self.study.train.max_steps)
+        trained = {}  # save_best: the trained student, until the trial is scored
+        keep = self.study.save_best and group_of(trial) != Group.CONFIRM  # a re-run saves no model
+        on_trained = (lambda student: trained.update(student=student)) if keep else None
+        try:
+            with active_trial(self.study.name, trial.number, run.run_id):  # tags runs that user code starts
+                result = self.workspace.distill(
+                    params, seed=seed, batch=batch,
+                    on_log=self._on_log(run), on_eval=self._on_eval(trial, run), on_trained=on_trained,
+                )
+            return self._complete(trial, run, result, student=trained.pop("student", None))
+        except optuna.TrialPruned as exc:
+            run.end("KILLED", state="PRUNED", reason=str(exc))
+            raise
+        except KeyboardInterrupt:
+            run.end("KILLED", state="INTERRUPTED", reason="interrupted (Ctrl-C or SIGTERM)")
+            raise
+        except Exception as exc:
+            self._fail(trial, run, exc)
+            raise
+        finally:
+            trained.clear()
+            release_memory(self.workspace.device)
+
+    def _batch(self, trial: optuna.Trial) -> tuple[int, int]:
+        """(micro-batch, accumulation steps): the study's, or an out-of-memory retry's."""
+        train = self.study.train
+        return trial.user_attrs.get(TrialAttr.MICRO_BATCH, train.batch_size), trial.user_attrs.get(TrialAttr.GRAD_ACCUM, train.grad_accum_steps)
+
+    def _on_log(self, run: TrialRun):
+        def on_log(log) -> None:
+            run.log_step(log)
+            self.progress.step(log)
+
+        return on_log
+
+    def _on_eval(self, trial: optuna.Trial, run: TrialRun):
+        objective = self.study.objective
+
+        def on_eval(step: int, metrics: dict[str, float]) -> None:
+            run.log_metrics(metrics, step=step)
+            run.flush()
+            value = metrics[objective]
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"{objective} is {value} at step {step}")
+            trial.report(value, step)
+            if trial.should_prune():
+                trial.set_user_attr(TrialAttr.PRUNED_STEP, step)
+                raise optuna.TrialPruned(f"pruned at step {step}: {objective} {value:.4g}")
+
+        return on_eval
+
+    def _complete(self, trial: optuna.Trial, run: TrialRun, result, *, student) -> float:
+        """A finished distillation: its results on the trial, its final metrics (and model, if
+        it is the best so far) on its run, which ends FINISHED. Returns the objective."""
+        value = result.final_eval[self.study.objective]
+        trial.set_user_attr(TrialAttr.DURATION_S, result.seconds)
+        trial.set_user_attr(TrialAttr.PEAK_MEMORY_MB, result.peak_memory_bytes / 2**20)
+        for key, metric in result.final_eval.items():
+            trial.set_user_attr(key, metric)
+        # save_best: a trial better than every complete one so far logs its student as a model.
+        best = best_trial(trial.study)
+        if student is not None and (best is None or better(self.study.direction, value, best.value)):
+            run.log_model(student, self.workspace.tokenizer)
+        run.finish(result, objective=value)
+        if student is not None:
+            self.tracker.keep_best_model()
+        return value
+
+    def _fail(self, trial: optuna.Trial, run: TrialRun, exc: Exception) -> None:
+        """Record why the trial failed, on it and its run; free what its frames held; retry it
+        with a smaller micro-batch if it ran out of memory and the study asks."""
+        details = redact(traceback.format_exc())
+        reason = OOM if out_of_memory(exc) else redact(f"{type(exc).__name__}: {exc}".strip().splitlines()[0])[:500]
+        trial.set_user_attr(TrialAttr.FAIL_REASON, reason)
+        run.end("FAILED", state="FAIL", reason=reason, traceback=details)
+        # The traceback's frames hold the trial's model, optimizer and activations: let them go.
+        traceback.clear_frames(exc.__traceback__)
+        if reason == OOM and self.study.train.oom_retry:
+            self._retry_smaller(trial)
+
+    def _retry_smaller(self, trial: optuna.Trial) -> None:
+        micro, accum = self._batch(trial)
+        if micro < 2:
+            return  # one row at a time did not fit: nothing smaller to try
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in _INHERITED}
+        attrs |= {TrialAttr.MICRO_BATCH: micro // 2, TrialAttr.GRAD_ACCUM: accum * 2, TrialAttr.OOM_RETRY_OF: trial.number}
+        trial.study.enqueue_trial(trial.params, user_attrs=attrs)
+        self.progress.message(f"trial {trial.number} ran out of memory: retried with micro-batch {micro // 2} x {accum * 2}")
+
+    def after_trial(self, optuna_study: optuna.Study, trial: FrozenTrial) -> None:
+        self.ran += 1
+        best = best_trial(optuna_study)
+        self.tracker.record_best(best)
+        self.progress.trial_finished(trial, best)
+        self._stop_on_repeated_failure(trial)
+
+    def _stop_on_repeated_failure(self, trial: FrozenTrial) -> None:
+        """Raise RepeatedFailure when this worker's last trials all failed with the same error
+        (step numbers and sizes aside). Out-of-memory trials that were retried do not count."""
+        if trial.state != TrialState.FAIL:
+            self._failures.clear()
+            return
+        reason = trial.user_attrs.get(TrialAttr.FAIL_REASON, "an unknown error")
+        if reason == OOM and self.study.train.oom_retry and self._batch(trial)[0] >= 2:
+            return
+        self._failures.append(reason)
+        limit = self.study.max_consecutive_failures
+        kinds = {_kind(r) for r in self._failures[-limit:]}
+        if len(self._failures) >= limit and len(kinds) == 1:
+            raise RepeatedFailure(
+                f"the same error failed {limit} trials in a row (max_consecutive_failures), the last trial "
+                f"{trial.number}: {reason}"
+            )
+
+
+# What an out-of-memory retry keeps of the trial it retries.
+_INHERITED = (TrialAttr.GROUP, TrialAttr.BASELINE, TrialAttr.BASELINE_PARAMS, TrialAttr.CONFIRMS, TrialAttr.SEED)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def _kind(reason: str) -> str:
+    """An error with its numbers blanked: "loss is nan at step 3" and "... at step 7" are one."""
+    return re.sub(r"\d+(\.\d+)?", "#", reason)

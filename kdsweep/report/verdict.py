@@ -1,0 +1,185 @@
+"""The report's answer: does distillation beat plain fine-tuning, by how much, and is it real?
+
+The first lines compare the best distilled trial with the best plain fine-tuning trial (each
+the best of its own search: best against best) in perplexity and, when decoded, accuracy, with
+the share of the baseline-to-teacher perplexity gap that distillation closes. The seed check
+then says whether the winner's lead is larger than what a change of seed alone moves.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from kdsweep.report.collect import ReportData
+from kdsweep.report.text import fmt, markdown_table, params_of, pct, points
+from kdsweep.space import SEARCH_SPACE
+from kdsweep.space import describe as describe_params
+
+
+def render_verdict(data: ReportData) -> str:
+    """The headline paragraph, the seed check's sentence when there was one, and for each newer
+    recipe choice the study searched (the divergence, on-policy batches) whether it paid."""
+    parts = ["## Verdict", _headline(data)]
+    if sentence := seed_check_sentence(data):
+        parts.append(f"**Seed check:** {sentence}")
+    parts += [line for p in SEARCH_SPACE if p.quiet_at is not None and (line := _choice(data, p))]
+    return "\n\n".join(parts)
+
+
+_CHOICES = {
+    "beta": ("Divergence", "a divergence other than forward KL (beta > 0)", "forward KL (beta 0)"),
+    "lmbda": ("On-policy batches", "on-policy batches (lmbda > 0)", "off-policy training (lmbda 0)"),
+}
+
+
+def _choice(data: ReportData, p) -> str | None:
+    """Best distilled trial with ``p`` away from its quiet value against the best at it."""
+    if p.name not in _CHOICES or getattr(data.study.search, p.name).is_fixed:
+        return None
+    distilled = data.ranked[data.ranked.alpha != 0]
+    on, off = distilled[distilled[p.name] != p.quiet_at], distilled[distilled[p.name] == p.quiet_at]
+    title, with_it, without = _CHOICES[p.name]
+    if on.empty or off.empty:
+        tried = "only " + (with_it if off.empty else without)
+        return f"**{title}:** the complete distilled trials tried {tried}, so nothing compares the two."
+    best_on, best_off = on.iloc[0], off.iloc[0]
+    wins = _better(data, best_on.value, best_off.value)
+    accuracy = ""
+    if not pd.isna(best_on.exact_match) and not pd.isna(best_off.exact_match):
+        accuracy = f", exact match {pct(100 * best_on.exact_match)} against {pct(100 * best_off.exact_match)}"
+    return (
+        f"**{title}:** {with_it} {'beat' if wins else 'did not beat'} {without}: the best such trial "
+        f"({data.trial_cell(best_on)}, {p.name} {p.show(best_on[p.name])}) reaches perplexity {fmt(best_on.student_ppl)} "
+        f"against {fmt(best_off.student_ppl)} ({data.trial_cell(best_off)}){accuracy}."
+    )
+
+
+def _headline(data: ReportData) -> str:
+    plain, distilled = data.best_plain, data.best_distilled
+    objective = data.study.objective
+    if distilled is None:
+        return f"**No distilled trial has completed**, so nothing says yet whether distillation helps on this {objective}."
+    if plain is None:
+        return (
+            f"**No plain fine-tuning baseline ran**, so nothing says whether distillation beats it: add "
+            f"`baselines: [{{alpha: 0, trials: 3}}]` to the study. The best distilled trial "
+            f"({data.trial_cell(distilled)}: {describe(distilled)}) reaches {objective} {fmt(distilled.value)}."
+        )
+    wins = _better(data, distilled.value, plain.value)
+    lead = "**Distillation beats the tuned baseline.**" if wins else "**Plain fine-tuning wins: distillation does not beat it.**"
+    sentences = [lead, _comparison(data, distilled, plain), _accuracy_comparison(data, distilled, plain), _gap(data, distilled)]
+    return " ".join(s for s in sentences if s)
+
+
+def _comparison(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str:
+    tried = len(data.plain)
+    return (
+        f"The best distilled trial ({data.trial_cell(distilled)}: {describe(distilled)}) reaches held-out perplexity "
+        f"{fmt(distilled.student_ppl)} against {fmt(plain.student_ppl)} for the best of {tried} plain fine-tuning "
+        f"trial{'s' if tried > 1 else ''} ({data.trial_cell(plain)}: {describe(plain)}), "
+        f"{_relative(distilled.student_ppl, plain.student_ppl)}."
+    )
+
+
+def _accuracy_comparison(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str:
+    if pd.isna(distilled.exact_match) or pd.isna(plain.exact_match):
+        return ""
+    return (
+        f"Exact match: {pct(100 * distilled.exact_match)} against {pct(100 * plain.exact_match)} "
+        f"({points(100 * (distilled.exact_match - plain.exact_match))}); ROUGE-L {fmt(distilled.rouge_l, 3)} against "
+        f"{fmt(plain.rouge_l, 3)}."
+    )
+
+
+def _gap(data: ReportData, distilled: pd.Series) -> str:
+    gap = data.gap_closed(distilled.student_ppl)
+    if gap is None:
+        return ""
+    return f"It closes {pct(gap)} of the perplexity gap between that baseline and the teacher ({fmt(data.teacher_ppl)})."
+
+
+def _relative(ppl: float, baseline: float) -> str:
+    change = 100 * (ppl - baseline) / baseline
+    return f"{pct(abs(change))} {'lower' if change < 0 else 'higher'}"
+
+
+def _better(data: ReportData, value: float, than: float) -> bool:
+    return value < than if data.lower_is_better else value > than
+
+
+def describe(trial) -> str:
+    """The parameters that mattered, as a reader wants them: at alpha 0 only the learning rate
+    (and whatever else acts without a teacher)."""
+    return describe_params(params_of(trial), short=False)
+
+
+# ---------------------------------------------------------------- the seed check
+
+
+def seed_check(data: ReportData) -> pd.DataFrame:
+    """One row per re-run configuration: its objective at the study's seed and each other seed,
+    their mean and spread (standard deviation and range). Empty without a seed check."""
+    reruns = data.reruns[data.reruns.state == "COMPLETE"]
+    rows = []
+    for number, runs in reruns.groupby("confirms", sort=False):
+        original = data.trials.set_index("number").loc[int(number)]
+        values = pd.Series([original.value, *runs.sort_values("seed").value], dtype=float)
+        rows.append({
+            "number": int(number),
+            "plain": original.alpha == 0,
+            "values": list(values),
+            "mean": values.mean(),
+            "std": values.std(ddof=1) if len(values) > 1 else 0.0,
+            "range": values.max() - values.min(),
+        })
+    frame = pd.DataFrame(rows, columns=["number", "plain", "values", "mean", "std", "range"])
+    order = frame["mean"].rank(ascending=data.lower_is_better, method="first") if len(frame) else []
+    return frame.assign(order=order).sort_values("order").drop(columns="order") if len(frame) else frame
+
+
+def seed_check_sentence(data: ReportData) -> str | None:
+    """Whether the best distilled configuration's lead over the best baseline, averaged over
+    seeds, is larger than the seed spread (the larger range of the two across seeds)."""
+    check = seed_check(data)
+    plain, distilled = data.best_plain, data.best_distilled
+    if check.empty or plain is None or distilled is None:
+        return None
+    rows = check.set_index("number")
+    if distilled.number not in rows.index or plain.number not in rows.index:
+        return None
+    winner, baseline = rows.loc[distilled.number], rows.loc[plain.number]
+    seeds = len(winner["values"])
+    lead = (baseline["mean"] - winner["mean"]) * (1 if data.lower_is_better else -1)
+    spread = max(winner["range"], baseline["range"])
+    mean = f"over {seeds} seeds the best distilled configuration averages {fmt(winner['mean'])} " \
+           f"and the best plain fine-tuning {fmt(baseline['mean'])} ({data.study.objective})"
+    if lead > spread:
+        return f"{mean}: distillation's lead ({fmt(lead)}) is larger than the seed spread ({fmt(spread)}), so the win is not noise."
+    if lead > 0:
+        return f"{mean}: distillation's lead ({fmt(lead)}) is within the seed spread ({fmt(spread)}), so these seeds do not tell the two apart."
+    return f"{mean}: plain fine-tuning leads by {fmt(-lead)} (seed spread {fmt(spread)})."
+
+
+def render_seed_check(data: ReportData) -> str:
+    check = seed_check(data)
+    if check.empty:
+        return ""
+    trials = data.trials.set_index("number", drop=False)
+    frame = pd.DataFrame([
+        {
+            "trial": data.trial_cell(trials.loc[row.number]) + (" (plain fine-tuning)" if row.plain else ""),
+            "parameters": describe(trials.loc[row.number]),
+            f"{data.study.objective} by seed": ", ".join(fmt(v) for v in row.values),
+            "mean": fmt(row.mean),
+            "std": fmt(row.std, 2),
+            "range": fmt(row.range, 2),
+        }
+        for row in check.itertuples()
+    ])
+    intro = (
+        f"Each configuration below trained again with {data.study.confirm.seeds} other seed(s) "
+        f"(`confirm` in the study; the first value is the sweep's own, at seed {data.study.train.seed}). "
+        "The re-runs sit under the same parent run in MLflow, tagged `kdsweep.confirm`, and never fed the sampler."
+    )
+    return "\n\n".join(["## Seed check", intro, markdown_table(frame)])
+
