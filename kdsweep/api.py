@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import optuna
 import transformers
 import yaml
@@ -117,6 +118,7 @@ def quiet_libraries() -> None:
     (credentials included): kdsweep links its runs itself, with passwords masked."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    datasets.disable_progress_bars()  # "Generating train split" bars, once per split and worker
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # Baselines fix alpha at 0, outside a distillation range, on purpose.

@@ -69,6 +69,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
+    threads: int | None = None  # torch's CPU threads; tiny models run fastest on 1 (None: torch's default)
     loss_chunk_tokens: int = 1024  # tokens per loss chunk: bounds the loss's memory
     teacher_cache: bool = True  # every top_k finite: the teacher runs once per study, into a top-K cache; false: online
     oom_retry: bool = False  # a trial out of GPU memory is retried with half the micro-batch and twice the accumulation
@@ -364,6 +365,8 @@ def _validate_train(train: TrainConfig) -> list[str]:
         problems.append(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {train.precision!r}")
     if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
         problems.append(f"train.device: must be auto, cpu, cuda or cuda:N, got {train.device!r}")
+    if train.threads is not None and train.threads < 1:
+        problems.append(f"train.threads: must be >= 1 (or left out for torch's default), got {train.threads}")
     if train.generation_temperature <= 0:
         problems.append(f"train.generation_temperature: must be > 0, got {train.generation_temperature}")
     if train.generation_max_new_tokens < 1:

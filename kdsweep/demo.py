@@ -1,10 +1,13 @@
-"""The embedded default: generated arithmetic data, a Qwen-like tokenizer and tiny Qwen3 models.
+"""The embedded default: generated conversations, a Qwen-like tokenizer and tiny Qwen3 models.
 
-The demo study runs the real code offline on a laptop CPU. Everything it needs is generated here
-deterministically: guanaco-format arithmetic rows (shipped in ``studies/data/arithmetic``), a
-byte-level BPE tokenizer built from them, and the configurations of a small teacher (~1.8M
-parameters) and a much smaller student (~57K). Models and tokenizer are saved under
-:func:`demo_dir`; a study names them ``demo:teacher`` and ``demo:student``.
+The demo study runs the real code offline on a laptop CPU, and shows what distillation is for: a
+teacher that knows more than the student's data. Everything is generated here, deterministically:
+guanaco-format "name a ..." conversations with several right answers per question; a corpus of
+20,000 of them on which the teacher (~660K parameters) is trained once and cached, as a
+pretrained teacher would be; the 200-row train split and 1,000 held-out rows the study's students
+(~80K parameters) see (shipped in ``studies/data/picks``); and a byte-level BPE tokenizer built
+from the corpus. Models and tokenizer are saved under :func:`demo_dir`; a study names them
+``demo:teacher`` and ``demo:student``.
 """
 
 from __future__ import annotations
@@ -29,9 +32,7 @@ from kdsweep.paths import atomic_folder, cache_dir
 PREFIX = "demo:"  # a study's teacher or student named demo:teacher / demo:student
 EOS_TOKEN = "<|endoftext|>"  # Qwen's end-of-text token, also its padding token
 EOS_TOKEN_ID = 0  # build_tokenizer gives the special token the first id
-MAX_VOCAB_SIZE = 512  # bytes + the special token + merges; on the demo rows the merges run out at 321
-TRAIN_ROWS, TRAIN_SEED = 2000, 0
-TEST_ROWS, TEST_SEED = 200, 1
+MAX_VOCAB_SIZE = 2048  # bytes + the special token + merges; on the demo corpus the merges run out first
 
 # Qwen2/Qwen3's pre-tokenizer pattern: digits stand alone, so numbers are read digit by digit.
 _QWEN_PATTERN = (
@@ -46,77 +47,133 @@ def demo_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
+# Data: "name a ..." questions with several right answers
 
+# Each category's members, most popular first; an answer is drawn with weight 1 / rank. Every
+# question has several right answers and a most likely one: a teacher trained on a large corpus
+# learns each category's whole answer distribution, while a student given a few hundred rows sees
+# only a handful of sampled answers per category (some right answers never). That is where soft
+# targets carry more than a sampled label, and where distillation can win on held-out rows.
+CATEGORIES = {
+    "fruit": "apple, banana, orange, grape, pear, mango, cherry, peach",
+    "colour": "blue, red, green, purple, yellow, black, pink, white",
+    "animal": "dog, cat, lion, horse, elephant, tiger, rabbit, bear",
+    "vegetable": "carrot, potato, broccoli, tomato, onion, pea, cabbage, lettuce",
+    "country": "France, Japan, Brazil, Canada, Italy, India, Egypt, Peru",
+    "city": "Paris, London, Tokyo, Rome, Berlin, Cairo, Sydney, Madrid",
+    "drink": "water, tea, coffee, milk, juice, lemonade, cocoa, soda",
+    "sport": "football, tennis, basketball, golf, cricket, rugby, hockey, swimming",
+    "instrument": "piano, guitar, violin, drums, flute, trumpet, harp, cello",
+    "bird": "eagle, robin, sparrow, owl, parrot, crow, swan, penguin",
+    "tree": "oak, pine, maple, birch, willow, palm, cedar, elm",
+    "metal": "iron, gold, silver, copper, aluminium, tin, lead, zinc",
+    "planet": "Mars, Jupiter, Saturn, Venus, Earth, Mercury, Neptune, Uranus",
+    "month": "January, December, July, May, June, October, April, March",
+    "day of the week": "Monday, Friday, Saturday, Sunday, Tuesday, Wednesday, Thursday",
+    "season": "summer, winter, spring, autumn",
+    "shape": "circle, square, triangle, rectangle, star, oval, hexagon, diamond",
+    "flower": "rose, tulip, daisy, sunflower, lily, orchid, daffodil, poppy",
+    "fish": "salmon, tuna, goldfish, shark, cod, trout, clownfish, carp",
+    "tool": "hammer, screwdriver, saw, wrench, drill, pliers, shovel, axe",
+    "vehicle": "car, bus, bicycle, train, truck, motorcycle, boat, plane",
+    "body part": "hand, arm, head, leg, eye, nose, foot, ear",
+    "language": "English, Spanish, French, Chinese, German, Japanese, Arabic, Hindi",
+    "gas": "oxygen, hydrogen, helium, nitrogen, neon, argon",
+    "insect": "ant, bee, butterfly, fly, beetle, mosquito, ladybird, grasshopper",
+    "piece of furniture": "chair, table, sofa, bed, desk, shelf, wardrobe, stool",
+    "vowel": "a, e, i, o, u",
+    "prime number": "7, 3, 5, 2, 11, 13, 17, 19",
+    "even number": "2, 4, 6, 8, 10, 12, 20, 100",
+    "odd number": "3, 7, 5, 1, 9, 11, 13, 21",
+    "dessert": "cake, ice cream, pie, cookie, pudding, brownie, tart, mousse",
+    "cheese": "cheddar, brie, mozzarella, parmesan, gouda, feta, camembert, stilton",
+    "dog breed": "labrador, poodle, beagle, bulldog, terrier, husky, collie, dachshund",
+    "car brand": "Toyota, Ford, BMW, Honda, Tesla, Audi, Volvo, Fiat",
+    "ocean": "Pacific, Atlantic, Indian, Arctic, Southern",
+    "continent": "Asia, Africa, Europe, Australia, Antarctica",
+    "river": "Nile, Amazon, Thames, Danube, Mississippi, Rhine, Ganges, Seine",
+    "mountain": "Everest, Kilimanjaro, Fuji, Olympus, Elbrus, Denali, Matterhorn, Etna",
+    "writer": "Shakespeare, Dickens, Austen, Tolstoy, Orwell, Twain, Homer, Hemingway",
+    "painter": "Picasso, Monet, Rembrandt, Vermeer, Dali, Matisse, Turner, Goya",
+    "composer": "Mozart, Beethoven, Bach, Chopin, Vivaldi, Handel, Haydn, Brahms",
+    "scientist": "Einstein, Newton, Darwin, Curie, Galileo, Tesla, Faraday, Bohr",
+    "dance": "waltz, tango, salsa, ballet, tap, jive, samba, polka",
+    "board game": "chess, checkers, Monopoly, Scrabble, backgammon, go, Cluedo, Risk",
+    "card game": "poker, bridge, snap, rummy, solitaire, blackjack, whist, canasta",
+    "kind of weather": "rain, sun, snow, wind, fog, hail, storm, drizzle",
+    "emotion": "happiness, anger, sadness, fear, joy, surprise, love, disgust",
+    "piece of clothing": "shirt, jeans, dress, hat, jacket, sock, skirt, coat",
+    "kitchen utensil": "spoon, fork, knife, whisk, ladle, spatula, pan, pot",
+    "spice": "pepper, cinnamon, salt, ginger, cumin, paprika, nutmeg, saffron",
+    "herb": "basil, mint, parsley, thyme, rosemary, oregano, sage, dill",
+    "grain": "rice, wheat, corn, oats, barley, rye, millet, quinoa",
+    "nut": "peanut, almond, walnut, cashew, hazelnut, pecan, pistachio, chestnut",
+    "berry": "strawberry, blueberry, raspberry, blackberry, cranberry, gooseberry",
+    "reptile": "snake, lizard, crocodile, turtle, alligator, gecko, iguana, chameleon",
+    "sea mammal": "whale, dolphin, seal, walrus, otter, orca, manatee",
+    "farm animal": "cow, pig, sheep, chicken, horse, goat, duck, donkey",
+    "gemstone": "diamond, ruby, emerald, sapphire, pearl, opal, topaz, amethyst",
+    "currency": "dollar, euro, pound, yen, rupee, franc, peso, rouble",
+    "fabric": "cotton, wool, silk, linen, denim, leather, velvet, nylon",
+    "school subject": "maths, English, science, history, art, music, geography, French",
+    "job": "doctor, teacher, nurse, engineer, lawyer, chef, farmer, pilot",
+    "room in a house": "kitchen, bedroom, bathroom, living room, hall, garage, attic, cellar",
+    "hobby": "reading, painting, gardening, cooking, fishing, hiking, knitting, dancing",
+    "breakfast food": "cereal, toast, eggs, porridge, pancakes, bacon, yoghurt, croissant",
+}
+_QUESTIONS = ("Name {a} {c}.", "Give me {a} {c}.", "Can you name {a} {c}?", "Tell me {a} {c}.")
+TURNS = 2  # exchanges per row: two make the rows (almost) all distinct, and keep them short
 
-# Question phrasings, and for each the weights of the three answer phrasings below. The answer's
-# first token is uncertain but not random, so a trained teacher's distribution over it carries
-# information that a one-hot label does not: the signal distillation is supposed to transfer.
-_QUESTIONS = (
-    ("What is {a} {op} {b}?", (6, 3, 1)),
-    ("Compute {a} {op} {b}.", (8, 1, 1)),
-    ("How much is {a} {word} {b}?", (2, 6, 2)),
-    ("{a} {op} {b} = ?", (1, 2, 7)),
-)
-_ANSWERS = ("{a} {op} {b} = {c}.", "The answer is {c}.", "{c}")
-_FOLLOW_UPS = ("And {word} {b}?", "Now {word} {b}.")
-_WORDS = {"+": "plus", "-": "minus", "*": "times"}
-_TWO_TURN_SHARE = 0.15
+CORPUS_ROWS, CORPUS_SEED = 20_000, 0  # the teacher's corpus: generated when the teacher is built
+TEST_ROWS, TEST_SEED = 1_000, 1  # held out from both the corpus and the train split
+TRAIN_ROWS, TRAIN_SEED = 200, 2  # the study's students train on these (about 6 answers per category)
 
 
 def generate_rows(n: int, *, seed: int) -> list[str]:
-    """``n`` arithmetic exchanges in guanaco format, the same for the same ``seed``.
+    """``n`` conversations of two "name a ..." exchanges, the same for the same ``seed``.
 
     Example:
         >>> generate_rows(1, seed=0)[0]  # doctest: +SKIP
-        '### Human: What is 37 + 48?### Assistant: 37 + 48 = 85.'
+        '### Human: Tell me a berry.### Assistant: blueberry### Human: Name a city.### Assistant: Paris'
     """
     rng = random.Random(seed)
-    return [_row(rng) for _ in range(n)]
+    names = list(CATEGORIES)
+    rows = []
+    for _ in range(n):
+        text = ""
+        for category in rng.sample(names, TURNS):
+            members = answers(category)
+            answer = rng.choices(members, weights=[1 / rank for rank in range(1, len(members) + 1)])[0]
+            question = rng.choice(_QUESTIONS).format(a="an" if category[0] in "aeiou" else "a", c=category)
+            text += f"### Human: {question}### Assistant: {answer}"
+        rows.append(text)
+    return rows
 
 
-def _row(rng: random.Random) -> str:
-    op = rng.choice("+-*")
-    a, b = _operands(rng, op)
-    text, result = _exchange(rng, rng.choice(_QUESTIONS), a=a, op=op, b=b)
-    if rng.random() < _TWO_TURN_SHARE:
-        # The follow-up works on the previous result, which the model must carry over.
-        follow_up = (rng.choice(_FOLLOW_UPS), (8, 2, 0))
-        more, _ = _exchange(rng, follow_up, a=result, op=rng.choice("+*"), b=rng.randint(2, 9))
-        text += more
-    return text
+def answers(category: str) -> list[str]:
+    """A category's right answers, most popular first."""
+    return CATEGORIES[category].split(", ")
 
 
-def _operands(rng: random.Random, op: str) -> tuple[int, int]:
-    if op == "*":
-        return rng.randint(2, 12), rng.randint(2, 12)
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return (max(a, b), min(a, b)) if op == "-" else (a, b)  # no negative results
+def splits() -> tuple[list[str], list[str], list[str]]:
+    """The teacher's corpus, the students' train split and the held-out test split.
 
-
-def _exchange(
-    rng: random.Random, question: tuple[str, tuple[int, ...]], *, a: int, op: str, b: int
-) -> tuple[str, int]:
-    """One human/assistant turn pair, and the number it answers."""
-    pattern, weights = question
-    c = {"+": a + b, "-": a - b, "*": a * b}[op]
-    values = {"a": a, "op": op, "word": _WORDS[op], "b": b, "c": c}
-    answer = rng.choices(_ANSWERS, weights=weights)[0]
-    return f"### Human: {pattern.format(**values)}### Assistant: {answer.format(**values)}", c
+    Test rows are distinct, and none of them is in the corpus or the train split: evaluation
+    measures what was learned about the categories, not memory of rows.
+    """
+    test = list(dict.fromkeys(generate_rows(2 * TEST_ROWS, seed=TEST_SEED)))[:TEST_ROWS]
+    held_out = set(test)
+    corpus = [row for row in generate_rows(CORPUS_ROWS, seed=CORPUS_SEED) if row not in held_out]
+    train = [row for row in generate_rows(2 * TRAIN_ROWS, seed=TRAIN_SEED) if row not in held_out][:TRAIN_ROWS]
+    return corpus, train, test
 
 
 def write_demo_data(folder: str | Path) -> None:
-    """Write ``train.jsonl`` and ``test.jsonl`` (a ``text`` field per row) into ``folder``.
-
-    Test rows never repeat a training row, so evaluation measures more than memory.
-    """
+    """Write the students' ``train.jsonl`` and the held-out ``test.jsonl`` (a ``text`` field per
+    row) into ``folder``: what ``studies/data/picks`` ships."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    train = generate_rows(TRAIN_ROWS, seed=TRAIN_SEED)
-    seen = set(train)
-    # Draw extra rows so that enough remain once those also in train are left out.
-    test = [row for row in generate_rows(4 * TEST_ROWS, seed=TEST_SEED) if row not in seen]
-    test = list(dict.fromkeys(test))[:TEST_ROWS]
+    _, train, test = splits()
     _write_jsonl(folder / "train.jsonl", train)
     _write_jsonl(folder / "test.jsonl", test)
 
@@ -157,22 +214,23 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 # Models
 
 # Shapes follow Qwen3-0.6B in kind (tied embeddings, grouped-query attention, SiLU MLP, q/k norms)
-# at a size a 2-core CPU trains in minutes. With the demo vocabulary (321 tokens) the teacher has
-# about 1.8M parameters and the student about 57K, a quarter of them its embeddings.
-_TEACHER_SHAPE = {"hidden_size": 128, "intermediate_size": 448, "num_hidden_layers": 8,
+# at a size a 2-core CPU trains in seconds. With the demo vocabulary (about 1,700 tokens: every
+# answer is one token) the teacher has about 660K parameters and the student about 80K, most of
+# them its embeddings.
+_TEACHER_SHAPE = {"hidden_size": 128, "intermediate_size": 448, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
-_STUDENT_SHAPE = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 24}
-MAX_POSITIONS = 256  # the longest demo row is about 50 tokens
+_STUDENT_SHAPE = {"hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 2,
+                  "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+MAX_POSITIONS = 256  # the longest demo row is about 30 tokens
 
 
 def teacher_config(vocab_size: int, *, eos_token_id: int = EOS_TOKEN_ID) -> Qwen3Config:
-    """The demo teacher: a Qwen3 of about 1.8M parameters."""
+    """The demo teacher: a Qwen3 of about 660K parameters."""
     return _config(vocab_size, eos_token_id=eos_token_id, **_TEACHER_SHAPE)
 
 
 def student_config(vocab_size: int, *, eos_token_id: int = EOS_TOKEN_ID) -> Qwen3Config:
-    """The demo student: a Qwen3 of about 57K parameters, same vocabulary as the teacher."""
+    """The demo student: a Qwen3 of about 80K parameters, same vocabulary as the teacher."""
     return _config(vocab_size, eos_token_id=eos_token_id, **_STUDENT_SHAPE)
 
 
@@ -191,15 +249,16 @@ def _config(vocab_size: int, *, eos_token_id: int, **shape: int) -> Qwen3Config:
 # ---------------------------------------------------------------- the demo's models, built once
 
 # Bump when the demo data, tokenizer, configs or teacher training change: it names the cache.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 TEACHER_TRAINING = {"max_steps": 500, "batch_size": 32, "learning_rate": 3e-3, "eval_every": 250}
 
 
 def ensure_models() -> dict[str, Path]:
     """Folders of the demo teacher and student (with the tokenizer), built on first use.
 
-    The teacher is trained on the demo's train rows so that distilling from it means something.
-    Workers racing to build it wait on a lock; the folder appears whole, by an atomic rename.
+    The teacher is trained on the demo's corpus, 100 times the students' train split, so that it
+    knows the categories' answers better than the students' data can tell them. Workers racing
+    to build it wait on a lock; the folder appears whole, by an atomic rename.
     """
     root = demo_dir() / f"v{DEMO_VERSION}"
     folders = {"teacher": root / "teacher", "student": root / "student"}
@@ -219,24 +278,24 @@ def location(name: str) -> str:
 
 def _build_models(root: Path, folders: dict[str, Path]) -> None:
     console = Console(stderr=True)
-    texts = generate_rows(TRAIN_ROWS, seed=TRAIN_SEED)  # the rows shipped in studies/data/arithmetic
-    tokenizer = build_tokenizer(texts)
+    corpus, _, test = splits()
+    tokenizer = build_tokenizer(corpus)
     torch.manual_seed(0)
     student = Qwen3ForCausalLM(student_config(len(tokenizer)))
     teacher = Qwen3ForCausalLM(teacher_config(len(tokenizer)))
-    console.print(f"building the demo teacher ({_count(teacher):,} parameters) in {root}: one-time, about two minutes")
-    _train_teacher(teacher, tokenizer, texts, console)
+    console.print(f"building the demo teacher ({_count(teacher):,} parameters) in {root}: one-time, under a minute")
+    _train_teacher(teacher, tokenizer, corpus, test, console)
     for role, model in (("teacher", teacher), ("student", student)):
         with atomic_folder(folders[role]) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
 
 
-def _train_teacher(teacher, tokenizer, texts: list[str], console) -> None:
-    """Plain next-token training (alpha 0) with kdsweep's own loop."""
+def _train_teacher(teacher, tokenizer, corpus: list[str], test: list[str], console) -> None:
+    """Plain next-token training (alpha 0) with kdsweep's own loop, on the whole corpus."""
     cfg = TEACHER_TRAINING
-    split = tokenize(texts, tokenizer, max_length=64, assistant_only=False)
-    test_rows = tokenize(generate_rows(256, seed=TEST_SEED), tokenizer, max_length=64, assistant_only=False)
+    split = tokenize(corpus, tokenizer, max_length=64, assistant_only=False)
+    test_rows = tokenize(test[:256], tokenizer, max_length=64, assistant_only=False)
     held_out = make_batches(test_rows, batch_size=64, pad_id=tokenizer.pad_token_id, shuffle_seed=None, group_by_length=True)
     vocab = Vocabulary(size=len(tokenizer), teacher_rows=len(tokenizer), student_rows=len(tokenizer))
     settings = train.DistillSettings(

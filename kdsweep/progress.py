@@ -13,7 +13,8 @@ class SweepProgress:
     """Study bar (trials done, best so far) and trial bar (step, loss, tokens/s)."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(stderr=True, log_path=False)  # no "progress.py:20" on each line
+        # No "progress.py:20" on each line, and a long line stays one line in a log file or a pipe.
+        self.console = console or Console(stderr=True, log_path=False, soft_wrap=True)
         self.live = self.console.is_terminal
         self._bars: Progress | None = None
         self._study_task = self._trial_task = None

@@ -56,11 +56,11 @@ def print_summary(study: StudyConfig, console: Console | None = None) -> None:
     table = _table(["", "perplexity", *(["exact match"] if accuracy else []), "parameters"], box_style=None)
     teacher = [_number(attrs.get(StudyAttr.TEACHER_PPL)), *([_percent(attrs.get(StudyAttr.TEACHER_EXACT_MATCH))] if accuracy else [])]
     table.add_row("teacher", *teacher, "")
-    for name, trial in (("best distilled", distilled), ("best plain fine-tuning", plain)):
+    for name, trial in (("best distilled", distilled), ("best fine-tuned", plain)):
         if trial is not None:
             metrics = [_number(trial.user_attrs.get(Metric.STUDENT_PPL))]
             metrics += [_percent(trial.user_attrs.get(Metric.EXACT_MATCH))] if accuracy else []
-            table.add_row(f"{name} (trial {trial.number})", *metrics, describe(trial.user_attrs.get(TrialAttr.PARAMS, {}), short=True))
+            table.add_row(f"{name}, trial {trial.number}", *metrics, describe(trial.user_attrs.get(TrialAttr.PARAMS, {}), short=True))
     console.print(table)
 
 

@@ -160,6 +160,8 @@ class Workspace:
 def prepare(study: StudyConfig, *, progress: SweepProgress) -> Workspace:
     """Read and check every input, then make the teacher signal: its cache (built once per
     study) or the teacher itself, loaded once per worker."""
+    if study.train.threads:
+        torch.set_num_threads(study.train.threads)
     inputs = _read_inputs(study, progress)
     eval_batches = make_batches(
         inputs.eval_split,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdsweep.losses import (
     LossResult,
@@ -11,8 +14,16 @@ from kdsweep.losses import (
     distill_loss_from_hidden,
     distill_loss_sparse,
 )
+from kdsweep.losses import _chunks
+from kdsweep.losses._chunks import chunk_sizes
+from kdsweep.losses._students import HiddenStudent, LogitsStudent
+from kdsweep.losses._teacher import Teacher, TeacherInputs
 
 B, S, V, H = 2, 7, 33, 6
+TINY = torch.finfo(torch.float32).tiny
+LOG_TINY = math.log(TINY)
+BETAS = [0.0, 0.3, 0.5, 0.9, 1.0]
+TAILS = ["renormalize", "bucket"]
 
 
 def make_batch(*, seed: int = 0, ignored: float = 0.3) -> dict[str, torch.Tensor]:
@@ -38,11 +49,15 @@ def reference(
     teacher: torch.Tensor | None = None,
     top_k: int | None = None,
     support: torch.Tensor | None = None,
+    beta: float = 0.0,
+    tail: str = "renormalize",
+    teacher_logsumexp: torch.Tensor | None = None,
 ) -> LossResult:
-    """The formulas in float64: p_t is the full softmax, masked to its support and renormalised.
+    """The formulas in float64 with full softmaxes (the tail rules of kdsweep.losses' docstring).
 
     ``support`` [..., K] gives the kept vocabulary ids directly (sparse form); ``top_k`` takes them
-    from the teacher's top-k.
+    from the teacher's top-k. ``teacher_logsumexp`` [...], when given, is the teacher's
+    normaliser at the temperature, as a sparse form is given it (rounded to fp32).
     """
     keep = labels != -100
     student, labels = student.double()[keep], labels[keep]
@@ -51,17 +66,67 @@ def reference(
     if teacher is None:
         kl = student.new_zeros(())
     else:
-        p_t = torch.softmax(teacher.double()[keep] / temperature, -1)
-        if top_k is not None:
-            support = teacher[keep].topk(min(top_k, V), dim=-1).indices
+        if top_k is not None and top_k < student.shape[-1]:
+            support = teacher[keep].topk(top_k, dim=-1).indices
         elif support is not None:
             support = support[keep].long()
-        if support is not None:
-            mask = torch.zeros_like(p_t).scatter(-1, support, 1.0)
-            p_t = p_t * mask / (p_t * mask).sum(-1, keepdim=True)
-        log_ps = torch.log_softmax(student / temperature, -1)
-        kl = temperature**2 * (torch.xlogy(p_t, p_t) - p_t * log_ps).sum() / count
+        log_p = torch.log_softmax(teacher.double()[keep] / temperature, -1)
+        if teacher_logsumexp is not None:
+            log_p = teacher.double()[keep] / temperature - teacher_logsumexp.double()[keep, None]
+        log_q = torch.log_softmax(student / temperature, -1)
+        divergence = truncated_jsd(log_p, log_q, support, beta=beta, tail=tail,
+                                   normalised=teacher_logsumexp is None)
+        kl = temperature**2 * divergence.sum() / count
     return LossResult(loss=alpha * kl + (1 - alpha) * ce, kl=kl, ce=ce)
+
+
+def truncated_jsd(
+    log_p: torch.Tensor, log_q: torch.Tensor, support: torch.Tensor | None, *, beta: float,
+    tail: str, normalised: bool = True,
+) -> torch.Tensor:
+    """Per-row generalized JSD of full log-probs [n, V], the teacher known on ``support`` only.
+
+    ``normalised`` False: the teacher's tail is taken as 1 - P(support), as from a given
+    normaliser, rather than summed where it lies.
+    """
+    if support is None:
+        return generalized_jsd(log_p, log_q, beta)
+    log_p_kept, log_q_kept = log_p.gather(-1, support), log_q.gather(-1, support)
+    if tail == "bucket":  # K ids + one bucket with each side's true mass off them
+        log_p_rest = log_rest(log_p, support)
+        if not normalised:
+            kept = log_p_kept.logsumexp(-1, keepdim=True)
+            log_p_rest = (-torch.expm1(kept)).clamp(min=TINY).log()
+        return generalized_jsd(torch.cat([log_p_kept, log_p_rest], -1),
+                               torch.cat([log_q_kept, log_rest(log_q, support)], -1), beta)
+    log_p_kept = log_p_kept.log_softmax(-1)
+    if beta == 1.0:  # both renormalised over the support
+        return generalized_jsd(log_p_kept, log_q_kept.log_softmax(-1), beta)
+    # The teacher renormalised over its support and zero elsewhere, the student whole.
+    log_p = torch.full_like(log_q, -math.inf).scatter(-1, support, log_p_kept)
+    return generalized_jsd(log_p, log_q, beta)
+
+
+def log_rest(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """[n, 1] log of the mass off ``support``, floored at the smallest normal fp32."""
+    off = log_probs.scatter(-1, support, -math.inf)
+    return off.logsumexp(-1, keepdim=True).clamp(min=LOG_TINY)
+
+
+def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL's generalized JSD per row; in KL(Q || P) a teacher's 0 is the smallest normal fp32."""
+    if beta == 0.0:
+        return kl_div(log_p, log_q)
+    if beta == 1.0:
+        return kl_div(log_q, log_p.clamp(min=LOG_TINY))
+    log_m = torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]).logsumexp(0)
+    return beta * kl_div(log_p, log_m) + (1 - beta) * kl_div(log_q, log_m)
+
+
+def kl_div(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row; entries where a is 0 add 0."""
+    a = log_a.exp()
+    return (torch.special.xlogy(a, a) - a * log_b).sum(-1)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 1e-5) -> None:
@@ -115,13 +180,14 @@ def test_sparse_form_equals_dense_top_k(temperature, index_dtype):
     assert_close(grads_of(result, sparse)[0], grads_of(expected, dense)[0])
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_teacher_values_are_upcast(dtype):
+def test_low_precision_teacher_values_are_upcast(dtype, beta):
     batch = make_batch(seed=2)
     top = batch["teacher"].topk(7, dim=-1)
     values = top.values.to(dtype)
     student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
-    settings = dict(alpha=0.5, temperature=2.0)
+    settings = dict(alpha=0.5, temperature=2.0, beta=beta)
     result = distill_loss_sparse(student, values, top.indices, batch["labels"], **settings)
     # The reference sees the same rounded values: the loss adds no rounding of its own.
     teacher = torch.full_like(batch["teacher"], -1e4).scatter(-1, top.indices, values.float())
@@ -234,8 +300,9 @@ def test_hidden_form_equals_logits_form():
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("layout", ["shifted slice", "flat", "three dims"])
-def test_any_leading_shape_and_strided_inputs(layout):
+def test_any_leading_shape_and_strided_inputs(layout, beta):
     batch = make_batch(seed=12)
     student, teacher, labels = batch["student"], batch["teacher"], batch["labels"]
     if layout == "shifted slice":  # how a caller shifts: logits[:, :-1] predicts labels[:, 1:]
@@ -248,7 +315,7 @@ def test_any_leading_shape_and_strided_inputs(layout):
         labels = labels.reshape(1, B, S)
     base = leaf(batch["student"])
     view = base[:, :-1] if layout == "shifted slice" else base.reshape(student.shape)
-    settings = dict(alpha=0.5, temperature=2.0, top_k=5)
+    settings = dict(alpha=0.5, temperature=2.0, top_k=5, beta=beta)
     result = distill_loss(view, teacher, labels, chunk_tokens=4, **settings)
     student64 = leaf(student, torch.float64)
     expected = reference(student64, labels, teacher=teacher, **settings)
@@ -338,6 +405,10 @@ BAD_ARGUMENTS = {
     "alpha above 1": (dict(alpha=1.5), "alpha"),
     "alpha below 0": (dict(alpha=-0.1), "alpha"),
     "zero temperature": (dict(temperature=0.0), "temperature"),
+    "infinite temperature": (dict(temperature=float("inf")), "temperature"),
+    "beta above 1": (dict(beta=1.5), "beta"),
+    "beta not a number": (dict(beta=float("nan")), "beta"),
+    "unknown tail": (dict(tail="drop"), "tail"),
     "top_k zero": (dict(top_k=0), "top_k"),
     "chunk_tokens zero": (dict(chunk_tokens=0), "chunk_tokens"),
     "teacher missing": (dict(teacher_logits=None), "needs a teacher"),
@@ -378,6 +449,16 @@ BAD_SPARSE_AND_HIDDEN = {
     "top_k with sparse": (lambda b, top: distill_loss_from_hidden(
         b["hidden"], b["weight"], b["labels"], teacher_values=top.values,
         teacher_indices=top.indices, top_k=2, alpha=0.5, temperature=1.0), "top_k"),
+    "bucket without logsumexp": (lambda b, top: distill_loss_sparse(
+        b["student"], top.values, top.indices, b["labels"], alpha=0.5, temperature=1.0,
+        tail="bucket"), "needs the teacher's mass outside its top-K: pass teacher_logsumexp"),
+    "logsumexp shape": (lambda b, top: distill_loss_sparse(
+        b["student"], top.values, top.indices, b["labels"], alpha=0.5, temperature=1.0,
+        tail="bucket", teacher_logsumexp=torch.zeros(B, S, 1)), "teacher_logsumexp must be"),
+    "logsumexp of dense logits": (lambda b, top: distill_loss_from_hidden(
+        b["hidden"], b["weight"], b["labels"], teacher_logits=b["teacher"],
+        teacher_logsumexp=torch.zeros(B, S), alpha=0.5, temperature=1.0),
+        "teacher_logsumexp goes with"),
 }
 
 
@@ -394,3 +475,321 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ValueError) as raised:
         distill_loss(batch["student"], None, batch["labels"], alpha=2.0, temperature=-1.0)
     assert "alpha must be" in str(raised.value) and "temperature must be" in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generalized JSD (beta) and the tails of a truncated teacher
+
+
+def trl_generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float,
+                        temperature: float) -> torch.Tensor:
+    """TRL's generalized_jsd_loss per position, written as TRL writes it (F.kl_div)."""
+    student_log_probs = torch.log_softmax(student / temperature, -1)
+    teacher_log_probs = torch.log_softmax(teacher / temperature, -1)
+    def kl(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(input, target, reduction="none", log_target=True)
+
+    if beta == 0:
+        return kl(student_log_probs, teacher_log_probs).sum(-1)
+    if beta == 1:
+        return kl(teacher_log_probs, student_log_probs).sum(-1)
+    mixture_log_probs = torch.logsumexp(torch.stack([student_log_probs + math.log(1 - beta),
+                                                     teacher_log_probs + math.log(beta)]), 0)
+    return (beta * kl(mixture_log_probs, teacher_log_probs)
+            + (1 - beta) * kl(mixture_log_probs, student_log_probs)).sum(-1)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_reference_is_trl_generalized_jsd(beta):
+    batch = make_batch(seed=20, ignored=0.0)
+    student, teacher = batch["student"].double(), batch["teacher"].double()
+    expected = trl_generalized_jsd(student, teacher, beta, 2.0).mean() * 4.0
+    result = reference(student, batch["labels"], teacher=teacher, alpha=1.0, temperature=2.0,
+                       beta=beta)
+    assert_close(result.kl, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("top_k", [None, 1, 5])
+@pytest.mark.parametrize("beta", BETAS)
+def test_divergences_in_the_logits_form_match_reference(beta, top_k, tail, alpha, temperature):
+    batch = make_batch(seed=21)
+    settings = dict(alpha=alpha, temperature=temperature, beta=beta, tail=tail)
+    student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
+    result = distill_loss(student, batch["teacher"], batch["labels"], top_k=top_k, chunk_tokens=3,
+                          **settings)
+    expected = reference(student64, batch["labels"], teacher=batch["teacher"], top_k=top_k,
+                         **settings)
+    assert_results_close(result, expected)
+    assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0])
+
+
+def sparse_teacher(teacher: torch.Tensor, k: int, temperature: float) -> dict[str, torch.Tensor]:
+    """The top-K values and ids of ``teacher``, with its log-normaliser at ``temperature``."""
+    top = teacher.topk(k, dim=-1)
+    logsumexp = (teacher.double() / temperature).logsumexp(-1).float()
+    return dict(teacher_values=top.values, teacher_indices=top.indices,
+                teacher_logsumexp=logsumexp)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("beta", BETAS)
+def test_divergences_in_the_sparse_form_match_reference(beta, tail, temperature):
+    batch = make_batch(seed=22)
+    settings = dict(alpha=0.6, temperature=temperature, beta=beta, tail=tail)
+    teacher = sparse_teacher(batch["teacher"], 6, temperature)
+    student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
+    result = distill_loss_sparse(student, teacher["teacher_values"], teacher["teacher_indices"],
+                                 batch["labels"], teacher_logsumexp=teacher["teacher_logsumexp"],
+                                 chunk_tokens=4, **settings)
+    expected = reference(student64, batch["labels"], teacher=batch["teacher"],
+                         support=teacher["teacher_indices"],
+                         teacher_logsumexp=teacher["teacher_logsumexp"], **settings)
+    assert_results_close(result, expected)
+    grad = grads_of(result, student)[0]
+    assert_close(grad, grads_of(expected, student64)[0])
+    # The dense form has the exact normaliser, the sparse one its fp32 rounding (~1e-6 at T=0.5).
+    dense_student = leaf(batch["student"])
+    dense = distill_loss(dense_student, batch["teacher"], batch["labels"], top_k=6, **settings)
+    assert_results_close(result, dense, rtol=1e-4)
+    assert_close(grad, grads_of(dense, dense_student)[0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("teacher", ["dense", "top_k", "sparse"])
+@pytest.mark.parametrize("beta", BETAS)
+def test_divergences_in_the_hidden_form_match_reference(beta, teacher, tail):
+    batch = make_batch(seed=23)
+    settings = dict(alpha=0.7, temperature=1.5, beta=beta, tail=tail)
+    if teacher == "sparse":
+        kwargs = sparse_teacher(batch["teacher"], 5, 1.5)
+        ref_teacher = dict(support=kwargs["teacher_indices"],
+                           teacher_logsumexp=kwargs["teacher_logsumexp"])
+    else:
+        kwargs = dict(teacher_logits=batch["teacher"], top_k=5 if teacher == "top_k" else None)
+        ref_teacher = dict(top_k=kwargs["top_k"])
+    hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
+    result = distill_loss_from_hidden(hidden, weight, batch["labels"], chunk_tokens=4,
+                                      **kwargs, **settings)
+    hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
+    expected = reference(hidden64 @ weight64.T, batch["labels"], teacher=batch["teacher"],
+                         **ref_teacher, **settings)
+    assert_results_close(result, expected)
+    grads64 = grads_of(expected, hidden64, weight64)
+    for grad, grad64 in zip(grads_of(result, hidden, weight), grads64):
+        assert_close(grad, grad64)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("beta", BETAS)
+def test_a_teacher_that_keeps_the_whole_vocabulary_equals_the_full_result(beta, tail):
+    batch = make_batch(seed=24)
+    settings = dict(alpha=0.5, temperature=2.0, beta=beta)
+    full_student = leaf(batch["student"])
+    full = distill_loss(full_student, batch["teacher"], batch["labels"], **settings)
+    full_grad = grads_of(full, full_student)[0]
+    for top_k in (V, V + 10):
+        student = leaf(batch["student"])
+        result = distill_loss(student, batch["teacher"], batch["labels"], top_k=top_k, tail=tail,
+                              **settings)
+        assert_results_close(result, full)
+        assert_close(grads_of(result, student)[0], full_grad)
+    student = leaf(batch["student"])
+    teacher = sparse_teacher(batch["teacher"], V, 2.0)
+    result = distill_loss_sparse(student, teacher["teacher_values"], teacher["teacher_indices"],
+                                 batch["labels"], teacher_logsumexp=teacher["teacher_logsumexp"],
+                                 tail=tail, **settings)
+    assert_results_close(result, full)
+    assert_close(grads_of(result, student)[0], full_grad)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_the_tails_differ_where_the_teacher_is_truncated(beta):
+    batch = make_batch(seed=25)
+    settings = dict(alpha=1.0, temperature=2.0, beta=beta, top_k=3)
+    renormalized = distill_loss(batch["student"], batch["teacher"], batch["labels"], **settings)
+    bucket = distill_loss(batch["student"], batch["teacher"], batch["labels"], tail="bucket",
+                          **settings)
+    assert abs(renormalized.kl.item() - bucket.kl.item()) > 1e-3 * abs(bucket.kl.item())
+
+
+def test_reverse_kl_with_renormalize_gives_no_gradient_off_the_support():
+    batch = make_batch(seed=26, ignored=0.0)
+    student = leaf(batch["student"])
+    result = distill_loss(student, batch["teacher"], batch["labels"], alpha=1.0, temperature=2.0,
+                          top_k=4, beta=1.0)
+    grad = grads_of(result, student)[0]
+    off_support = torch.ones_like(grad, dtype=torch.bool).scatter(
+        -1, batch["teacher"].topk(4, dim=-1).indices, False)
+    assert torch.equal(grad[off_support], torch.zeros_like(grad[off_support]))
+    assert grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("top_k", [None, 4, V - 1])
+@pytest.mark.parametrize("beta", BETAS)
+def test_masked_vocabulary_entries_stay_finite_and_match_reference(beta, top_k, tail):
+    batch = make_batch(seed=27)
+    teacher = batch["teacher"].clone()
+    teacher[..., -3:] = float("-inf")  # e.g. padded vocabulary rows; top_k = V - 1 keeps two
+    settings = dict(alpha=0.8, temperature=2.0, beta=beta, tail=tail, top_k=top_k)
+    student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
+    result = distill_loss(student, teacher, batch["labels"], **settings)
+    expected = reference(student64, batch["labels"], teacher=teacher, **settings)
+    assert_results_close(result, expected)
+    grad = grads_of(result, student)[0]
+    assert torch.isfinite(grad).all()
+    assert_close(grad, grads_of(expected, student64)[0])
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("beta", BETAS)
+def test_every_divergence_with_all_positions_ignored_gives_zero(beta, tail):
+    batch = make_batch(ignored=1.0)
+    settings = dict(alpha=0.5, temperature=2.0, beta=beta, tail=tail)
+    hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
+    for teacher in (dict(teacher_logits=batch["teacher"]),
+                    dict(teacher_logits=batch["teacher"], top_k=3),
+                    sparse_teacher(batch["teacher"], 3, 2.0)):
+        result = distill_loss_from_hidden(hidden, weight, batch["labels"], **teacher, **settings)
+        for value in (result.loss, result.kl, result.ce):
+            assert value.item() == 0.0
+        for grad in grads_of(result, hidden, weight):
+            assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("beta", BETAS)
+def test_divergences_of_low_precision_logits_use_fp32_math(beta, tail, dtype):
+    batch = make_batch(seed=28)
+    student, teacher = leaf(batch["student"], dtype), batch["teacher"].to(dtype)
+    student64 = leaf(student, torch.float64)
+    settings = dict(alpha=0.3, temperature=2.0, top_k=4, beta=beta, tail=tail)
+    result = distill_loss(student, teacher, batch["labels"], **settings)
+    expected = reference(student64, batch["labels"], teacher=teacher, **settings)
+    assert_results_close(result, expected)
+    grad = grads_of(result, student)[0]
+    assert grad.dtype == dtype
+    assert_close(grad, grads_of(expected, student64)[0], rtol=1e-2)  # rounded once, to dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("beta", BETAS)
+def test_divergences_of_a_low_precision_hidden_form_use_fp32_math(beta, dtype):
+    batch = make_batch(seed=32)
+    hidden, weight = leaf(batch["hidden"], dtype), leaf(batch["weight"], dtype)
+    teacher = sparse_teacher(batch["teacher"].to(dtype).float(), 5, 2.0)
+    settings = dict(alpha=0.6, temperature=2.0, beta=beta, tail="bucket")
+    result = distill_loss_from_hidden(hidden, weight, batch["labels"], **teacher, **settings)
+    hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
+    expected = reference(hidden64 @ weight64.T, batch["labels"], teacher=batch["teacher"].to(dtype),
+                         support=teacher["teacher_indices"],
+                         teacher_logsumexp=teacher["teacher_logsumexp"], **settings)
+    assert_results_close(result, expected)
+    grads = grads_of(result, hidden, weight)
+    assert [grad.dtype for grad in grads] == [dtype, dtype]
+    for grad, grad64 in zip(grads, grads_of(expected, hidden64, weight64)):
+        assert_close(grad, grad64, rtol=1e-2)  # rounded once, to dtype
+
+
+@pytest.mark.parametrize("temperature", [1e2, 1e4])
+@pytest.mark.parametrize("top_k", [None, 4])
+@pytest.mark.parametrize("beta", BETAS)
+def test_huge_temperatures_stay_finite_and_keep_their_gradient(beta, top_k, temperature):
+    batch = make_batch(seed=29)
+    settings = dict(alpha=0.5, temperature=temperature, beta=beta, top_k=top_k, tail="bucket")
+    student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
+    result = distill_loss(student, batch["teacher"], batch["labels"], **settings)
+    expected = reference(student64, batch["labels"], teacher=batch["teacher"], **settings)
+    for value in (result.loss, result.kl, result.ce):
+        assert torch.isfinite(value)
+    # The divergence shrinks as 1 / T^2 below its fp32 terms, which are rounded to ~1e-7: at
+    # T = 1e4 its value is rounding, while its gradient T * (w - Q * W) keeps its digits.
+    if temperature <= 1e2:
+        assert_close(result.kl, expected.kl, rtol=2e-3)
+    assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("beta", [1e-6, 1 - 1e-6])
+def test_betas_next_to_the_ends_are_finite_and_small(beta):
+    batch = make_batch(seed=30)
+    student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
+    settings = dict(alpha=1.0, temperature=1.0, beta=beta)
+    result = distill_loss(student, batch["teacher"], batch["labels"], **settings)
+    expected = reference(student64, batch["labels"], teacher=batch["teacher"], **settings)
+    # The mixture tends to 0 at both ends (as in TRL): here it is ~beta * (1 - beta) * ...
+    assert 0 <= result.kl.item() < 1e-3
+    assert_close(result.kl, expected.kl, rtol=1e-2)
+    assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0], rtol=1e-2)
+
+
+def test_bucket_tail_of_a_sparse_teacher_uses_its_log_normaliser():
+    batch = make_batch(seed=31)
+    teacher = sparse_teacher(batch["teacher"], 5, 1.0)
+    args = (batch["student"], teacher["teacher_values"], teacher["teacher_indices"],
+            batch["labels"])
+    settings = dict(alpha=1.0, temperature=1.0, beta=0.5, tail="bucket")
+    result = distill_loss_sparse(*args, teacher_logsumexp=teacher["teacher_logsumexp"],
+                                 **settings)
+    # A normaliser that puts 10x more mass in the tail changes the teacher, so the loss.
+    shifted = distill_loss_sparse(*args, teacher_logsumexp=teacher["teacher_logsumexp"] + 2.3,
+                                  **settings)
+    assert abs(result.kl.item() - shifted.kl.item()) > 1e-2
+
+
+QWEN_VOCAB = 151_936
+DEFAULT_CHUNKS = {  # (form, teacher, beta): positions per (block, chunk) on a CPU at V = 151,936
+    ("logits", "dense", 0.0): (58, 58),  # 136 MiB over 4 [chunk, V] fp32 tensors
+    ("logits", "dense", 0.5): (46, 46),  # 5
+    ("logits", "sparse", 0.5): (78, 78),  # 3
+    ("logits", "none", 0.0): (117, 117),  # 2
+    ("hidden", "dense", 1.0): (331, 58),  # a 192 MiB [block, V] buffer; chunks as above
+    ("hidden", "dense", 0.5): (331, 46),
+    ("hidden", "sparse", 0.0): (331, 78),
+    ("hidden", "sparse", 1.0): (331, 117),  # renormalised reverse KL: the top-K logits only
+}
+
+
+@pytest.mark.parametrize("case", list(DEFAULT_CHUNKS))
+def test_default_chunks_fit_a_memory_budget(case):
+    form, kind, beta = case
+    rows = torch.empty(4, QWEN_VOCAB, device="meta")
+    inputs = {"dense": TeacherInputs(logits=rows),
+              "sparse": TeacherInputs(values=rows[:, :64], indices=rows[:, :64].long()),
+              "none": TeacherInputs()}[kind]
+    teacher = Teacher.build(inputs, top_k=None, tail="renormalize", vocab=QWEN_VOCAB)
+    student = LogitsStudent if form == "logits" else HiddenStudent
+    sizes = chunk_sizes(student, teacher, beta=beta, vocab=QWEN_VOCAB, device=torch.device("cpu"),
+                        chunk_tokens=None)
+    assert sizes == DEFAULT_CHUNKS[case]
+    explicit = chunk_sizes(student, teacher, beta=beta, vocab=QWEN_VOCAB,
+                           device=torch.device("cpu"), chunk_tokens=8)
+    assert explicit == (8, 8)  # an explicit chunk_tokens sets the block; chunks fit in it
+
+
+@pytest.mark.parametrize("teacher", ["dense", "top_k", "sparse"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_hidden_blocks_split_into_chunks_match_reference(monkeypatch, beta, teacher):
+    # Chunks of 2 or 3 positions within blocks of 5: at V = 33 the real budget never splits one.
+    monkeypatch.setitem(_chunks._CHUNK_BUDGET, "cpu", 3 * 4 * V * 4)
+    batch = make_batch(seed=33)
+    kwargs = {"dense": dict(teacher_logits=batch["teacher"]),
+              "top_k": dict(teacher_logits=batch["teacher"], top_k=4),
+              "sparse": sparse_teacher(batch["teacher"], 4, 2.0)}[teacher]
+    settings = dict(alpha=0.6, temperature=2.0, beta=beta, tail="bucket")
+    hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
+    result = distill_loss_from_hidden(hidden, weight, batch["labels"], chunk_tokens=5, **kwargs,
+                                      **settings)
+    hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
+    ref_teacher = dict(top_k=kwargs.get("top_k"), support=kwargs.get("teacher_indices"),
+                       teacher_logsumexp=kwargs.get("teacher_logsumexp"))
+    expected = reference(hidden64 @ weight64.T, batch["labels"], teacher=batch["teacher"],
+                         **ref_teacher, **settings)
+    assert_results_close(result, expected)
+    grads64 = grads_of(expected, hidden64, weight64)
+    for grad, grad64 in zip(grads_of(result, hidden, weight), grads64):
+        assert_close(grad, grad64)

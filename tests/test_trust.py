@@ -88,7 +88,7 @@ def test_the_report_and_the_last_lines_answer_the_question(swept):
     # The command's last lines: a short table, then where the report is.
     lines = output.strip().splitlines()
     assert lines[-1] == "report: reports/tiny.md"
-    assert any(line.startswith("teacher") for line in lines) and any("best plain fine-tuning (trial" in line for line in lines)
+    assert any(line.startswith("teacher") for line in lines) and any("best fine-tuned, trial" in line for line in lines)
     assert "{" not in output  # no raw dict
     assert all(len(line) <= 80 for line in lines)
 

@@ -171,8 +171,8 @@ def render_seed_check(data: ReportData) -> str:
             "parameters": describe(trials.loc[row.number]),
             f"{data.study.objective} by seed": ", ".join(fmt(v) for v in row.values),
             "mean": fmt(row.mean),
-            "std": fmt(row.std, 2),
-            "range": fmt(row.range, 2),
+            "std": fmt(row.std, 3),
+            "range": fmt(row.range, 3),
         }
         for row in check.itertuples()
     ])
