@@ -330,7 +330,7 @@ def run_modes(args, device: torch.device) -> dict:
         for lmbda in (0.5, 1.0):  # on-policy: the cache for the other steps, the teacher kept loaded beside it
             attempt(f"onpolicy-{lmbda:g}", f"kdsweep, cached top-{args.top_k}, lmbda {lmbda:g}: {args.gen_tokens} sampled tokens",
                     0.0, kdsweep(cache, alpha=ALPHA, top_k=args.top_k, lmbda=lmbda, online=OnlineTeacher(teacher, vocab)))
-        del teacher  # a sweep reading the cache holds no teacher
+        teacher = None  # a sweep reading the cache holds no teacher
         free_memory(device)
         attempt("cached", f"kdsweep, cached teacher top-{args.top_k}", student_flops,
                 kdsweep(cache, alpha=ALPHA, top_k=args.top_k))

@@ -37,6 +37,7 @@ from rich.console import Console  # noqa: E402
 from kdsweep import models, train  # noqa: E402
 from kdsweep.config import load_study  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
+from kdsweep.space import neutral  # noqa: E402
 from kdsweep.teacher import OnlineTeacher  # noqa: E402
 from kdsweep.workspace import prepare  # noqa: E402
 
@@ -67,17 +68,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("study", nargs="?", default=str(REPO / "studies" / "demo.yaml"))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="as in kdsweep run")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    study = load_study(args.study, [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"])
+    study = load_study(args.study, [*args.overrides, f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"])
     ws = prepare(study, progress=SweepProgress(Console(stderr=True)))
     online = OnlineTeacher(models.load_model("teacher", ws.teacher_spec, ws.device), ws.vocab)
     top_k = min(study.search.top_k.values, key=lambda k: float("inf") if k == "all" else k)
     base = train.DistillSettings(
         alpha=0.5, temperature=2.0, top_k=None if top_k == "all" else int(top_k),
-        learning_rate=float(study.search.learning_rate.low or study.search.learning_rate.value), train=study.train,
+        learning_rate=float(neutral(study.search, "learning_rate")), train=study.train,
     )
     results = {}
     for lmbda in LMBDAS:

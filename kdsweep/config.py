@@ -70,7 +70,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     threads: int | None = None  # torch's CPU threads; tiny models run fastest on 1 (None: torch's default)
-    loss_chunk_tokens: int = 1024  # tokens per loss chunk: bounds the loss's memory
+    loss_chunk_tokens: int | None = None  # positions per loss block; None: sized by the loss from a memory budget
     teacher_cache: bool = True  # every top_k finite: the teacher runs once per study, into a top-K cache; false: online
     oom_retry: bool = False  # a trial out of GPU memory is retried with half the micro-batch and twice the accumulation
     # On-policy steps (search.lmbda > 0): how the student samples its own completions.
@@ -353,7 +353,7 @@ def _validate_train(train: TrainConfig) -> list[str]:
     problems = []
     for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "log_every", "loss_chunk_tokens"):
         value = getattr(train, name)
-        if value < 1:
+        if value is not None and value < 1:
             problems.append(f"train.{name}: must be >= 1, got {value}")
     if not 0 <= train.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")

@@ -80,7 +80,7 @@ def score(
     vocab: Vocabulary,
     *,
     teacher_targets: list[TeacherTargets] | None = None,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int | None = None,
 ) -> Scores:
     """Summed NLL (and KL at T=1 to the teacher's targets, when given) over all scored tokens."""
     was_training = model.training
@@ -111,7 +111,7 @@ def score(
     return Scores(nll_sum=nll, kl_sum=kl, tokens=tokens)
 
 
-def prepare_eval_set(teacher: OnlineTeacher, batches: list[Batch], *, chunk_tokens: int) -> EvalSet:
+def prepare_eval_set(teacher: OnlineTeacher, batches: list[Batch], *, chunk_tokens: int | None) -> EvalSet:
     """Score the teacher once per study and keep its top tokens for the students' KL."""
     device = next(teacher.model.parameters()).device
     targets = [teacher.targets(batch.to(device), top_k=EVAL_TOP_K) for batch in batches]

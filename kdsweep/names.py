@@ -72,6 +72,7 @@ class TrialAttr:
     MICRO_BATCH = "micro_batch"  # an out-of-memory retry's smaller batch ...
     GRAD_ACCUM = "grad_accum_steps"  # ... and larger accumulation (the same effective batch)
     OOM_RETRY_OF = "oom_retry_of"  # the trial that ran out of memory
+    RETRY_OF = "retry_of"  # the trial whose worker died while it ran
     CONFIRMS = "confirms"  # a seed-check trial: the trial whose configuration it runs again
     # A complete trial also keeps its final eval metrics (Metric.EVAL) under their own names.
 

@@ -25,7 +25,7 @@ from kdsweep.names import Group, Metric, TrialAttr, better
 from kdsweep.progress import SweepProgress
 from kdsweep.redact import redact
 from kdsweep.sampling import suggest
-from kdsweep.storage import best_trial, group_of
+from kdsweep.storage import INHERITED_ATTRS, best_trial, group_of
 from kdsweep.tracking import StudyTracker, TrialRun
 from kdsweep.train import TrainingDiverged
 from kdsweep.workers import this_worker
@@ -147,7 +147,7 @@ class Objective:
         micro, accum = self._batch(trial)
         if micro < 2:
             return  # one row at a time did not fit: nothing smaller to try
-        attrs = {k: v for k, v in trial.user_attrs.items() if k in _INHERITED}
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in INHERITED_ATTRS}
         attrs |= {TrialAttr.MICRO_BATCH: micro // 2, TrialAttr.GRAD_ACCUM: accum * 2, TrialAttr.OOM_RETRY_OF: trial.number}
         trial.study.enqueue_trial(trial.params, user_attrs=attrs)
         self.progress.message(f"trial {trial.number} ran out of memory: retried with micro-batch {micro // 2} x {accum * 2}")
@@ -176,10 +176,6 @@ class Objective:
                 f"the same error failed {limit} trials in a row (max_consecutive_failures), the last trial "
                 f"{trial.number}: {reason}"
             )
-
-
-# What an out-of-memory retry keeps of the trial it retries.
-_INHERITED = (TrialAttr.GROUP, TrialAttr.BASELINE, TrialAttr.BASELINE_PARAMS, TrialAttr.CONFIRMS, TrialAttr.SEED)
 
 
 def out_of_memory(exc: BaseException) -> bool:

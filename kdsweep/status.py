@@ -87,6 +87,9 @@ def _note(trial, best) -> str:
     notes = ["best"] if best is not None and trial.number == best.number else []
     if attrs.get(TrialAttr.BASELINE):
         notes.append("baseline")
+    retry_of = attrs.get(TrialAttr.RETRY_OF, attrs.get(TrialAttr.OOM_RETRY_OF))  # the failed trial says why
+    if retry_of is not None:
+        notes.append(f"retry of {retry_of}")
     return ", ".join(notes)
 
 

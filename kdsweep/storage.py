@@ -8,7 +8,6 @@ Imports Optuna and SQLAlchemy, never torch.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +28,27 @@ from kdsweep.redact import redact
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120  # a RUNNING trial whose worker was silent this long is failed by the next worker
-# A trial whose worker died is retried once with its parameters: found by the heartbeat (a worker
-# on another host), or at once by workers.fail_dead_trials (on this host). Optuna calls the
-# callback experimental, and says so once per process: noise in every worker's output.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    RETRY_ONCE = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+# What a retry keeps of the trial it runs again: its group, what makes it a baseline or a seed
+# check, and an out-of-memory retry's smaller batch.
+INHERITED_ATTRS = (
+    TrialAttr.GROUP, TrialAttr.BASELINE, TrialAttr.BASELINE_PARAMS, TrialAttr.CONFIRMS, TrialAttr.SEED,
+    TrialAttr.MICRO_BATCH, TrialAttr.GRAD_ACCUM,
+)
+
+
+def retry_once(optuna_study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a trial whose worker died to run again with its parameters, once (a retry that dies
+    is not retried). Called for a dead worker on this host (``workers.fail_dead_trials``) and, as
+    Optuna's heartbeat callback, for one on another host.
+
+    Optuna's own ``RetryHeartbeatStaleTrialCallback`` copies the trial with the distributions its
+    parameters were suggested from, and so rejects a baseline's alpha of 0, fixed outside the
+    searched range; an enqueued trial takes its values as they are.
+    """
+    if TrialAttr.RETRY_OF in trial.user_attrs:
+        return
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in INHERITED_ATTRS}
+    optuna_study.enqueue_trial(trial.params, user_attrs=attrs | {TrialAttr.RETRY_OF: trial.number})
 
 
 @contextmanager
@@ -67,7 +81,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     with first_use_lock(url), _storage_errors(url):  # workers starting together must not create the tables twice
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=RETRY_ONCE,
+            heartbeat_stale_trial_callback=retry_once,
         )
 
 
@@ -207,9 +221,9 @@ def group_of(trial: FrozenTrial | optuna.Trial) -> str:
 
 
 def retried(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of the trials that a later trial retries: a dead worker's (Optuna's retry
-    callback records ``failed_trial``) or one out of memory. They count no longer."""
-    numbers = {t.system_attrs.get("failed_trial") for t in trials} | {t.user_attrs.get(TrialAttr.OOM_RETRY_OF) for t in trials}
+    """Numbers of the trials that a later trial retries: a dead worker's or one out of memory.
+    They count no longer."""
+    numbers = {t.user_attrs.get(TrialAttr.RETRY_OF) for t in trials} | {t.user_attrs.get(TrialAttr.OOM_RETRY_OF) for t in trials}
     return numbers - {None}
 
 

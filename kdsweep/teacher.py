@@ -48,6 +48,9 @@ CACHE_VERSION = 1  # bump when the layout or what the rows mean changes: it is p
 _FP16_MAX = float(np.finfo(np.float16).max)
 _HASH_WHOLE_FILE_BELOW = 64 * 2**20  # larger weight files are identified by size, head and tail
 _HASH_EDGE_BYTES = 4 * 2**20
+# The teacher's fp32 logits of one chunk of positions while its cache rows are written: 256 MiB is
+# 441 positions at Qwen3's vocabulary, long enough for the matmul and small beside the teacher.
+_TOP_K_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,16 @@ class OnlineTeacher:
         return TeacherTargets(values=values, indices=indices)
 
     @torch.no_grad()
-    def top_k_rows(self, batch: Batch, k: int, *, chunk_tokens: int) -> TopKRows:
+    def top_k_rows(self, batch: Batch, k: int, *, chunk_tokens: int | None) -> TopKRows:
         """The cache's rows for a batch. The output layer runs in fp32, as the students' loss does,
-        so the stored logits, lse and NLL are as exact as the teacher's hidden states allow."""
+        so the stored logits, lse and NLL are as exact as the teacher's hidden states allow.
+        ``chunk_tokens`` positions at a time (None: as many as fit `_TOP_K_CHUNK_BYTES`)."""
         kept = scored_positions(batch.labels)
         hidden = hidden_states(self.model, batch.input_ids, batch.attention_mask)[:, :-1][kept]
         labels = batch.labels[:, 1:][kept]
         weight = output_weight(self.model, self.vocab).float()
-        chunks = zip(hidden.split(chunk_tokens), labels.split(chunk_tokens))
+        chunk = chunk_tokens or max(1, _TOP_K_CHUNK_BYTES // (4 * weight.shape[0]))
+        chunks = zip(hidden.split(chunk), labels.split(chunk))
         parts = [_summarise(h.float() @ weight.T, y, k) for h, y in chunks]  # [chunk, V] at a time
         self.tokens_processed += int(batch.attention_mask.sum())
         # Every row of a TokenizedSplit has a scored token: a batch has at least one chunk.
@@ -261,7 +266,7 @@ class CachedTeacher:
 
 
 def write_cache(
-    teacher: OnlineTeacher, split: TokenizedSplit, folder: Path, *, k: int, batch_size: int, pad_id: int, chunk_tokens: int
+    teacher: OnlineTeacher, split: TokenizedSplit, folder: Path, *, k: int, batch_size: int, pad_id: int, chunk_tokens: int | None
 ) -> dict:
     """Run ``teacher`` once over ``split`` and write the arrays into ``folder``; returns build facts."""
     started = time.perf_counter()

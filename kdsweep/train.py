@@ -64,10 +64,6 @@ class StepLog:
     generated_tokens: int | None = None  # student-generated tokens trained on so far
     generation_seconds: float | None = None  # time spent generating so far
     generation_share: float | None = None  # of the time since the previous log
-    # On-policy trials only (None otherwise):
-    generated_tokens: int | None = None  # student-generated tokens trained on so far
-    generation_seconds: float | None = None  # time spent generating so far
-    generation_share: float | None = None  # of the time since the previous log
 
 
 @dataclass(frozen=True)
@@ -170,6 +166,7 @@ def batch_loss(
         **teacher,
         alpha=settings.alpha if targets is not None else 0.0,
         temperature=settings.temperature,
+        beta=settings.beta,
         chunk_tokens=settings.train.loss_chunk_tokens,
     )
 

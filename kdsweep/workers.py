@@ -3,7 +3,7 @@
 Every running trial records its worker: host, process id and the process's start time (a
 process id alone may have been reused). A ``kdsweep run`` on the same host fails, at start,
 every RUNNING trial whose process is gone, and retries it once with the same parameters
-(Optuna's ``RetryHeartbeatStaleTrialCallback``), so a ``kill -9`` followed by the same command
+(``storage.retry_once``), so a ``kill -9`` followed by the same command
 resumes at once. Trials of workers on other hosts are left to Optuna's heartbeat, which fails
 them after its grace period and retries them the same way (``storage.open_storage``).
 """
@@ -18,7 +18,7 @@ import psutil
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.names import StudyAttr, TrialAttr
-from kdsweep.storage import RETRY_ONCE, set_user_attr_once
+from kdsweep.storage import retry_once, set_user_attr_once
 
 
 def this_worker() -> dict:
@@ -51,7 +51,7 @@ def fail_dead_trials(optuna_study: optuna.Study) -> list[tuple[FrozenTrial, str]
         me = this_worker()
         if set_user_attr_once(optuna_study, f"{StudyAttr.RECOVERED_PREFIX}{trial.number}", me) != me:
             continue
-        RETRY_ONCE(optuna_study, trial)  # its params and user attrs, into a waiting trial
+        retry_once(optuna_study, trial)  # its params and user attrs, into a waiting trial
         reason = f"its worker (process {worker['pid']} on {worker['host']}) died while it ran"
         storage = optuna_study._storage
         storage.set_trial_user_attr(trial._trial_id, TrialAttr.FAIL_REASON, reason)

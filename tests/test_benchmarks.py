@@ -1,4 +1,4 @@
-"""The GPU benchmark's CPU smoke mode: the same code paths, on tiny configurations."""
+"""The benchmarks' smoke runs on the CPU: the same code paths, on tiny configurations."""
 
 from __future__ import annotations
 
@@ -36,6 +36,15 @@ def test_gpu_benchmark_tiny_mode_runs_every_mode_on_the_cpu(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "cached distillation step / plain CE step" in table and "bfloat16 teacher online" in table
     assert "onpolicy-1 step / cached step" in table
+
+
+def test_onpolicy_benchmark_times_every_share_on_a_tiny_study(tiny_study, capsys):
+    onpolicy = load_script("onpolicy")
+    onpolicy.main([str(tiny_study), "--steps", "4", "--threads", "0", "--set", "search.learning_rate=[1.0e-3, 2.0e-3]"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:3] in {"0.0", "0.5", "1.0"}]
+    assert [row[0] for row in rows] == ["0.0", "0.5", "1.0"]
+    assert rows[0][3] == "1.00" and rows[0][5] == "0"  # the cached step is the unit, and generates nothing
+    assert int(rows[2][5]) == 4 and float(rows[2][3]) > 1  # lmbda 1: every step generates, and costs more
 
 
 def test_the_real_configurations_are_qwen3_0_6b_and_4b():

@@ -110,8 +110,9 @@ def test_plain_rows_are_kept_as_they_are_and_scored_whole(tokenizer):
 
 
 def test_truncation_and_rows_without_scored_tokens_are_dropped(tokenizer):
-    long_prompt = "### Human: " + "What is 1 + 1? " * 20 + "### Assistant: 2."
-    texts = ["### Human: What is 12 + 30?### Assistant: The answer is 42.", long_prompt, "### Human: no answer"]
+    long_answer = "### Human: Tell me a spice.### Assistant:" + " pepper" * 20
+    long_prompt = "### Human:" + " Tell me a spice." * 20 + "### Assistant: pepper"
+    texts = [long_answer, long_prompt, "### Human: no answer"]
     split = tokenize(texts, tokenizer, max_length=20, assistant_only=True)
     assert len(split) == 1 and split.dropped == 2
     assert len(split.input_ids[0]) == 20 == len(split.labels[0])
@@ -136,9 +137,9 @@ def test_a_bos_added_by_the_tokenizer_is_kept_and_not_scored(tokenizer):
         processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)]),
     ])
     llama_like = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
-    split = tokenize(["### Human: hi### Assistant: yo"], llama_like, max_length=64, assistant_only=True)
+    split = tokenize(["### Human: Tell me a spice.### Assistant: pepper"], llama_like, max_length=64, assistant_only=True)
     assert split.input_ids[0][0] == bos and split.labels[0][0] == IGNORE_INDEX
-    assert scored_text(llama_like, split.input_ids[0], split.labels[0]) == "yo<|endoftext|>"
+    assert scored_text(llama_like, split.input_ids[0], split.labels[0]) == " pepper<|endoftext|>"
 
 
 def test_tokenize_needs_a_fast_tokenizer():

@@ -4,23 +4,27 @@ clean, no secret is written, and a study reruns the same way."""
 from __future__ import annotations
 
 import signal
+import socket
+import sys
 import time
 from pathlib import Path
 
 import mlflow
+import optuna
 import psutil
 import pytest
 import torch
 import yaml
+from conftest import Child
 from mlflow.tracking import MlflowClient
 
-from conftest import Child
 from kdsweep import objective, train, workspace
 from kdsweep.cli import main
 from kdsweep.config import load_study
 from kdsweep.losses import LossResult
 from kdsweep.names import StudyAttr, Tag, TrialAttr
 from kdsweep.storage import load_existing_study
+from kdsweep.workers import fail_dead_trials
 
 
 def written(folder: Path) -> set[Path]:
@@ -62,7 +66,7 @@ def test_a_diverged_loss_fails_its_trial_at_once(tiny_study, monkeypatch):
     assert client.get_metric_history(failed.info.run_id, "train_loss") == []  # it stopped before step 4's log
 
 
-def test_out_of_memory_fails_with_oom_and_retries_with_half_the_batch(tiny_study, monkeypatch):
+def test_out_of_memory_fails_with_oom_and_retries_with_half_the_batch(tiny_study, monkeypatch, capsys):
     """A micro-batch above 2 does not fit: trial 0 (8 x 1) and its retry (4 x 2) fail with
     reason oom; the retry of the retry (2 x 4, the same effective batch) completes."""
     original = workspace.Workspace.distill
@@ -83,6 +87,9 @@ def test_out_of_memory_fails_with_oom_and_retries_with_half_the_batch(tiny_study
     assert trials[2].params == trials[0].params
     _, runs = runs_of(tiny_study)
     assert sorted(r.data.tags.get(Tag.REASON, "") for r in runs if r.info.status == "FAILED") == ["oom", "oom"]
+    capsys.readouterr()
+    assert main(["status", str(tiny_study)]) == 0
+    assert [line.split()[-3:] for line in capsys.readouterr().out.splitlines() if line.startswith("2 ")] == [["retry", "of", "1"]]
 
 
 def test_failed_trials_give_their_memory_back(tiny_study, monkeypatch):
@@ -233,3 +240,26 @@ def test_no_password_in_anything_written(tiny_study, tmp_path, capsys):
         assert not [t for t in texts if "S3CRET" in t]
     finally:
         ui.stop_server(server)
+
+
+def test_a_dead_workers_baseline_trial_is_retried_once_with_its_alpha_of_zero(tmp_path):
+    """A baseline's alpha of 0 lies outside the searched range it is suggested from; the retry of
+    its dead worker's trial still runs it at 0, and a retry that dies is not retried again."""
+    finished = psutil.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    dead_worker = {"host": socket.gethostname(), "pid": finished.pid, "started": 0.0}
+    optuna_study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    optuna_study.enqueue_trial({"alpha": 0.0}, user_attrs={TrialAttr.BASELINE: True, TrialAttr.GROUP: "baseline:0"})
+    trial = optuna_study.ask()
+    assert trial.suggest_float("alpha", 0.6, 0.95) == 0.0
+    trial.set_user_attr(TrialAttr.WORKER, dead_worker)
+
+    assert [t.number for t, _ in fail_dead_trials(optuna_study)] == [0]
+    retry = optuna_study.ask()
+    assert retry.suggest_float("alpha", 0.6, 0.95) == 0.0
+    assert retry.user_attrs[TrialAttr.RETRY_OF] == 0 and retry.user_attrs[TrialAttr.BASELINE] is True
+    assert retry.user_attrs[TrialAttr.GROUP] == "baseline:0" and TrialAttr.WORKER not in retry.user_attrs
+
+    retry.set_user_attr(TrialAttr.WORKER, dead_worker)
+    assert [t.number for t, _ in fail_dead_trials(optuna_study)] == [1]
+    assert [t.state.name for t in optuna_study.get_trials()] == ["FAIL", "FAIL"]  # no second retry

@@ -110,3 +110,34 @@ def test_interrupt_leaves_no_running_run(tiny_study, monkeypatch):
     _, parents, children = mlflow_runs(tiny_study)
     assert parents[0].info.status == "KILLED"
     assert [r.info.status for r in children] == ["KILLED"]
+
+
+def test_a_sweep_that_searches_beta_trains_each_trial_with_its_own(tiny_study, monkeypatch):
+    """beta is searched like the classic four: sampled per trial, a param and part of the run name
+    of each MLflow run, and the divergence each trial's training steps take."""
+    from kdsweep import train
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["beta"])
+        return distill_loss_from_hidden(*args, **kwargs)
+
+    distill_loss_from_hidden = train.distill_loss_from_hidden
+    monkeypatch.setattr(train, "distill_loss_from_hidden", recording)
+    fixed = ["--set", "search.beta=[0.0, 1.0]", "--set", "search.alpha=0.5", "--set", "search.top_k=[8]"]
+    assert main(["run", str(tiny_study), "--n-trials", "4", "--no-report", *fixed]) == 0
+
+    trials = load_existing_study(load_study(tiny_study)).get_trials()
+    betas = [t.params["beta"] for t in trials]
+    assert set(betas) == {0.0, 1.0} and len(betas) == 4  # the study's seed samples both
+    _, _, children = mlflow_runs(tiny_study)
+    for run in children:
+        beta = betas[int(run.data.tags[Tag.TRIAL])]
+        assert float(run.data.params["beta"]) == beta
+        assert (" b=1.00" in run.info.run_name) == (beta == 1.0)
+    # Training steps only (evaluation keeps forward KL at T = 1): each trial's beta, in order.
+    def runs_of(values):
+        return [v for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
+
+    assert runs_of(seen) == runs_of(betas)

@@ -193,7 +193,7 @@ def test_save_best_keeps_only_the_best_trials_model(tiny_study, monkeypatch):
     assert trials[0].data.tags[Tag.MODEL] == "deleted: trial 1 is better"
     assert Tag.MODEL not in trials[2].data.tags
 
-    mlflow.set_tracking_uri(client.tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # restored after the test, unlike set_tracking_uri
     loaded = mlflow.transformers.load_model(f"runs:/{trials[1].info.run_id}/model", return_type="components")
     assert loaded["task"] == "text-generation" and loaded["model"].num_parameters() > 0
     assert len(loaded["tokenizer"]) > 0
@@ -212,7 +212,7 @@ def test_register_as_moves_the_champion_alias_to_the_best_student(tiny_study, mo
     champion = client.get_model_version_by_alias("tiny-student", "champion")
     assert champion.run_id == trials[1].info.run_id
     assert "model/MLmodel" in [a.path for a in client.list_artifacts(trials[0].info.run_id, "model")]  # version 1 intact
-    mlflow.set_tracking_uri(client.tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # restored after the test, unlike set_tracking_uri
     loaded = mlflow.transformers.load_model("models:/tiny-student@champion", return_type="components")
     assert loaded["model"].num_parameters() > 0
 
@@ -296,7 +296,7 @@ def test_a_sigkilled_worker_is_resumed_at_once(tiny_study):
     optuna_study = load_existing_study(load_study(tiny_study))
     dead, retry, fresh = optuna_study.trials
     assert dead.state.name == "FAIL" and "its worker (process" in dead.user_attrs[TrialAttr.FAIL_REASON]
-    assert retry.system_attrs["failed_trial"] == 0 and retry.params == dead.params and retry.state.name == "COMPLETE"
+    assert retry.user_attrs[TrialAttr.RETRY_OF] == 0 and retry.params == dead.params and retry.state.name == "COMPLETE"
     assert fresh.state.name == "COMPLETE"
     _, parents, trials = study_runs(tiny_study)
     ended = trials[0]

@@ -94,6 +94,33 @@ def test_top_k_distills_the_teachers_renormalised_top_entries(setup, tiny_models
     assert full[0].kl != pytest.approx(logs[0].kl, rel=1e-3)  # truncation changes what is distilled
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_the_trials_beta_is_the_divergence_the_loop_minimizes(setup, tiny_models, beta):
+    """The first step's logged KL is T^2 times the generalized JSD at the trial's beta (1: reverse
+    KL), computed here in float64 from the two models' full logits."""
+    tokenizer, teacher_model, vocab, split = setup
+    run_settings = settings(beta=beta, temperature=2.0, train={"log_every": 1, "max_steps": 1, "eval_every": 1})
+    batch = next(train.endless_batches(split, run_settings, pad_id=tokenizer.pad_token_id))
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    with torch.no_grad():
+        kept = batch.labels[:, 1:] != -100
+        log_q, log_p = (
+            torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][kept][:, : vocab.size].double() / 2.0, -1)
+            for model in (student, teacher_model)
+        )
+
+    def kl(log_a, log_b):
+        return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+    if beta == 1.0:
+        divergence = kl(log_q, log_p)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+        divergence = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+    _, logs, _, _ = run(setup, tiny_models, run_settings)
+    assert logs[0].kl == pytest.approx(4.0 * float(divergence.mean()), rel=1e-4)
+
+
 def test_gradient_accumulation_counts_micro_batches(setup, tiny_models):
     _, logs, _, _ = run(setup, tiny_models, settings(train={"grad_accum_steps": 2, "batch_size": 4}))
     assert len(logs) == 3 and all(math.isfinite(log.loss) for log in logs)

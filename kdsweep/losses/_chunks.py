@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from kdsweep.losses._checks import Options, check_arguments
 from kdsweep.losses._math import chunk_terms
-from kdsweep.losses._students import HiddenStudent, LogitsStudent, Student
+from kdsweep.losses._students import HiddenStudent, Student
 from kdsweep.losses._teacher import Teacher, TeacherInputs
 
 IGNORE_INDEX = -100

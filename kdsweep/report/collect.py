@@ -207,8 +207,8 @@ def _trial_row(trial: FrozenTrial | None) -> dict:
         "baseline": bool(attrs.get(TrialAttr.BASELINE, False)),
         "group": attrs.get(TrialAttr.GROUP, Group.SEARCH),
         "confirms": attrs.get(TrialAttr.CONFIRMS),
-        # A retry: of a trial whose worker died (Optuna's retry callback), or that ran out of memory.
-        "retry_of": next((n for n in (trial.system_attrs.get("failed_trial") if trial else None, attrs.get(TrialAttr.OOM_RETRY_OF)) if n is not None), None),
+        # A retry: of a trial whose worker died, or that ran out of memory.
+        "retry_of": next((n for n in (attrs.get(TrialAttr.RETRY_OF), attrs.get(TrialAttr.OOM_RETRY_OF)) if n is not None), None),
         "seed": attrs.get(TrialAttr.SEED),
         **{name: params.get(name) for name in SEARCHED},
         "student_ppl": attrs.get(Metric.STUDENT_PPL),
