@@ -8,6 +8,7 @@ Imports Optuna and SQLAlchemy, never torch.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,10 +80,21 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     :func:`check_storage`), not Optuna's "Failed to import DB access module".
     """
     with first_use_lock(url), _storage_errors(url):  # workers starting together must not create the tables twice
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=retry_once,
-        )
+        for pause in (0.2, 0.5, 1.0):
+            try:
+                return _rdb_storage(url)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # Workers creating a new server database's tables at once: the losers of the race
+                # see "duplicate key value violates unique constraint" or "relation already
+                # exists". The winner's tables are there for the next attempt to find.
+                time.sleep(pause)
+        return _rdb_storage(url)
+
+
+def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry_once,
+    )
 
 
 CONNECT_TIMEOUT_SECONDS = 10  # a wrong host is reported in seconds, not after TCP's two minutes

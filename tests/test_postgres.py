@@ -15,7 +15,9 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from kdsweep.config import load_study
 from kdsweep.names import StudyAttr, Tag
+from kdsweep.storage import open_storage
 
 TRIALS = 4
 
@@ -82,6 +85,34 @@ def mlflow_runs(sweep: Sweep):
     parents = [r for r in runs if Tag.PARENT not in r.data.tags]
     trials = {int(r.data.tags[Tag.TRIAL]): r for r in runs if Tag.PARENT in r.data.tags}
     return client, parents, trials
+
+
+def test_workers_creating_the_tables_at_once_all_open_the_storage():
+    """Six workers open a new server database together (a fresh schema stands for it): each
+    creates Optuna's tables, and the losers of that race (PostgreSQL's "duplicate key value
+    violates unique constraint") open the winner's tables instead of failing."""
+    url = postgres_url()
+    schema = f"race_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    at_once = threading.Barrier(6)
+
+    def open_together(_) -> str:
+        at_once.wait(timeout=60)
+        try:
+            open_storage(f"{url}?options=-csearch_path%3D{schema}")
+            return ""
+        except Exception as exc:  # noqa: BLE001 - the test reports every worker's failure
+            return f"{type(exc).__name__}: {exc}"
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            assert [error for error in pool.map(open_together, range(6)) if error] == []
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
 
 
 @pytest.mark.slow
