@@ -164,9 +164,21 @@ class StudyConfig:
         return self.tracking.experiment or self.name
 
     def resolve_path(self, value: str) -> str:
-        """A relative local path is taken from the study file's folder, if it exists there."""
-        candidate = Path(self.base_dir) / value
-        return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
+        """A local file or folder (a relative one beside the study file, else from the current
+        folder) as an absolute path, which reads the same from anywhere; a hub id as it is."""
+        path = Path(value).expanduser()
+        for candidate in (Path(self.base_dir) / path, path):
+            if candidate.exists():
+                return str(candidate.resolve())
+        return value
+
+    def rerun_settings(self, number: int, params: dict) -> dict:
+        """The settings, by key path, that turn this study into a rerun of its trial ``number``
+        alone: its parameters fixed, one trial, no baselines and no seed check."""
+        return {
+            "name": f"{self.name}-trial{number}", "n_trials": 1, "baselines": [], "confirm.top": 0,
+            **{f"search.{name}": value for name, value in params.items()},
+        }
 
     def to_dict(self) -> dict:
         """The resolved study as plain data, for recording: passwords in URLs are masked."""
@@ -227,14 +239,21 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
     if not sep or not key:
         problems.append(f"--set {item}: expected key.path=value")
         return
+    problem = set_key_path(raw, key, _parse(text) if text else None)
+    if problem:
+        problems.append(problem)
+
+
+def set_key_path(raw: dict, key: str, value: Any) -> str | None:
+    """Set the entry of nested mappings at a dotted key path; the problem if a step is no mapping."""
     node = raw
     *parents, leaf = key.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            problems.append(f"--set {key}: {part} is not a mapping")
-            return
-    node[leaf] = _parse(text) if text else None
+            return f"--set {key}: {part} is not a mapping"
+    node[leaf] = value
+    return None
 
 
 def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:

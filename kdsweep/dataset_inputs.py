@@ -22,8 +22,8 @@ def dataset_inputs(study: StudyConfig, train_split, eval_set) -> list[DatasetInp
     """The inputs of a trial run: the training split and the evaluation set."""
     data = study.data
     return [
-        _dataset_input(data, data.train_split, study.base_dir, *_training_data(train_split), "training"),
-        _dataset_input(data, data.eval_split, study.base_dir, *_evaluation_data(eval_set), "evaluation"),
+        _dataset_input(data, data.train_split, study, *_training_data(train_split), "training"),
+        _dataset_input(data, data.eval_split, study, *_evaluation_data(eval_set), "evaluation"),
     ]
 
 
@@ -43,20 +43,19 @@ class _TokenizedDataset(MetaDataset):
         return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
 
-def _dataset_input(data, split: str, base_dir: str, digest: str, profile: dict, context: str) -> DatasetInput:
-    source = _dataset_source(data.dataset, split, base_dir)
+def _dataset_input(data, split: str, study: StudyConfig, digest: str, profile: dict, context: str) -> DatasetInput:
+    source = _dataset_source(study.resolve_path(data.dataset), split)
     dataset = _TokenizedDataset(source, name=f"{Path(data.dataset).name}-{split}", digest=digest, profile=profile)
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
-def _dataset_source(dataset: str, split: str, base_dir: str):
-    """A local file or folder, or else a Hugging Face hub dataset."""
-    local = next((p for p in (Path(base_dir) / dataset, Path(dataset)) if p.exists()), None)
-    if local is None:
-        return HuggingFaceDatasetSource(path=dataset, split=split)
+def _dataset_source(location: str, split: str):
+    """A local file or folder (``location`` is then absolute), or else a Hugging Face hub dataset."""
+    if not Path(location).is_absolute():
+        return HuggingFaceDatasetSource(path=location, split=split)
     with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so
         warnings.simplefilter("ignore")
-        return resolve_dataset_source(str(local.resolve()))
+        return resolve_dataset_source(location)
 
 
 def _training_data(split) -> tuple[str, dict]:

@@ -100,6 +100,7 @@ class Objective:
 
     def _on_eval(self, trial: optuna.Trial, run: TrialRun):
         objective = self.study.objective
+        prunable = group_of(trial) != Group.CONFIRM  # a seed check runs to its end
 
         def on_eval(step: int, metrics: dict[str, float]) -> None:
             run.log_metrics(metrics, step=step)
@@ -108,7 +109,7 @@ class Objective:
             if not math.isfinite(value):
                 raise TrainingDiverged(f"{objective} is {value} at step {step}")
             trial.report(value, step)
-            if trial.should_prune():
+            if prunable and trial.should_prune():
                 trial.set_user_attr(TrialAttr.PRUNED_STEP, step)
                 raise optuna.TrialPruned(f"pruned at step {step}: {objective} {value:.4g}")
 

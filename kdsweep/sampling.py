@@ -43,15 +43,16 @@ def _group_sampler(study: StudyConfig, group: str) -> optuna.samplers.BaseSample
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
+    """The study's pruner. Seed-check trials are never pruned (``objective``); the median
+    compares with the sweep's trials only. Hyperband stays unwrapped: Optuna finds it by its type
+    to show the sampler one bracket's trials, and its brackets read the storage directly."""
     cfg = study.pruner
     if cfg.name == "median":
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
-    elif cfg.name == "hyperband":
-        train = study.train
-        pruner = optuna.pruners.HyperbandPruner(min_resource=train.eval_every, max_resource=train.max_steps)
-    else:
-        pruner = optuna.pruners.NopPruner()
-    return SeedCheckAwarePruner(pruner)
+        median = optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
+        return SeedCheckAwarePruner(median)
+    if cfg.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=study.train.eval_every, max_resource=study.train.max_steps)
+    return optuna.pruners.NopPruner()
 
 
 class GroupedSampler(optuna.samplers.BaseSampler):

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient, get_tracking_uri
 from mlflow.tracking.context.registry import resolve_tags
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.config import StudyConfig
+from kdsweep.config import StudyConfig, set_key_path
 from kdsweep.dataset_inputs import dataset_inputs
 from kdsweep.errors import UsageError
 from kdsweep.names import MAXIMIZE, MODEL_ARTIFACT, STUDY_ARTIFACT, Metric, StudyAttr, Tag, TrialAttr
@@ -302,8 +302,8 @@ def rerun_study(study: StudyConfig, params: dict, *, seed: int, number: int) -> 
     """The study that reruns one trial: its parameters fixed, its seed, one trial, local paths
     made absolute (the artifact is read elsewhere); ``kdsweep run`` takes it as it is."""
     data = study.to_dict()
-    data.update(name=f"{study.name}-trial{number}", n_trials=1, baselines=[], confirm={"top": 0, "seeds": 1})
-    data["search"] = dict(params)
+    for key, value in study.rerun_settings(number, params).items():
+        set_key_path(data, key, value)
     data["train"]["seed"] = seed
     data["data"]["dataset"] = study.resolve_path(study.data.dataset)
     for role in ("teacher", "student"):

@@ -189,13 +189,14 @@ class OnPolicy:
     def loss(self, student: PreTrainedModel, batch: Batch, settings: DistillSettings, vocab: Vocabulary, *, autocast) -> LossResult:
         """``alpha * D(teacher || student on its own completions) + (1 - alpha) * CE(references)``.
 
-        Rows without a final answer (no prompt to complete) take part in the cross-entropy only.
+        Rows without a final answer (no prompt to complete) take part in the cross-entropy only;
+        a micro-batch of such rows has no divergence term, and its CE keeps its weight.
         """
         with autocast():
             reference = batch_loss(student, batch, None, settings, vocab)  # CE on the dataset's answers
         completions = self.complete(student, batch)
         if completions is None:
-            return reference
+            return dataclasses.replace(reference, loss=(1 - settings.alpha) * reference.loss)
         targets = self.teacher.targets(completions, top_k=settings.top_k)
         with autocast():
             divergence = batch_loss(student, completions, targets, dataclasses.replace(settings, alpha=1.0), vocab)
@@ -205,10 +206,9 @@ class OnPolicy:
     def complete(self, student: PreTrainedModel, batch: Batch) -> Batch | None:
         """The student's sampled completions of the batch's prompts, as a batch whose labels mark
         the generated tokens only (the prompt, and so the reference answer, is never scored)."""
-        rows = [e for e in batch.example_ids.tolist() if self.split.prompt(e)]
-        if not rows:
+        prompts = [prompt for e in batch.example_ids.tolist() if (prompt := self.split.prompt(e))]
+        if not prompts:
             return None
-        prompts = [self.split.prompt(e) for e in rows]
         started = time.perf_counter()
         generated = generate(
             student, prompts, pad_id=self.pad_id, eos_id=self.eos_id, max_new_tokens=self.max_new_tokens,
@@ -221,7 +221,7 @@ class OnPolicy:
             tuple(tuple(p) + tuple(g) for p, g in zip(prompts, generated)),
             tuple((IGNORE_INDEX,) * len(p) + tuple(g) for p, g in zip(prompts, generated)),
         )
-        return collate(split, list(range(len(rows))), pad_id=self.pad_id).to(batch.input_ids.device)
+        return collate(split, list(range(len(prompts))), pad_id=self.pad_id).to(batch.input_ids.device)
 
 
 def endless_batches(split: TokenizedSplit, settings: DistillSettings, *, pad_id: int) -> Iterator[Batch]:

@@ -243,10 +243,7 @@ def locate(spec: ModelConfig, study: StudyConfig) -> ModelConfig:
     model card when it saves a model)."""
     if spec.name.startswith(demo.PREFIX):
         return dataclasses.replace(spec, name=demo.location(spec.name))
-    location = study.resolve_path(spec.name)
-    if Path(location).expanduser().exists():
-        location = str(Path(location).expanduser().resolve())
-    return dataclasses.replace(spec, name=location)
+    return dataclasses.replace(spec, name=study.resolve_path(spec.name))
 
 
 @dataclass(frozen=True)

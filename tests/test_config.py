@@ -138,3 +138,13 @@ def test_relative_paths_resolve_from_the_study_folder(tmp_path):
     study = load_study(write(tmp_path, MINIMAL))
     assert study.resolve_path("rows.jsonl") == str(tmp_path / "rows.jsonl")
     assert study.resolve_path("org/name") == "org/name"
+
+
+def test_a_study_loaded_by_a_relative_path_names_its_files_absolutely(tmp_path, monkeypatch):
+    """What a trial records (its rerun file, its dataset input) reads the same from anywhere."""
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "rows.jsonl").write_text("{}\n")
+    write(tmp_path / "studies", MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    study = load_study(Path("studies") / "study.yaml")
+    assert study.resolve_path("rows.jsonl") == str(tmp_path / "studies" / "rows.jsonl")

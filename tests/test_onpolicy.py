@@ -104,6 +104,18 @@ def test_the_divergence_sees_only_generated_tokens_and_the_ce_the_references(set
     assert policy.generated_tokens == int(kept.sum()) and policy.batches == 1
 
 
+def test_a_micro_batch_without_prompts_keeps_the_ce_at_its_weight(setup, tiny_models, monkeypatch):
+    """No row to complete: no divergence term, and the cross-entropy weighs 1 - alpha, as in
+    every other on-policy micro-batch (not 1)."""
+    _, _, vocab, split = setup
+    monkeypatch.setattr(type(split), "prompt", lambda self, e: ())
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    policy = on_policy(setup)
+    result = policy.loss(student, first_batch(setup), settings(alpha=0.75), vocab, autocast=contextlib.nullcontext)
+    assert float(result.loss) == pytest.approx(0.25 * float(result.ce), rel=1e-6)
+    assert float(result.kl) == 0 and policy.batches == 0
+
+
 def test_a_trial_with_lmbda_is_reproducible_on_the_cpu(setup, tiny_models):
     tokenizer, teacher, vocab, split = setup
 

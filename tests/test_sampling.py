@@ -9,7 +9,7 @@ import pytest
 
 from kdsweep.config import load_study
 from kdsweep.names import Group, TrialAttr
-from kdsweep.sampling import GroupedSampler, SeedCheckAwarePruner, baseline_trials, suggest
+from kdsweep.sampling import GroupedSampler, SeedCheckAwarePruner, baseline_trials, make_pruner, suggest
 from kdsweep.storage import best_trial, ranked_trials
 
 STUDY = """
@@ -111,6 +111,19 @@ def test_seed_check_trials_are_never_pruned_nor_compared_with():
     trial = optuna_study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     trial.report(1.0, step=1)
     assert trial.should_prune() and inner.shown == [[0, 2]]  # the re-run (1) is not compared with
+
+
+def test_hyperband_is_the_studys_pruner_so_the_sampler_sees_one_bracket(tmp_path):
+    """Optuna finds a HyperbandPruner by its type to give the sampler one bracket's trials: the
+    study's pruner must be one, not a wrapper around it."""
+    from optuna.pruners import _filter_study
+
+    path = tmp_path / "s.yaml"
+    path.write_text(STUDY.format(objective="student_ppl") + "pruner: {name: hyperband}\ntrain: {max_steps: 90, eval_every: 10}\n")
+    optuna_study = optuna.create_study(pruner=make_pruner(load_study(path)))
+    for _ in range(3):
+        optuna_study.tell(optuna_study.ask(), 1.0)
+    assert _filter_study(optuna_study, optuna_study.ask()) is not optuna_study
 
 
 @pytest.mark.parametrize("objective, direction", [("student_ppl", "minimize"), ("ppl_ratio", "minimize"), ("exact_match", "maximize"), ("rouge_l", "maximize")])

@@ -162,7 +162,7 @@ class ReportData:
 
 
 # Settings the reproduce command sets itself, or that do not change what a trial computes.
-_NOT_REPRODUCED = ("name", "n_trials", "baselines", "search", "storage", "tracking", "sampler", "pruner", "report_top_n", "save_best")
+_NOT_REPRODUCED = ("name", "n_trials", "baselines", "confirm", "search", "storage", "tracking", "sampler", "pruner", "report_top_n", "save_best")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

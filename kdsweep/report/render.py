@@ -201,13 +201,8 @@ def best_config_yaml(data: ReportData, best) -> str:
 def reproduce_command(data: ReportData, best) -> str:
     """``kdsweep run`` with every setting of the best trial fixed, as a new one-trial study."""
     study = data.study
-    settings = {
-        "name": f"{study.name}-trial{best.number}",
-        "n_trials": 1,
-        "baselines": [],
-        **{f"search.{p.name}": plain_value(getattr(best, p.name)) for p in columns(study.search)},
-        **data.changed_settings(),
-    }
+    params = {p.name: plain_value(getattr(best, p.name)) for p in columns(study.search)}
+    settings = {**study.rerun_settings(best.number, params), **data.changed_settings()}
     args = [f"--set {shlex.quote(f'{key}={set_text(value)}')}" for key, value in settings.items()]
     return " \\\n    ".join([f"kdsweep run {shlex.quote(data.study_file)}", *args])
 
