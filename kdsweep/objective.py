@@ -124,11 +124,12 @@ class Objective:
         for key, metric in result.final_eval.items():
             trial.set_user_attr(key, metric)
         # save_best: a trial better than every complete one so far logs its student as a model.
-        best = best_trial(trial.study)
-        if student is not None and (best is None or better(self.study.direction, value, best.value)):
+        best = best_trial(trial.study) if student is not None else None  # read only with save_best
+        saved = student is not None and (best is None or better(self.study.direction, value, best.value))
+        if saved:
             run.log_model(student, self.workspace.tokenizer)
         run.finish(result, objective=value)
-        if student is not None:
+        if saved:
             self.tracker.keep_best_model()
         return value
 

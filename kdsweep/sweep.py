@@ -231,8 +231,9 @@ def seed_check_jobs(optuna_study: optuna.Study, study: StudyConfig) -> list[tupl
 def seed_check_done(optuna_study: optuna.Study, study: StudyConfig) -> bool:
     if not study.confirm.top:
         return True
-    jobs = optuna_study.user_attrs.get(StudyAttr.CONFIRM_JOBS)
-    return jobs is not None and all(_job_key(*job) in optuna_study.user_attrs for job in jobs)
+    attrs = optuna_study.user_attrs  # a storage read, and a copy, each time it is asked
+    jobs = attrs.get(StudyAttr.CONFIRM_JOBS)
+    return jobs is not None and all(_job_key(*job) in attrs for job in jobs)
 
 
 def run_seed_check(

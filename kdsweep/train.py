@@ -107,7 +107,6 @@ def distill(
     student.train()
     for step in range(1, cfg.max_steps + 1):
         generating = on_policy is not None and settings.alpha > 0 and coin.random() < settings.lmbda
-        step_loss = torch.zeros((), device=device)
         for _ in range(cfg.grad_accum_steps):
             batch = next(batches)
             window.tokens += int(batch.attention_mask.sum())
@@ -120,10 +119,10 @@ def distill(
                     result = batch_loss(student, batch, targets, settings, vocab)
             scaler.scale(result.loss / cfg.grad_accum_steps).backward()
             window.add(result, cfg.grad_accum_steps)
-            step_loss += result.loss.detach()
-        # One device sync a step, so that a diverged trial stops at once rather than at its next log.
-        if not torch.isfinite(step_loss):
-            raise TrainingDiverged(f"the training loss is {float(step_loss)} at step {step}")
+        # One device sync a step, so that a diverged trial stops at once rather than at its next
+        # log. The window's sum was finite before this step: it is not now only if this step's is not.
+        if not torch.isfinite(window.loss):
+            raise TrainingDiverged(f"the training loss is {float(window.loss)} at step {step}")
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
         scaler.step(optimizer)
@@ -274,8 +273,8 @@ def peak_memory(device: torch.device) -> int:
 
 
 class _Window:
-    """Sums over the steps since the last log. Kept as tensors: reading them syncs the GPU,
-    so that happens once per log, not once per step."""
+    """Sums over the steps since the last log. Kept as tensors: reading them syncs the GPU, so
+    that happens once per log (and once per step for the loop's finite-loss check)."""
 
     def __init__(self, on_policy: OnPolicy | None = None):
         self._reset()

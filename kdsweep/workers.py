@@ -43,12 +43,12 @@ def fail_dead_trials(optuna_study: optuna.Study) -> list[tuple[FrozenTrial, str]
     Returns the failed trials with the reason recorded on them.
     """
     failed = []
+    me = this_worker()
     for trial in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(TrialAttr.WORKER)
         if not worker or not is_gone(worker):
             continue
         # Of several workers starting together, one claims the dead trial (compare-and-set).
-        me = this_worker()
         if set_user_attr_once(optuna_study, f"{StudyAttr.RECOVERED_PREFIX}{trial.number}", me) != me:
             continue
         retry_once(optuna_study, trial)  # its params and user attrs, into a waiting trial

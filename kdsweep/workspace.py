@@ -171,19 +171,19 @@ def prepare(study: StudyConfig, *, progress: SweepProgress) -> Workspace:
         group_by_length=True,
     )
     if cached_top_ks(study):
-        train_cache, eval_cache = _teacher_caches(study, inputs, progress)
+        train_cache, eval_cache, loaded = _teacher_caches(study, inputs, progress, keep=on_policy_possible(study))
         teacher = train_cache
         eval_set = _cached_eval_set(eval_cache, eval_batches, inputs.device)
     else:
         progress.message(f"loading the teacher {study.teacher.name}")
-        teacher = OnlineTeacher(models.load_model("teacher", inputs.teacher, inputs.device), inputs.vocab)
+        teacher = loaded = OnlineTeacher(models.load_model("teacher", inputs.teacher, inputs.device), inputs.vocab)
         progress.message("scoring the teacher on the eval tokens")
         eval_set = prepare_eval_set(teacher, eval_batches, chunk_tokens=study.train.loss_chunk_tokens)
     if study.eval.accuracy:
         eval_set = dataclasses.replace(eval_set, answers=Answers.of(inputs.eval_split, inputs.tokenizer, study.eval))
     return Workspace(
         study, inputs.teacher, inputs.student, inputs.device, inputs.tokenizer, inputs.vocab, inputs.train_split,
-        eval_set, teacher, progress, online_teacher=_online_teacher(study, inputs, teacher, progress),
+        eval_set, teacher, progress, online_teacher=_online_teacher(study, inputs, loaded, progress),
     )
 
 
@@ -192,13 +192,14 @@ def on_policy_possible(study: StudyConfig) -> bool:
     return space.may_be_positive(study.search, study.baselines, "lmbda")
 
 
-def _online_teacher(study: StudyConfig, inputs: _Inputs, teacher, progress: SweepProgress) -> OnlineTeacher | None:
+def _online_teacher(study: StudyConfig, inputs: _Inputs, loaded: OnlineTeacher | None, progress: SweepProgress) -> OnlineTeacher | None:
     """The teacher's weights, kept loaded beside its cache only when a trial may be on-policy:
-    generated tokens are new, the cache cannot hold them. Other studies never load them again."""
+    generated tokens are new, the cache cannot hold them. Other studies never load them again.
+    ``loaded``: the teacher this worker already loaded, if any."""
     if not on_policy_possible(study):
         return None
-    if isinstance(teacher, OnlineTeacher):
-        return teacher
+    if loaded is not None:
+        return loaded
     progress.message(f"loading the teacher {study.teacher.name} to score on-policy completions")
     return OnlineTeacher(models.load_model("teacher", inputs.teacher, inputs.device), inputs.vocab)
 
@@ -215,7 +216,7 @@ def build_cache(study: StudyConfig) -> Path:
         raise UsageError(f"no teacher cache to build: {reason}; every top_k must be a number for the teacher to run once")
     progress = SweepProgress()
     try:
-        train_cache, _ = _teacher_caches(study, _read_inputs(study, progress), progress)
+        train_cache, _, _ = _teacher_caches(study, _read_inputs(study, progress), progress, keep=False)
     finally:
         progress.close()
     return train_cache.folder
@@ -298,8 +299,11 @@ def _tokenized(study: StudyConfig, split: str, tokenizer) -> TokenizedSplit:
 # ---------------------------------------------------------------- the teacher caches
 
 
-def _teacher_caches(study: StudyConfig, inputs: _Inputs, progress: SweepProgress) -> tuple[CachedTeacher, CachedTeacher]:
-    """The training tokens' top-K cache (K = the largest top_k) and the eval tokens' cache."""
+def _teacher_caches(
+    study: StudyConfig, inputs: _Inputs, progress: SweepProgress, *, keep: bool
+) -> tuple[CachedTeacher, CachedTeacher, OnlineTeacher | None]:
+    """The training tokens' top-K cache (K = the largest top_k), the eval tokens' cache, and the
+    teacher if it was loaded to build them and ``keep`` says so (else its memory is freed)."""
     teacher = _TeacherOnDemand(study, inputs, progress)
     identity = _teacher_identity(study, inputs)
     try:
@@ -321,8 +325,9 @@ def _teacher_caches(study: StudyConfig, inputs: _Inputs, progress: SweepProgress
             progress.message(f"teacher top-{cache.k} cache of {split_name!r}: {verb} {cache.folder} ({cache.rows:,} tokens)")
             caches.append(cache)
     finally:
-        teacher.release()
-    return caches[0], caches[1]
+        if not keep:
+            teacher.release()
+    return caches[0], caches[1], teacher.teacher
 
 
 def _write(teacher: _TeacherOnDemand, split: TokenizedSplit, folder: Path, *, k: int, study: StudyConfig, pad_id: int) -> dict:
@@ -350,8 +355,9 @@ def _data_selection(study: StudyConfig, split_name: str) -> dict:
 
 
 class _TeacherOnDemand:
-    """Loads the teacher the first time a cache must be built, and frees it afterwards: trials
-    reading the cache never need its weights (on a GPU, the 4B teacher's 8 GB)."""
+    """Loads the teacher the first time a cache must be built; freed afterwards unless on-policy
+    trials need it: others, reading the cache, never need its weights (on a GPU, the 4B teacher's
+    8 GB)."""
 
     def __init__(self, study: StudyConfig, inputs: _Inputs, progress: SweepProgress):
         self.study, self.inputs, self.progress = study, inputs, progress

@@ -155,6 +155,14 @@ def test_the_teacher_stays_loaded_only_when_a_trial_may_be_on_policy(tiny_study,
     assert on.teacher is not on.online_teacher  # off-policy steps still read the cache
 
 
+def test_an_on_policy_study_that_builds_its_cache_loads_the_teacher_once(tiny_study, monkeypatch):
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda role, *a, **k: (loads.append(role), real(role, *a, **k))[1])
+    workspace = prepare(load_study(tiny_study, ["search.top_k=[4, 8]", "search.lmbda=[0.0, 0.5]"]), progress=SweepProgress())
+    assert workspace.online_teacher is not None and loads.count("teacher") == 1  # the cache's teacher, kept
+
+
 def test_a_sweep_searches_lmbda(tiny_study):
     overrides = ["--set", "search.top_k=[4, 8]", "--set", "search.lmbda=[0.0, 1.0]", "--set", "train.generation_max_new_tokens=4",
                  "--set", "sampler.name=grid", "--set", "search.alpha=0.5", "--set", "search.temperature=2.0",

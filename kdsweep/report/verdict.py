@@ -12,7 +12,7 @@ import pandas as pd
 
 from kdsweep.report.collect import ReportData
 from kdsweep.report.text import fmt, markdown_table, params_of, pct, points
-from kdsweep.space import SEARCH_SPACE
+from kdsweep.space import BY_NAME
 from kdsweep.space import describe as describe_params
 
 
@@ -22,7 +22,7 @@ def render_verdict(data: ReportData) -> str:
     parts = ["## Verdict", _headline(data)]
     if sentence := seed_check_sentence(data):
         parts.append(f"**Seed check:** {sentence}")
-    parts += [line for p in SEARCH_SPACE if p.quiet_at is not None and (line := _choice(data, p))]
+    parts += [line for name in _CHOICES if (line := _choice(data, BY_NAME[name]))]
     return "\n\n".join(parts)
 
 
@@ -34,7 +34,7 @@ _CHOICES = {
 
 def _choice(data: ReportData, p) -> str | None:
     """Best distilled trial with ``p`` away from its quiet value against the best at it."""
-    if p.name not in _CHOICES or getattr(data.study.search, p.name).is_fixed:
+    if getattr(data.study.search, p.name).is_fixed:
         return None
     distilled = data.ranked[data.ranked.alpha != 0]
     on, off = distilled[distilled[p.name] != p.quiet_at], distilled[distilled[p.name] == p.quiet_at]
@@ -121,8 +121,9 @@ def seed_check(data: ReportData) -> pd.DataFrame:
     their mean and spread (standard deviation and range). Empty without a seed check."""
     reruns = data.reruns[data.reruns.state == "COMPLETE"]
     rows = []
+    by_number = data.trials.set_index("number")
     for number, runs in reruns.groupby("confirms", sort=False):
-        original = data.trials.set_index("number").loc[int(number)]
+        original = by_number.loc[int(number)]
         values = pd.Series([original.value, *runs.sort_values("seed").value], dtype=float)
         rows.append({
             "number": int(number),
