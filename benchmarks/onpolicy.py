@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from rich.console import Console  # noqa: E402
 from kdsweep import models, train  # noqa: E402
 from kdsweep.config import load_study  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
-from kdsweep.space import neutral  # noqa: E402
+from kdsweep.space import BY_NAME, WHOLE_VOCAB, neutral  # noqa: E402
 from kdsweep.teacher import OnlineTeacher  # noqa: E402
 from kdsweep.workspace import prepare  # noqa: E402
 
@@ -75,21 +76,16 @@ def main(argv: list[str] | None = None) -> None:
 
     study = load_study(args.study, [*args.overrides, f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"])
     ws = prepare(study, progress=SweepProgress(Console(stderr=True)))
-    online = OnlineTeacher(models.load_model("teacher", ws.teacher_spec, ws.device), ws.vocab)
-    top_k = min(study.search.top_k.values, key=lambda k: float("inf") if k == "all" else k)
+    if ws.online_teacher is None:  # the study never steps on-policy: load the teacher as if it did
+        ws = dataclasses.replace(ws, online_teacher=OnlineTeacher(models.load_model("teacher", ws.teacher_spec, ws.device), ws.vocab))
+    top_k = min(study.search.top_k.values, key=lambda k: math.inf if k == WHOLE_VOCAB else k)
     base = train.DistillSettings(
-        alpha=0.5, temperature=2.0, top_k=None if top_k == "all" else int(top_k),
+        alpha=0.5, temperature=2.0, top_k=BY_NAME["top_k"].setting(top_k),
         learning_rate=float(neutral(study.search, "learning_rate")), train=study.train,
     )
     results = {}
     for lmbda in LMBDAS:
-        on_policy = None
-        if lmbda > 0:
-            cfg = study.train
-            on_policy = train.OnPolicy(
-                online, ws.train_split, temperature=cfg.generation_temperature, max_new_tokens=cfg.generation_max_new_tokens,
-                pad_id=ws.tokenizer.pad_token_id, eos_id=ws.tokenizer.eos_token_id,
-            )
+        on_policy = ws.on_policy() if lmbda > 0 else None
         results[lmbda] = time_steps(ws, dataclasses.replace(base, lmbda=lmbda), on_policy)
 
     print(f"\n{study.name}: {args.steps} steps of batch {study.train.batch_size} x {study.train.grad_accum_steps} per setting, "

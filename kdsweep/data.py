@@ -216,6 +216,11 @@ def _render(text: str) -> tuple[str, list[tuple[int, int]]]:
     return rendered, spans
 
 
+def answer_text(generated: str) -> str:
+    """The answer in generated text: up to the next turn's marker, stripped."""
+    return _MARKER_PATTERN.split(generated, maxsplit=1)[0].strip()
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokens and labels
 
@@ -282,10 +287,10 @@ def tokenize(texts: list[str], tokenizer: Any, *, max_length: int, assistant_onl
     encoded = tokenizer([text for text, _ in rendered], return_offsets_mapping=True, add_special_tokens=True)
     input_ids, labels, prompt_lengths, answers = [], [], [], []
     for (text, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
-        final_answer = bool(spans and spans[-1][1] == len(text) and spans[-1][0] > 0)
+        ends_answered = bool(spans and spans[-1][1] == len(text))  # the assistant speaks last
+        final_answer = ends_answered and spans[-1][0] > 0
         scored = [not assistant_only or _covers(offset, spans) for offset in offsets]
-        # EOS is scored after a final answer: a span that ends at the end of the text.
-        scored.append(not assistant_only or bool(spans and spans[-1][1] == len(text)))
+        scored.append(not assistant_only or ends_answered)  # EOS is scored after a final answer
         ids = [*ids, tokenizer.eos_token_id][:max_length]
         row_labels = [i if s else IGNORE_INDEX for i, s in zip(ids, scored)]
         if count_scored(row_labels):

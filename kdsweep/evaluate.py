@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdsweep.config import EvalConfig
-from kdsweep.data import Batch, TokenizedSplit
+from kdsweep.data import Batch, TokenizedSplit, answer_text
 from kdsweep.generation import generate
 from kdsweep.losses import distill_loss_from_hidden
 from kdsweep.models import Vocabulary, hidden_states, output_weight
@@ -160,14 +160,6 @@ def accuracy(model: PreTrainedModel, answers: Answers) -> dict[str, float]:
         Metric.EXACT_MATCH: sum(exact_match(p, r) for p, r in pairs) / len(pairs),
         Metric.ROUGE_L: sum(rouge_l(p, r) for p, r in pairs) / len(pairs),
     }
-
-
-_NEXT_TURN = re.compile(r"###\s*(Human|Assistant):")
-
-
-def answer_text(generated: str) -> str:
-    """The answer in generated text: up to the next turn's marker, stripped."""
-    return _NEXT_TURN.split(generated, maxsplit=1)[0].strip()
 
 
 def exact_match(prediction: str, reference: str) -> bool:

@@ -25,7 +25,7 @@ from kdsweep.names import Group, Metric, TrialAttr, better
 from kdsweep.progress import SweepProgress
 from kdsweep.redact import redact
 from kdsweep.sampling import suggest
-from kdsweep.storage import INHERITED_ATTRS, best_trial, group_of
+from kdsweep.storage import best_trial, enqueue_retry, group_of
 from kdsweep.tracking import StudyTracker, TrialRun
 from kdsweep.train import TrainingDiverged
 from kdsweep.workers import this_worker
@@ -149,9 +149,8 @@ class Objective:
         micro, accum = self._batch(trial)
         if micro < 2:
             return  # one row at a time did not fit: nothing smaller to try
-        attrs = {k: v for k, v in trial.user_attrs.items() if k in INHERITED_ATTRS}
-        attrs |= {TrialAttr.MICRO_BATCH: micro // 2, TrialAttr.GRAD_ACCUM: accum * 2, TrialAttr.OOM_RETRY_OF: trial.number}
-        trial.study.enqueue_trial(trial.params, user_attrs=attrs)
+        marks = {TrialAttr.MICRO_BATCH: micro // 2, TrialAttr.GRAD_ACCUM: accum * 2, TrialAttr.OOM_RETRY_OF: trial.number}
+        enqueue_retry(trial.study, trial, marks)
         self.progress.message(f"trial {trial.number} ran out of memory: retried with micro-batch {micro // 2} x {accum * 2}")
 
     def after_trial(self, optuna_study: optuna.Study, trial: FrozenTrial) -> None:

@@ -186,7 +186,7 @@ def finite_top_ks(search: Any, baselines: tuple[dict, ...] = ()) -> list[int]:
 def may_be_positive(search: Any, baselines: tuple[dict, ...], name: str) -> bool:
     """Whether some trial may take ``name`` above 0 (a range, a choice or a baseline)."""
     param: Param = getattr(search, name)
-    values = param.values if param.choices is not None or param.is_fixed else [param.high]
+    values = param.values or [param.high]  # a range has no values: its top
     return any(v > 0 for v in values) or any(b.get(name, 0) > 0 for b in baselines)
 
 

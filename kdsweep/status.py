@@ -11,7 +11,7 @@ from rich.table import Table
 from kdsweep.config import StudyConfig
 from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
 from kdsweep.space import columns, describe
-from kdsweep.storage import best_trial, group_of, load_existing_study, ranked_trials
+from kdsweep.storage import best_trial, group_of, load_existing_study, ranked_trials, retry_of
 
 _STATES = {"COMPLETE": "done", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
@@ -87,9 +87,8 @@ def _note(trial, best) -> str:
     notes = ["best"] if best is not None and trial.number == best.number else []
     if attrs.get(TrialAttr.BASELINE):
         notes.append("baseline")
-    retry_of = attrs.get(TrialAttr.RETRY_OF, attrs.get(TrialAttr.OOM_RETRY_OF))  # the failed trial says why
-    if retry_of is not None:
-        notes.append(f"retry of {retry_of}")
+    if (retried := retry_of(trial)) is not None:
+        notes.append(f"retry of {retried}")  # the failed trial says why
     return ", ".join(notes)
 
 

@@ -46,10 +46,20 @@ def retry_once(optuna_study: optuna.Study, trial: FrozenTrial) -> None:
     parameters were suggested from, and so rejects a baseline's alpha of 0, fixed outside the
     searched range; an enqueued trial takes its values as they are.
     """
-    if TrialAttr.RETRY_OF in trial.user_attrs:
-        return
+    if TrialAttr.RETRY_OF not in trial.user_attrs:
+        enqueue_retry(optuna_study, trial, {TrialAttr.RETRY_OF: trial.number})
+
+
+def enqueue_retry(optuna_study: optuna.Study, trial: FrozenTrial | optuna.Trial, marks: dict) -> None:
+    """Queue ``trial`` to run again: its parameters, what it inherits (`INHERITED_ATTRS`), and
+    ``marks`` (which trial it retries, and how it differs)."""
     attrs = {k: v for k, v in trial.user_attrs.items() if k in INHERITED_ATTRS}
-    optuna_study.enqueue_trial(trial.params, user_attrs=attrs | {TrialAttr.RETRY_OF: trial.number})
+    optuna_study.enqueue_trial(trial.params, user_attrs=attrs | marks)
+
+
+def retry_of(trial: FrozenTrial) -> int | None:
+    """The trial that ``trial`` runs again: one whose worker died, or that ran out of memory."""
+    return trial.user_attrs.get(TrialAttr.RETRY_OF, trial.user_attrs.get(TrialAttr.OOM_RETRY_OF))
 
 
 @contextmanager
@@ -235,8 +245,7 @@ def group_of(trial: FrozenTrial | optuna.Trial) -> str:
 def retried(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of the trials that a later trial retries: a dead worker's or one out of memory.
     They count no longer."""
-    numbers = {t.user_attrs.get(TrialAttr.RETRY_OF) for t in trials} | {t.user_attrs.get(TrialAttr.OOM_RETRY_OF) for t in trials}
-    return numbers - {None}
+    return {retry_of(t) for t in trials} - {None}
 
 
 def ranked_trials(optuna_study: optuna.Study) -> list[FrozenTrial]:

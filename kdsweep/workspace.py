@@ -76,13 +76,14 @@ class Workspace:
             evaluate=self.evaluate,
             on_log=on_log,
             on_eval=on_eval,
-            on_policy=self._on_policy() if settings.lmbda > 0 else None,
+            on_policy=self.on_policy() if settings.lmbda > 0 else None,
         )
         if on_trained is not None:
             on_trained(student)
         return result
 
-    def _on_policy(self) -> train.OnPolicy:
+    def on_policy(self) -> train.OnPolicy:
+        """What a trial's on-policy steps need: the loaded teacher, the prompts, how to sample."""
         cfg = self.study.train
         return train.OnPolicy(
             self.online_teacher, self.train_split, temperature=cfg.generation_temperature,

@@ -21,7 +21,7 @@ from kdsweep.names import MAXIMIZE, Group, Metric, StudyAttr, Tag, TrialAttr
 from kdsweep.paths import store_missing
 from kdsweep.report.text import as_float, finite
 from kdsweep.space import SEARCHED
-from kdsweep.storage import group_of
+from kdsweep.storage import group_of, retry_of
 from kdsweep.tracking import compare_url, run_url, tracking_uri
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `kdsweep ui` serves a local tracking store
@@ -205,10 +205,9 @@ def _trial_row(trial: FrozenTrial | None) -> dict:
         "state": trial.state.name if trial else "",
         "value": trial.value if trial else None,
         "baseline": bool(attrs.get(TrialAttr.BASELINE, False)),
-        "group": attrs.get(TrialAttr.GROUP, Group.SEARCH),
+        "group": group_of(trial) if trial else Group.SEARCH,
         "confirms": attrs.get(TrialAttr.CONFIRMS),
-        # A retry: of a trial whose worker died, or that ran out of memory.
-        "retry_of": next((n for n in (attrs.get(TrialAttr.RETRY_OF), attrs.get(TrialAttr.OOM_RETRY_OF)) if n is not None), None),
+        "retry_of": retry_of(trial) if trial else None,
         "seed": attrs.get(TrialAttr.SEED),
         **{name: params.get(name) for name in SEARCHED},
         "student_ppl": attrs.get(Metric.STUDENT_PPL),
