@@ -14,6 +14,7 @@ problem), :class:`kdsweep.errors.UsageError` for other bad input (a missing mode
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -118,6 +119,10 @@ def quiet_libraries() -> None:
     (credentials included): kdsweep links its runs itself, with passwords masked."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A local student has no hub model card or license, which MLflow warns about on every save;
+    # the system metrics' sampling thread warns about what a CPU or a GPU-less host lacks.
+    for logger in ("mlflow.transformers", "mlflow.system_metrics"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
     datasets.disable_progress_bars()  # "Generating train split" bars, once per split and worker
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

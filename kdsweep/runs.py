@@ -7,13 +7,10 @@ the trial's system metrics and logs the student as an MLflow model.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.metadata
-import logging
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,8 +114,7 @@ class TrialRun:
         does not guess them (it would ask for torchvision).
         """
         requirements = [f"{package}=={version.split('+')[0]}" for package, version in library_versions().items()]
-        # A local student has no hub model card or license; MLflow warns about it on every save.
-        with tempfile.TemporaryDirectory(prefix="kdsweep-model-") as folder, quiet("mlflow.transformers"):
+        with tempfile.TemporaryDirectory(prefix="kdsweep-model-") as folder:
             path = Path(folder) / MODEL_ARTIFACT
             mlflow.transformers.save_model(
                 transformers_model={"model": model, "tokenizer": tokenizer}, path=str(path),
@@ -135,8 +131,7 @@ class TrialRun:
         an interrupted one in the runs list.
         """
         if self.monitor is not None:
-            with quiet("mlflow.system_metrics"):
-                self.monitor.finish()  # its last samples go before the run ends
+            self.monitor.finish()  # its last samples go before the run ends
         tags = {Tag.STATE: state}
         if reason:
             tags[Tag.REASON] = reason.splitlines()[0][:500]
@@ -159,12 +154,11 @@ def system_monitor(client: MlflowClient, run_id: str, *, interval: float, gpu_uu
     NVML lists every GPU of the machine whatever CUDA_VISIBLE_DEVICES says, so the trial's own
     GPU is picked by its UUID; a trial on the CPU logs none.
     """
-    with quiet("mlflow.system_metrics"):
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=client.tracking_uri)
-        for gpus in (m for m in monitor.monitors if isinstance(m, GPUMonitor)):
-            gpus.gpu_handles = [h for h in gpus.gpu_handles if gpu_uuid and gpu_uuid in _nvml_uuid(h)]
-            gpus.num_gpus = len(gpus.gpu_handles)
-        monitor.start()
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=client.tracking_uri)
+    for gpus in (m for m in monitor.monitors if isinstance(m, GPUMonitor)):
+        gpus.gpu_handles = [h for h in gpus.gpu_handles if gpu_uuid and gpu_uuid in _nvml_uuid(h)]
+        gpus.num_gpus = len(gpus.gpu_handles)
+    monitor.start()
     return monitor
 
 
@@ -178,18 +172,6 @@ def _nvml_uuid(handle) -> str:
 def library_versions() -> dict[str, str]:
     """The versions that decide what a trial computes, recorded on every run to rerun it."""
     return {package: importlib.metadata.version(package) for package in ("torch", "transformers")}
-
-
-@contextlib.contextmanager
-def quiet(logger: str) -> Iterator[None]:
-    """Keep a library logger's warnings (not its errors) out of the output."""
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def log_batch(client: MlflowClient, run_id: str, *, params=None, metrics=None, tags=None, step: int = 0) -> None:
