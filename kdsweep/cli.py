@@ -138,7 +138,7 @@ def _run_here(study: StudyConfig, args) -> int:
     """One worker, in this process (a launched worker too: the launcher prints the summary)."""
     from kdsweep import api, launch  # torch, transformers, Optuna and MLflow load here
 
-    launched = launch.worker_setup()
+    launched = launch.is_worker()
     summary = api.run_study(study, n_trials=args.n_trials, timeout=args.timeout, report=not args.no_report)
     if not launched:
         _print_outcome(study, summary.best_trial, summary.report)

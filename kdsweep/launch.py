@@ -48,7 +48,6 @@ from kdsweep.errors import UsageError
 from kdsweep.storage import FINISHED_STATES, best_trial, check_storage, load_existing_study
 
 WORKER_ENV = "KDSWEEP_WORKER"  # set in a worker: its name (w0, w1, ...); it leaves the summary to the launcher
-THREADS_ENV = "KDSWEEP_THREADS"  # set in a worker: the torch threads it may use
 STOP_GRACE_SECONDS = 60.0  # after Ctrl-C, how long workers may take to close their trials
 DRAIN_SECONDS = 5.0  # after the last worker exits, how long its last lines may take to arrive
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -159,13 +158,12 @@ def worker_env(name: str, gpu: int | None, threads: int) -> dict[str, str]:
         WORKER_ENV: name,
         # Torch's intra-op pool is as wide as the machine by default: N workers would each start
         # one, and on a CPU run slower together than one alone. Read at torch's import.
-        THREADS_ENV: str(threads),
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",  # lines as they are printed, not in blocks when the buffer fills
         "COLUMNS": "400",  # rich wraps lines at 80 columns in a pipe: one line must stay one line
-        # Bars drawn with carriage returns, N times over, are noise in one shared view.
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        # Bars drawn with carriage returns, N times over, are noise in one shared view (the
+        # datasets library's are off in every kdsweep run: api.quiet_libraries).
         "TQDM_DISABLE": "1",
     }
     if gpu is not None:
@@ -181,13 +179,9 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_setup() -> bool:
-    """In a ``kdsweep run`` process: True when a launcher started it. Takes its share of the CPU
-    threads (``KDSWEEP_THREADS``) explicitly, in case torch was imported before the environment
-    said so."""
-    threads = os.environ.get(THREADS_ENV)
-    if threads:
-        torch.set_num_threads(int(threads))
+def is_worker() -> bool:
+    """In a ``kdsweep run`` process: True when a launcher started it (its environment already
+    sized torch's threads to its share of the CPU)."""
     return bool(os.environ.get(WORKER_ENV))
 
 
