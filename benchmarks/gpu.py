@@ -143,7 +143,8 @@ def synthetic_split(rows: int, seq: int, vocab: int, *, seed: int = 0) -> Tokeni
         ids = tuple(rng.randrange(vocab) for _ in range(seq))
         input_ids.append(ids)
         labels.append((IGNORE_INDEX,) * prompt + ids[prompt:])
-    return TokenizedSplit(tuple(input_ids), tuple(labels), prompt_lengths=(prompt,) * rows, answers=("",) * rows)
+    prompts = tuple(ids[:prompt] for ids in input_ids)
+    return TokenizedSplit(tuple(input_ids), tuple(labels), prompts=prompts, answers=("",) * rows)
 
 
 def build_model(config: Qwen3Config, device: torch.device, dtype: torch.dtype, *, seed: int) -> Qwen3ForCausalLM:

@@ -39,7 +39,6 @@ from kdsweep import models, train  # noqa: E402
 from kdsweep.config import load_study  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
 from kdsweep.space import BY_NAME, WHOLE_VOCAB, neutral  # noqa: E402
-from kdsweep.teacher import OnlineTeacher  # noqa: E402
 from kdsweep.workspace import prepare  # noqa: E402
 
 LMBDAS = (0.0, 0.5, 1.0)
@@ -74,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    study = load_study(args.study, [*args.overrides, f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"])
+    # A study that may step on-policy: the workspace loads the teacher and keeps the rows' prompts.
+    on_policy_study = [f"search.lmbda=[{', '.join(map(str, LMBDAS))}]", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"]
+    study = load_study(args.study, [*args.overrides, *on_policy_study])
     ws = prepare(study, progress=SweepProgress(Console(stderr=True)))
-    if ws.online_teacher is None:  # the study never steps on-policy: load the teacher as if it did
-        ws = dataclasses.replace(ws, online_teacher=OnlineTeacher(models.load_model("teacher", ws.teacher_spec, ws.device), ws.vocab))
     top_k = min(study.search.top_k.values, key=lambda k: math.inf if k == WHOLE_VOCAB else k)
     base = train.DistillSettings(
         alpha=0.5, temperature=2.0, top_k=BY_NAME["top_k"].setting(top_k),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import jinja2
 import yaml
 
 from kdsweep.errors import StudyError
@@ -27,6 +28,7 @@ from kdsweep.space import Param, SearchConfig, search_problems
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "sharegpt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _INVALID = object()  # what a value of the wrong type becomes while the file is read
 
@@ -42,14 +44,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the rows come from and how they become tokens."""
+    """Where the rows come from, what shape they have, and how they become tokens."""
 
     dataset: str = ""  # hub id, or a local file (jsonl/json/parquet/csv) or folder of them
     train_split: str = "train"
     eval_split: str = "test"
-    text_field: str = "text"
+    # auto: decided by the columns, as TRL does (messages, prompt + completion, conversations, else
+    # text_field); or text, messages, prompt_completion, sharegpt
+    format: str = "auto"
+    text_field: str = "text"  # text rows: guanaco's ### Human: / ### Assistant: turns, or plain text
+    messages_field: str = "messages"  # conversations of {role, content}; roles system, user, assistant
+    prompt_field: str = "prompt"  # prompt-completion rows: both text, or both lists of {role, content}
+    completion_field: str = "completion"
+    conversations_field: str = "conversations"  # ShareGPT: {from, value} turns (human, gpt, system)
+    chat_template: str | None = None  # a Jinja chat template, or a file holding one; default: the student tokenizer's
+    chat_template_kwargs: dict = field(default_factory=dict)  # passed to the template, e.g. {enable_thinking: false}
     max_length: int = 512
-    assistant_only: bool = True  # score only the assistant's tokens (the answers)
+    assistant_only: bool = True  # score only the answers (each with the token that ends it)
     group_by_length: bool = True  # batch rows of similar length so little compute goes to padding
 
 
@@ -297,6 +308,8 @@ def _coerce(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
             return value
         if typing.get_origin(option) is tuple and isinstance(value, list):
             return tuple(value)
+        if option is dict and isinstance(value, dict):
+            return value
     names = " or ".join(_type_name(o) for o in options if o is not type(None))
     problems.append(f"{where}: must be {names}, got {value!r}")
     return _INVALID
@@ -345,6 +358,7 @@ def validate(study: StudyConfig) -> list[str]:
         need(model.dtype in DTYPES, f"{role}.dtype", f"must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
     need(bool(study.data.dataset), "data.dataset", "must be set (a hub id, a local file or folder, or demo)")
     need(study.data.max_length >= 2, "data.max_length", f"must be >= 2, got {study.data.max_length}")
+    problems += _validate_data(study)
     problems += _validate_train(study.train)
     problems += _validate_eval(study)
     problems += search_problems(study.search, study.baselines, sampler=study.sampler.name)
@@ -356,6 +370,36 @@ def validate(study: StudyConfig) -> list[str]:
     need(study.tracking.system_metrics_interval > 0, "tracking.system_metrics_interval",
          f"must be > 0 seconds, got {study.tracking.system_metrics_interval}")
     return problems
+
+
+def _validate_data(study: StudyConfig) -> list[str]:
+    data = study.data
+    if data.format not in DATA_FORMATS:
+        return [f"data.format: must be one of {', '.join(DATA_FORMATS)}, got {data.format!r}"]
+    if data.chat_template is None:
+        return []
+    try:
+        template = read_chat_template(data.chat_template, study.base_dir)
+    except OSError as exc:
+        return [
+            f"data.chat_template: no such file {data.chat_template!r} ({exc.strerror or exc}); give a Jinja template "
+            "inline (it holds {{ or {%) or the path of a file holding one (relative to the study file)"
+        ]
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        return [f"data.chat_template: not a valid Jinja template (line {exc.lineno}: {exc.message}); fix it"]
+    return []
+
+
+def read_chat_template(value: str, base_dir: str = ".") -> str:
+    """The Jinja text of ``data.chat_template``: given inline (it holds ``{{`` or ``{%``), or the
+    file it names (a relative path beside the study file, else from the current folder)."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    beside_study = Path(base_dir) / path
+    return (beside_study if not path.is_absolute() and beside_study.exists() else path).read_text()
 
 
 def _validate_eval(study: StudyConfig) -> list[str]:
@@ -424,4 +468,4 @@ def _is_union(hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return "a list"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(hint, str(hint))

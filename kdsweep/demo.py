@@ -1,13 +1,14 @@
-"""The embedded default: generated conversations, a Qwen-like tokenizer and tiny Qwen3 models.
+"""The embedded default: generated conversations, a Qwen-like chat tokenizer and tiny Qwen3 models.
 
 The demo study runs the real code offline on a laptop CPU, and shows what distillation is for: a
 teacher that knows more than the student's data. Everything is generated here, deterministically:
-guanaco-format "name a ..." conversations with several right answers per question; a corpus of
-20,000 of them on which the teacher (~660K parameters) is trained once and cached, as a
+"name a ..." conversations (``messages`` rows) with several right answers per question; a corpus
+of 20,000 of them on which the teacher (~660K parameters) is trained once and cached, as a
 pretrained teacher would be; the 200-row train split and 1,000 held-out rows the study's students
 (~80K parameters) see (shipped in ``studies/data/picks``); and a byte-level BPE tokenizer built
-from the corpus. Models and tokenizer are saved under :func:`demo_dir`; a study names them
-``demo:teacher`` and ``demo:student``.
+from the corpus with Qwen's ChatML chat template (``<|im_start|>`` and ``<|im_end|>`` special
+tokens), through which the rows are rendered, as a Qwen model's are. Models and tokenizer are
+saved under :func:`demo_dir`; a study names them ``demo:teacher`` and ``demo:student``.
 """
 
 from __future__ import annotations
@@ -24,15 +25,25 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from kdsweep import train
 from kdsweep.config import TrainConfig
-from kdsweep.data import make_batches, tokenize
+from kdsweep.data import ChatTemplate, Conversation, make_batches, tokenize
 from kdsweep.evaluate import score
 from kdsweep.models import Vocabulary
 from kdsweep.paths import atomic_folder, cache_dir
 
 PREFIX = "demo:"  # a study's teacher or student named demo:teacher / demo:student
 EOS_TOKEN = "<|endoftext|>"  # Qwen's end-of-text token, also its padding token
-EOS_TOKEN_ID = 0  # build_tokenizer gives the special token the first id
-MAX_VOCAB_SIZE = 2048  # bytes + the special token + merges; on the demo corpus the merges run out first
+EOS_TOKEN_ID = 0  # build_tokenizer gives the special tokens the first ids, in this order
+TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"  # ChatML's, as Qwen's chat template writes them
+SPECIAL_TOKENS = (EOS_TOKEN, TURN_START, TURN_END)
+MAX_VOCAB_SIZE = 2048  # bytes + the special tokens + merges; on the demo corpus the merges run out first
+# Qwen's chat template in its plainest form (no tools, no thinking): each turn between <|im_start|>
+# and <|im_end|>, and the generation prompt that opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 # Qwen2/Qwen3's pre-tokenizer pattern: digits stand alone, so numbers are read digit by digit.
 _QWEN_PATTERN = (
@@ -129,25 +140,39 @@ TEST_ROWS, TEST_SEED = 1_000, 1  # held out from both the corpus and the train s
 TRAIN_ROWS, TRAIN_SEED = 200, 2  # the study's students train on these (about 6 answers per category)
 
 
-def generate_rows(n: int, *, seed: int) -> list[str]:
+Messages = list[dict[str, str]]  # a conversation as a messages row holds it: {role, content} turns
+
+
+def generate_conversations(n: int, *, seed: int) -> list[Messages]:
     """``n`` conversations of two "name a ..." exchanges, the same for the same ``seed``.
 
     Example:
-        >>> generate_rows(1, seed=0)[0]  # doctest: +SKIP
-        '### Human: Tell me a berry.### Assistant: blueberry### Human: Name a city.### Assistant: Paris'
+        >>> generate_conversations(1, seed=0)[0]  # doctest: +SKIP
+        [{'role': 'user', 'content': 'Tell me a berry.'}, {'role': 'assistant', 'content': 'blueberry'}, ...]
     """
     rng = random.Random(seed)
     names = list(CATEGORIES)
-    rows = []
+    conversations = []
     for _ in range(n):
-        text = ""
+        messages = []
         for category in rng.sample(names, TURNS):
             members = answers(category)
             answer = rng.choices(members, weights=[1 / rank for rank in range(1, len(members) + 1)])[0]
             question = rng.choice(_QUESTIONS).format(a="an" if category[0] in "aeiou" else "a", c=category)
-            text += f"### Human: {question}### Assistant: {answer}"
-        rows.append(text)
-    return rows
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        conversations.append(messages)
+    return conversations
+
+
+def guanaco_text(messages: Messages) -> str:
+    """The conversation as a guanaco text row: ``### Human: ...### Assistant: ...``."""
+    markers = {"user": "### Human: ", "assistant": "### Assistant: "}
+    return "".join(markers[m["role"]] + m["content"] for m in messages)
+
+
+def chatml(messages: Messages) -> str:
+    """The conversation as :data:`CHAT_TEMPLATE` renders it."""
+    return "".join(f"{TURN_START}{m['role']}\n{m['content']}{TURN_END}\n" for m in messages)
 
 
 def answers(category: str) -> list[str]:
@@ -155,43 +180,45 @@ def answers(category: str) -> list[str]:
     return CATEGORIES[category].split(", ")
 
 
-def splits() -> tuple[list[str], list[str], list[str]]:
+def splits() -> tuple[list[Messages], list[Messages], list[Messages]]:
     """The teacher's corpus, the students' train split and the held-out test split.
 
     Test rows are distinct, and none of them is in the corpus or the train split: evaluation
     measures what was learned about the categories, not memory of rows.
     """
-    test = list(dict.fromkeys(generate_rows(2 * TEST_ROWS, seed=TEST_SEED)))[:TEST_ROWS]
-    held_out = set(test)
-    corpus = [row for row in generate_rows(CORPUS_ROWS, seed=CORPUS_SEED) if row not in held_out]
-    train = [row for row in generate_rows(2 * TRAIN_ROWS, seed=TRAIN_SEED) if row not in held_out][:TRAIN_ROWS]
+    test = list({_key(c): c for c in generate_conversations(2 * TEST_ROWS, seed=TEST_SEED)}.values())[:TEST_ROWS]
+    held_out = {_key(c) for c in test}
+    corpus = [c for c in generate_conversations(CORPUS_ROWS, seed=CORPUS_SEED) if _key(c) not in held_out]
+    train = [c for c in generate_conversations(2 * TRAIN_ROWS, seed=TRAIN_SEED) if _key(c) not in held_out][:TRAIN_ROWS]
     return corpus, train, test
 
 
+def _key(messages: Messages) -> str:
+    return json.dumps(messages)
+
+
 def write_demo_data(folder: str | Path) -> None:
-    """Write the students' ``train.jsonl`` and the held-out ``test.jsonl`` (a ``text`` field per
-    row) into ``folder``: what ``studies/data/picks`` ships."""
+    """Write the students' ``train.jsonl`` and the held-out ``test.jsonl`` (a ``messages`` field
+    per row) into ``folder``: what ``studies/data/picks`` ships."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _, train, test = splits()
-    _write_jsonl(folder / "train.jsonl", train)
-    _write_jsonl(folder / "test.jsonl", test)
-
-
-def _write_jsonl(path: Path, texts: list[str]) -> None:
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+        (folder / name).write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in rows))
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 
 
-def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts``, built the way Qwen's is.
+def build_tokenizer(conversations: list[Messages]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``conversations`` as the chat template renders them,
+    built the way Qwen's is.
 
     Bytes as the base alphabet (any text encodes, nothing is unknown), Qwen's pre-tokenizer
-    pattern (digits one by one), no BOS token, and ``<|endoftext|>`` as both EOS and padding token
-    as in Qwen: the case where masking by token id would wrongly drop every real EOS.
+    pattern (digits one by one), no BOS token, ``<|endoftext|>`` as both EOS and padding token as
+    in Qwen (the case where masking by token id would wrongly drop every real EOS), and ChatML's
+    ``<|im_start|>`` and ``<|im_end|>`` as special tokens, the second closing every turn.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -202,12 +229,15 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=MAX_VOCAB_SIZE,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    tokenizer.train_from_iterator((chatml(c) for c in conversations), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        extra_special_tokens=[TURN_START, TURN_END], chat_template=CHAT_TEMPLATE,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +279,7 @@ def _config(vocab_size: int, *, eos_token_id: int, **shape: int) -> Qwen3Config:
 # ---------------------------------------------------------------- the demo's models, built once
 
 # Bump when the demo data, tokenizer, configs or teacher training change: it names the cache.
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 TEACHER_TRAINING = {"max_steps": 500, "batch_size": 32, "learning_rate": 3e-3, "eval_every": 250}
 
 
@@ -291,11 +321,13 @@ def _build_models(root: Path, folders: dict[str, Path]) -> None:
             tokenizer.save_pretrained(staging)
 
 
-def _train_teacher(teacher, tokenizer, corpus: list[str], test: list[str], console) -> None:
-    """Plain next-token training (alpha 0) with kdsweep's own loop, on the whole corpus."""
+def _train_teacher(teacher, tokenizer, corpus: list[Messages], test: list[Messages], console) -> None:
+    """Plain next-token training (alpha 0) with kdsweep's own loop, on the whole corpus rendered
+    through the chat template, questions included."""
     cfg = TEACHER_TRAINING
-    split = tokenize(corpus, tokenizer, max_length=64, assistant_only=False)
-    test_rows = tokenize(test[:256], tokenizer, max_length=64, assistant_only=False)
+    chat = ChatTemplate(tokenizer, tokenizer.chat_template)
+    split = tokenize(_conversations(corpus), tokenizer, max_length=64, assistant_only=False, chat=chat)
+    test_rows = tokenize(_conversations(test[:256]), tokenizer, max_length=64, assistant_only=False, chat=chat)
     held_out = make_batches(test_rows, batch_size=64, pad_id=tokenizer.pad_token_id, shuffle_seed=None, group_by_length=True)
     vocab = Vocabulary(size=len(tokenizer), teacher_rows=len(tokenizer), student_rows=len(tokenizer))
     settings = train.DistillSettings(
@@ -316,6 +348,10 @@ def _train_teacher(teacher, tokenizer, corpus: list[str], test: list[str], conso
         on_log=lambda log: console.print(f"  teacher step {log.step}/{cfg['max_steps']}: loss {log.loss:.3f}"),
         on_eval=lambda step, m: console.print(f"  teacher step {step}: held-out perplexity {m['ppl']:.2f}"),
     )
+
+
+def _conversations(rows: list[Messages]) -> list[Conversation]:
+    return [Conversation(tuple((m["role"], m["content"]) for m in messages)) for messages in rows]
 
 
 def _count(model) -> int:

@@ -4,7 +4,8 @@ Perplexity is exp(total NLL / total scored tokens) over the whole eval set, so a
 weighs as many times as it has tokens; teacher and student are scored on the very same tokens.
 
 Accuracy asks the model for each held-out row's final answer: it greedy-decodes from the row's
-prompt (``generation.generate``) and the text, cut at the next turn's marker, is scored against
+prompt (``generation.generate``) until the answer's end (a chat template's end-of-turn, or EOS),
+and the text, cut at a guanaco row's next marker, is scored against
 the reference by exact match (whitespace normalised) and ROUGE-L (the LCS F-measure over
 lower-cased words, as MiniLLM and DistiLLM report it).
 """
@@ -39,12 +40,14 @@ class Answers:
     references: list[str]
     tokenizer: PreTrainedTokenizerBase
     settings: EvalConfig  # how many new tokens, how many prompts at a time
+    stop_id: int  # generation stops at it: the chat template's end-of-turn, or EOS
 
     @staticmethod
     def of(split: TokenizedSplit, tokenizer: PreTrainedTokenizerBase, settings: EvalConfig) -> Answers:
         """The first ``settings.max_rows`` rows of ``split`` that end with an answer."""
         rows = split.answered()[: settings.max_rows]
-        return Answers([split.prompt(e) for e in rows], [split.answers[e] for e in rows], tokenizer, settings)
+        stop_id = tokenizer.eos_token_id if split.stop_id is None else split.stop_id
+        return Answers([split.prompt(e) for e in rows], [split.answers[e] for e in rows], tokenizer, settings, stop_id)
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def accuracy(model: PreTrainedModel, answers: Answers) -> dict[str, float]:
         return {}
     tokenizer, settings = answers.tokenizer, answers.settings
     generated = generate(
-        model, answers.prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+        model, answers.prompts, pad_id=tokenizer.pad_token_id, eos_id=answers.stop_id,
         max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, vocab_size=len(tokenizer),
     )
     predictions = [answer_text(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in generated]

@@ -16,6 +16,7 @@ from kdsweep.config import ModelConfig
 from kdsweep.errors import UsageError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TOKENIZER_FILES = "tokenizer*"  # tokenizer.json, tokenizer_config.json, tokenizer.model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,16 +47,39 @@ def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dty
     return _DTYPES[name]
 
 
-def load_tokenizer(teacher: ModelConfig) -> PreTrainedTokenizerBase:
-    """The teacher's tokenizer tokenizes everything: its ids are what the teacher's logits index."""
+def load_tokenizer(role: str, spec: ModelConfig) -> PreTrainedTokenizerBase:
+    """A model's tokenizer. The student's renders and tokenizes the data; the teacher's must agree
+    with it (``check_same_vocabulary``, and the rows themselves: ``workspace``)."""
+    folder = Path(spec.name)
+    if folder.is_dir() and not any(folder.glob(_TOKENIZER_FILES)):
+        # transformers would make an empty tokenizer of the model's type instead.
+        raise UsageError(
+            f"cannot load the {role}'s tokenizer: {folder} has no tokenizer files (tokenizer.json, tokenizer_config.json); "
+            "save the tokenizer beside the model (tokenizer.save_pretrained)"
+        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(teacher.name, revision=teacher.revision)
+        tokenizer = AutoTokenizer.from_pretrained(spec.name, revision=spec.revision)
     except (OSError, ValueError) as exc:
-        raise _missing("teacher", teacher.name, exc) from exc
+        raise _missing(role, spec.name, exc) from exc
     if tokenizer.pad_token_id is None:
         # Padding is masked by the attention mask, never by id, so any id does as the pad.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+    """Every id the student's tokenizer knows must mean the same token to the teacher's: the
+    teacher's logits are read by the student's ids. (The rows are compared too, once rendered:
+    the same vocabulary can still split text differently.)"""
+    theirs = teacher.get_vocab()
+    for token, index in sorted(student.get_vocab().items(), key=lambda item: item[1]):
+        if theirs.get(token) != index:
+            other = teacher.convert_ids_to_tokens(index) if index < len(teacher) else None
+            raise UsageError(
+                f"teacher and student tokenizers differ: id {index} is {token!r} for the student but "
+                f"{'missing' if other is None else repr(other)} for the teacher ({len(student):,} and {len(teacher):,} tokens); "
+                "distill between models that share one tokenizer (the same family)"
+            )
 
 
 def load_model(role: str, spec: ModelConfig, device: torch.device) -> PreTrainedModel:
@@ -87,14 +111,15 @@ class Vocabulary:
 def shared_vocabulary(tokenizer: PreTrainedTokenizerBase, teacher_rows: int, student_rows: int) -> Vocabulary:
     """Check that teacher and student can be compared token by token.
 
-    Qwen3-4B and Qwen3-0.6B both pad their 151,669 tokens to 151,936 embedding rows; the padding
-    rows are never targets, so scoring on the tokenizer's ids loses nothing.
+    Qwen3-4B and Qwen3-0.6B both pad their 151,669 tokens to 151,936 embedding rows (Qwen2.5-0.5B
+    and 7B pad theirs to 151,936 and 152,064); the padding rows are never targets, so scoring on
+    the tokenizer's ids loses nothing.
     """
     size = len(tokenizer)
     for role, rows in (("teacher", teacher_rows), ("student", student_rows)):
         if rows < size:
             raise UsageError(
-                f"the {role} has {rows} embedding rows but the teacher's tokenizer has {size} tokens: "
+                f"the {role} has {rows} embedding rows but the student's tokenizer has {size} tokens: "
                 "teacher and student must share one tokenizer; pick models of the same family"
             )
     return Vocabulary(size=size, teacher_rows=teacher_rows, student_rows=student_rows)

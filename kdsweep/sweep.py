@@ -166,6 +166,8 @@ def attach_tracking(study: StudyConfig, optuna_study: optuna.Study, workspace: W
 _PARENT_METRICS = (
     StudyAttr.TEACHER_PPL,
     StudyAttr.UNTRAINED_PPL,
+    StudyAttr.TRAIN_SCORED_TOKENS,
+    StudyAttr.EVAL_SCORED_TOKENS,
     StudyAttr.TRAIN_PADDING_SHARE,
     StudyAttr.TEACHER_EXACT_MATCH,
     StudyAttr.TEACHER_ROUGE_L,
@@ -175,7 +177,8 @@ _PARENT_METRICS = (
 
 
 def parent_metrics(attrs: dict) -> dict[str, float]:
-    """The references as the parent run's metrics: perplexities, accuracies, padding, top-k mass."""
+    """The references as the parent run's metrics: perplexities, accuracies, each split's scored
+    tokens, padding, top-k mass."""
     metrics = {key: float(attrs[key]) for key in _PARENT_METRICS if key in attrs}
     masses = attrs.get(StudyAttr.TOPK_MASS, {})
     return metrics | {f"{Metric.TOPK_MASS_PREFIX}{k}": float(mass) for k, mass in masses.items()}

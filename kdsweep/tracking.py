@@ -287,6 +287,7 @@ def fixed_settings(study: StudyConfig) -> dict:
         "dataset": study.data.dataset,
         "train_split": study.data.train_split,
         "eval_split": study.data.eval_split,
+        "data_format": study.data.format,
         "max_length": study.data.max_length,
         "assistant_only": study.data.assistant_only,
         "batch_size": train.batch_size,

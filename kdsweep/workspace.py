@@ -23,10 +23,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdsweep import demo, models, space, train
 from kdsweep.config import ModelConfig, StudyConfig
-from kdsweep.data import TokenizedSplit, load_texts, make_batches, padding_share, tokenize
+from kdsweep.data import (
+    ChatTemplate,
+    Rows,
+    RowError,
+    TokenizedSplit,
+    first_difference,
+    load_split,
+    make_batches,
+    padding_share,
+    read_rows,
+    render,
+    tokenize,
+)
 from kdsweep.errors import UsageError
 from kdsweep.evaluate import EVAL_TOP_K, Answers, EvalSet, accuracy, evaluate_student, prepare_eval_set, score
-from kdsweep.names import Metric, StudyAttr
+from kdsweep.names import ACCURACY_OBJECTIVES, Metric, StudyAttr
 from kdsweep.paths import teacher_cache_dir
 from kdsweep.progress import SweepProgress
 from kdsweep.teacher import (
@@ -88,7 +100,7 @@ class Workspace:
         return train.OnPolicy(
             self.online_teacher, self.train_split, temperature=cfg.generation_temperature,
             max_new_tokens=cfg.generation_max_new_tokens, pad_id=self.tokenizer.pad_token_id,
-            eos_id=self.tokenizer.eos_token_id,
+            eos_id=self.train_split.stop_id,
         )
 
     def evaluate(self, student: PreTrainedModel, step: int) -> dict[str, float]:
@@ -181,11 +193,28 @@ def prepare(study: StudyConfig, *, progress: SweepProgress) -> Workspace:
         progress.message("scoring the teacher on the eval tokens")
         eval_set = prepare_eval_set(teacher, eval_batches, chunk_tokens=study.train.loss_chunk_tokens)
     if study.eval.accuracy:
-        eval_set = dataclasses.replace(eval_set, answers=Answers.of(inputs.eval_split, inputs.tokenizer, study.eval))
+        eval_set = dataclasses.replace(eval_set, answers=_answers(study, inputs, progress))
     return Workspace(
         study, inputs.teacher, inputs.student, inputs.device, inputs.tokenizer, inputs.vocab, inputs.train_split,
         eval_set, teacher, progress, online_teacher=_online_teacher(study, inputs, loaded, progress),
     )
+
+
+def _answers(study: StudyConfig, inputs: _Inputs, progress: SweepProgress) -> Answers | None:
+    """The eval rows whose final answers are decoded; None, with a warning, when no row ends with
+    one (accuracy is then off: there is nothing to ask)."""
+    if inputs.eval_split.answered():
+        return Answers.of(inputs.eval_split, inputs.tokenizer, study.eval)
+    if study.objective in ACCURACY_OBJECTIVES:
+        raise UsageError(
+            f"objective: {study.objective} needs eval rows that end with an answer, and no row of {study.data.eval_split!r} "
+            "does; choose another objective or eval split"
+        )
+    progress.message(
+        f"warning: eval.accuracy: no row of {study.data.eval_split!r} ends with an assistant turn, so there is no answer "
+        "to decode; accuracy is off"
+    )
+    return None
 
 
 def on_policy_possible(study: StudyConfig) -> bool:
@@ -255,22 +284,86 @@ class _Inputs:
     teacher: ModelConfig  # located
     student: ModelConfig
     device: torch.device
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase  # the student's: it renders and tokenizes the data
     vocab: models.Vocabulary
     train_split: TokenizedSplit
     eval_split: TokenizedSplit
+
+
+AGREEMENT_ROWS = 64  # rows of each split that teacher and student must render and tokenize alike
 
 
 def _read_inputs(study: StudyConfig, progress: SweepProgress) -> _Inputs:
     device = models.resolve_device(study.train.device)
     teacher, student = locate(study.teacher, study), locate(study.student, study)
     progress.message(f"loading tokenizer and data for {study.name!r} on {device}")
-    tokenizer = models.load_tokenizer(teacher)
+    tokenizer = models.load_tokenizer("student", student)
+    teacher_tokenizer = models.load_tokenizer("teacher", teacher)
+    models.check_same_vocabulary(tokenizer, teacher_tokenizer)
     vocab = models.check_vocabularies(teacher, student, tokenizer)
     _check_top_k(study, vocab)
-    train_split = _tokenized(study, study.data.train_split, tokenizer)
-    eval_split = _tokenized(study, study.data.eval_split, tokenizer)
+    data = study.data
+    rows = {split: _read_rows(study, split, progress) for split in dict.fromkeys((data.train_split, data.eval_split))}
+    chat = _chat_template(study, rows, tokenizer)
+    _check_teacher_tokens(study, rows, tokenizer, teacher_tokenizer, chat)
+    # The train rows' prompts are read by on-policy steps only; the eval rows' by accuracy.
+    train_split = _tokenized(study, rows[data.train_split], tokenizer, chat, progress, with_prompts=on_policy_possible(study))
+    eval_split = _tokenized(study, rows[data.eval_split], tokenizer, chat, progress, with_prompts=study.eval.accuracy)
     return _Inputs(teacher, student, device, tokenizer, vocab, train_split, eval_split)
+
+
+def _read_rows(study: StudyConfig, split: str, progress: SweepProgress) -> Rows:
+    rows = read_rows(load_split(study.data, split, base_dir=study.base_dir), study.data, split=split)
+    if rows.skipped:
+        progress.message(f"data: left out {rows.skipped} conversations of {split!r} that have no assistant turn")
+    return rows
+
+
+def _chat_template(study: StudyConfig, rows: dict[str, Rows], tokenizer) -> ChatTemplate | None:
+    """The template conversations are rendered with (None for text rows). The splits must share a
+    format. A study's own template goes with the student's tokenizer, so a saved student has it."""
+    formats = {split: r.format for split, r in rows.items()}
+    if len(set(formats.values())) > 1:
+        shown = ", ".join(f"{split!r} as {fmt}" for split, fmt in formats.items())
+        raise UsageError(f"data.format: the splits read as different formats ({shown}); give them the same columns, or set data.format")
+    if not next(iter(rows.values())).conversational:
+        return None
+    chat = ChatTemplate.of(tokenizer, study.data, base_dir=study.base_dir)
+    if study.data.chat_template:
+        tokenizer.chat_template = chat.template
+    return chat
+
+
+def _check_teacher_tokens(study: StudyConfig, rows: dict[str, Rows], tokenizer, teacher_tokenizer, chat: ChatTemplate | None) -> None:
+    """Teacher and student must see the same tokens: render and tokenize the first rows of each
+    split with both (each with its own chat template, unless the study gives one) and compare."""
+    teacher_chat = None
+    if chat is not None:
+        own = None if study.data.chat_template else teacher_tokenizer.chat_template
+        teacher_chat = ChatTemplate(teacher_tokenizer, own or chat.template, study.data.chat_template_kwargs)
+    special = chat is None  # a chat template writes its own special tokens
+    for split, split_rows in rows.items():
+        sample = split_rows.rows[:AGREEMENT_ROWS]
+        try:
+            texts = [[r.text for r in render(sample, t, chat=c)] for t, c in ((tokenizer, chat), (teacher_tokenizer, teacher_chat))]
+        except RowError as exc:
+            raise split_rows.error(exc) from None
+        ours, theirs = (t(x, add_special_tokens=special)["input_ids"] for t, x in zip((tokenizer, teacher_tokenizer), texts))
+        for row, (a, b) in enumerate(zip(ours, theirs)):
+            if (position := first_difference(a, b)) is not None:
+                student_has, teacher_has = _token_at(tokenizer, a, position), _token_at(teacher_tokenizer, b, position)
+                raise split_rows.error(RowError(
+                    row, "tokens",
+                    f"teacher and student tokenize it differently from token {position} on (the student has {student_has}, "
+                    f"the teacher {teacher_has}); distill between models that share one tokenizer and chat template, "
+                    "or set data.chat_template to render for both",
+                ))
+
+
+def _token_at(tokenizer, ids: list[int], position: int) -> str:
+    if position >= len(ids):
+        return "nothing: its tokens end there"
+    return f"{tokenizer.decode([ids[position]])!r} (id {ids[position]})"
 
 
 def _check_top_k(study: StudyConfig, vocab: models.Vocabulary) -> None:
@@ -286,14 +379,24 @@ def _check_top_k(study: StudyConfig, vocab: models.Vocabulary) -> None:
             )
 
 
-def _tokenized(study: StudyConfig, split: str, tokenizer) -> TokenizedSplit:
-    texts = load_texts(study.data, split, base_dir=study.base_dir)
-    tokens = tokenize(texts, tokenizer, max_length=study.data.max_length, assistant_only=study.data.assistant_only)
+def _tokenized(
+    study: StudyConfig, rows: Rows, tokenizer, chat: ChatTemplate | None, progress: SweepProgress, *, with_prompts: bool
+) -> TokenizedSplit:
+    data = study.data
+    try:
+        tokens = tokenize(
+            rows.rows, tokenizer, max_length=data.max_length, assistant_only=data.assistant_only, chat=chat, with_prompts=with_prompts
+        )
+    except RowError as exc:
+        raise rows.error(exc) from None
+    split = rows.place.split
     if len(tokens) == 0:
         raise UsageError(
-            f"data split {split!r} of {study.data.dataset} has no row with a scored token; "
-            "check data.text_field and data.assistant_only"
+            f"{rows.place.key}: no row of {split!r} of {data.dataset} has a scored token within data.max_length "
+            f"({data.max_length}); check data.format, data.assistant_only and data.max_length"
         )
+    if tokens.dropped:
+        progress.message(f"data: {tokens.dropped} rows of {split!r} have no scored token within data.max_length and are left out")
     return tokens
 
 
@@ -349,6 +452,7 @@ def _data_selection(study: StudyConfig, split_name: str) -> dict:
     return {
         "dataset": data.dataset,
         "split": split_name,
+        "format": data.format,
         "text_field": data.text_field,
         "assistant_only": data.assistant_only,
         "max_length": data.max_length,

@@ -39,7 +39,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     root = tmp_path_factory.mktemp("models")
-    tokenizer = demo.build_tokenizer(demo.generate_rows(300, seed=0))
+    tokenizer = demo.build_tokenizer(demo.generate_conversations(300, seed=0))
     shapes = {
         "teacher": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer)),
         "student": dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=len(tokenizer) + 6),
@@ -54,26 +54,40 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
+def conversations(n: int, *, seed: int):
+    """``n`` demo conversations as kdsweep's rows (``data.Conversation``)."""
+    from kdsweep.data import Conversation
+
+    return [Conversation(tuple((m["role"], m["content"]) for m in c)) for c in demo.generate_conversations(n, seed=seed)]
+
+
+def chat_split(tokenizer, n: int, *, seed: int, max_length: int = 64, assistant_only: bool = True):
+    """``n`` demo conversations through the tokenizer's chat template, tokenized."""
+    from kdsweep.data import ChatTemplate, tokenize
+
+    chat = ChatTemplate(tokenizer, tokenizer.chat_template)
+    return tokenize(conversations(n, seed=seed), tokenizer, max_length=max_length, assistant_only=assistant_only, chat=chat)
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tiny_models):
-    """(tokenizer, the frozen teacher, the shared vocabulary, a tokenized split of 48 rows)."""
+    """(tokenizer, the frozen teacher, the shared vocabulary, a tokenized split of 48 conversations)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdsweep.data import tokenize
     from kdsweep.models import shared_vocabulary
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval().requires_grad_(False)
     vocab = shared_vocabulary(tokenizer, teacher.config.vocab_size, teacher.config.vocab_size + 6)
-    split = tokenize(demo.generate_rows(48, seed=3), tokenizer, max_length=48, assistant_only=True)
-    return tokenizer, teacher, vocab, split
+    return tokenizer, teacher, vocab, chat_split(tokenizer, 48, seed=3, max_length=48)
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
+    """A folder of ``messages`` rows: train.jsonl (64) and test.jsonl (16)."""
     folder = tmp_path_factory.mktemp("data")
     for split, (rows, seed) in {"train": (64, 0), "test": (16, 1)}.items():
-        lines = [json.dumps({"text": text}) for text in demo.generate_rows(rows, seed=seed)]
+        lines = [json.dumps({"messages": messages}) for messages in demo.generate_conversations(rows, seed=seed)]
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 

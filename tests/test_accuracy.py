@@ -19,7 +19,11 @@ from kdsweep.generation import generate
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return demo.build_tokenizer(demo.generate_rows(300, seed=0))
+    return demo.build_tokenizer(demo.generate_conversations(300, seed=0))
+
+
+def guanaco_rows(n: int, *, seed: int) -> list[str]:
+    return [demo.guanaco_text(c) for c in demo.generate_conversations(n, seed=seed)]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def test_prompts_end_where_the_final_answer_begins(tokenizer):
     ]
     split = tokenize(rows, tokenizer, max_length=64, assistant_only=True)
     assert split.answered() == [0, 1]
-    assert tokenizer.decode(split.prompt(0)) == "### Human: What is 2 + 3?### Assistant:"
+    assert tokenizer.decode(split.prompt(0)).rstrip() == "### Human: What is 2 + 3?### Assistant:"
     assert split.answers[:2] == ("The answer is 5.", "42")
     for e in (0, 1):  # the prompt is a prefix of the row's own tokens, and the answer is not in it
         assert split.input_ids[e][: len(split.prompt(e))] == split.prompt(e)
@@ -58,7 +62,7 @@ def test_a_truncated_answer_is_not_asked_for(tokenizer):
 
 
 def test_batched_left_padded_decoding_equals_one_prompt_at_a_time(model, tokenizer):
-    split = tokenize(demo.generate_rows(40, seed=5), tokenizer, max_length=64, assistant_only=True)
+    split = tokenize(guanaco_rows(40, seed=5), tokenizer, max_length=64, assistant_only=True)
     prompts = [split.prompt(e) for e in split.answered()]
     assert len({len(p) for p in prompts}) > 3  # lengths differ: batches need padding
     batched = generate(model, prompts, pad_id=0, eos_id=0, max_new_tokens=8, batch_size=16)
@@ -113,7 +117,7 @@ def test_accuracy_scores_what_the_model_says(model, tokenizer, monkeypatch):
 
 
 def test_max_rows_caps_the_rows_decoded(tokenizer):
-    split = tokenize(demo.generate_rows(30, seed=2), tokenizer, max_length=64, assistant_only=True)
+    split = tokenize(guanaco_rows(30, seed=2), tokenizer, max_length=64, assistant_only=True)
     answers = Answers.of(split, tokenizer, EvalConfig(accuracy=True, max_rows=7))
     assert len(answers.prompts) == len(answers.references) == 7
     assert answers.references == [split.answers[e] for e in split.answered()[:7]]

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from kdsweep.cli import main
+from kdsweep.config import load_study
 
 
 def written(folder):
@@ -42,7 +43,7 @@ def test_study_errors_exit_2_one_line_each_and_write_nothing(tiny_study, tmp_pat
         ("teacher.name=/nonexistent/teacher", "cannot load the teacher: no folder /nonexistent/teacher"),
         ("student.name=/nonexistent/student", "cannot load the student: no folder /nonexistent/student"),
         ("data.dataset=/nonexistent/rows.jsonl", "/nonexistent/rows.jsonl"),
-        ("data.text_field=body", "text_field"),
+        ("data.messages_field=body", "data.text_field: dataset"),  # auto finds neither conversations nor text
         ("data.train_split=train[:0]", "data.train_split"),  # empty once the split is applied
         ("search.top_k=[8, 10000000]", "search.top_k: 10000000 is above the vocabulary size"),
     ],
@@ -60,11 +61,26 @@ def test_missing_inputs_exit_2_before_anything_is_written(tiny_study, tmp_path, 
 def test_vocabulary_mismatch_is_a_usage_error(tiny_study, tmp_path, capsys):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from transformers import AutoTokenizer
+
     small = tmp_path / "small-vocab"
     Qwen3ForCausalLM(Qwen3Config(vocab_size=50, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8)).save_pretrained(small)
+    AutoTokenizer.from_pretrained(load_study(tiny_study).teacher.name).save_pretrained(small)
     assert main(["run", str(tiny_study), "--set", f"student.name={small}"]) == 2
     err = capsys.readouterr().err
     assert "the student has 50 embedding rows" in err and "share one tokenizer" in err
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def test_a_model_folder_without_a_tokenizer_is_a_usage_error(tiny_study, tmp_path, capsys):
+    """transformers 5 would make an empty tokenizer (one token) for such a folder."""
+    from transformers import Qwen3ForCausalLM
+
+    bare = tmp_path / "bare"
+    Qwen3ForCausalLM.from_pretrained(load_study(tiny_study).student.name).save_pretrained(bare)
+    assert main(["run", str(tiny_study), "--set", f"student.name={bare}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load the student's tokenizer: {bare} has no tokenizer files" in err
     assert not (tmp_path / "optuna.db").exists()
 
 

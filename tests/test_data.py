@@ -13,10 +13,11 @@ from kdsweep.config import DataConfig
 from kdsweep.data import (
     IGNORE_INDEX,
     TokenizedSplit,
-    load_texts,
+    load_split,
     make_batches,
     padding_share,
     parse_guanaco,
+    read_rows,
     tokenize,
 )
 from kdsweep.errors import UsageError
@@ -24,12 +25,20 @@ from kdsweep.errors import UsageError
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return demo.build_tokenizer(demo.generate_rows(300, seed=0))
+    return demo.build_tokenizer(demo.generate_conversations(300, seed=0))
+
+
+def guanaco_rows(n: int, *, seed: int) -> list[str]:
+    return [demo.guanaco_text(c) for c in demo.generate_conversations(n, seed=seed)]
 
 
 @pytest.fixture(scope="module")
 def demo_split(tokenizer) -> TokenizedSplit:
-    return tokenize(demo.generate_rows(400, seed=5), tokenizer, max_length=64, assistant_only=True)
+    return tokenize(guanaco_rows(400, seed=5), tokenizer, max_length=64, assistant_only=True)
+
+
+def load_texts(data: DataConfig, split: str, *, base_dir: str = ".") -> list:
+    return read_rows(load_split(data, split, base_dir=base_dir), data, split=split).rows
 
 
 def scored_text(tokenizer, ids, labels) -> str:
@@ -110,12 +119,14 @@ def test_plain_rows_are_kept_as_they_are_and_scored_whole(tokenizer):
 
 
 def test_truncation_and_rows_without_scored_tokens_are_dropped(tokenizer):
-    long_answer = "### Human: Tell me a spice.### Assistant:" + " pepper" * 20
+    prompt = "### Human: Tell me a spice.### Assistant:"
+    cut = len(tokenizer(prompt)["input_ids"]) + 5  # five tokens into the answer
+    long_answer = prompt + " pepper" * 20
     long_prompt = "### Human:" + " Tell me a spice." * 20 + "### Assistant: pepper"
     texts = [long_answer, long_prompt, "### Human: no answer"]
-    split = tokenize(texts, tokenizer, max_length=20, assistant_only=True)
+    split = tokenize(texts, tokenizer, max_length=cut, assistant_only=True)
     assert len(split) == 1 and split.dropped == 2
-    assert len(split.input_ids[0]) == 20 == len(split.labels[0])
+    assert len(split.input_ids[0]) == cut == len(split.labels[0])
     assert split.labels[0][-1] != IGNORE_INDEX  # cut inside the answer: the last kept token is scored
 
 
@@ -296,7 +307,7 @@ def test_slice_without_rows(tmp_path):
 
 def test_missing_text_field_lists_the_columns(tmp_path):
     data = DataConfig(dataset=str(write_jsonl(tmp_path / "rows.jsonl", ROWS, field="content")))
-    with pytest.raises(UsageError, match=r"data\.text_field: .*no column 'text' \(columns: content, id\); set data\.text_field"):
+    with pytest.raises(UsageError, match=r"data\.text_field: .*no column 'text' \(columns: content, id\), nor the columns conversations .*; set data\.text_field"):
         load_texts(data, "train")
 
 

@@ -11,13 +11,17 @@ import pytest
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from kdsweep import demo, paths
-from kdsweep.data import parse_guanaco
 
 SHIPPED = Path(__file__).resolve().parents[1] / "studies" / "data" / "picks"
 
 
-def shipped(name: str) -> list[str]:
-    return [json.loads(line)["text"] for line in (SHIPPED / f"{name}.jsonl").read_text().splitlines()]
+def shipped(name: str) -> list[list[dict]]:
+    return [json.loads(line)["messages"] for line in (SHIPPED / f"{name}.jsonl").read_text().splitlines()]
+
+
+def exchanges(messages: list[dict]) -> list[tuple[str, str]]:
+    """(question, answer) pairs of a demo conversation."""
+    return [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +36,14 @@ def tokenizer(splits):
 
 
 def test_generator_is_deterministic():
-    assert demo.generate_rows(50, seed=3) == demo.generate_rows(50, seed=3)
-    assert demo.generate_rows(50, seed=3) != demo.generate_rows(50, seed=4)
+    assert demo.generate_conversations(50, seed=3) == demo.generate_conversations(50, seed=3)
+    assert demo.generate_conversations(50, seed=3) != demo.generate_conversations(50, seed=4)
 
 
 def test_rows_ask_for_a_member_of_a_category_and_answer_with_one():
-    for row in demo.generate_rows(500, seed=0):
-        turns = parse_guanaco(row)
-        assert [speaker for speaker, _ in turns] == ["human", "assistant"] * demo.TURNS
-        for (_, question), (_, answer) in zip(turns[::2], turns[1::2]):
+    for messages in demo.generate_conversations(500, seed=0):
+        assert [m["role"] for m in messages] == ["user", "assistant"] * demo.TURNS
+        for question, answer in exchanges(messages):
             category = max((c for c in demo.CATEGORIES if question.rstrip(".?").endswith(f" {c}")), key=len)
             assert answer in demo.answers(category)
 
@@ -48,8 +51,8 @@ def test_rows_ask_for_a_member_of_a_category_and_answer_with_one():
 def test_answers_are_several_and_the_popular_ones_more_likely():
     """A question has several right answers; the first-listed is the most frequent one."""
     fruit = Counter(
-        answer for row in demo.generate_rows(20_000, seed=5)
-        for (_, question), (_, answer) in zip(parse_guanaco(row)[::2], parse_guanaco(row)[1::2])
+        answer for messages in demo.generate_conversations(20_000, seed=5)
+        for question, answer in exchanges(messages)
         if question.endswith(" fruit.") or question.endswith(" fruit?")
     )
     assert len(fruit) == len(demo.answers("fruit")) >= 4
@@ -67,8 +70,9 @@ def test_held_out_rows_are_in_neither_the_corpus_nor_the_train_split(splits):
     corpus, train, test = splits
     assert (len(train), len(test)) == (demo.TRAIN_ROWS, demo.TEST_ROWS) == (len(shipped("train")), len(shipped("test")))
     assert len(corpus) > 19_900  # the 20,000 generated, less the few equal to a held-out row
-    assert len(set(test)) == len(test)
-    assert not set(test) & set(corpus) and not set(test) & set(train)
+    keys = {name: {json.dumps(c) for c in rows} for name, rows in (("corpus", corpus), ("train", train), ("test", test))}
+    assert len(keys["test"]) == len(test)
+    assert not keys["test"] & keys["corpus"] and not keys["test"] & keys["train"]
 
 
 def test_the_teacher_knows_answers_the_students_data_never_shows(splits):
@@ -77,7 +81,7 @@ def test_the_teacher_knows_answers_the_students_data_never_shows(splits):
     corpus, train, _ = splits
 
     def answers_of(rows):
-        return {answer for row in rows for _, answer in parse_guanaco(row)[1::2]}
+        return {answer for messages in rows for _, answer in exchanges(messages)}
 
     assert len(answers_of(corpus)) > 1.5 * len(answers_of(train))
     assert answers_of(train) <= answers_of(corpus)
@@ -89,23 +93,36 @@ def test_tokenizer_is_qwen_like_and_answers_are_single_tokens(tokenizer, splits)
     assert tokenizer.eos_token_id == tokenizer.pad_token_id == demo.EOS_TOKEN_ID
     assert tokenizer.bos_token is None
     _, train, test = splits
-    lengths = [len(ids) for ids in tokenizer(train + test)["input_ids"]]
-    assert max(lengths) <= 40
-    # Words are one token, or two (" ice cream"); numbers are read digit by digit, as Qwen reads them.
+    lengths = [len(ids) for ids in tokenizer([demo.chatml(c) for c in train + test])["input_ids"]]
+    assert max(lengths) <= 48
+    # Words are one token, or two ("ice cream"); numbers are read digit by digit, as Qwen reads them.
     words = [a for c in demo.CATEGORIES for a in demo.answers(c) if not a.isdigit()]
-    multi = [a for a in words if len(tokenizer(" " + a)["input_ids"]) > 2]
+    multi = [a for a in words if len(tokenizer(a)["input_ids"]) > 2]
     assert len(multi) <= 3, multi
-    text = "### Human: Ünïcode & emoji 🙂?### Assistant: fine."
+    text = "<|im_start|>user\nÜnïcode & emoji 🙂?<|im_end|>\n"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # bytes: nothing is unknown
 
 
+def test_tokenizer_has_qwens_chat_template_and_turn_tokens(tokenizer, splits):
+    """ChatML, as Qwen writes it: <|im_start|> and <|im_end|> are special tokens, one id each,
+    and the template renders a conversation as demo.chatml does."""
+    _, train, _ = splits
+    for token in (demo.TURN_START, demo.TURN_END):
+        assert tokenizer.added_tokens_decoder[tokenizer.convert_tokens_to_ids(token)].special
+        assert len(tokenizer(token)["input_ids"]) == 1
+    assert tokenizer.apply_chat_template(train[0], tokenize=False) == demo.chatml(train[0])
+    prompt = tokenizer.apply_chat_template(train[0][:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == demo.chatml(train[0][:1]) + "<|im_start|>assistant\n"
+
+
 def test_tokenizer_round_trips_through_a_folder(tokenizer, tmp_path):
-    rows = shipped("train")[:20]
+    rows = [demo.chatml(c) for c in shipped("train")[:20]]
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.is_fast
     assert loaded(rows)["input_ids"] == tokenizer(rows)["input_ids"]
     assert (loaded.eos_token_id, loaded.pad_token_id, len(loaded)) == (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer))
+    assert loaded.chat_template == tokenizer.chat_template
 
 
 def count_parameters(config) -> int:

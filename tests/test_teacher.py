@@ -13,12 +13,13 @@ import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from conftest import chat_split
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from kdsweep import demo, models
 from kdsweep.cli import main
 from kdsweep.config import load_study
-from kdsweep.data import load_texts, make_batches, tokenize
+from kdsweep.data import make_batches, tokenize
 from kdsweep.evaluate import score
 from kdsweep.models import Vocabulary
 from kdsweep.names import StudyAttr, TrialAttr
@@ -37,7 +38,7 @@ def tiny(tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
     model = Qwen3ForCausalLM.from_pretrained(tiny_models["teacher"]).eval().requires_grad_(False)
     vocab = Vocabulary(size=len(tokenizer), teacher_rows=model.config.vocab_size, student_rows=model.config.vocab_size)
-    split = tokenize(demo.generate_rows(40, seed=0), tokenizer, max_length=48, assistant_only=True)
+    split = tokenize([demo.guanaco_text(c) for c in demo.generate_conversations(40, seed=0)], tokenizer, max_length=48, assistant_only=True)
     return OnlineTeacher(model, vocab), split, tokenizer.pad_token_id
 
 
@@ -221,8 +222,7 @@ def test_cache_command_builds_once_then_reuses(tiny_study, monkeypatch, capsys):
 def train_tokens(tiny_study: Path) -> int:
     study = load_study(tiny_study)
     tokenizer = AutoTokenizer.from_pretrained(study.teacher.name)
-    texts = load_texts(study.data, study.data.train_split, base_dir=study.base_dir)
-    split = tokenize(texts, tokenizer, max_length=study.data.max_length, assistant_only=study.data.assistant_only)
+    split = chat_split(tokenizer, 64, seed=0, max_length=study.data.max_length)  # what tiny_data's train.jsonl holds
     return sum(len(ids) for ids in split.input_ids)
 
 

@@ -1,0 +1,21 @@
+"""Rows to batches: read a split, render each row as the model sees it, tokenize, batch.
+
+The flow is ``load_split`` -> ``read_rows`` (the row format: text, prompt-completion, messages,
+ShareGPT) -> ``tokenize`` (text rows with their EOS, conversations through a ``ChatTemplate``; labels
+from the answers' characters) -> ``make_batches``.
+"""
+
+from kdsweep.data.batches import Batch, collate, make_batches, padding_share
+from kdsweep.data.chat import ChatTemplate
+from kdsweep.data.formats import Completion, Conversation, Row, Rows, read_rows
+from kdsweep.data.rendered import Rendered, RowError
+from kdsweep.data.sources import load_split, split_key
+from kdsweep.data.text import answer_text, parse_guanaco
+from kdsweep.data.tokens import TokenizedSplit, count_scored, first_difference, render, tokenize
+from kdsweep.losses import IGNORE_INDEX
+
+__all__ = [
+    "IGNORE_INDEX", "Batch", "ChatTemplate", "Completion", "Conversation", "Rendered", "Row", "RowError",
+    "Rows", "TokenizedSplit", "answer_text", "collate", "count_scored", "first_difference", "load_split",
+    "make_batches", "padding_share", "parse_guanaco", "read_rows", "render", "split_key", "tokenize",
+]
