@@ -1,4 +1,5 @@
-"""Distillation throughput on one GPU: the original notebook's loop against kdsweep's, online and cached.
+"""Distillation throughput on one GPU: the original notebook's loop against kdsweep's, online and
+cached.
 
 Run by hand on a machine with one H100 or H200; the Qwen3-0.6B student and Qwen3-4B teacher are
 built from their configurations (written out below) with random weights, so no hub access is
@@ -6,7 +7,8 @@ needed. It finishes in a few minutes (``--budget-s`` skips what would not fit)::
 
     python benchmarks/gpu.py --output gpu.json
     python benchmarks/gpu.py --tiny --output tiny.json     # CPU smoke run, tiny configurations
-    python benchmarks/gpu.py --tiny --precision bf16 --teacher-dtype bfloat16   # ... in the GPU's dtypes
+    python benchmarks/gpu.py --tiny --precision bf16 --teacher-dtype bfloat16   # ... in the GPU's
+    dtypes
 
 Every mode trains the same student on the same batches (``--batch`` rows of ``--seq`` tokens, the
 first quarter of each row a prompt that is not scored) for ``--warmup`` + ``--steps`` optimizer
@@ -62,7 +64,8 @@ from kdsweep.config import TrainConfig  # noqa: E402
 from kdsweep.data import TokenizedSplit, make_batches  # noqa: E402
 from kdsweep.losses import IGNORE_INDEX  # noqa: E402
 from kdsweep.models import Vocabulary, resolve_dtype  # noqa: E402
-from kdsweep.teacher import CacheKey, CachedTeacher, OnlineTeacher, open_or_build, write_cache  # noqa: E402
+from kdsweep.teacher import OnlineTeacher  # noqa: E402
+from kdsweep.teacher_cache import CachedTeacher, CacheKey, open_or_build, write_cache  # noqa: E402
 
 ALPHA, TEMPERATURE = 0.5, 2.0
 ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}
@@ -70,31 +73,59 @@ ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}
 
 def qwen3_0_6b() -> Qwen3Config:
     """Qwen/Qwen3-0.6B's config.json, as published."""
-    return _qwen3(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16)
+    return _qwen3(
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16
+    )
 
 
 def qwen3_4b() -> Qwen3Config:
     """Qwen/Qwen3-4B's config.json, as published."""
-    return _qwen3(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32)
+    return _qwen3(
+        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32
+    )
 
 
 def _qwen3(**sizes: int) -> Qwen3Config:
     """What the Qwen3 family shares: vocabulary, head layout, RoPE, tied embeddings."""
     return Qwen3Config(
-        vocab_size=151936, num_key_value_heads=8, head_dim=128, hidden_act="silu",
-        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_parameters=ROPE,
-        tie_word_embeddings=True, attention_bias=False, bos_token_id=151643, eos_token_id=151645,
+        vocab_size=151936,
+        num_key_value_heads=8,
+        head_dim=128,
+        hidden_act="silu",
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_parameters=ROPE,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
         **sizes,
     )
 
 
 def tiny_configs() -> tuple[Qwen3Config, Qwen3Config]:
     """Student and teacher small enough for a CPU smoke run; same code paths as the real ones."""
-    shape = dict(vocab_size=512, max_position_embeddings=256, rope_parameters=ROPE, tie_word_embeddings=True)
-    student = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=8, **shape)
-    teacher = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, **shape)
+    shape = dict(
+        vocab_size=512, max_position_embeddings=256, rope_parameters=ROPE, tie_word_embeddings=True
+    )
+    student = Qwen3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        **shape,
+    )
+    teacher = Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        **shape,
+    )
     return student, teacher
 
 
@@ -112,7 +143,9 @@ def matmul_weights(config: Qwen3Config) -> int:
 
 def forward_flops_per_token(config: Qwen3Config, seq: int) -> float:
     # QK^T and AV: 2 FLOPs per multiply-add each, over a causal context of seq/2 on average.
-    attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq / 2
+    attention = (
+        2 * 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq / 2
+    )
     return 2 * matmul_weights(config) + attention
 
 
@@ -123,7 +156,13 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for marker, tflops in (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312)):
+    for marker, tflops in (
+        ("H100 PCIe", 756),
+        ("H100 NVL", 835),
+        ("H100", 989),
+        ("H200", 989),
+        ("A100", 312),
+    ):
         if marker in name:
             return tflops * 1e12
     return None
@@ -147,10 +186,14 @@ def synthetic_split(rows: int, seq: int, vocab: int, *, seed: int = 0) -> Tokeni
     return TokenizedSplit(tuple(input_ids), tuple(labels), prompts=prompts, answers=("",) * rows)
 
 
-def build_model(config: Qwen3Config, device: torch.device, dtype: torch.dtype, *, seed: int) -> Qwen3ForCausalLM:
+def build_model(
+    config: Qwen3Config, device: torch.device, dtype: torch.dtype, *, seed: int
+) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen3ForCausalLM(config)  # random weights, made on the device: no copy from the CPU
+        model = Qwen3ForCausalLM(
+            config
+        )  # random weights, made on the device: no copy from the CPU
     return model.to(dtype)
 
 
@@ -200,17 +243,24 @@ class DistillationLossWithTopK(nn.Module):
         return self.alpha * kl + (1.0 - self.alpha) * ce
 
 
-def notebook_run(student, teacher, batches, *, top_k: int, device: torch.device, warmup: int) -> list[float]:
+def notebook_run(
+    student, teacher, batches, *, top_k: int, device: torch.device, warmup: int
+) -> list[float]:
     """The notebook's training loop over ``batches``; returns the time after each step."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=5e-5)
-    loss_fn = DistillationLossWithTopK(ALPHA, TEMPERATURE, pad_id=-1, topk=top_k)  # no padding here
+    loss_fn = DistillationLossWithTopK(
+        ALPHA, TEMPERATURE, pad_id=-1, topk=top_k
+    )  # no padding here
     scaler = torch.amp.GradScaler(device.type)
     clock = []
     student.train()
     for step, batch in enumerate(batches):
         if step == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the steady state, as for the other modes
-        inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
+        inputs = {
+            "input_ids": batch.input_ids.to(device),
+            "attention_mask": batch.attention_mask.to(device),
+        }
         labels = inputs["input_ids"].clone()
         optimizer.zero_grad()
         with torch.no_grad():
@@ -234,22 +284,50 @@ def notebook_run(student, teacher, batches, *, top_k: int, device: torch.device,
 
 
 def kdsweep_run(
-    student, split, teacher, *, args, top_k: int | None, alpha: float, device: torch.device, vocab,
-    lmbda: float = 0.0, online: OnlineTeacher | None = None,
+    student,
+    split,
+    teacher,
+    *,
+    args,
+    top_k: int | None,
+    alpha: float,
+    device: torch.device,
+    vocab,
+    lmbda: float = 0.0,
+    online: OnlineTeacher | None = None,
 ) -> list[float]:
     """``train.distill`` for warmup + steps optimizer steps; returns the time after each step.
     With ``lmbda`` > 0 that share of the steps is on-policy, scored by ``online``."""
     total = args.warmup + args.steps
     config = TrainConfig(
-        max_steps=total, batch_size=args.batch, log_every=1, eval_every=total, warmup_ratio=0.0,
-        precision=args.precision, device=device.type, loss_chunk_tokens=args.chunk_tokens,
+        max_steps=total,
+        batch_size=args.batch,
+        log_every=1,
+        eval_every=total,
+        warmup_ratio=0.0,
+        precision=args.precision,
+        device=device.type,
+        loss_chunk_tokens=args.chunk_tokens,
     )
-    settings = train.DistillSettings(alpha=alpha, temperature=TEMPERATURE, top_k=top_k, learning_rate=5e-5,
-                                     train=config, group_by_length=False, lmbda=lmbda)
+    settings = train.DistillSettings(
+        alpha=alpha,
+        temperature=TEMPERATURE,
+        top_k=top_k,
+        learning_rate=5e-5,
+        train=config,
+        group_by_length=False,
+        lmbda=lmbda,
+    )
     on_policy = None
     if lmbda > 0:
-        on_policy = train.OnPolicy(online, split, temperature=1.0, max_new_tokens=args.gen_tokens, pad_id=0,
-                                   eos_id=vocab.size)  # no EOS in a random vocabulary: every row runs to the cap
+        on_policy = train.OnPolicy(
+            online,
+            split,
+            temperature=1.0,
+            max_new_tokens=args.gen_tokens,
+            pad_id=0,
+            eos_id=vocab.size,
+        )  # no EOS in a random vocabulary: every row runs to the cap
     clock = []
 
     def on_log(log) -> None:
@@ -258,8 +336,17 @@ def kdsweep_run(
         if len(clock) == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-    train.distill(student, split, teacher, settings, vocab=vocab, pad_id=0, evaluate=lambda model, step: {}, on_log=on_log,
-                  on_policy=on_policy)
+    train.distill(
+        student,
+        split,
+        teacher,
+        settings,
+        vocab=vocab,
+        pad_id=0,
+        evaluate=lambda model, step: {},
+        on_log=on_log,
+        on_policy=on_policy,
+    )
     return clock
 
 
@@ -278,33 +365,58 @@ class Result:
     step_s: float
 
 
-def measure(mode: str, what: str, clock: list[float], *, args, flops_per_token: float, peak, device) -> Result:
+def measure(
+    mode: str, what: str, clock: list[float], *, args, flops_per_token: float, peak, device
+) -> Result:
     seconds = clock[-1] - clock[args.warmup - 1]
     rate = args.steps * args.batch * args.seq / seconds
-    return Result(mode, what, rate, rate * flops_per_token / peak if peak else None,
-                  peak_bytes(device) / 2**30, args.batch, seconds / args.steps)
+    return Result(
+        mode,
+        what,
+        rate,
+        rate * flops_per_token / peak if peak else None,
+        peak_bytes(device) / 2**30,
+        args.batch,
+        seconds / args.steps,
+    )
 
 
 def run_modes(args, device: torch.device) -> dict:
     student_config, teacher_config = tiny_configs() if args.tiny else (qwen3_0_6b(), qwen3_4b())
-    vocab = Vocabulary(size=student_config.vocab_size, teacher_rows=teacher_config.vocab_size,
-                       student_rows=student_config.vocab_size)
-    split = synthetic_split(args.batch * (args.warmup + args.steps), args.seq, student_config.vocab_size)
+    vocab = Vocabulary(
+        size=student_config.vocab_size,
+        teacher_rows=teacher_config.vocab_size,
+        student_rows=student_config.vocab_size,
+    )
+    split = synthetic_split(
+        args.batch * (args.warmup + args.steps), args.seq, student_config.vocab_size
+    )
     peak = peak_flops(device, args.peak_tflops)
     student_flops = 3 * forward_flops_per_token(student_config, args.seq)
     with_teacher = student_flops + forward_flops_per_token(teacher_config, args.seq)
-    teacher_dtype = resolve_dtype(args.teacher_dtype, device, frozen=True)  # auto: bf16 on a GPU, as kdsweep
+    teacher_dtype = resolve_dtype(
+        args.teacher_dtype, device, frozen=True
+    )  # auto: bf16 on a GPU, as kdsweep
     started = time.perf_counter()
     results, notes = {}, {}
 
-    def attempt(mode: str, what: str, flops_per_token: float, run: Callable[[], list[float]]) -> None:
+    def attempt(
+        mode: str, what: str, flops_per_token: float, run: Callable[[], list[float]]
+    ) -> None:
         if time.perf_counter() - started > args.budget_s:
             notes[mode] = "skipped: over the time budget"
             return
         try:
             clock = run()
-            results[mode] = measure(mode, what, clock, args=args, flops_per_token=flops_per_token, peak=peak,
-                                    device=device)
+            results[mode] = measure(
+                mode,
+                what,
+                clock,
+                args=args,
+                flops_per_token=flops_per_token,
+                peak=peak,
+                device=device,
+            )
         except torch.OutOfMemoryError:
             notes[mode] = f"out of memory at batch {args.batch} x {args.seq}"
         except Exception as exc:  # one broken mode must not cost the others' numbers
@@ -314,28 +426,77 @@ def run_modes(args, device: torch.device) -> dict:
     def student() -> Qwen3ForCausalLM:
         return build_model(student_config, device, torch.float32, seed=1)  # fp32 master weights
 
-    def kdsweep(teacher, *, alpha: float, top_k: int | None, lmbda: float = 0.0, online=None) -> Callable[[], list[float]]:
-        return lambda: kdsweep_run(student(), split, teacher, args=args, top_k=top_k, alpha=alpha, device=device,
-                                   vocab=vocab, lmbda=lmbda, online=online)
+    def kdsweep(
+        teacher, *, alpha: float, top_k: int | None, lmbda: float = 0.0, online=None
+    ) -> Callable[[], list[float]]:
+        return lambda: kdsweep_run(
+            student(),
+            split,
+            teacher,
+            args=args,
+            top_k=top_k,
+            alpha=alpha,
+            device=device,
+            vocab=vocab,
+            lmbda=lmbda,
+            online=online,
+        )
 
-    teacher = build_model(teacher_config, device, torch.float32, seed=2).eval().requires_grad_(False)
-    batches = make_batches(split, batch_size=args.batch, pad_id=0, shuffle_seed=None, group_by_length=False)
-    attempt("notebook", "fp32 weights, fp16 autocast + scaler, fp32 teacher online, naive loss", with_teacher,
-            lambda: notebook_run(student(), teacher, batches, top_k=args.top_k, device=device, warmup=args.warmup))
+    teacher = (
+        build_model(teacher_config, device, torch.float32, seed=2).eval().requires_grad_(False)
+    )
+    batches = make_batches(
+        split, batch_size=args.batch, pad_id=0, shuffle_seed=None, group_by_length=False
+    )
+    attempt(
+        "notebook",
+        "fp32 weights, fp16 autocast + scaler, fp32 teacher online, naive loss",
+        with_teacher,
+        lambda: notebook_run(
+            student(), teacher, batches, top_k=args.top_k, device=device, warmup=args.warmup
+        ),
+    )
     teacher.to(teacher_dtype)  # the same random weights, as kdsweep loads a frozen teacher
     dtype_name = str(teacher_dtype).removeprefix("torch.")
-    attempt("online", f"kdsweep, {dtype_name} teacher online", with_teacher,
-            kdsweep(OnlineTeacher(teacher, vocab), alpha=ALPHA, top_k=args.top_k))
+    attempt(
+        "online",
+        f"kdsweep, {dtype_name} teacher online",
+        with_teacher,
+        kdsweep(OnlineTeacher(teacher, vocab), alpha=ALPHA, top_k=args.top_k),
+    )
     with tempfile.TemporaryDirectory(prefix="kdsweep-gpu-bench-") as tmp:
         cache, build = build_cache(teacher, split, vocab, Path(tmp), args=args, device=device)
-        for lmbda in (0.5, 1.0):  # on-policy: the cache for the other steps, the teacher kept loaded beside it
-            attempt(f"onpolicy-{lmbda:g}", f"kdsweep, cached top-{args.top_k}, lmbda {lmbda:g}: {args.gen_tokens} sampled tokens",
-                    0.0, kdsweep(cache, alpha=ALPHA, top_k=args.top_k, lmbda=lmbda, online=OnlineTeacher(teacher, vocab)))
+        for lmbda in (
+            0.5,
+            1.0,
+        ):  # on-policy: the cache for the other steps, the teacher kept loaded beside it
+            attempt(
+                f"onpolicy-{lmbda:g}",
+                f"kdsweep, cached top-{args.top_k}, lmbda {lmbda:g}: {args.gen_tokens} sampled "
+                "tokens",
+                0.0,
+                kdsweep(
+                    cache,
+                    alpha=ALPHA,
+                    top_k=args.top_k,
+                    lmbda=lmbda,
+                    online=OnlineTeacher(teacher, vocab),
+                ),
+            )
         teacher = None  # a sweep reading the cache holds no teacher
         free_memory(device)
-        attempt("cached", f"kdsweep, cached teacher top-{args.top_k}", student_flops,
-                kdsweep(cache, alpha=ALPHA, top_k=args.top_k))
-    attempt("ce", "kdsweep, plain cross-entropy (no teacher)", student_flops, kdsweep(None, alpha=0.0, top_k=None))
+        attempt(
+            "cached",
+            f"kdsweep, cached teacher top-{args.top_k}",
+            student_flops,
+            kdsweep(cache, alpha=ALPHA, top_k=args.top_k),
+        )
+    attempt(
+        "ce",
+        "kdsweep, plain cross-entropy (no teacher)",
+        student_flops,
+        kdsweep(None, alpha=0.0, top_k=None),
+    )
     build["split_tokens"] = sum(len(ids) for ids in split.input_ids)
     return {"results": results, "notes": notes, "cache_build": build}
 
@@ -343,19 +504,35 @@ def run_modes(args, device: torch.device) -> dict:
 def build_cache(teacher, split, vocab, root: Path, *, args, device) -> tuple[CachedTeacher, dict]:
     """The teacher's top-K cache of the benchmark's rows, built as a sweep builds it."""
     online = OnlineTeacher(teacher, vocab)
-    key = CacheKey(teacher={"benchmark": "random weights"}, tokenizer="-", data={"rows": len(split)}, tokens="-")
+    key = CacheKey(
+        teacher={"benchmark": "random weights"},
+        tokenizer="-",
+        data={"rows": len(split)},
+        tokens="-",
+    )
 
     def write(folder: Path) -> dict:
-        return write_cache(online, split, folder, k=args.top_k, batch_size=args.batch, pad_id=0,
-                           chunk_tokens=args.chunk_tokens)
+        return write_cache(
+            online,
+            split,
+            folder,
+            k=args.top_k,
+            batch_size=args.batch,
+            pad_id=0,
+            chunk_tokens=args.chunk_tokens,
+        )
 
     synchronize(device)
     cache, _ = open_or_build(root, key, k=args.top_k, write=write)
     manifest = cache.manifest
     seconds = manifest["build_seconds"]
-    build = {"seconds": seconds, "teacher_tokens": manifest["teacher_tokens"], "k": manifest["k"],
-             "tokens_per_s": manifest["teacher_tokens"] / seconds if seconds else math.inf,
-             "disk_mib": sum(f.stat().st_size for f in cache.folder.iterdir()) / 2**20}
+    build = {
+        "seconds": seconds,
+        "teacher_tokens": manifest["teacher_tokens"],
+        "k": manifest["k"],
+        "tokens_per_s": manifest["teacher_tokens"] / seconds if seconds else math.inf,
+        "disk_mib": sum(f.stat().st_size for f in cache.folder.iterdir()) / 2**20,
+    }
     return cache, build
 
 
@@ -366,22 +543,38 @@ def build_cache(teacher, split, vocab, root: Path, *, args, device) -> tuple[Cac
 def describe_machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
-        info |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
-                 "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30}
+        info |= {
+            "gpu": torch.cuda.get_device_name(device),
+            "cuda": torch.version.cuda,
+            "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30,
+        }
     else:
-        info |= {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+        info |= {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        }
     return info
 
 
 def print_table(report: dict) -> None:
     machine, setup = report["machine"], report["setup"]
-    print(f"machine: {machine.get('gpu') or machine.get('cpu')} ({machine['device']}), torch {machine['torch']}")
-    print(f"student {setup['student']}, teacher {setup['teacher']} (random weights); batch {setup['batch']} x "
-          f"{setup['seq']} tokens, top_k {setup['top_k']}; {setup['steps']} timed steps after {setup['warmup']}")
+    print(
+        f"machine: {machine.get('gpu') or machine.get('cpu')} ({machine['device']}), torch "
+        f"{machine['torch']}"
+    )
+    print(
+        f"student {setup['student']}, teacher {setup['teacher']} (random weights); batch "
+        f"{setup['batch']} x "
+        f"{setup['seq']} tokens, top_k {setup['top_k']}; {setup['steps']} timed steps after "
+        f"{setup['warmup']}"
+    )
     results = report["results"]
     base = results.get("notebook")
-    print(f"{'mode':9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'step s':>7} {'x notebook tok/s':>17} "
-          f"{'x notebook mem':>15}  what")
+    print(
+        f"{'mode':9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'step s':>7} "
+        f"{'x notebook tok/s':>17} "
+        f"{'x notebook mem':>15}  what"
+    )
     for mode in ("notebook", "online", "cached", "ce", "onpolicy-0.5", "onpolicy-1"):
         if mode not in results:
             print(f"{mode:9} {report['notes'].get(mode, 'not run')}")
@@ -390,38 +583,72 @@ def print_table(report: dict) -> None:
         mfu = f"{r['mfu']:6.1%}" if r["mfu"] else f"{'-':>6}"
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:17.2f}" if base else f"{'-':>17}"
         memory = f"{r['peak_gib'] / base['peak_gib']:15.2f}" if base else f"{'-':>15}"
-        print(f"{mode:9} {r['tokens_per_s']:10,.0f} {mfu} {r['peak_gib']:9.2f} {r['step_s']:7.3f} {speed} {memory}  {r['what']}")
+        print(
+            f"{mode:9} {r['tokens_per_s']:10,.0f} {mfu} {r['peak_gib']:9.2f} {r['step_s']:7.3f} "
+            f"{speed} {memory}  {r['what']}"
+        )
     build = report["cache_build"]
-    print(f"cache build: {build['seconds']:.2f} s for {build['teacher_tokens']:,} teacher tokens "
-          f"({build['tokens_per_s']:,.0f} tokens/s; the split holds {build['split_tokens']:,}), "
-          f"top-{build['k']}, {build['disk_mib']:.1f} MiB on disk")
+    print(
+        f"cache build: {build['seconds']:.2f} s for {build['teacher_tokens']:,} teacher tokens "
+        f"({build['tokens_per_s']:,.0f} tokens/s; the split holds {build['split_tokens']:,}), "
+        f"top-{build['k']}, {build['disk_mib']:.1f} MiB on disk"
+    )
     if "cached" in results and "ce" in results:
-        print(f"cached distillation step / plain CE step: {results['cached']['step_s'] / results['ce']['step_s']:.3f}")
+        print(
+            "cached distillation step / plain CE step: "
+            f"{results['cached']['step_s'] / results['ce']['step_s']:.3f}"
+        )
     for mode in ("onpolicy-0.5", "onpolicy-1"):
         if "cached" in results and mode in results:
-            print(f"{mode} step / cached step: {results[mode]['step_s'] / results['cached']['step_s']:.2f}")
+            print(
+                f"{mode} step / cached step: "
+                f"{results[mode]['step_s'] / results['cached']['step_s']:.2f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny configurations on the CPU (a smoke run)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny configurations on the CPU (a smoke run)"
+    )
     parser.add_argument("--batch", type=int, help="rows per step (default 8; tiny 2)")
     parser.add_argument("--seq", type=int, help="tokens per row (default 512; tiny 32)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; tiny 1)")
     parser.add_argument("--steps", type=int, help="timed steps (default 10; tiny 2)")
-    parser.add_argument("--top-k", type=int, default=None, help="teacher top-k (default 100; tiny 16)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="teacher top-k (default 100; tiny 16)"
+    )
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="kdsweep's loss chunk")
-    parser.add_argument("--gen-tokens", type=int, help="new tokens an on-policy step samples per row (default 64; tiny 4)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                        help="kdsweep's train.precision (auto: bf16 on a GPU, fp32 on a CPU)")
-    parser.add_argument("--teacher-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                        help="the kdsweep modes' teacher weights (auto: bf16 on a GPU, fp32 on a CPU)")
-    parser.add_argument("--budget-s", type=float, default=420, help="start no mode after this many seconds")
-    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not an H100/H200/A100")
+    parser.add_argument(
+        "--gen-tokens",
+        type=int,
+        help="new tokens an on-policy step samples per row (default 64; tiny 4)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="kdsweep's train.precision (auto: bf16 on a GPU, fp32 on a CPU)",
+    )
+    parser.add_argument(
+        "--teacher-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="the kdsweep modes' teacher weights (auto: bf16 on a GPU, fp32 on a CPU)",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=420, help="start no mode after this many seconds"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not an H100/H200/A100"
+    )
     parser.add_argument("--output", default="gpu-benchmark.json", help="where the JSON goes")
     args = parser.parse_args(argv)
-    defaults = (dict(batch=2, seq=32, warmup=1, steps=2, top_k=16, gen_tokens=4) if args.tiny
-                else dict(batch=8, seq=512, warmup=3, steps=10, top_k=100, gen_tokens=64))
+    defaults = (
+        dict(batch=2, seq=32, warmup=1, steps=2, top_k=16, gen_tokens=4)
+        if args.tiny
+        else dict(batch=8, seq=512, warmup=3, steps=10, top_k=100, gen_tokens=64)
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -432,9 +659,17 @@ def main(argv: list[str] | None = None) -> dict:
     run = run_modes(args, device)
     report = {
         "machine": describe_machine(device),
-        "setup": {"student": "tiny" if args.tiny else "Qwen3-0.6B", "teacher": "tiny" if args.tiny else "Qwen3-4B",
-                  "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "top_k": args.top_k,
-                  "alpha": ALPHA, "temperature": TEMPERATURE},
+        "setup": {
+            "student": "tiny" if args.tiny else "Qwen3-0.6B",
+            "teacher": "tiny" if args.tiny else "Qwen3-4B",
+            "batch": args.batch,
+            "seq": args.seq,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "top_k": args.top_k,
+            "alpha": ALPHA,
+            "temperature": TEMPERATURE,
+        },
         "results": {mode: r.__dict__ for mode, r in run["results"].items()},
         "notes": run["notes"],
         "cache_build": run["cache_build"],

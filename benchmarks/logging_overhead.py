@@ -99,21 +99,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", default=str(ROOT / "studies" / "demo.yaml"))
     parser.add_argument("--n-trials", type=int, default=2)
-    parser.add_argument("--tracking-uri", help="an MLflow server to log to (default: SQLite in a temp folder)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument(
+        "--tracking-uri", help="an MLflow server to log to (default: SQLite in a temp folder)"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE"
+    )
     args = parser.parse_args()
 
     from mlflow.tracking import MlflowClient
 
     from kdsweep import sweep
-    from kdsweep.config import load_study
+    from kdsweep.study_file import load_study
 
     timers = Timers()
     timers.wrap_client(MlflowClient)
     timers.wrap_objective(sweep.Objective)
     with tempfile.TemporaryDirectory(prefix="kdsweep-logging-") as folder:
         uri = args.tracking_uri or f"sqlite:///{folder}/mlflow.db"
-        stores = [f"storage=sqlite:///{folder}/optuna.db", f"tracking.uri={uri}", "name=logging-overhead"]
+        stores = [
+            f"storage=sqlite:///{folder}/optuna.db",
+            f"tracking.uri={uri}",
+            "name=logging-overhead",
+        ]
         study = load_study(args.study, [*stores, *args.overrides])
         summary = sweep.run(study, n_trials=args.n_trials)
     report(timers, study, summary, uri if args.tracking_uri else "SQLite (local file)")
@@ -122,15 +130,31 @@ def main() -> None:
 def report(timers: Timers, study, summary, store: str) -> None:
     share = timers.in_trials / timers.trials if timers.trials else float("nan")
     print()
-    print(f"study {study.name}: {summary.ran} trials of {study.train.max_steps} steps "
-          f"(log every {study.train.log_every}, eval every {study.train.eval_every}), MLflow store: {store}")
+    print(
+        f"study {study.name}: {summary.ran} trials of {study.train.max_steps} steps "
+        f"(log every {study.train.log_every}, eval every {study.train.eval_every}), MLflow "
+        f"store: {store}"
+    )
     print(f"trials' wall time            {timers.trials:9.2f} s")
-    print(f"MLflow calls inside trials   {timers.in_trials:9.3f} s   = {share:.2%} of the trials' time (target <= 2%)")
-    print(f"MLflow calls outside trials  {timers.outside:9.3f} s   (parent run, stale-run checks, closing)")
-    print(f"background metric writes     {timers.background:9.3f} s   (kdsweep's writer thread, while training goes on)")
-    print("calls (count, total ms): " + ", ".join(
-        f"{name} {timers.calls[name]} {1000 * seconds:.0f}" for name, seconds in timers.seconds.most_common()
-    ))
+    print(
+        f"MLflow calls inside trials   {timers.in_trials:9.3f} s   = {share:.2%} of the trials' "
+        "time (target <= 2%)"
+    )
+    print(
+        f"MLflow calls outside trials  {timers.outside:9.3f} s   (parent run, stale-run checks, "
+        "closing)"
+    )
+    print(
+        f"background metric writes     {timers.background:9.3f} s   (kdsweep's writer thread, "
+        "while training goes on)"
+    )
+    print(
+        "calls (count, total ms): "
+        + ", ".join(
+            f"{name} {timers.calls[name]} {1000 * seconds:.0f}"
+            for name, seconds in timers.seconds.most_common()
+        )
+    )
 
 
 if __name__ == "__main__":

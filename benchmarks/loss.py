@@ -18,7 +18,8 @@ N = 1024 in the logits form and N = 2048 in the hidden one:
   `distill_loss_from_hidden`, the naive version computes ``logits = hidden @ weight.T`` first.
 
 The naive version (`naive_loss`) is what one writes first: ``log_softmax`` over ``[N, V]``, the
-divergence as TRL's ``generalized_jsd_loss`` writes it (``F.kl_div`` with log targets; the mixture's
+divergence as TRL's ``generalized_jsd_loss`` writes it (``F.kl_div`` with log targets; the
+mixture's
 log by ``logsumexp`` of a stack), a ``[N, V]`` tensor of -inf with the top-k scattered in,
 ``F.cross_entropy``, autograd for the backward. It computes the same numbers as kdsweep's default
 tail, so the last column compares the two losses.
@@ -118,13 +119,15 @@ def naive_loss(
         log_p = F.log_softmax(teacher / TEMPERATURE, dim=-1)
         log_p = log_p.clamp(min=LOG_TINY if beta == 1.0 else LOWEST)
         if beta == 1.0:
-            kept = torch.full_like(student, float("-inf")).scatter(-1, indices,
-                                                                   student.gather(-1, indices))
+            kept = torch.full_like(student, float("-inf")).scatter(
+                -1, indices, student.gather(-1, indices)
+            )
             log_q = F.log_softmax(kept / TEMPERATURE, dim=-1).clamp(min=LOWEST)
     else:
         log_p = F.log_softmax(teacher / TEMPERATURE, dim=-1)
     return ALPHA * TEMPERATURE**2 * mean_kept(generalized_jsd(log_p, log_q, beta), labels) + (
-        1 - ALPHA) * F.cross_entropy(student, labels, ignore_index=-100)
+        1 - ALPHA
+    ) * F.cross_entropy(student, labels, ignore_index=-100)
 
 
 def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
@@ -180,13 +183,20 @@ def step(case: Case, x: dict[str, torch.Tensor]) -> float:
     elif case.form == "logits" and case.teacher == "full":
         loss = distill_loss(x["student"], x["teacher"], x["labels"], **settings).loss
     elif case.form == "logits":
-        loss = distill_loss_sparse(x["student"], x["values"], x["indices"], x["labels"],
-                                   **settings).loss
+        loss = distill_loss_sparse(
+            x["student"], x["values"], x["indices"], x["labels"], **settings
+        ).loss
     else:
         loss = distill_loss_from_hidden(
-            x["hidden"], x["weight"], x["labels"], teacher_logits=teacher["teacher"],
-            teacher_values=teacher["values"], teacher_indices=teacher["indices"],
-            chunk_tokens=case.chunk_tokens, **settings).loss
+            x["hidden"],
+            x["weight"],
+            x["labels"],
+            teacher_logits=teacher["teacher"],
+            teacher_values=teacher["values"],
+            teacher_indices=teacher["indices"],
+            chunk_tokens=case.chunk_tokens,
+            **settings,
+        ).loss
     loss.backward()
     return loss.item()
 
@@ -239,10 +249,16 @@ def run_child(case: Case) -> dict[str, object]:
         cpus.append(time.process_time() - cpu)
         if rep == 0:
             peak = memory.peak()
-            grads = sum(t.grad.numel() * t.grad.element_size() for t in x.values()
-                        if t.grad is not None)
-    return {"loss": loss, "peak": peak, "grads": grads, "wall": statistics.median(walls),
-            "cpu": statistics.median(cpus)}
+            grads = sum(
+                t.grad.numel() * t.grad.element_size() for t in x.values() if t.grad is not None
+            )
+    return {
+        "loss": loss,
+        "peak": peak,
+        "grads": grads,
+        "wall": statistics.median(walls),
+        "cpu": statistics.median(cpus),
+    }
 
 
 def measure(case: Case, *, live_memory: bool) -> dict[str, object]:
@@ -266,11 +282,13 @@ def row(case: Case, naive: dict, ours: dict, timer: str) -> str:
     memory_flag = "ok" if memory <= target else "MISS"
     time_flag = "ok" if speed <= TIME_TARGET else "MISS"
     loss_gap = abs(ours["loss"] - naive["loss"]) / abs(naive["loss"])
-    return (f"{case.form:6} {case.tokens:5} {case.teacher:5} {case.beta:4.2f} | "
-            f"{gib(naive['peak'])} {gib(ours['peak'])} {gib(ours['grads'])} | {memory:5.3f} "
-            f"{memory_flag:4} (<={target:.2f}) {workspace:5.3f} | {naive[timer]:6.1f} "
-            f"{ours[timer]:6.1f} {speed:5.2f} {time_flag:4} | {naive['wall']:6.1f} "
-            f"{ours['wall']:6.1f} {ours['wall'] / naive['wall']:5.2f} | {loss_gap:.0e}")
+    return (
+        f"{case.form:6} {case.tokens:5} {case.teacher:5} {case.beta:4.2f} | "
+        f"{gib(naive['peak'])} {gib(ours['peak'])} {gib(ours['grads'])} | {memory:5.3f} "
+        f"{memory_flag:4} (<={target:.2f}) {workspace:5.3f} | {naive[timer]:6.1f} "
+        f"{ours[timer]:6.1f} {speed:5.2f} {time_flag:4} | {naive['wall']:6.1f} "
+        f"{ours['wall']:6.1f} {ours['wall'] / naive['wall']:5.2f} | {loss_gap:.0e}"
+    )
 
 
 HEADER = (
@@ -289,16 +307,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="N in {128, 256}, V = 8192, H = 64")
-    parser.add_argument("--tokens", help="comma-separated N for every form (default: logits "
-                        f"{TOKENS['logits']}, hidden {TOKENS['hidden']})")
+    parser.add_argument(
+        "--tokens",
+        help="comma-separated N for every form (default: logits "
+        f"{TOKENS['logits']}, hidden {TOKENS['hidden']})",
+    )
     parser.add_argument("--betas", default=",".join(map(str, BETAS)), help="comma-separated")
     parser.add_argument("--reps", type=int, default=3, help="calls per logits-form case (median)")
     parser.add_argument("--hidden-reps", type=int, default=1, help="calls per hidden-form case")
-    parser.add_argument("--hidden-chunk", type=int, help="chunk_tokens of the hidden form "
-                        "(default: distill_loss_from_hidden's)")
+    parser.add_argument(
+        "--hidden-chunk",
+        type=int,
+        help="chunk_tokens of the hidden form (default: distill_loss_from_hidden's)",
+    )
     parser.add_argument("--forms", default="logits,hidden", help="comma-separated subset")
-    parser.add_argument("--live-memory", action="store_true",
-                        help="CPU: glibc mmaps every tensor, so RSS follows live tensors")
+    parser.add_argument(
+        "--live-memory",
+        action="store_true",
+        help="CPU: glibc mmaps every tensor, so RSS follows live tensors",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -306,10 +333,12 @@ def main() -> None:
         return
     vocab, hidden_size = (8192, 64) if args.quick else (V, H)
     timer = "wall" if args.device == "cuda" else "cpu"
-    print(f"V={vocab} H={hidden_size} fp32 {args.device} threads={torch.get_num_threads()} "
-          f"reps={args.reps}/{args.hidden_reps} (logits/hidden) hidden chunk_tokens="
-          f"{args.hidden_chunk or 'default'} alpha={ALPHA} T={TEMPERATURE} "
-          f"{'live-memory ' if args.live_memory else ''}{load()}")
+    print(
+        f"V={vocab} H={hidden_size} fp32 {args.device} threads={torch.get_num_threads()} "
+        f"reps={args.reps}/{args.hidden_reps} (logits/hidden) hidden chunk_tokens="
+        f"{args.hidden_chunk or 'default'} alpha={ALPHA} T={TEMPERATURE} "
+        f"{'live-memory ' if args.live_memory else ''}{load()}"
+    )
     print(HEADER.format(timer=timer))
     for form in args.forms.split(","):
         reps = args.reps if form == "logits" else args.hidden_reps
@@ -317,13 +346,29 @@ def main() -> None:
         for tokens in sizes(form, args):
             for teacher in ("full", "top64"):
                 for beta in map(float, args.betas.split(",")):
-                    cases = {impl: Case(form, tokens, teacher, beta, impl, vocab, hidden_size,
-                                        args.device, reps, chunk)
-                             for impl in ("naive", "kdsweep")}
-                    results = {impl: measure(case, live_memory=args.live_memory)
-                               for impl, case in cases.items()}
-                    print(row(cases["kdsweep"], results["naive"], results["kdsweep"], timer),
-                          flush=True)
+                    cases = {
+                        impl: Case(
+                            form,
+                            tokens,
+                            teacher,
+                            beta,
+                            impl,
+                            vocab,
+                            hidden_size,
+                            args.device,
+                            reps,
+                            chunk,
+                        )
+                        for impl in ("naive", "kdsweep")
+                    }
+                    results = {
+                        impl: measure(case, live_memory=args.live_memory)
+                        for impl, case in cases.items()
+                    }
+                    print(
+                        row(cases["kdsweep"], results["naive"], results["kdsweep"], timer),
+                        flush=True,
+                    )
     print(load())
 
 

@@ -36,21 +36,27 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from kdsweep import models, train  # noqa: E402
-from kdsweep.config import load_study  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
 from kdsweep.space import BY_NAME, WHOLE_VOCAB, neutral  # noqa: E402
-from kdsweep.workspace import prepare  # noqa: E402
+from kdsweep.study_file import load_study  # noqa: E402
+from kdsweep.trial_runner import TrialRunner  # noqa: E402
 
 LMBDAS = (0.0, 0.5, 1.0)
 
 
 def time_steps(ws, settings: train.DistillSettings, on_policy: train.OnPolicy | None) -> dict:
     """Train a fresh student; wall and CPU seconds per step, and the on-policy counters."""
-    student = models.load_model("student", ws.student_spec, ws.device)
+    student = models.load_model("student", ws.inputs.student, ws.device)
     wall, cpu = time.perf_counter(), time.process_time()
     train.distill(
-        student, ws.train_split, ws.teacher, settings, vocab=ws.vocab, pad_id=ws.tokenizer.pad_token_id,
-        evaluate=lambda model, step: {}, on_policy=on_policy,
+        student,
+        ws.inputs.train_split,
+        ws.teacher,
+        settings,
+        vocab=ws.inputs.vocab,
+        pad_id=ws.tokenizer.pad_token_id,
+        evaluate=lambda model, step: {},
+        on_policy=on_policy,
     )
     steps = settings.train.max_steps
     return {
@@ -67,36 +73,65 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", default=str(REPO / "studies" / "demo.yaml"))
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="as in kdsweep run")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="as in kdsweep run",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    # A study that may step on-policy: the workspace loads the teacher and keeps the rows' prompts.
-    on_policy_study = [f"search.lmbda=[{', '.join(map(str, LMBDAS))}]", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"]
+    # A study that may step on-policy: its runner keeps the teacher loaded and the rows' prompts.
+    on_policy_study = [
+        f"search.lmbda=[{', '.join(map(str, LMBDAS))}]",
+        f"train.max_steps={args.steps}",
+        f"train.eval_every={args.steps}",
+    ]
     study = load_study(args.study, [*args.overrides, *on_policy_study])
-    ws = prepare(study, progress=SweepProgress(Console(stderr=True)))
+    ws = TrialRunner.prepare(study, progress=SweepProgress(Console(stderr=True)))
     top_k = min(study.search.top_k.values, key=lambda k: math.inf if k == WHOLE_VOCAB else k)
     base = train.DistillSettings(
-        alpha=0.5, temperature=2.0, top_k=BY_NAME["top_k"].setting(top_k),
-        learning_rate=float(neutral(study.search, "learning_rate")), train=study.train,
+        alpha=0.5,
+        temperature=2.0,
+        top_k=BY_NAME["top_k"].setting(top_k),
+        learning_rate=float(neutral(study.search, "learning_rate")),
+        train=study.train,
     )
     results = {}
     for lmbda in LMBDAS:
         on_policy = ws.on_policy() if lmbda > 0 else None
         results[lmbda] = time_steps(ws, dataclasses.replace(base, lmbda=lmbda), on_policy)
 
-    print(f"\n{study.name}: {args.steps} steps of batch {study.train.batch_size} x {study.train.grad_accum_steps} per setting, "
-          f"alpha 0.5, T 2, top_k {top_k}, device {ws.device}, torch threads {torch.get_num_threads()}")
-    print(f"generation: temperature {study.train.generation_temperature}, up to {study.train.generation_max_new_tokens} new tokens")
-    print(f"{'lmbda':>6} {'ms/step (wall)':>15} {'ms/step (CPU)':>14} {'x cached (CPU)':>15} {'generating':>11} "
-          f"{'on-policy batches':>18} {'tokens/batch':>13}")
+    print(
+        f"\n{study.name}: {args.steps} steps of batch {study.train.batch_size} x "
+        f"{study.train.grad_accum_steps} per setting, "
+        f"alpha 0.5, T 2, top_k {top_k}, device {ws.device}, torch threads "
+        f"{torch.get_num_threads()}"
+    )
+    print(
+        f"generation: temperature {study.train.generation_temperature}, up to "
+        f"{study.train.generation_max_new_tokens} new tokens"
+    )
+    print(
+        f"{'lmbda':>6} {'ms/step (wall)':>15} {'ms/step (CPU)':>14} {'x cached (CPU)':>15} "
+        f"{'generating':>11} "
+        f"{'on-policy batches':>18} {'tokens/batch':>13}"
+    )
     cached = results[0.0]
     for lmbda, r in results.items():
         per_batch = f"{r['generated'] / r['batches']:.0f}" if r["batches"] else "-"
-        print(f"{lmbda:6.1f} {1e3 * r['wall']:15.1f} {1e3 * r['cpu']:14.1f} {r['cpu'] / cached['cpu']:15.2f} "
-              f"{r['generating'] / r['total']:10.0%} {r['batches']:18} {per_batch:>13}")
+        print(
+            f"{lmbda:6.1f} {1e3 * r['wall']:15.1f} {1e3 * r['cpu']:14.1f} "
+            f"{r['cpu'] / cached['cpu']:15.2f} "
+            f"{r['generating'] / r['total']:10.0%} {r['batches']:18} {per_batch:>13}"
+        )
 
 
 if __name__ == "__main__":

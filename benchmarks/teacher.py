@@ -44,9 +44,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from kdsweep import demo, models, sweep, train, workspace  # noqa: E402
-from kdsweep.config import load_study  # noqa: E402
+from kdsweep import demo, models, sweep, train  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
+from kdsweep.study_file import load_study  # noqa: E402
+from kdsweep.trial_runner import TrialRunner  # noqa: E402
 
 STEP_RATIO_TARGET = 1.10
 TOP_KS = "[8, 16, 32]"
@@ -70,52 +71,51 @@ def study_for(root: Path, name: str, *, trials: int, steps: int, cached: bool):
     return load_study(REPO / "studies" / "demo.yaml", overrides)
 
 
-@contextlib.contextmanager
-def keep_workspace():
-    """``sweep.run`` prepares its workspace inside; keep a handle on it to read its counters."""
-    kept, original = [], sweep.prepare
-
-    def prepare(*args, **kwargs):
-        kept.append(original(*args, **kwargs))
-        return kept[-1]
-
-    sweep.prepare = prepare
-    try:
-        yield kept
-    finally:
-        sweep.prepare = original
-
-
-def timed_sweep(study) -> tuple[float, workspace.Workspace]:
+def timed_sweep(study) -> tuple[float, TrialRunner]:
+    """The whole sweep's seconds (preparing included), and its runner, to read the teacher's
+    counters."""
     quiet = SweepProgress(Console(file=io.StringIO()))
-    with keep_workspace() as kept:
-        started = time.perf_counter()
-        sweep.run(study, progress=quiet)
-        seconds = time.perf_counter() - started
-    return seconds, kept[0]
+    started = time.perf_counter()
+    runner = TrialRunner.prepare(study, progress=quiet)
+    sweep.run(study, progress=quiet, runner=runner)
+    return time.perf_counter() - started, runner
 
 
-def teacher_training_tokens(ws: workspace.Workspace) -> int:
+def teacher_training_tokens(ws: TrialRunner) -> int:
     """Tokens the teacher ran on over the training split during this sweep."""
-    if isinstance(ws.teacher, workspace.CachedTeacher):
-        return ws.teacher.manifest["teacher_tokens"]  # the one build, in this run's fresh folder
+    if ws.teacher.cached:
+        return ws.teacher.train_cache.manifest[
+            "teacher_tokens"
+        ]  # the one build, in this run's fresh folder
     eval_tokens = sum(batch.num_tokens for batch in ws.eval_set.batches)  # its targets, made once
     return ws.teacher.tokens_processed - eval_tokens
 
 
-def step_times(ws: workspace.Workspace, *, reps: int, top_k: int) -> dict[str, float]:
+def step_times(ws: TrialRunner, *, reps: int, top_k: int) -> dict[str, float]:
     """Median seconds of one optimizer step: cached-teacher distillation vs plain cross-entropy."""
-    student = models.load_model("student", ws.student_spec, ws.device)
+    student = models.load_model("student", ws.inputs.student, ws.device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     base = dict(temperature=2.0, top_k=top_k, learning_rate=1e-3, train=ws.study.train)
-    settings = {"ce": train.DistillSettings(alpha=0.0, **base), "cached": train.DistillSettings(alpha=0.5, **base)}
-    batches = train.endless_batches(ws.train_split, settings["ce"], pad_id=ws.tokenizer.pad_token_id)
+    settings = {
+        "ce": train.DistillSettings(alpha=0.0, **base),
+        "cached": train.DistillSettings(alpha=0.5, **base),
+    }
+    batches = train.endless_batches(
+        ws.inputs.train_split, settings["ce"], pad_id=ws.tokenizer.pad_token_id
+    )
     times = {name: [] for name in settings}
     for rep in range(reps + 5):
         batch = next(batches)
         for name, setting in settings.items():
             started = time.perf_counter()
-            one_step(student, optimizer, batch.to(ws.device), ws.teacher if name == "cached" else None, setting, ws.vocab)
+            one_step(
+                student,
+                optimizer,
+                batch.to(ws.device),
+                ws.teacher if name == "cached" else None,
+                setting,
+                ws.inputs.vocab,
+            )
             if rep >= 5:  # the first steps warm up allocators and kernels
                 times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -141,8 +141,11 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"load average {load:.1f} at start")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, "
+        f"load average {load:.1f} at start"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per trial")
     parser.add_argument("--step-reps", type=int, default=300, help="timed steps of each kind")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # see the module's docstring
@@ -165,34 +170,58 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["KDSWEEP_CACHE"] = str(root / "cache")
         runs = {}
         for name, cached in (("cached", True), ("online", False)):
-            study = study_for(root, f"bench-{name}", trials=args.trials, steps=args.steps, cached=cached)
+            study = study_for(
+                root, f"bench-{name}", trials=args.trials, steps=args.steps, cached=cached
+            )
             runs[name] = timed_sweep(study)
         (cached_s, cached_ws), (online_s, online_ws) = runs["cached"], runs["online"]
         train_tokens = sum(len(ids) for ids in cached_ws.train_split.input_ids)
         steps = step_times(cached_ws, reps=args.step_reps, top_k=32)
 
     build = cached_ws.teacher.manifest
-    tokens = {"cached": teacher_training_tokens(cached_ws), "online": teacher_training_tokens(online_ws)}
-    print(f"\ndemo sweep: {args.trials} trials x {args.steps} steps, batch {cached_ws.study.train.batch_size}, "
-          f"top_k {TOP_KS}, random sampler, no pruning; training split {len(cached_ws.train_split):,} rows, "
-          f"{train_tokens:,} tokens")
+    tokens = {
+        "cached": teacher_training_tokens(cached_ws),
+        "online": teacher_training_tokens(online_ws),
+    }
+    print(
+        f"\ndemo sweep: {args.trials} trials x {args.steps} steps, batch "
+        f"{cached_ws.study.train.batch_size}, "
+        f"top_k {TOP_KS}, random sampler, no pruning; training split "
+        f"{len(cached_ws.train_split):,} rows, "
+        f"{train_tokens:,} tokens"
+    )
     print(f"{'':34} {'cached':>12} {'online':>12} {'cached/online':>14}")
-    print(f"{'sweep wall time (s)':34} {cached_s:12.1f} {online_s:12.1f} {cached_s / online_s:14.3f}")
-    print(f"{'teacher tokens, training split':34} {tokens['cached']:12,} {tokens['online']:12,} "
-          f"{tokens['cached'] / tokens['online']:14.4f}")
-    print(f"{'  / training tokens (one pass)':34} {tokens['cached'] / train_tokens:12.3f} "
-          f"{tokens['online'] / train_tokens:12.3f}")
-    print(f"cache build: {build['build_seconds']:.1f} s for {build['teacher_tokens']:,} tokens, K={build['k']}, "
-          f"{build['rows']:,} scored rows; mass kept at T=1: "
-          + ", ".join(f"top-{k} {cached_ws.teacher.mass(k):.3f}" for k in (8, 16, 32)))
+    print(
+        f"{'sweep wall time (s)':34} {cached_s:12.1f} {online_s:12.1f} {cached_s / online_s:14.3f}"
+    )
+    print(
+        f"{'teacher tokens, training split':34} {tokens['cached']:12,} {tokens['online']:12,} "
+        f"{tokens['cached'] / tokens['online']:14.4f}"
+    )
+    print(
+        f"{'  / training tokens (one pass)':34} {tokens['cached'] / train_tokens:12.3f} "
+        f"{tokens['online'] / train_tokens:12.3f}"
+    )
+    print(
+        f"cache build: {build['build_seconds']:.1f} s for {build['teacher_tokens']:,} tokens, "
+        f"K={build['k']}, "
+        f"{build['rows']:,} scored rows; mass kept at T=1: "
+        + ", ".join(f"top-{k} {cached_ws.teacher.mass(k):.3f}" for k in (8, 16, 32))
+    )
     once = "ok" if tokens["cached"] == train_tokens else "MISS"
     print(f"teacher tokens with the cache == training tokens once: {once}")
 
     ratio = steps["cached"] / steps["ce"]
     flag = "ok" if ratio <= STEP_RATIO_TARGET else "MISS"
-    print(f"\none optimizer step, same student and batches, median of {args.step_reps} interleaved steps")
+    print(
+        f"\none optimizer step, same student and batches, median of {args.step_reps} interleaved "
+        "steps"
+    )
     print(f"{'plain CE (ms)':>14} {'cached KD (ms)':>15} {'ratio':>7}  target")
-    print(f"{steps['ce'] * 1e3:14.2f} {steps['cached'] * 1e3:15.2f} {ratio:7.3f}  <= {STEP_RATIO_TARGET:.2f} {flag}")
+    print(
+        f"{steps['ce'] * 1e3:14.2f} {steps['cached'] * 1e3:15.2f} {ratio:7.3f}  <= "
+        f"{STEP_RATIO_TARGET:.2f} {flag}"
+    )
 
 
 if __name__ == "__main__":

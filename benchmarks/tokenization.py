@@ -31,11 +31,20 @@ from kdsweep.data import ChatTemplate, Conversation, tokenize  # noqa: E402
 GOAL = 0.5
 
 
-def rows_per_second(rows: list, tokenizer, *, chat: ChatTemplate | None, with_prompts: bool, repeats: int) -> float:
+def rows_per_second(
+    rows: list, tokenizer, *, chat: ChatTemplate | None, with_prompts: bool, repeats: int
+) -> float:
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        tokenize(rows, tokenizer, max_length=64, assistant_only=True, chat=chat, with_prompts=with_prompts)
+        tokenize(
+            rows,
+            tokenizer,
+            max_length=64,
+            assistant_only=True,
+            chat=chat,
+            with_prompts=with_prompts,
+        )
         best = min(best, time.perf_counter() - started)
     return len(rows) / best
 
@@ -57,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
         "messages, with prompts (eval)": (chat_rows, chat, True),
     }
     speeds = {
-        name: rows_per_second(rows, tokenizer, chat=template, with_prompts=prompts, repeats=args.repeats)
+        name: rows_per_second(
+            rows, tokenizer, chat=template, with_prompts=prompts, repeats=args.repeats
+        )
         for name, (rows, template, prompts) in paths.items()
     }
     plain = speeds["text (guanaco markers)"]
@@ -65,7 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'path':<32} {'rows/s':>10} {'/ text':>8}")
     for name, speed in speeds.items():
         ratio = speed / plain
-        verdict = "" if name.startswith("text") else f"  goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'}"
+        verdict = (
+            ""
+            if name.startswith("text")
+            else f"  goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'}"
+        )
         print(f"{name:<32} {speed:>10,.0f} {ratio:>8.2f}{verdict}")
     return speeds
 

@@ -2,7 +2,8 @@
 
 Example:
     >>> import kdsweep
-    >>> summary = kdsweep.run_study("studies/demo.yaml", n_trials=4, overrides={"train.max_steps": 100})  # doctest: +SKIP
+    >>> overrides = {"train.max_steps": 100}
+    >>> summary = kdsweep.run_study("studies/demo.yaml", overrides=overrides)  # doctest: +SKIP
     >>> summary.best_params, summary.best_run_id  # doctest: +SKIP
     >>> kdsweep.write_report("studies/demo.yaml")  # doctest: +SKIP
     PosixPath('reports/demo.md')
@@ -27,10 +28,11 @@ import transformers
 import yaml
 
 from kdsweep import sweep
-from kdsweep.config import StudyConfig, load_study
+from kdsweep.config import StudyConfig
 from kdsweep.names import TrialAttr
 from kdsweep.progress import SweepProgress
 from kdsweep.report import write_report as write_markdown_report
+from kdsweep.study_file import load_study
 
 StudyLike = str | Path | StudyConfig
 
@@ -87,24 +89,37 @@ def run_study(
         ran=result.ran,
         best_trial=None if best is None else best.number,
         best_value=None if best is None else best.value,
-        best_params={} if best is None else dict(best.user_attrs.get(TrialAttr.PARAMS, best.params)),
+        best_params={}
+        if best is None
+        else dict(best.user_attrs.get(TrialAttr.PARAMS, best.params)),
         best_run_id=None if best is None else best.user_attrs.get(TrialAttr.MLFLOW_RUN_ID),
         report=report_path,
     )
 
 
-def write_report(study: StudyLike, *, output: str | Path | None = None, overrides: Mapping[str, object] | None = None) -> Path:
+def write_report(
+    study: StudyLike,
+    *,
+    output: str | Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Path:
     """Write the study's Markdown report and figures, as ``kdsweep report``; returns its path."""
-    return write_markdown_report(load(study, overrides), output=None if output is None else str(output))
+    return write_markdown_report(
+        load(study, overrides), output=None if output is None else str(output)
+    )
 
 
 def load(study: StudyLike, overrides: Mapping[str, object] | None = None) -> StudyConfig:
     """A study file read, overridden and validated (a StudyConfig is returned as it is)."""
     if isinstance(study, StudyConfig):
         if overrides:
-            raise TypeError("overrides apply to a study file; pass the file's path, or change the StudyConfig")
+            raise TypeError(
+                "overrides apply to a study file; pass the file's path, or change the StudyConfig"
+            )
         return study
-    return load_study(study, [f"{key}={_yaml_text(value)}" for key, value in (overrides or {}).items()])
+    return load_study(
+        study, [f"{key}={_yaml_text(value)}" for key, value in (overrides or {}).items()]
+    )
 
 
 def _yaml_text(value: object) -> str:
@@ -127,4 +142,6 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # Baselines fix alpha at 0, outside a distillation range, on purpose.
-    warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message="Fixed parameter .* is out of range", category=UserWarning
+    )

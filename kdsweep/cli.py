@@ -12,10 +12,11 @@ import os
 import sys
 import traceback
 
-from kdsweep.config import StudyConfig, load_study
+from kdsweep.config import StudyConfig
 from kdsweep.errors import StudyError, UsageError
 from kdsweep.redact import redact
 from kdsweep.space import searched_names
+from kdsweep.study_file import load_study
 from kdsweep.version import __version__
 
 
@@ -52,12 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KDSWEEP_DEBUG") == "1":
             print(redact(traceback.format_exc()), file=sys.stderr)
         message = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
-        print(f"kdsweep: error: {type(exc).__name__}: {message} (KDSWEEP_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"kdsweep: error: {type(exc).__name__}: {message} (KDSWEEP_DEBUG=1 shows the "
+            "traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdsweep", description="Sweep knowledge-distillation hyperparameters.")
+    parser = argparse.ArgumentParser(
+        prog="kdsweep", description="Sweep knowledge-distillation hyperparameters."
+    )
     parser.add_argument("--version", action="version", version=f"kdsweep {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -65,27 +72,42 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("study", metavar="STUDY.yaml", help="the study file")
         sub.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
             help="override a study field, e.g. --set train.max_steps=50 (repeatable)",
         )
         sub.set_defaults(command=handler)
         return sub
 
     run = command("run", cmd_run, "run (or continue) the study's trials, then write its report")
-    run.add_argument("--n-trials", type=_positive_int, help="total finished trials the study should hold")
-    run.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
-    run.add_argument("--no-report", action="store_true", help="skip the report at the end")
     run.add_argument(
-        "--workers", type=_positive_int, metavar="N",
-        help="run N worker processes on the study, one device each (default 1, or one per --devices entry)",
+        "--n-trials", type=_positive_int, help="total finished trials the study should hold"
     )
     run.add_argument(
-        "--devices", metavar="0,1,...",
-        help="GPU indices for the workers, round-robin (0,0,1,1: two workers per GPU); default: the visible GPUs, else the CPU",
+        "--timeout", type=float, metavar="SECONDS", help="start no new trial after this long"
+    )
+    run.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="run N worker processes on the study, one device each (default 1, or one per "
+        "--devices entry)",
+    )
+    run.add_argument(
+        "--devices",
+        metavar="0,1,...",
+        help="GPU indices for the workers, round-robin (0,0,1,1: two workers per GPU); default: "
+        "the visible GPUs, else the CPU",
     )
     command("check", cmd_check, "validate the study file without training")
     report = command("report", cmd_report, "write the study's Markdown report")
-    report.add_argument("--output", metavar="PATH", help="report file (default reports/<study>.md)")
+    report.add_argument(
+        "--output", metavar="PATH", help="report file (default reports/<study>.md)"
+    )
     command("status", cmd_status, "show the study's trials as a table")
     ui = command("ui", cmd_ui, "open the MLflow UI on the study's runs")
     ui.add_argument("--port", type=int, default=5000)
@@ -108,7 +130,8 @@ def cmd_check(args) -> int:
     study = _study(args)
     searched = searched_names(study.search)
     print(
-        f"{args.study}: ok: study {study.name!r}, {study.n_trials} trials of {study.train.max_steps} steps, "
+        f"{args.study}: ok: study {study.name!r}, {study.n_trials} trials of "
+        f"{study.train.max_steps} steps, "
         f"{study.teacher.name} -> {study.student.name} on {study.data.dataset}, "
         f"searching {', '.join(searched) or 'nothing'} (fingerprint {study.fingerprint()})"
     )
@@ -124,8 +147,14 @@ def cmd_run(args) -> int:
     from kdsweep import launch  # torch, transformers, Optuna and MLflow load here
 
     result = launch.run_workers(
-        study, args.study, workers=workers, devices=devices, overrides=args.overrides,
-        n_trials=args.n_trials, timeout=args.timeout, report=not args.no_report,
+        study,
+        args.study,
+        workers=workers,
+        devices=devices,
+        overrides=args.overrides,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        report=not args.no_report,
     )
     if result.status == 130:
         print("kdsweep: interrupted", file=sys.stderr)
@@ -139,7 +168,9 @@ def _run_here(study: StudyConfig, args) -> int:
     from kdsweep import api, launch  # torch, transformers, Optuna and MLflow load here
 
     launched = launch.is_worker()
-    summary = api.run_study(study, n_trials=args.n_trials, timeout=args.timeout, report=not args.no_report)
+    summary = api.run_study(
+        study, n_trials=args.n_trials, timeout=args.timeout, report=not args.no_report
+    )
     if not launched:
         _print_outcome(study, summary.best_trial, summary.report)
     return 0
@@ -162,7 +193,9 @@ def _devices(text: str | None) -> list[int] | None:
     except ValueError:
         devices = []
     if not devices or min(devices) < 0:
-        raise UsageError(f"--devices {text}: expected GPU indices separated by commas, e.g. --devices 0,1")
+        raise UsageError(
+            f"--devices {text}: expected GPU indices separated by commas, e.g. --devices 0,1"
+        )
     return devices
 
 
@@ -187,7 +220,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from kdsweep.workspace import build_cache
+    from kdsweep.study_teacher import build_cache
 
     path = build_cache(_study(args))
     print(f"teacher cache: {path}")

@@ -1,8 +1,8 @@
-"""Study files: frozen dataclasses that mirror the YAML key for key.
+"""What a study is: frozen dataclasses that mirror the study file's YAML key for key.
 
-A study file is loaded, overridden with ``--set key.path=value`` and validated before any model
-loads. Every problem is collected and raised at once as a :class:`StudyError`, one line per
-problem naming the file and the key path. This module imports neither torch nor transformers.
+Their field comments are the reference (docs/study-file.md holds them, kept true by a test).
+``study_file`` reads a file into them and validates it. This module imports neither torch nor
+transformers.
 """
 
 from __future__ import annotations
@@ -10,27 +10,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import jinja2
-import yaml
-
-from kdsweep.errors import StudyError
-from kdsweep.names import ACCURACY_OBJECTIVES, OBJECTIVES
+from kdsweep.objectives import ACCURACY_OBJECTIVES, OBJECTIVES
 from kdsweep.redact import redact_tree
-from kdsweep.space import Param, SearchConfig, search_problems
+from kdsweep.space import Param, SearchConfig, finite_top_ks, may_be_positive
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "sharegpt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_INVALID = object()  # what a value of the wrong type becomes while the file is read
 
 
 @dataclass(frozen=True)
@@ -52,13 +44,25 @@ class DataConfig:
     # auto: decided by the columns, as TRL does (messages, prompt + completion, conversations, else
     # text_field); or text, messages, prompt_completion, sharegpt
     format: str = "auto"
-    text_field: str = "text"  # text rows: guanaco's ### Human: / ### Assistant: turns, or plain text
-    messages_field: str = "messages"  # conversations of {role, content}; roles system, user, assistant
-    prompt_field: str = "prompt"  # prompt-completion rows: both text, or both lists of {role, content}
+    text_field: str = (
+        "text"  # text rows: guanaco's ### Human: / ### Assistant: turns, or plain text
+    )
+    messages_field: str = (
+        "messages"  # conversations of {role, content}; roles system, user, assistant
+    )
+    prompt_field: str = (
+        "prompt"  # prompt-completion rows: both text, or both lists of {role, content}
+    )
     completion_field: str = "completion"
-    conversations_field: str = "conversations"  # ShareGPT: {from, value} turns (human, gpt, system)
-    chat_template: str | None = None  # a Jinja chat template, or a file holding one; default: the student tokenizer's
-    chat_template_kwargs: dict = field(default_factory=dict)  # passed to the template, e.g. {enable_thinking: false}
+    conversations_field: str = (
+        "conversations"  # ShareGPT: {from, value} turns (human, gpt, system)
+    )
+    chat_template: str | None = (
+        None  # a Jinja chat template, or a file holding one; default: the student tokenizer's
+    )
+    chat_template_kwargs: dict = field(
+        default_factory=dict
+    )  # passed to the template, e.g. {enable_thinking: false}
     max_length: int = 512
     assistant_only: bool = True  # score only the answers (each with the token that ends it)
     group_by_length: bool = True  # batch rows of similar length so little compute goes to padding
@@ -80,10 +84,16 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
-    threads: int | None = None  # torch's CPU threads; tiny models run fastest on 1 (None: torch's default)
-    loss_chunk_tokens: int | None = None  # positions per loss block; None: sized by the loss from a memory budget
-    teacher_cache: bool = True  # every top_k finite: the teacher runs once per study, into a top-K cache; false: online
-    oom_retry: bool = False  # a trial out of GPU memory is retried with half the micro-batch and twice the accumulation
+    threads: int | None = (
+        None  # torch's CPU threads; tiny models run fastest on 1 (None: torch's default)
+    )
+    loss_chunk_tokens: int | None = (
+        None  # positions per loss block; None: sized by the loss from a memory budget
+    )
+    # every top_k finite: the teacher runs once per study, into a top-K cache; false: online
+    teacher_cache: bool = True
+    # a trial out of GPU memory is retried with half the micro-batch and twice the accumulation
+    oom_retry: bool = False
     # On-policy steps (search.lmbda > 0): how the student samples its own completions.
     generation_temperature: float = 1.0
     generation_max_new_tokens: int = 64
@@ -98,22 +108,33 @@ class EvalConfig:
     max_rows: int = 200  # the eval split's first rows that end with an answer
     max_new_tokens: int = 64  # longer answers are cut
     batch_size: int = 32  # prompts decoded together (left-padded, with the KV cache)
-    every_eval: bool = False  # at every evaluation, not only the last (always, for an accuracy objective)
+    every_eval: bool = (
+        False  # at every evaluation, not only the last (always, for an accuracy objective)
+    )
 
 
 @dataclass(frozen=True)
-class ConfirmConfig:
+class SeedCheckConfig:
     """The seed check: after the sweep, the best configurations train again with other seeds."""
 
-    top: int = 0  # the best distilled configurations re-run (with the best baseline); 0: no check
+    top: int = (
+        0  # the best distilled configurations trained again (with the best baseline); 0: no check
+    )
     seeds: int = 2  # other training seeds for each: train.seed + 1, + 2, ...
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "tpe"
-    seed: int | None = 0
-    n_startup_trials: int = 5
+    """How the sweep's trials are drawn. TPE's settings are explicit, so a study samples the same
+    way on every Optuna version kdsweep supports (Optuna 5 changed their defaults)."""
+
+    name: str = "tpe"  # tpe, random or grid
+    seed: int | None = 0  # seeds every trial's draws (by its number), so reruns draw the same
+    n_startup_trials: int = 5  # tpe: trials drawn at random before TPE models the others
+    multivariate: bool = True  # tpe: model the parameters jointly, not one by one
+    constant_liar: bool = (
+        True  # tpe: treat running trials as bad, so parallel workers explore apart
+    )
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,8 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class StudyConfig:
     name: str = ""
-    objective: str = "student_ppl"  # or ppl_ratio: student perplexity / teacher perplexity (names.OBJECTIVES)
+    # or ppl_ratio: student perplexity / teacher perplexity (objectives.OBJECTIVES)
+    objective: str = "student_ppl"
     n_trials: int = 10  # total finished trials the study should hold, across all runs and workers
     storage: str | None = None  # Optuna storage URL; default sqlite:///kdsweep.db here
     sampler: SamplerConfig = SamplerConfig()
@@ -149,10 +171,14 @@ class StudyConfig:
     # Parameter sets run first, e.g. {alpha: 0} (plain fine-tuning); {alpha: 0, trials: 3} also
     # searches the parameters it does not fix (its learning rate) over 3 trials of its own.
     baselines: tuple[dict, ...] = ()
-    confirm: ConfirmConfig = ConfirmConfig()
-    max_consecutive_failures: int = 3  # the same error failing this many trials in a row stops the sweep
+    seed_check: SeedCheckConfig = SeedCheckConfig()
+    max_consecutive_failures: int = (
+        3  # the same error failing this many trials in a row stops the sweep
+    )
     save_best: bool = False  # keep the best trial's student as an MLflow model
-    register_as: str | None = None  # with save_best: the MLflow Model Registry name; alias "champion" follows the best
+    register_as: str | None = (
+        None  # with save_best: the MLflow Model Registry name; alias "champion" follows the best
+    )
     report_top_n: int = 5
     base_dir: str = field(default=".", metadata={"internal": True})  # folder of the study file
 
@@ -162,13 +188,26 @@ class StudyConfig:
 
     @property
     def direction(self) -> str:
-        """"minimize" or "maximize": what makes the objective better."""
+        """ "minimize" or "maximize": what makes the objective better."""
         return OBJECTIVES[self.objective]
 
     @property
     def accuracy_every_eval(self) -> bool:
         """Answers are decoded at every evaluation: asked for, or the objective is an accuracy."""
-        return self.eval.accuracy and (self.eval.every_eval or self.objective in ACCURACY_OBJECTIVES)
+        return self.eval.accuracy and (
+            self.eval.every_eval or self.objective in ACCURACY_OBJECTIVES
+        )
+
+    @property
+    def on_policy_possible(self) -> bool:
+        """Whether any trial may take on-policy steps (search.lmbda above 0 somewhere)."""
+        return may_be_positive(self.search, self.baselines, "lmbda")
+
+    @property
+    def cached_top_ks(self) -> list[int]:
+        """The top_k values trials may use when they all read the teacher's top-K cache, else []
+        (a top_k of 'all', or train.teacher_cache: false: the teacher runs online)."""
+        return finite_top_ks(self.search, self.baselines) if self.train.teacher_cache else []
 
     @property
     def experiment_name(self) -> str:
@@ -187,7 +226,10 @@ class StudyConfig:
         """The settings, by key path, that turn this study into a rerun of its trial ``number``
         alone: its parameters fixed, one trial, no baselines and no seed check."""
         return {
-            "name": f"{self.name}-trial{number}", "n_trials": 1, "baselines": [], "confirm.top": 0,
+            "name": f"{self.name}-trial{number}",
+            "n_trials": 1,
+            "baselines": [],
+            "seed_check.top": 0,
             **{f"search.{name}": value for name, value in params.items()},
         }
 
@@ -203,195 +245,6 @@ class StudyConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-4`` as a string; learning rates are written that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _parse(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
-def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
-    """Read, override and validate a study file; raise StudyError listing every problem."""
-    path = Path(path)
-    where = str(path)
-    try:
-        raw = _parse(path.read_text())
-    except FileNotFoundError:
-        raise StudyError([f"{where}: no such study file"]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark else ""
-        raise StudyError([f"{where}{line}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
-    if raw is None:
-        raise StudyError([f"{where}: is empty; write a study in it (see studies/demo.yaml)"])
-    if not isinstance(raw, dict):
-        raise StudyError([f"{where}: must be a mapping of keys, got {type(raw).__name__}"])
-    problems: list[str] = []
-    for item in overrides:
-        _apply_override(raw, item, problems)
-    raw["base_dir"] = str(path.parent)
-    study = _build(StudyConfig, raw, "", problems)
-    problems += validate(study)
-    if problems:
-        raise StudyError([f"{where}: {p}" for p in problems])
-    return study
-
-
-def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        problems.append(f"--set {item}: expected key.path=value")
-        return
-    problem = set_key_path(raw, key, _parse(text) if text else None)
-    if problem:
-        problems.append(problem)
-
-
-def set_key_path(raw: dict, key: str, value: Any) -> str | None:
-    """Set the entry of nested mappings at a dotted key path; the problem if a step is no mapping."""
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            return f"--set {key}: {part} is not a mapping"
-    node[leaf] = value
-    return None
-
-
-def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
-    """Turn a YAML mapping into the dataclass ``cls``, noting every mismatch in ``problems``."""
-    if cls is Param:
-        return _build_param(raw, where, problems)
-    if not isinstance(raw, dict):
-        problems.append(f"{where or 'study'}: must be a mapping, got {raw!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            allowed = ", ".join(sorted(k for k in known if k != "base_dir"))
-            problems.append(f"{_join(where, key)}: unknown key (allowed: {allowed})")
-    values = {}
-    for name in known & raw.keys():
-        value = _coerce(hints[name], raw[name], _join(where, name), problems)
-        if value is not _INVALID:  # an invalid value keeps the default, so validation can go on
-            values[name] = value
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where, problems)
-    options = typing.get_args(hint) if _is_union(hint) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        problems.append(f"{where}: must be set")
-        return _INVALID
-    for option in options:
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is str and isinstance(value, str):
-            return value
-        if typing.get_origin(option) is tuple and isinstance(value, list):
-            return tuple(value)
-        if option is dict and isinstance(value, dict):
-            return value
-    names = " or ".join(_type_name(o) for o in options if o is not type(None))
-    problems.append(f"{where}: must be {names}, got {value!r}")
-    return _INVALID
-
-
-def _build_param(raw: Any, where: str, problems: list[str]) -> Param:
-    if isinstance(raw, (int, float, str)) and not isinstance(raw, bool):
-        return Param(value=raw)
-    if isinstance(raw, list):
-        return Param(choices=tuple(raw))
-    if not isinstance(raw, dict):
-        problems.append(f"{where}: must be a number, a list of choices or {{low, high}}, got {raw!r}")
-        return Param()
-    param = _build(_ParamFields, raw, where, problems)
-    values = {f.name: getattr(param, f.name) for f in dataclasses.fields(_ParamFields)}
-    return Param(**values)
-
-
-@dataclass(frozen=True)
-class _ParamFields:
-    value: float | str | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple[Any, ...] | None = None
-
-
-def validate(study: StudyConfig) -> list[str]:
-    """Every problem with an assembled study, as 'key.path: what is wrong' lines."""
-    problems: list[str] = []
-
-    def need(ok: bool, where: str, message: str) -> None:
-        if not ok:
-            problems.append(f"{where}: {message}")
-
-    need(bool(study.name), "name", "must be set (it names the Optuna study and MLflow experiment)")
-    need(study.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}, got {study.objective!r}")
-    need(study.n_trials >= 1, "n_trials", f"must be >= 1, got {study.n_trials}")
-    need(study.sampler.name in SAMPLERS, "sampler.name", f"must be one of {', '.join(SAMPLERS)}, got {study.sampler.name!r}")
-    need(study.pruner.name in PRUNERS, "pruner.name", f"must be one of {', '.join(PRUNERS)}, got {study.pruner.name!r}")
-    need(study.report_top_n >= 1, "report_top_n", f"must be >= 1, got {study.report_top_n}")
-    for role in ("teacher", "student"):
-        model: ModelConfig = getattr(study, role)
-        need(bool(model.name), f"{role}.name", "must be set (a hub id, a local folder or demo:" + role + ")")
-        need(model.dtype in DTYPES, f"{role}.dtype", f"must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
-    need(bool(study.data.dataset), "data.dataset", "must be set (a hub id, a local file or folder, or demo)")
-    need(study.data.max_length >= 2, "data.max_length", f"must be >= 2, got {study.data.max_length}")
-    problems += _validate_data(study)
-    problems += _validate_train(study.train)
-    problems += _validate_eval(study)
-    problems += search_problems(study.search, study.baselines, sampler=study.sampler.name)
-    need(study.confirm.top >= 0, "confirm.top", f"must be >= 0, got {study.confirm.top}")
-    need(study.confirm.seeds >= 1, "confirm.seeds", f"must be >= 1, got {study.confirm.seeds}")
-    need(study.register_as is None or study.save_best, "register_as", "needs save_best: true (the model it registers)")
-    need(study.register_as != "", "register_as", "must be a model name, or left out")
-    need(study.max_consecutive_failures >= 1, "max_consecutive_failures", f"must be >= 1, got {study.max_consecutive_failures}")
-    need(study.tracking.system_metrics_interval > 0, "tracking.system_metrics_interval",
-         f"must be > 0 seconds, got {study.tracking.system_metrics_interval}")
-    return problems
-
-
-def _validate_data(study: StudyConfig) -> list[str]:
-    data = study.data
-    if data.format not in DATA_FORMATS:
-        return [f"data.format: must be one of {', '.join(DATA_FORMATS)}, got {data.format!r}"]
-    if data.chat_template is None:
-        return []
-    try:
-        template = read_chat_template(data.chat_template, study.base_dir)
-    except OSError as exc:
-        return [
-            f"data.chat_template: no such file {data.chat_template!r} ({exc.strerror or exc}); give a Jinja template "
-            "inline (it holds {{ or {%) or the path of a file holding one (relative to the study file)"
-        ]
-    try:
-        jinja2.Environment().parse(template)
-    except jinja2.TemplateSyntaxError as exc:
-        return [f"data.chat_template: not a valid Jinja template (line {exc.lineno}: {exc.message}); fix it"]
-    return []
-
-
 def read_chat_template(value: str, base_dir: str = ".") -> str:
     """The Jinja text of ``data.chat_template``: given inline (it holds ``{{`` or ``{%``), or the
     file it names (a relative path beside the study file, else from the current folder)."""
@@ -400,46 +253,6 @@ def read_chat_template(value: str, base_dir: str = ".") -> str:
     path = Path(value).expanduser()
     beside_study = Path(base_dir) / path
     return (beside_study if not path.is_absolute() and beside_study.exists() else path).read_text()
-
-
-def _validate_eval(study: StudyConfig) -> list[str]:
-    problems = []
-    for name in ("max_rows", "max_new_tokens", "batch_size"):
-        if (value := getattr(study.eval, name)) < 1:
-            problems.append(f"eval.{name}: must be >= 1, got {value}")
-    if study.objective in ACCURACY_OBJECTIVES and not study.eval.accuracy:
-        problems.append(f"objective: {study.objective} needs the answers decoded: set eval.accuracy: true")
-    return problems
-
-
-def _validate_train(train: TrainConfig) -> list[str]:
-    problems = []
-    for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "log_every", "loss_chunk_tokens"):
-        value = getattr(train, name)
-        if value is not None and value < 1:
-            problems.append(f"train.{name}: must be >= 1, got {value}")
-    if not 0 <= train.warmup_ratio < 1:
-        problems.append(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")
-    if train.weight_decay < 0:
-        problems.append(f"train.weight_decay: must be >= 0, got {train.weight_decay}")
-    if train.max_grad_norm <= 0:
-        problems.append(f"train.max_grad_norm: must be > 0, got {train.max_grad_norm}")
-    if train.precision not in PRECISIONS:
-        problems.append(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {train.precision!r}")
-    if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
-        problems.append(f"train.device: must be auto, cpu, cuda or cuda:N, got {train.device!r}")
-    if train.threads is not None and train.threads < 1:
-        problems.append(f"train.threads: must be >= 1 (or left out for torch's default), got {train.threads}")
-    if train.generation_temperature <= 0:
-        problems.append(f"train.generation_temperature: must be > 0, got {train.generation_temperature}")
-    if train.generation_max_new_tokens < 1:
-        problems.append(f"train.generation_max_new_tokens: must be >= 1, got {train.generation_max_new_tokens}")
-    if 1 <= train.max_steps < train.eval_every:
-        problems.append(
-            f"train.eval_every: {train.eval_every} is more than train.max_steps ({train.max_steps}), so a trial would "
-            "be evaluated only at its end and could never be pruned; set it to at most max_steps"
-        )
-    return problems
 
 
 def _to_plain(obj: Any) -> Any:
@@ -455,17 +268,3 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return [_to_plain(v) for v in obj]
     return obj
-
-
-def _join(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (Union, types.UnionType)
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
-        return "a list"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(hint, str(hint))

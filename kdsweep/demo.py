@@ -33,9 +33,14 @@ from kdsweep.paths import atomic_folder, cache_dir
 PREFIX = "demo:"  # a study's teacher or student named demo:teacher / demo:student
 EOS_TOKEN = "<|endoftext|>"  # Qwen's end-of-text token, also its padding token
 EOS_TOKEN_ID = 0  # build_tokenizer gives the special tokens the first ids, in this order
-TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"  # ChatML's, as Qwen's chat template writes them
+TURN_START, TURN_END = (
+    "<|im_start|>",
+    "<|im_end|>",
+)  # ChatML's, as Qwen's chat template writes them
 SPECIAL_TOKENS = (EOS_TOKEN, TURN_START, TURN_END)
-MAX_VOCAB_SIZE = 2048  # bytes + the special tokens + merges; on the demo corpus the merges run out first
+MAX_VOCAB_SIZE = (
+    2048  # bytes + the special tokens + merges; on the demo corpus the merges run out first
+)
 # Qwen's chat template in its plainest form (no tools, no thinking): each turn between <|im_start|>
 # and <|im_end|>, and the generation prompt that opens an assistant turn.
 CHAT_TEMPLATE = (
@@ -137,7 +142,10 @@ TURNS = 2  # exchanges per row: two make the rows (almost) all distinct, and kee
 
 CORPUS_ROWS, CORPUS_SEED = 20_000, 0  # the teacher's corpus: generated when the teacher is built
 TEST_ROWS, TEST_SEED = 1_000, 1  # held out from both the corpus and the train split
-TRAIN_ROWS, TRAIN_SEED = 200, 2  # the study's students train on these (about 6 answers per category)
+TRAIN_ROWS, TRAIN_SEED = (
+    200,
+    2,
+)  # the study's students train on these (about 6 answers per category)
 
 
 Messages = list[dict[str, str]]  # a conversation as a messages row holds it: {role, content} turns
@@ -148,7 +156,8 @@ def generate_conversations(n: int, *, seed: int) -> list[Messages]:
 
     Example:
         >>> generate_conversations(1, seed=0)[0]  # doctest: +SKIP
-        [{'role': 'user', 'content': 'Tell me a berry.'}, {'role': 'assistant', 'content': 'blueberry'}, ...]
+        [{'role': 'user', 'content': 'Tell me a berry.'}, {'role': 'assistant', 'content':
+        'blueberry'}, ...]
     """
     rng = random.Random(seed)
     names = list(CATEGORIES)
@@ -157,9 +166,16 @@ def generate_conversations(n: int, *, seed: int) -> list[Messages]:
         messages = []
         for category in rng.sample(names, TURNS):
             members = answers(category)
-            answer = rng.choices(members, weights=[1 / rank for rank in range(1, len(members) + 1)])[0]
-            question = rng.choice(_QUESTIONS).format(a="an" if category[0] in "aeiou" else "a", c=category)
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            answer = rng.choices(
+                members, weights=[1 / rank for rank in range(1, len(members) + 1)]
+            )[0]
+            question = rng.choice(_QUESTIONS).format(
+                a="an" if category[0] in "aeiou" else "a", c=category
+            )
+            messages += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
         conversations.append(messages)
     return conversations
 
@@ -186,10 +202,18 @@ def splits() -> tuple[list[Messages], list[Messages], list[Messages]]:
     Test rows are distinct, and none of them is in the corpus or the train split: evaluation
     measures what was learned about the categories, not memory of rows.
     """
-    test = list({_key(c): c for c in generate_conversations(2 * TEST_ROWS, seed=TEST_SEED)}.values())[:TEST_ROWS]
+    test = list(
+        {_key(c): c for c in generate_conversations(2 * TEST_ROWS, seed=TEST_SEED)}.values()
+    )[:TEST_ROWS]
     held_out = {_key(c) for c in test}
-    corpus = [c for c in generate_conversations(CORPUS_ROWS, seed=CORPUS_SEED) if _key(c) not in held_out]
-    train = [c for c in generate_conversations(2 * TRAIN_ROWS, seed=TRAIN_SEED) if _key(c) not in held_out][:TRAIN_ROWS]
+    corpus = [
+        c for c in generate_conversations(CORPUS_ROWS, seed=CORPUS_SEED) if _key(c) not in held_out
+    ]
+    train = [
+        c
+        for c in generate_conversations(2 * TRAIN_ROWS, seed=TRAIN_SEED)
+        if _key(c) not in held_out
+    ][:TRAIN_ROWS]
     return corpus, train, test
 
 
@@ -204,7 +228,9 @@ def write_demo_data(folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _, train, test = splits()
     for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
-        (folder / name).write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in rows))
+        (folder / name).write_text(
+            "".join(json.dumps({"messages": messages}) + "\n" for messages in rows)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +247,12 @@ def build_tokenizer(conversations: list[Messages]) -> PreTrainedTokenizerFast:
     ``<|im_start|>`` and ``<|im_end|>`` as special tokens, the second closing every turn.
     """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -235,8 +263,11 @@ def build_tokenizer(conversations: list[Messages]) -> PreTrainedTokenizerFast:
     )
     tokenizer.train_from_iterator((chatml(c) for c in conversations), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
-        extra_special_tokens=[TURN_START, TURN_END], chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tokenizer,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        extra_special_tokens=[TURN_START, TURN_END],
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -247,10 +278,22 @@ def build_tokenizer(conversations: list[Messages]) -> PreTrainedTokenizerFast:
 # at a size a 2-core CPU trains in seconds. With the demo vocabulary (about 1,700 tokens: every
 # answer is one token) the teacher has about 660K parameters and the student about 80K, most of
 # them its embeddings.
-_TEACHER_SHAPE = {"hidden_size": 128, "intermediate_size": 448, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
-_STUDENT_SHAPE = {"hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+_TEACHER_SHAPE = {
+    "hidden_size": 128,
+    "intermediate_size": 448,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+}
+_STUDENT_SHAPE = {
+    "hidden_size": 32,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+}
 MAX_POSITIONS = 256  # the longest demo row is about 30 tokens
 
 
@@ -313,7 +356,10 @@ def _build_models(root: Path, folders: dict[str, Path]) -> None:
     torch.manual_seed(0)
     student = Qwen3ForCausalLM(student_config(len(tokenizer)))
     teacher = Qwen3ForCausalLM(teacher_config(len(tokenizer)))
-    console.print(f"building the demo teacher ({_count(teacher):,} parameters) in {root}: one-time, under a minute")
+    console.print(
+        f"building the demo teacher ({_count(teacher):,} parameters) in {root}: one-time, under "
+        "a minute"
+    )
     _train_teacher(teacher, tokenizer, corpus, test, console)
     for role, model in (("teacher", teacher), ("student", student)):
         with atomic_folder(folders[role]) as staging:
@@ -321,21 +367,42 @@ def _build_models(root: Path, folders: dict[str, Path]) -> None:
             tokenizer.save_pretrained(staging)
 
 
-def _train_teacher(teacher, tokenizer, corpus: list[Messages], test: list[Messages], console) -> None:
+def _train_teacher(
+    teacher, tokenizer, corpus: list[Messages], test: list[Messages], console
+) -> None:
     """Plain next-token training (alpha 0) with kdsweep's own loop, on the whole corpus rendered
     through the chat template, questions included."""
     cfg = TEACHER_TRAINING
     chat = ChatTemplate(tokenizer, tokenizer.chat_template)
-    split = tokenize(_conversations(corpus), tokenizer, max_length=64, assistant_only=False, chat=chat)
-    test_rows = tokenize(_conversations(test[:256]), tokenizer, max_length=64, assistant_only=False, chat=chat)
-    held_out = make_batches(test_rows, batch_size=64, pad_id=tokenizer.pad_token_id, shuffle_seed=None, group_by_length=True)
-    vocab = Vocabulary(size=len(tokenizer), teacher_rows=len(tokenizer), student_rows=len(tokenizer))
+    split = tokenize(
+        _conversations(corpus), tokenizer, max_length=64, assistant_only=False, chat=chat
+    )
+    test_rows = tokenize(
+        _conversations(test[:256]), tokenizer, max_length=64, assistant_only=False, chat=chat
+    )
+    held_out = make_batches(
+        test_rows,
+        batch_size=64,
+        pad_id=tokenizer.pad_token_id,
+        shuffle_seed=None,
+        group_by_length=True,
+    )
+    vocab = Vocabulary(
+        size=len(tokenizer), teacher_rows=len(tokenizer), student_rows=len(tokenizer)
+    )
     settings = train.DistillSettings(
         alpha=0.0,
         temperature=1.0,
         top_k=None,
         learning_rate=cfg["learning_rate"],
-        train=TrainConfig(max_steps=cfg["max_steps"], batch_size=cfg["batch_size"], eval_every=cfg["eval_every"], log_every=100, warmup_ratio=0.05, device="cpu"),
+        train=TrainConfig(
+            max_steps=cfg["max_steps"],
+            batch_size=cfg["batch_size"],
+            eval_every=cfg["eval_every"],
+            log_every=100,
+            warmup_ratio=0.05,
+            device="cpu",
+        ),
     )
     train.distill(
         teacher,
@@ -345,8 +412,12 @@ def _train_teacher(teacher, tokenizer, corpus: list[Messages], test: list[Messag
         vocab=vocab,
         pad_id=tokenizer.pad_token_id,
         evaluate=lambda model, step: {"ppl": score(model, held_out, vocab).perplexity},
-        on_log=lambda log: console.print(f"  teacher step {log.step}/{cfg['max_steps']}: loss {log.loss:.3f}"),
-        on_eval=lambda step, m: console.print(f"  teacher step {step}: held-out perplexity {m['ppl']:.2f}"),
+        on_log=lambda log: console.print(
+            f"  teacher step {log.step}/{cfg['max_steps']}: loss {log.loss:.3f}"
+        ),
+        on_eval=lambda step, m: console.print(
+            f"  teacher step {step}: held-out perplexity {m['ppl']:.2f}"
+        ),
     )
 
 

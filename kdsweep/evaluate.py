@@ -43,11 +43,19 @@ class Answers:
     stop_id: int  # generation stops at it: the chat template's end-of-turn, or EOS
 
     @staticmethod
-    def of(split: TokenizedSplit, tokenizer: PreTrainedTokenizerBase, settings: EvalConfig) -> Answers:
+    def of(
+        split: TokenizedSplit, tokenizer: PreTrainedTokenizerBase, settings: EvalConfig
+    ) -> Answers:
         """The first ``settings.max_rows`` rows of ``split`` that end with an answer."""
         rows = split.answered()[: settings.max_rows]
         stop_id = tokenizer.eos_token_id if split.stop_id is None else split.stop_id
-        return Answers([split.prompt(e) for e in rows], [split.answers[e] for e in rows], tokenizer, settings, stop_id)
+        return Answers(
+            [split.prompt(e) for e in rows],
+            [split.answers[e] for e in rows],
+            tokenizer,
+            settings,
+            stop_id,
+        )
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,9 @@ def score(
     return Scores(nll_sum=nll, kl_sum=kl, tokens=tokens)
 
 
-def prepare_eval_set(teacher: OnlineTeacher, batches: list[Batch], *, chunk_tokens: int | None) -> EvalSet:
+def prepare_eval_set(
+    teacher: OnlineTeacher, batches: list[Batch], *, chunk_tokens: int | None
+) -> EvalSet:
     """Score the teacher once per study and keep its top tokens for the students' KL."""
     device = next(teacher.model.parameters()).device
     targets = [teacher.targets(batch.to(device), top_k=EVAL_TOP_K) for batch in batches]
@@ -128,11 +138,22 @@ def prepare_eval_set(teacher: OnlineTeacher, batches: list[Batch], *, chunk_toke
 
 
 def evaluate_student(
-    student: PreTrainedModel, eval_set: EvalSet, vocab: Vocabulary, *, chunk_tokens: int | None, with_accuracy: bool
+    student: PreTrainedModel,
+    eval_set: EvalSet,
+    vocab: Vocabulary,
+    *,
+    chunk_tokens: int | None,
+    with_accuracy: bool,
 ) -> dict[str, float]:
     """The eval metrics every trial logs: perplexities, their ratio and KL to the teacher, and
     (``with_accuracy``, when the eval set has answers) exact match and ROUGE-L."""
-    scores = score(student, eval_set.batches, vocab, teacher_targets=eval_set.teacher_targets, chunk_tokens=chunk_tokens)
+    scores = score(
+        student,
+        eval_set.batches,
+        vocab,
+        teacher_targets=eval_set.teacher_targets,
+        chunk_tokens=chunk_tokens,
+    )
     metrics = {
         Metric.STUDENT_PPL: scores.perplexity,
         Metric.TEACHER_PPL: eval_set.teacher_ppl,
@@ -154,10 +175,17 @@ def accuracy(model: PreTrainedModel, answers: Answers) -> dict[str, float]:
         return {}
     tokenizer, settings = answers.tokenizer, answers.settings
     generated = generate(
-        model, answers.prompts, pad_id=tokenizer.pad_token_id, eos_id=answers.stop_id,
-        max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, vocab_size=len(tokenizer),
+        model,
+        answers.prompts,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=answers.stop_id,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        vocab_size=len(tokenizer),
     )
-    predictions = [answer_text(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in generated]
+    predictions = [
+        answer_text(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in generated
+    ]
     pairs = list(zip(predictions, answers.references))
     return {
         Metric.EXACT_MATCH: sum(exact_match(p, r) for p, r in pairs) / len(pairs),

@@ -42,7 +42,9 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     rows = model.get_output_embeddings().weight.shape[0]
-    padding_rows = list(range(vocab_size, rows)) if vocab_size is not None and vocab_size < rows else None
+    padding_rows = (
+        list(range(vocab_size, rows)) if vocab_size is not None and vocab_size < rows else None
+    )
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         suppress_tokens=padding_rows,
@@ -56,24 +58,30 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        input_ids, attention_mask = _left_padded([prompts[i] for i in rows], pad_id=pad_id, device=device)
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        for row, tokens in zip(rows, generated[:, input_ids.shape[1]:].tolist()):
+        rows = order[start : start + batch_size]
+        input_ids, attention_mask = _left_padded(
+            [prompts[i] for i in rows], pad_id=pad_id, device=device
+        )
+        generated = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        )
+        for row, tokens in zip(rows, generated[:, input_ids.shape[1] :].tolist()):
             outputs[row] = _until(tokens, eos_id)
     model.train(was_training)
     return [outputs[i] for i in range(len(prompts))]
 
 
-def _left_padded(prompts: list[Sequence[int]], *, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_padded(
+    prompts: list[Sequence[int]], *, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, L]`` ids and attention mask, padding on the left so every row ends where generation
     starts."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 

@@ -9,10 +9,11 @@ through the Optuna storage as any processes running the same study do (``sweep.p
 launcher only reads their output, forwards Ctrl-C and SIGTERM, and writes the report once they
 have all ended well.
 
-**One view.** Each worker's lines are shown once, prefixed ``[w0]``, ``[w1]``, ..., except its
-per-step lines: in a pipe they are dropped, on a terminal they move that worker's progress bar
-under a bar of the study's trials. Whatever line is not recognised is shown as it is, so a
-worker's error (a traceback, a ``kdsweep:`` line) always reaches the user.
+**One view.** Each worker's printed lines are shown once, as they are, prefixed ``[w0]``,
+``[w1]``, ...: they are for people, and a worker's error (a traceback, a ``kdsweep:`` line) always
+reaches the user. What the view counts and draws comes from the worker's events instead, JSON
+lines on a pipe of its own (``events``): its study, trials and steps. A launched worker prints no
+per-step lines; on a terminal its steps move its progress bar, under a bar of the study's trials.
 
 **Signals.** The workers run in their own session, so a terminal's Ctrl-C reaches the launcher
 only, which forwards exactly one SIGINT (or SIGTERM) to each: a worker that got two could be
@@ -27,27 +28,26 @@ import ctypes
 import functools
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
-from kdsweep import api, models, workspace
+from kdsweep import api, events, models
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
+from kdsweep.inputs import check_inputs
+from kdsweep.launch_view import LaunchView
 from kdsweep.storage import FINISHED_STATES, best_trial, check_storage, load_existing_study
+from kdsweep.study_teacher import build_cache
 
-WORKER_ENV = "KDSWEEP_WORKER"  # set in a worker: its name (w0, w1, ...); it leaves the summary to the launcher
+# set in a worker: its name (w0, w1, ...); it leaves the summary to the launcher
+WORKER_ENV = "KDSWEEP_WORKER"
 STOP_GRACE_SECONDS = 60.0  # after Ctrl-C, how long workers may take to close their trials
 DRAIN_SECONDS = 5.0  # after the last worker exits, how long its last lines may take to arrive
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -76,11 +76,24 @@ def run_workers(
     api.quiet_libraries()
     pinned = plan_devices(study, workers, devices)
     if pinned[0] is not None:
-        torch.cuda.set_device(pinned[0])  # the cache is built on the first worker's GPU, not always on GPU 0
+        torch.cuda.set_device(
+            pinned[0]
+        )  # the cache is built on the first worker's GPU, not always on GPU 0
     prepare_shared(study)
-    command = worker_command(study_file, overrides=overrides, n_trials=n_trials, timeout=timeout, study=study, pinned=pinned)
+    command = worker_command(
+        study_file,
+        overrides=overrides,
+        n_trials=n_trials,
+        timeout=timeout,
+        study=study,
+        pinned=pinned,
+    )
     threads = max(1, usable_cores() // workers)
-    view = LaunchView([f"w{i}" for i in range(workers)], target=n_trials or study.n_trials, steps=study.train.max_steps)
+    view = LaunchView(
+        [f"w{i}" for i in range(workers)],
+        target=n_trials or study.n_trials,
+        steps=study.train.max_steps,
+    )
     try:
         status = _run(command, pinned, threads, view)
     finally:
@@ -101,21 +114,33 @@ def plan_devices(study: StudyConfig, workers: int, devices: list[int] | None) ->
     workers there; on GPUs they go round-robin over the visible ones (or all on the study's
     ``cuda:N``).
     """
-    device = models.resolve_device(study.train.device)  # a cuda study on a machine without one stops here
+    device = models.resolve_device(
+        study.train.device
+    )  # a cuda study on a machine without one stops here
     if devices is None:
         if device.type == "cpu":
             return [None] * workers
-        devices = [device.index] if device.index is not None else list(range(torch.cuda.device_count()))
+        devices = (
+            [device.index] if device.index is not None else list(range(torch.cuda.device_count()))
+        )
         flag = f"train.device {study.train.device}"
     else:
         flag = "--devices " + ",".join(map(str, devices))
         if not torch.cuda.is_available():
-            raise UsageError(f"{flag}: no CUDA GPU is visible on this machine; drop --devices to share the CPU between the workers")
+            raise UsageError(
+                f"{flag}: no CUDA GPU is visible on this machine; drop --devices to share the "
+                "CPU between the workers"
+            )
         if study.train.device == "cpu":
-            raise UsageError(f"{flag}: the study trains on the CPU (train.device: cpu); set train.device: auto, or drop --devices")
+            raise UsageError(
+                f"{flag}: the study trains on the CPU (train.device: cpu); set train.device: "
+                "auto, or drop --devices"
+            )
     count = torch.cuda.device_count()
     if missing := sorted({i for i in devices if not 0 <= i < count}):
-        raise UsageError(f"{flag}: no GPU {missing[0]} here ({count} visible); use indices 0 to {count - 1}")
+        raise UsageError(
+            f"{flag}: no GPU {missing[0]} here ({count} visible); use indices 0 to {count - 1}"
+        )
     return [devices[i % len(devices)] for i in range(workers)]
 
 
@@ -131,14 +156,20 @@ def prepare_shared(study: StudyConfig) -> None:
     first: the demo's models and the teacher's top-K cache. Reading the inputs checks them, so a
     missing model or dataset stops the launch here (a UsageError, nothing written)."""
     check_storage(study.storage_url)
-    if workspace.cached_top_ks(study):
-        workspace.build_cache(study)  # reads and checks every input; the workers then say "reusing"
+    if study.cached_top_ks:
+        build_cache(study)  # reads and checks every input; the workers then say "reusing"
     else:
-        workspace.check_inputs(study)
+        check_inputs(study)
 
 
 def worker_command(
-    study_file: str, *, overrides: list[str], n_trials: int | None, timeout: float | None, study: StudyConfig, pinned: list[int | None]
+    study_file: str,
+    *,
+    overrides: list[str],
+    n_trials: int | None,
+    timeout: float | None,
+    study: StudyConfig,
+    pinned: list[int | None],
 ) -> list[str]:
     command = [sys.executable, "-m", "kdsweep", "run", study_file, "--no-report"]
     for override in overrides:
@@ -146,7 +177,10 @@ def worker_command(
     if pinned[0] is not None and study.train.device.startswith("cuda:"):
         command += ["--set", "train.device=cuda"]  # a worker sees one GPU, its cuda:0
     if n_trials is not None:
-        command += ["--n-trials", str(n_trials)]  # the study's total: the workers stop together at it
+        command += [
+            "--n-trials",
+            str(n_trials),
+        ]  # the study's total: the workers stop together at it
     if timeout is not None:
         command += ["--timeout", str(timeout)]
     return command
@@ -172,7 +206,8 @@ def worker_env(name: str, gpu: int | None, threads: int) -> dict[str, str]:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (a container or taskset may allow fewer than the machine's)."""
+    """The cores this process may run on (a container or taskset may allow fewer than the
+    machine's)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
@@ -192,6 +227,7 @@ def is_worker() -> bool:
 class Worker:
     name: str
     process: subprocess.Popen
+    events: int  # the read end of the worker's events pipe
 
     def send(self, signum: int) -> None:
         self.process.send_signal(signum)  # a no-op once it has exited
@@ -210,29 +246,40 @@ def _run(command: list[str], pinned: list[int | None], threads: int, view: Launc
                     break  # interrupted while starting: start no more
                 workers.append(_start(f"w{i}", command, gpu, threads))
                 where = "the CPU" if gpu is None else f"GPU {gpu}"
-                view.message(f"w{i}: pid {workers[-1].process.pid} on {where}, {threads} CPU thread{'s' * (threads > 1)}")
+                view.message(
+                    f"w{i}: pid {workers[-1].process.pid} on {where}, {threads} CPU "
+                    f"thread{'s' * (threads > 1)}"
+                )
             stopper.forward()  # to any worker started after a signal came
             _follow(workers, view, stopper)
         finally:
             _stop_leftovers(workers)
-    statuses = [exit_status(w.process.returncode, interrupted=stopper.signum is not None) for w in workers]
+    statuses = [
+        exit_status(w.process.returncode, interrupted=stopper.signum is not None) for w in workers
+    ]
     return worst_status(statuses + ([130] if stopper.signum is not None else []))
 
 
 def _start(name: str, command: list[str], gpu: int | None, threads: int) -> Worker:
-    process = subprocess.Popen(
-        command,
-        env=worker_env(name, gpu, threads),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        bufsize=1,
-        start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only; it forwards one
-        preexec_fn=_die_with_parent(),
-    )
-    return Worker(name, process)
+    read_end, write_end = os.pipe()
+    try:
+        process = subprocess.Popen(
+            command,
+            env={**worker_env(name, gpu, threads), events.EVENTS_FD: str(write_end)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            pass_fds=(write_end,),
+            # a terminal's Ctrl-C reaches the launcher only; it forwards one
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
+        )
+    finally:
+        os.close(write_end)  # the worker has its copy: its end closes the pipe when it exits
+    return Worker(name, process, read_end)
 
 
 def _die_with_parent():
@@ -246,19 +293,29 @@ def _die_with_parent():
 
 
 def _follow(workers: list[Worker], view: LaunchView, stopper: _Stopper) -> None:
-    """Show the workers' lines until they have all exited and their last lines are read."""
+    """Show the workers' lines and events until they have all exited and both are read."""
     lines: queue.Queue = queue.Queue()
     for worker in workers:
-        threading.Thread(target=_read, args=(worker, lines), daemon=True).start()
-    open_streams, ended, drain_until = len(workers), set(), None
+        threading.Thread(
+            target=_read, args=(worker, worker.process.stdout, lines, False), daemon=True
+        ).start()
+        threading.Thread(
+            target=_read,
+            args=(worker, os.fdopen(worker.events, errors="replace"), lines, True),
+            daemon=True,
+        ).start()
+    open_streams, ended, drain_until = 2 * len(workers), set(), None
     while open_streams or len(ended) < len(workers):
         try:
-            worker, line = lines.get(timeout=0.2)
+            worker, line, is_event = lines.get(timeout=0.2)
         except queue.Empty:
             pass
         else:
             if line is None:
                 open_streams -= 1
+            elif is_event:
+                if (event := events.parse(line)) is not None:
+                    view.event(worker.name, event)
             else:
                 view.line(worker.name, line)
         for notice in stopper.check():
@@ -268,18 +325,19 @@ def _follow(workers: list[Worker], view: LaunchView, stopper: _Stopper) -> None:
                 ended.add(worker.name)
                 view.ended(worker.name, worker.process.returncode)
         if len(ended) == len(workers):
-            # A worker's own child may hold its pipe open after it exits: its last lines get a bounded wait.
+            # A worker's own child may hold its pipe open after it exits: its last lines get a
+            # bounded wait.
             drain_until = drain_until or time.monotonic() + DRAIN_SECONDS
             if time.monotonic() > drain_until:
                 break
 
 
-def _read(worker: Worker, lines: queue.Queue) -> None:
+def _read(worker: Worker, stream, lines: queue.Queue, is_event: bool) -> None:
     try:
-        for line in worker.process.stdout:
-            lines.put((worker, line))
+        for line in stream:
+            lines.put((worker, line, is_event))
     finally:
-        lines.put((worker, None))
+        lines.put((worker, None, is_event))
 
 
 def _stop_leftovers(workers: list[Worker]) -> None:
@@ -328,7 +386,8 @@ class _Stopper:
         self.signum = signum
         self._deadline = time.monotonic() + STOP_GRACE_SECONDS
         self._notices.append(
-            f"{signal.Signals(signum).name}: stopping the workers (each ends its running trial as INTERRUPTED); "
+            f"{signal.Signals(signum).name}: stopping the workers (each ends its running trial "
+            "as INTERRUPTED); "
             "Ctrl-C again kills them"
         )
         self.forward()
@@ -343,7 +402,10 @@ class _Stopper:
 
     def check(self) -> list[str]:
         if self._deadline is not None and time.monotonic() > self._deadline and not self._killed:
-            self._kill(f"workers still running {STOP_GRACE_SECONDS:.0f} s after the interrupt: killing them")
+            self._kill(
+                f"workers still running {STOP_GRACE_SECONDS:.0f} s after the interrupt: killing "
+                "them"
+            )
         notices, self._notices = self._notices, []
         return notices
 
@@ -366,7 +428,8 @@ _WORST_FIRST = (1, 2, 130, 0)
 
 def exit_status(returncode: int, *, interrupted: bool) -> int:
     """A worker's exit status as the launcher counts it. Killed by a signal (a negative code):
-    by the launcher stopping it (130), or by something else (the kernel's OOM killer): a failure."""
+    by the launcher stopping it (130), or by something else (the kernel's OOM killer): a
+    failure."""
     if returncode < 0:
         return 130 if interrupted else 1
     return returncode if returncode in _WORST_FIRST else 1
@@ -387,76 +450,3 @@ def _outcome(study: StudyConfig, *, report: bool) -> LaunchSummary:
     finished = optuna_study.get_trials(deepcopy=False, states=FINISHED_STATES)
     path = api.write_report(study) if report and finished else None
     return LaunchSummary(0, best_trial=None if best is None else best.number, report=path)
-
-
-# ---------------------------------------------------------------- the view
-
-# The lines a worker's progress prints in a pipe (progress.SweepProgress). A line that matches
-# none of them is shown as it is: a change of format shows more lines, never hides an error.
-_STEP = re.compile(r"^\s+step (\d+): (.*)")
-_STARTED = re.compile(r"^trial (\d+) started: (.*)")
-_ENDED = re.compile(r"^trial \d+ \w+.*; best: (.*)")
-_STUDY = re.compile(r"^study '.*': (\d+) of \d+ trials finished")
-
-
-class LaunchView:
-    """The workers' lines, each once with its worker's name; on a terminal, under them, a bar of
-    the study's trials (with the best so far) and one bar per worker for its running trial."""
-
-    def __init__(self, names: list[str], *, target: int, steps: int, console: Console | None = None):
-        self.console = console or Console(stderr=True, log_path=False)
-        self.live = self.console.is_terminal
-        self.trials_done: Counter[str] = Counter()  # trials each worker ended
-        self._steps = steps
-        self._seen_study = False
-        self._bars: Progress | None = None
-        self._tasks: dict[str, TaskID] = {}
-        if self.live:
-            self._start_bars(names, target)
-
-    def _start_bars(self, names: list[str], target: int) -> None:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-        self._bars = Progress(*columns, console=self.console)
-        self._bars.start()
-        self._tasks["trials"] = self._bars.add_task("trials", total=target, info="best -")
-        for name in names:
-            self._tasks[name] = self._bars.add_task(name, total=self._steps, info="preparing")
-
-    def message(self, text: str) -> None:
-        # Text, not markup: a worker's line may hold brackets ("top_k=[4, 8]", a traceback).
-        if self.live:
-            self.console.log(Text(text))
-        else:
-            self.console.print(Text(text), soft_wrap=True)  # a pipe: never wrapped at 80 columns
-
-    def line(self, name: str, line: str) -> None:
-        text = line.rstrip("\n").rsplit("\r", 1)[-1]  # a bar redrawn with \r: its last state
-        if not text.strip():
-            return
-        if step := _STEP.match(text):
-            self._update(name, completed=int(step[1]), info=step[2])
-            return  # N workers' step lines, interleaved, are what this view exists to avoid
-        if started := _STARTED.match(text):
-            self._update(name, completed=0, description=f"{name} trial {started[1]}", info=started[2])
-        elif ended := _ENDED.match(text):
-            self.trials_done[name] += 1
-            self._update("trials", advance=1, info=f"best {ended[1]}")
-        elif (study := _STUDY.match(text)) and not self._seen_study:
-            self._seen_study = True  # the first worker to open the study says what it held before
-            self._update("trials", completed=int(study[1]))
-        self.message(f"[{name}] {text}")
-
-    def ended(self, name: str, returncode: int) -> None:
-        how = f"exit {returncode}" if returncode >= 0 else f"killed by {signal.Signals(-returncode).name}"
-        self._update(name, info=how)
-        trials = self.trials_done[name]
-        self.message(f"{name} ended ({how}) after {trials} trial{'s' * (trials != 1)}")
-
-    def _update(self, key: str, **fields) -> None:
-        if self._bars is not None and key in self._tasks:
-            self._bars.update(self._tasks[key], **fields)
-
-    def close(self) -> None:
-        if self._bars is not None:
-            self._bars.stop()
-            self._bars = None

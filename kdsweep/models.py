@@ -1,16 +1,23 @@
 """Loading the teacher and the student, choosing device and dtype, checking their vocabularies.
 
 Models are named by where they load from: a hub id or a local folder (``ModelConfig.name``
-already resolved by the workspace, which also builds the demo's models).
+already located by ``inputs``, which also builds the demo's models).
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from kdsweep.config import ModelConfig
 from kdsweep.errors import UsageError
@@ -19,12 +26,22 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _TOKENIZER_FILES = "tokenizer*"  # tokenizer.json, tokenizer_config.json, tokenizer.model
 
 
+def release_memory(device: torch.device) -> None:
+    """Give freed tensors' memory back: models just dropped would otherwise stay in the CUDA
+    allocator's cache, out of reach of the next trial."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"train.device is {name!r} but no CUDA GPU is visible; set train.device: auto or cpu")
+        raise UsageError(
+            f"train.device is {name!r} but no CUDA GPU is visible; set train.device: auto or cpu"
+        )
     return device
 
 
@@ -49,12 +66,13 @@ def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dty
 
 def load_tokenizer(role: str, spec: ModelConfig) -> PreTrainedTokenizerBase:
     """A model's tokenizer. The student's renders and tokenizes the data; the teacher's must agree
-    with it (``check_same_vocabulary``, and the rows themselves: ``workspace``)."""
+    with it (``check_same_vocabulary``, and the rows themselves: ``inputs``)."""
     folder = Path(spec.name)
     if folder.is_dir() and not any(folder.glob(_TOKENIZER_FILES)):
         # transformers would make an empty tokenizer of the model's type instead.
         raise UsageError(
-            f"cannot load the {role}'s tokenizer: {folder} has no tokenizer files (tokenizer.json, tokenizer_config.json); "
+            f"cannot load the {role}'s tokenizer: {folder} has no tokenizer files "
+            "(tokenizer.json, tokenizer_config.json); "
             "save the tokenizer beside the model (tokenizer.save_pretrained)"
         )
     try:
@@ -67,7 +85,9 @@ def load_tokenizer(role: str, spec: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+def check_same_vocabulary(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase
+) -> None:
     """Every id the student's tokenizer knows must mean the same token to the teacher's: the
     teacher's logits are read by the student's ids. (The rows are compared too, once rendered:
     the same vocabulary can still split text differently.)"""
@@ -76,8 +96,10 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
         if theirs.get(token) != index:
             other = teacher.convert_ids_to_tokens(index) if index < len(teacher) else None
             raise UsageError(
-                f"teacher and student tokenizers differ: id {index} is {token!r} for the student but "
-                f"{'missing' if other is None else repr(other)} for the teacher ({len(student):,} and {len(teacher):,} tokens); "
+                f"teacher and student tokenizers differ: id {index} is {token!r} for the student "
+                "but "
+                f"{'missing' if other is None else repr(other)} for the teacher "
+                f"({len(student):,} and {len(teacher):,} tokens); "
                 "distill between models that share one tokenizer (the same family)"
             )
 
@@ -86,7 +108,9 @@ def load_model(role: str, spec: ModelConfig, device: torch.device) -> PreTrained
     """Load the teacher (frozen, eval mode) or a fresh student, on ``device``."""
     dtype = resolve_dtype(spec.dtype, device, frozen=role == "teacher")
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.name, revision=spec.revision, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.name, revision=spec.revision, dtype=dtype
+        )
     except (OSError, ValueError) as exc:
         raise _missing(role, spec.name, exc) from exc
     model.to(device)
@@ -108,7 +132,9 @@ class Vocabulary:
         return self.teacher_rows != self.size or self.student_rows != self.size
 
 
-def shared_vocabulary(tokenizer: PreTrainedTokenizerBase, teacher_rows: int, student_rows: int) -> Vocabulary:
+def shared_vocabulary(
+    tokenizer: PreTrainedTokenizerBase, teacher_rows: int, student_rows: int
+) -> Vocabulary:
     """Check that teacher and student can be compared token by token.
 
     Qwen3-4B and Qwen3-0.6B both pad their 151,669 tokens to 151,936 embedding rows (Qwen2.5-0.5B
@@ -119,7 +145,8 @@ def shared_vocabulary(tokenizer: PreTrainedTokenizerBase, teacher_rows: int, stu
     for role, rows in (("teacher", teacher_rows), ("student", student_rows)):
         if rows < size:
             raise UsageError(
-                f"the {role} has {rows} embedding rows but the student's tokenizer has {size} tokens: "
+                f"the {role} has {rows} embedding rows but the student's tokenizer has {size} "
+                "tokens: "
                 "teacher and student must share one tokenizer; pick models of the same family"
             )
     return Vocabulary(size=size, teacher_rows=teacher_rows, student_rows=student_rows)
@@ -131,7 +158,9 @@ def embedding_rows(location: str, revision: str | None) -> int:
     return getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
 
 
-def check_vocabularies(teacher: ModelConfig, student: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
+def check_vocabularies(
+    teacher: ModelConfig, student: ModelConfig, tokenizer: PreTrainedTokenizerBase
+) -> Vocabulary:
     rows = {}
     for role, spec in (("teacher", teacher), ("student", student)):
         try:
@@ -149,10 +178,14 @@ def _missing(role: str, location: str, exc: Exception) -> UsageError:
     return UsageError(f"cannot load the {role} from {location!r}: {reason}; {fix}")
 
 
-def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_states(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """The last hidden states ``[B, S, H]``: the losses apply the output layer chunk by chunk,
     so the ``[B, S, V]`` logits are never built."""
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask
+    ).last_hidden_state
 
 
 def output_weight(model: PreTrainedModel, vocab: Vocabulary) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""Every name kdsweep stores in Optuna or MLflow, in one place.
+"""Every name kdsweep stores in Optuna or MLflow, each string written once.
 
 Other tools read these names (the MLflow UI's filters, a user's ``mlflow.search_runs``, the
-report and ``kdsweep status`` reading a study written by another version), so each is written
-here once and used everywhere by its constant. README.md, "MLflow layout", shows where they land.
+report and ``kdsweep status`` reading a study written by another version), so each string is
+written here once and used everywhere by its constant. Where the same value is kept in two
+places (the teacher's perplexity as a study attr and as a metric), the second name refers to the
+first. docs/mlflow.md shows where they land.
 
 This module imports nothing: the MLflow plugin, which MLflow loads while it is itself being
 imported, uses it too.
@@ -10,97 +12,17 @@ imported, uses it too.
 
 from __future__ import annotations
 
-MINIMIZE, MAXIMIZE = "minimize", "maximize"
-
 
 class Group:
     """Which history a trial is sampled from (``TrialAttr.GROUP``; see ``sampling``)."""
 
     SEARCH = "search"  # the sweep's own trials
-    CONFIRM = "confirm"  # the seed check: configurations trained again with other seeds
+    SEED_CHECK = "seed_check"  # configurations trained again with other seeds
     BASELINE_PREFIX = "baseline:"  # each baseline entry's trials: "baseline:0", ...
 
     @staticmethod
     def baseline(index: int) -> str:
         return f"{Group.BASELINE_PREFIX}{index}"
-
-
-class StudyAttr:
-    """User attrs of the Optuna study: what every worker shares, computed once."""
-
-    PARENT_RUN_ID = "mlflow_parent_run_id"  # written once, by compare-and-set (storage.set_user_attr_once)
-    EXPERIMENT_ID = "mlflow_experiment_id"
-    CONFIG = "config"  # the resolved study the sweep ran with
-    FINGERPRINT = "fingerprint"
-    BASELINES_ENQUEUED = "baselines_enqueued"
-    # References, measured once per study on the eval tokens and the data.
-    TEACHER_PPL = "teacher_ppl"
-    UNTRAINED_PPL = "student_ppl_untrained"
-    TRAIN_ROWS = "train_rows"
-    EVAL_ROWS = "eval_rows"
-    TRAIN_SCORED_TOKENS = "train_scored_tokens"
-    EVAL_SCORED_TOKENS = "eval_scored_tokens"
-    TRAIN_PADDING_SHARE = "train_padding_share"
-    RECOVERED_PREFIX = "recovered:"  # recovered:<trial>: the worker that failed a dead worker's trial
-    TEACHER_EXACT_MATCH = "teacher_exact_match"
-    TEACHER_ROUGE_L = "teacher_rouge_l"
-    UNTRAINED_EXACT_MATCH = "student_exact_match_untrained"
-    UNTRAINED_ROUGE_L = "student_rouge_l_untrained"
-    ACCURACY_ROWS = "accuracy_rows"  # eval rows whose answers are decoded
-    CONFIRM_JOBS = "confirm_jobs"  # the seed check's (trial, seed) runs, decided once
-    VOCAB_SIZE = "vocab_size"
-    VOCAB_PADDED = "vocab_padded"
-    TOPK_MASS = "topk_mass"  # {"k": share of the teacher's mass its top-k keep}
-
-
-class TrialAttr:
-    """User attrs of an Optuna trial."""
-
-    PARAMS = "params"  # every searched parameter, sampled or fixed
-    BASELINE = "baseline"
-    BASELINE_PARAMS = "baseline_params"
-    MLFLOW_RUN_ID = "mlflow_run_id"
-    FAIL_REASON = "fail_reason"
-    PRUNED_STEP = "pruned_step"
-    DURATION_S = "duration_s"
-    PEAK_MEMORY_MB = "peak_memory_mb"
-    TOPK_MASS = "topk_mass"
-    GROUP = "group"  # which sampler history a trial belongs to: "search", "baseline:<i>" or "confirm"
-    SEED = "seed"  # the training seed, when not the study's (seed-check trials)
-    WORKER = "worker"  # {host, pid, started}: the process running the trial
-    DEVICE = "device"  # where it trained: cpu, cuda:0 (in its worker's CUDA_VISIBLE_DEVICES)
-    MICRO_BATCH = "micro_batch"  # an out-of-memory retry's smaller batch ...
-    GRAD_ACCUM = "grad_accum_steps"  # ... and larger accumulation (the same effective batch)
-    OOM_RETRY_OF = "oom_retry_of"  # the trial that ran out of memory
-    RETRY_OF = "retry_of"  # the trial whose worker died while it ran
-    CONFIRMS = "confirms"  # a seed-check trial: the trial whose configuration it runs again
-    # A complete trial also keeps its final eval metrics (Metric.EVAL) under their own names.
-
-
-class Tag:
-    """MLflow run tags."""
-
-    PARENT = "mlflow.parentRunId"
-    GIT_COMMIT = "mlflow.source.git.commit"
-    EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI tells training experiments by it
-    STUDY = "kdsweep.study"
-    TRIAL = "kdsweep.trial"
-    TRIAL_RUN_ID = "kdsweep.trial_run_id"  # on runs that user code starts inside a trial
-    STATE = "kdsweep.state"  # the Optuna state: COMPLETE, PRUNED, FAIL, INTERRUPTED, KILLED
-    REASON = "kdsweep.reason"
-    BASELINE = "kdsweep.baseline"
-    CONFIRM = "kdsweep.confirm"  # a seed-check run: the trial whose configuration it runs again
-    VERSION = "kdsweep.version"
-    LIBRARY_VERSION_PREFIX = "kdsweep.version."  # kdsweep.version.torch, kdsweep.version.transformers
-    FINGERPRINT = "kdsweep.fingerprint"
-    MODEL = "kdsweep.model"  # "saved" on the one run holding the best student (save_best)
-    HOST = "kdsweep.host"  # the machine a trial ran on
-    DEVICE = "kdsweep.device"  # and its device
-    # On the parent run: the best trial so far.
-    BEST_TRIAL = "best_trial"
-    BEST_RUN_ID = "best.run_id"
-    BEST_VALUE = "best.value"
-    BEST_PARAM_PREFIX = "best."
 
 
 class Metric:
@@ -139,23 +61,98 @@ class Metric:
     TOPK_MASS_PREFIX = "topk_mass_k"
 
 
-# Each objective a study may name, with the direction that makes it better. The study, the
-# best-trial logic, the MLflow best tags, pruning and the report all read it from here.
-OBJECTIVES: dict[str, str] = {
-    Metric.STUDENT_PPL: MINIMIZE,
-    Metric.PPL_RATIO: MINIMIZE,
-    Metric.EXACT_MATCH: MAXIMIZE,
-    Metric.ROUGE_L: MAXIMIZE,
-}
-ACCURACY_OBJECTIVES = (Metric.EXACT_MATCH, Metric.ROUGE_L)  # need decoded answers (eval.accuracy)
+class StudyAttr:
+    """User attrs of the Optuna study: what every worker shares, computed once."""
+
+    PARENT_RUN_ID = (
+        "mlflow_parent_run_id"  # written once, by compare-and-set (storage.set_user_attr_once)
+    )
+    EXPERIMENT_ID = "mlflow_experiment_id"
+    CONFIG = "config"  # the resolved study the sweep ran with
+    FINGERPRINT = "fingerprint"
+    BASELINES_ENQUEUED = "baselines_enqueued"
+    # References, measured once per study on the eval tokens and the data.
+    TEACHER_PPL = Metric.TEACHER_PPL  # on the parent run too, under the same names
+    UNTRAINED_PPL = Metric.UNTRAINED_PPL
+    TRAIN_ROWS = "train_rows"
+    EVAL_ROWS = "eval_rows"
+    TRAIN_SCORED_TOKENS = "train_scored_tokens"
+    EVAL_SCORED_TOKENS = "eval_scored_tokens"
+    TRAIN_PADDING_SHARE = Metric.TRAIN_PADDING_SHARE
+    RECOVERED_PREFIX = (
+        "recovered:"  # recovered:<trial>: the worker that failed a dead worker's trial
+    )
+    TEACHER_EXACT_MATCH = Metric.TEACHER_EXACT_MATCH
+    TEACHER_ROUGE_L = Metric.TEACHER_ROUGE_L
+    UNTRAINED_EXACT_MATCH = Metric.UNTRAINED_EXACT_MATCH
+    UNTRAINED_ROUGE_L = Metric.UNTRAINED_ROUGE_L
+    ACCURACY_ROWS = "accuracy_rows"  # eval rows whose answers are decoded
+    SEED_CHECK_JOBS = "seed_check_jobs"  # the seed check's (trial, seed) runs, decided once
+    VOCAB_SIZE = "vocab_size"
+    VOCAB_PADDED = "vocab_padded"
+    TOPK_MASS = Metric.TOPK_MASS  # {"k": share of the teacher's mass its top-k keep}
 
 
-def better(direction: str, value: float, than: float) -> bool:
-    """Whether ``value`` beats ``than`` for an objective with ``direction``."""
-    return value < than if direction == MINIMIZE else value > than
+class TrialAttr:
+    """User attrs of an Optuna trial."""
+
+    PARAMS = "params"  # every searched parameter, sampled or fixed
+    BASELINE = "baseline"
+    BASELINE_PARAMS = "baseline_params"
+    MLFLOW_RUN_ID = "mlflow_run_id"
+    FAIL_REASON = "fail_reason"
+    PRUNED_STEP = "pruned_step"
+    DURATION_S = Metric.DURATION_S  # as on the trial's run
+    PEAK_MEMORY_MB = Metric.PEAK_MEMORY_MB
+    TOPK_MASS = Metric.TOPK_MASS
+    # which sampler history a trial belongs to: "search", "baseline:<i>" or "seed_check"
+    GROUP = "group"
+    SEED = "seed"  # the training seed, when not the study's (seed-check trials)
+    WORKER = "worker"  # {host, pid, started}: the process running the trial
+    DEVICE = "device"  # where it trained: cpu, cuda:0 (in its worker's CUDA_VISIBLE_DEVICES)
+    MICRO_BATCH = "micro_batch"  # an out-of-memory retry's smaller batch ...
+    GRAD_ACCUM = "grad_accum_steps"  # ... and larger accumulation (the same effective batch)
+    OOM_RETRY_OF = "oom_retry_of"  # the trial that ran out of memory
+    RETRY_OF = "retry_of"  # the trial whose worker died while it ran
+    SEED_CHECK_OF = (
+        "seed_check_of"  # a seed-check trial: the trial whose configuration it trains again
+    )
+    # A complete trial also keeps its final eval metrics (student_ppl, ...) under their Metric
+    # names.
 
 
+class Tag:
+    """MLflow run tags."""
+
+    PARENT = "mlflow.parentRunId"
+    GIT_COMMIT = "mlflow.source.git.commit"
+    EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI tells training experiments by it
+    STUDY = "kdsweep.study"
+    TRIAL = "kdsweep.trial"
+    TRIAL_RUN_ID = "kdsweep.trial_run_id"  # on runs that user code starts inside a trial
+    STATE = "kdsweep.state"  # the Optuna state: COMPLETE, PRUNED, FAIL, INTERRUPTED, KILLED
+    REASON = "kdsweep.reason"
+    BASELINE = "kdsweep.baseline"
+    SEED_CHECK_OF = (
+        "kdsweep.seed_check_of"  # a seed-check run: the trial whose configuration it trains again
+    )
+    VERSION = "kdsweep.version"
+    LIBRARY_VERSION_PREFIX = "kdsweep.version."  # kdsweep.version.torch, .transformers, .optuna
+    FINGERPRINT = "kdsweep.fingerprint"
+    MODEL = "kdsweep.model"  # "saved" on the one run holding the best student (save_best)
+    HOST = "kdsweep.host"  # the machine a trial ran on
+    DEVICE = "kdsweep.device"  # and its device
+    # On the parent run: the best trial so far.
+    BEST_TRIAL = "best_trial"
+    BEST_RUN_ID = "best.run_id"
+    BEST_VALUE = "best.value"
+    BEST_PARAM_PREFIX = "best."
+
+
+# MLflow artifacts.
 MODEL_ARTIFACT = "model"  # where save_best logs the student in its run
 STUDY_ARTIFACT = "study.yaml"  # the resolved study on the parent run
+RERUN_ARTIFACT = "trial.yaml"  # on every trial run: the study that reruns that trial alone
 TRACEBACK_ARTIFACT = "traceback.txt"
 REPORT_ARTIFACTS = "report"
+CHAMPION = "champion"  # the registry alias that follows the study's best student

@@ -19,17 +19,19 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.config import StudyConfig
-from kdsweep.mlflow_plugin import active_trial
-from kdsweep.models import device_uuid
-from kdsweep.names import Group, Metric, TrialAttr, better
+from kdsweep.mlflow.plugin import active_trial
+from kdsweep.mlflow.study_runs import StudyRuns
+from kdsweep.mlflow.trial_run import TrialRun
+from kdsweep.models import device_uuid, release_memory
+from kdsweep.names import Group, Metric, TrialAttr
+from kdsweep.objectives import better
 from kdsweep.progress import SweepProgress
+from kdsweep.recovery import enqueue_retry, this_worker
 from kdsweep.redact import redact
-from kdsweep.sampling import suggest
-from kdsweep.storage import best_trial, enqueue_retry, group_of
-from kdsweep.tracking import StudyTracker, TrialRun
+from kdsweep.space import suggest
+from kdsweep.storage import best_trial, group_of
 from kdsweep.train import TrainingDiverged
-from kdsweep.workers import this_worker
-from kdsweep.workspace import Workspace, release_memory
+from kdsweep.trial_runner import TrialRunner
 
 OOM = "oom"  # the reason of a trial that ran out of memory
 
@@ -41,10 +43,12 @@ class RepeatedFailure(RuntimeError):
 class Objective:
     """One trial: sample, distill, report each evaluation to the pruner, mirror it in MLflow."""
 
-    def __init__(self, study: StudyConfig, workspace: Workspace, tracker: StudyTracker, progress: SweepProgress):
+    def __init__(
+        self, *, study: StudyConfig, runner: TrialRunner, runs: StudyRuns, progress: SweepProgress
+    ):
         self.study = study
-        self.workspace = workspace
-        self.tracker = tracker
+        self.runner = runner  # trains one trial's student: the seam a test replaces
+        self.runs = runs
         self.progress = progress
         self.ran = 0
         self._failures: list[str] = []  # this worker's consecutive failures, as error kinds
@@ -55,22 +59,34 @@ class Objective:
         batch = self._batch(trial)
         trial.set_user_attr(TrialAttr.PARAMS, params)
         trial.set_user_attr(TrialAttr.WORKER, this_worker())
-        trial.set_user_attr(TrialAttr.DEVICE, str(self.workspace.device))
-        device = self.workspace.device
-        run = self.tracker.start_trial(trial, params, seed=seed, device=str(device), gpu_uuid=device_uuid(device))
-        mass = self.workspace.topk_mass(params)  # None when the teacher runs online
+        device = self.runner.device
+        trial.set_user_attr(TrialAttr.DEVICE, str(device))
+        run = self.runs.start_trial(
+            trial, params, seed=seed, device=str(device), gpu_uuid=device_uuid(device)
+        )
+        mass = self.runner.topk_mass(params)  # None when the teacher runs online
         if mass is not None:
-            trial.set_user_attr(TrialAttr.TOPK_MASS, mass)  # the report warns when top_k keeps little
+            trial.set_user_attr(
+                TrialAttr.TOPK_MASS, mass
+            )  # the report warns when top_k keeps little
             run.log_metrics({Metric.TOPK_MASS: mass}, step=0)
         self.progress.trial_started(trial.number, params, self.study.train.max_steps)
         trained = {}  # save_best: the trained student, until the trial is scored
-        keep = self.study.save_best and group_of(trial) != Group.CONFIRM  # a re-run saves no model
+        keep = (
+            self.study.save_best and group_of(trial) != Group.SEED_CHECK
+        )  # a seed-check run saves no model
         on_trained = (lambda student: trained.update(student=student)) if keep else None
         try:
-            with active_trial(self.study.name, trial.number, run.run_id):  # tags runs that user code starts
-                result = self.workspace.distill(
-                    params, seed=seed, batch=batch,
-                    on_log=self._on_log(run), on_eval=self._on_eval(trial, run), on_trained=on_trained,
+            with active_trial(
+                self.study.name, trial.number, run.run_id
+            ):  # tags runs that user code starts
+                result = self.runner(
+                    params,
+                    seed=seed,
+                    batch=batch,
+                    on_log=self._on_log(run),
+                    on_eval=self._on_eval(trial, run),
+                    on_trained=on_trained,
                 )
             return self._complete(trial, run, result, student=trained.pop("student", None))
         except optuna.TrialPruned as exc:
@@ -84,12 +100,14 @@ class Objective:
             raise
         finally:
             trained.clear()
-            release_memory(self.workspace.device)
+            release_memory(self.runner.device)
 
     def _batch(self, trial: optuna.Trial) -> tuple[int, int]:
         """(micro-batch, accumulation steps): the study's, or an out-of-memory retry's."""
         train = self.study.train
-        return trial.user_attrs.get(TrialAttr.MICRO_BATCH, train.batch_size), trial.user_attrs.get(TrialAttr.GRAD_ACCUM, train.grad_accum_steps)
+        return trial.user_attrs.get(TrialAttr.MICRO_BATCH, train.batch_size), trial.user_attrs.get(
+            TrialAttr.GRAD_ACCUM, train.grad_accum_steps
+        )
 
     def _on_log(self, run: TrialRun):
         def on_log(log) -> None:
@@ -100,7 +118,7 @@ class Objective:
 
     def _on_eval(self, trial: optuna.Trial, run: TrialRun):
         objective = self.study.objective
-        prunable = group_of(trial) != Group.CONFIRM  # a seed check runs to its end
+        prunable = group_of(trial) != Group.SEED_CHECK  # a seed check runs to its end
 
         def on_eval(step: int, metrics: dict[str, float]) -> None:
             run.log_metrics(metrics, step=step)
@@ -125,19 +143,25 @@ class Objective:
             trial.set_user_attr(key, metric)
         # save_best: a trial better than every complete one so far logs its student as a model.
         best = best_trial(trial.study) if student is not None else None  # read only with save_best
-        saved = student is not None and (best is None or better(self.study.direction, value, best.value))
+        saved = student is not None and (
+            best is None or better(self.study.direction, value, best.value)
+        )
         if saved:
-            run.log_model(student, self.workspace.tokenizer)
+            run.log_model(student, self.runner.tokenizer)
         run.finish(result, objective=value)
         if saved:
-            self.tracker.keep_best_model()
+            self.runs.keep_best_model()
         return value
 
     def _fail(self, trial: optuna.Trial, run: TrialRun, exc: Exception) -> None:
         """Record why the trial failed, on it and its run; free what its frames held; retry it
         with a smaller micro-batch if it ran out of memory and the study asks."""
         details = redact(traceback.format_exc())
-        reason = OOM if out_of_memory(exc) else redact(f"{type(exc).__name__}: {exc}".strip().splitlines()[0])[:500]
+        reason = (
+            OOM
+            if out_of_memory(exc)
+            else redact(f"{type(exc).__name__}: {exc}".strip().splitlines()[0])[:500]
+        )
         trial.set_user_attr(TrialAttr.FAIL_REASON, reason)
         run.end("FAILED", state="FAIL", reason=reason, traceback=details)
         # The traceback's frames hold the trial's model, optimizer and activations: let them go.
@@ -149,14 +173,21 @@ class Objective:
         micro, accum = self._batch(trial)
         if micro < 2:
             return  # one row at a time did not fit: nothing smaller to try
-        marks = {TrialAttr.MICRO_BATCH: micro // 2, TrialAttr.GRAD_ACCUM: accum * 2, TrialAttr.OOM_RETRY_OF: trial.number}
+        marks = {
+            TrialAttr.MICRO_BATCH: micro // 2,
+            TrialAttr.GRAD_ACCUM: accum * 2,
+            TrialAttr.OOM_RETRY_OF: trial.number,
+        }
         enqueue_retry(trial.study, trial, marks)
-        self.progress.message(f"trial {trial.number} ran out of memory: retried with micro-batch {micro // 2} x {accum * 2}")
+        self.progress.message(
+            f"trial {trial.number} ran out of memory: retried with micro-batch {micro // 2} x "
+            f"{accum * 2}"
+        )
 
     def after_trial(self, optuna_study: optuna.Study, trial: FrozenTrial) -> None:
         self.ran += 1
         best = best_trial(optuna_study)
-        self.tracker.record_best(best)
+        self.runs.record_best(best)
         self.progress.trial_finished(trial, best)
         self._stop_on_repeated_failure(trial)
 
@@ -174,7 +205,8 @@ class Objective:
         kinds = {_kind(r) for r in self._failures[-limit:]}
         if len(self._failures) >= limit and len(kinds) == 1:
             raise RepeatedFailure(
-                f"the same error failed {limit} trials in a row (max_consecutive_failures), the last trial "
+                f"the same error failed {limit} trials in a row (max_consecutive_failures), the "
+                "last trial "
                 f"{trial.number}: {reason}"
             )
 

@@ -1,4 +1,5 @@
-"""No secret leaves the machine it was typed on: passwords in URLs are masked in what kdsweep writes.
+"""No secret leaves the machine it was typed on: passwords in URLs are masked in what kdsweep
+writes.
 
 A storage or tracking URL may carry a password (``postgresql://user:PASSWORD@host/db``) or a
 token in its query (``?password=...``, ``?token=...``). kdsweep needs the real URL to connect,
@@ -16,9 +17,14 @@ MASK = "***"
 
 # user:password@ in any scheme://... (the user is kept: it says which account, not how to log in)
 # (up to the authority's last "@": a password with an unencoded "@" is masked whole)
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*:)(?P<secret>[^\s/]+)(?=@[^\s@/]*(?:[/?#\s]|$))")
+_USERINFO = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*:)(?P<secret>[^\s/]+)(?=@[^\s@/]*(?:[/?#\s]|$))"
+)
 # password=..., token=... in a query string or a key=value text
-_QUERY = re.compile(r"(?P<head>[?&;]?\b(?:password|passwd|pwd|token|secret|api_key|apikey|access_key)=)(?P<secret>[^&\s;'\"]+)", re.I)
+_QUERY = re.compile(
+    r"(?P<head>[?&;]?\b(?:password|passwd|pwd|token|secret|api_key|apikey|access_key)=)(?P<secret>[^&\s;'\"]+)",
+    re.I,
+)
 
 
 def redact(text: str) -> str:

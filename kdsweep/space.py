@@ -3,11 +3,12 @@
 A declaration (:class:`Searched`) says how the parameter is written in a study file (its default
 range, choices or value), which values are allowed, how it reaches a trial (``setting``), and how
 it is shown in run names and the report. The study file's ``search:`` section
-(:data:`SearchConfig`), its validation, Optuna's sampling (``sweep.suggest``), the run names, the
-report's columns and the importances all follow :data:`SEARCH_SPACE`; adding a parameter is one
-declaration here plus its use in the loss or the training loop.
+(:data:`SearchConfig`), its validation, what each trial draws (:func:`suggest`, through Optuna's
+trial API), the baselines' trials, the run names, the report's columns and the importances all
+follow :data:`SEARCH_SPACE`; adding a parameter is one declaration here plus its use in the loss
+or the training loop.
 
-This module imports neither torch nor Optuna.
+This module imports neither torch nor Optuna (a trial is used through its ``suggest_*`` methods).
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdsweep.names import Group, TrialAttr
+
 WHOLE_VOCAB = "all"  # the top_k choice that keeps the teacher's whole vocabulary
 BASELINE_TRIALS = "trials"  # in a baseline entry: how many trials search what it does not fix
+
+
+def is_plain_fine_tuning(alpha: Any) -> Any:
+    """Whether a trial with this ``alpha`` is plain fine-tuning: no distillation term, only the
+    cross-entropy on the data. Takes a number, or a pandas column of them (then a column of
+    bools)."""
+    return alpha == 0
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,9 @@ class Searched:
     low_open: bool = False
     distillation_only: bool = False  # does nothing without a teacher signal (alpha 0)
     integer_or_all: bool = False  # whole numbers or "all", given as a list (top_k)
-    quiet_at: float | None = None  # a value that means "as before this parameter existed": not shown
+    quiet_at: float | None = (
+        None  # a value that means "as before this parameter existed": not shown
+    )
 
     def setting(self, value: Any) -> Any:
         """The value as the training loop takes it: ``top_k: all`` is None (no truncation)."""
@@ -78,7 +90,9 @@ class Searched:
     def problem(self, where: str, value: Any) -> str | None:
         """Why ``value`` is not allowed, as a 'key.path: message' line; None when it is."""
         if self.integer_or_all:
-            if value == WHOLE_VOCAB or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if value == WHOLE_VOCAB or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            ):
                 return None
             return f"{where}: must be an integer >= 1 or {WHOLE_VOCAB!r}, got {value!r}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -92,32 +106,74 @@ class Searched:
 
 SEARCH_SPACE: tuple[Searched, ...] = (
     Searched(
-        "alpha", Param(low=0.1, high=0.9), "weight of the KL term; 1 - alpha weighs the cross-entropy",
-        label="a", title="alpha", run_format=".2f", table_format=".4g", low=0.0, high=1.0,
+        "alpha",
+        Param(low=0.1, high=0.9),
+        "weight of the KL term; 1 - alpha weighs the cross-entropy",
+        label="a",
+        title="alpha",
+        run_format=".2f",
+        table_format=".4g",
+        low=0.0,
+        high=1.0,
     ),
     Searched(
-        "temperature", Param(low=1.0, high=8.0, log=True), "softens teacher and student in the KL term",
-        label="T", title="temperature", run_format=".2g", table_format=".4g", low_open=True,
+        "temperature",
+        Param(low=1.0, high=8.0, log=True),
+        "softens teacher and student in the KL term",
+        label="T",
+        title="temperature",
+        run_format=".2g",
+        table_format=".4g",
+        low_open=True,
         distillation_only=True,
     ),
     Searched(
-        "top_k", Param(choices=(WHOLE_VOCAB,)), "the teacher's largest logits kept, or all",
-        label="k", title="top_k", run_format="", table_format="", integer_or_all=True,
+        "top_k",
+        Param(choices=(WHOLE_VOCAB,)),
+        "the teacher's largest logits kept, or all",
+        label="k",
+        title="top_k",
+        run_format="",
+        table_format="",
+        integer_or_all=True,
         distillation_only=True,
     ),
     Searched(
-        "learning_rate", Param(low=1e-5, high=1e-3, log=True), "AdamW's peak learning rate",
-        label="lr", title="learning rate", run_format=".1e", table_format=".2e", high=1.0, low_open=True,
+        "learning_rate",
+        Param(low=1e-5, high=1e-3, log=True),
+        "AdamW's peak learning rate",
+        label="lr",
+        title="learning rate",
+        run_format=".1e",
+        table_format=".2e",
+        high=1.0,
+        low_open=True,
     ),
     Searched(
-        "beta", Param(value=0.0), "the divergence, TRL's generalized JSD: 0 forward KL, 1 reverse KL, between: a mix",
-        label="b", title="beta", run_format=".2f", table_format=".3g", low=0.0, high=1.0,
-        distillation_only=True, quiet_at=0.0,
+        "beta",
+        Param(value=0.0),
+        "the divergence, TRL's generalized JSD: 0 forward KL, 1 reverse KL, between: a mix",
+        label="b",
+        title="beta",
+        run_format=".2f",
+        table_format=".3g",
+        low=0.0,
+        high=1.0,
+        distillation_only=True,
+        quiet_at=0.0,
     ),
     Searched(
-        "lmbda", Param(value=0.0), "the share of steps trained on the student's own generations (on-policy, GKD)",
-        label="lmbda", title="lmbda", run_format=".2f", table_format=".3g", low=0.0, high=1.0,
-        distillation_only=True, quiet_at=0.0,
+        "lmbda",
+        Param(value=0.0),
+        "the share of steps trained on the student's own generations (on-policy, GKD)",
+        label="lmbda",
+        title="lmbda",
+        run_format=".2f",
+        table_format=".3g",
+        low=0.0,
+        high=1.0,
+        distillation_only=True,
+        quiet_at=0.0,
     ),
 )
 SEARCHED = tuple(p.name for p in SEARCH_SPACE)
@@ -128,7 +184,9 @@ SearchConfig = dataclasses.make_dataclass(
     "SearchConfig",
     [(p.name, Param, field(default=p.default)) for p in SEARCH_SPACE],
     frozen=True,
-    namespace={"__doc__": "The search space: one Param per declared parameter (space.SEARCH_SPACE)."},
+    namespace={
+        "__doc__": "The search space: one Param per declared parameter (space.SEARCH_SPACE)."
+    },
 )
 
 
@@ -141,10 +199,13 @@ def mattered(params: dict) -> list[Searched]:
     """The declared parameters that act in a trial with ``params``: at alpha 0 (plain
     fine-tuning) those that need a teacher do nothing, and a parameter at its quiet value
     (beta 0: forward KL; lmbda 0: off-policy) changes nothing from the classic recipe."""
-    plain = params.get("alpha") == 0
+    plain = is_plain_fine_tuning(params.get("alpha"))
     return [
-        p for p in SEARCH_SPACE
-        if p.name in params and not (plain and p.distillation_only) and params[p.name] != p.quiet_at
+        p
+        for p in SEARCH_SPACE
+        if p.name in params
+        and not (plain and p.distillation_only)
+        and params[p.name] != p.quiet_at
     ]
 
 
@@ -152,7 +213,9 @@ def describe(params: dict, *, short: bool) -> str:
     """The parameters that mattered: ``a=0.52 T=2.1 k=64 lr=3.1e-04`` (short), or
     ``alpha 0.52, temperature 2.1, top_k 64, learning_rate 3.10e-04``."""
     if short:
-        return " ".join(f"{p.label}={p.show(params[p.name], short=True)}" for p in mattered(params))
+        return " ".join(
+            f"{p.label}={p.show(params[p.name], short=True)}" for p in mattered(params)
+        )
     return ", ".join(f"{p.name} {p.show(params[p.name])}" for p in mattered(params))
 
 
@@ -160,7 +223,9 @@ def run_name(number: int, params: dict) -> str:
     """A name that reads well in a list of runs: trial 3 a=0.52 T=2.1 k=64 lr=3.1e-04 (and b=,
     lmbda= when they are not 0)."""
     shown = " ".join(
-        f"{p.label}={p.show(params[p.name], short=True)}" for p in SEARCH_SPACE if p.name in params and params[p.name] != p.quiet_at
+        f"{p.label}={p.show(params[p.name], short=True)}"
+        for p in SEARCH_SPACE
+        if p.name in params and params[p.name] != p.quiet_at
     )
     return f"trial {number} {shown}"
 
@@ -168,7 +233,11 @@ def run_name(number: int, params: dict) -> str:
 def columns(search: Any) -> list[Searched]:
     """The parameters a study's tables show: all but those fixed at their quiet value (a study
     that never touches beta or lmbda shows neither)."""
-    return [p for p in SEARCH_SPACE if not (getattr(search, p.name).is_fixed and getattr(search, p.name).value == p.quiet_at)]
+    return [
+        p
+        for p in SEARCH_SPACE
+        if not (getattr(search, p.name).is_fixed and getattr(search, p.name).value == p.quiet_at)
+    ]
 
 
 def searched_names(search: Any) -> list[str]:
@@ -177,9 +246,11 @@ def searched_names(search: Any) -> list[str]:
 
 
 def finite_top_ks(search: Any, baselines: tuple[dict, ...] = ()) -> list[int]:
-    """The finite top_k values trials may use (baselines included), or [] if any uses the whole vocabulary."""
+    """The finite top_k values trials may use (baselines included), or [] if any uses the whole
+    vocabulary."""
     values = search.top_k.values + [b["top_k"] for b in baselines if "top_k" in b]
-    # A plain fine-tuning baseline that does not fix top_k records its first value, which is in `values`.
+    # A plain fine-tuning baseline that does not fix top_k records its first value, which is in
+    # `values`.
     return [] if WHOLE_VOCAB in values else sorted(set(values))
 
 
@@ -221,7 +292,10 @@ def search_problems(search: Any, baselines: tuple[dict, ...], *, sampler: str) -
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     problems.append(f"{where}.{key}: must be an integer >= 1, got {value!r}")
             elif key not in BY_NAME:
-                problems.append(f"{where}.{key}: unknown parameter (allowed: {', '.join([*SEARCHED, BASELINE_TRIALS])})")
+                problems.append(
+                    f"{where}.{key}: unknown parameter (allowed: "
+                    f"{', '.join([*SEARCHED, BASELINE_TRIALS])})"
+                )
             elif problem := BY_NAME[key].problem(f"{where}.{key}", value):
                 problems.append(problem)
     return problems
@@ -245,7 +319,9 @@ def _param_problems(p: Searched, param: Param, sampler: str) -> list[str]:
             return [f"{where}: give either choices or low/high, not both"]
         if not param.choices:
             return [f"{where}.choices: must list at least one value"]
-        return _values_problems(p, [(f"{where}.choices[{i}]", v) for i, v in enumerate(param.choices)])
+        return _values_problems(
+            p, [(f"{where}.choices[{i}]", v) for i, v in enumerate(param.choices)]
+        )
     if param.is_fixed:
         if param.value is None:
             return [f"{where}: must be a value, a list of choices or {{low, high}}"]
@@ -262,9 +338,60 @@ def _param_problems(p: Searched, param: Param, sampler: str) -> list[str]:
     if param.log and param.step is not None:
         problems.append(f"{where}: step and log cannot be combined")
     if sampler == "grid" and param.step is None:
-        problems.append(f"{where}: the grid sampler needs choices (or a step) for every searched parameter")
+        problems.append(
+            f"{where}: the grid sampler needs choices (or a step) for every searched parameter"
+        )
     return problems
 
 
 def _values_problems(p: Searched, values: list[tuple[str, Any]]) -> list[str]:
     return [problem for where, value in values if (problem := p.problem(where, value))]
+
+
+# ---------------------------------------------------------------- a trial's parameters
+
+
+def suggest(trial, search: Any) -> dict:
+    """Every declared parameter of the trial: sampled, fixed by the study, or fixed by a
+    baseline."""
+    baseline = trial.user_attrs.get(TrialAttr.BASELINE_PARAMS, {})
+    params = {}
+    for p in SEARCH_SPACE:
+        param: Param = getattr(search, p.name)
+        if param.is_fixed:
+            params[p.name] = baseline.get(p.name, param.value)
+        elif param.choices is not None:
+            params[p.name] = trial.suggest_categorical(p.name, list(param.choices))
+        elif param.step is not None:
+            params[p.name] = trial.suggest_float(p.name, param.low, param.high, step=param.step)
+        else:
+            params[p.name] = trial.suggest_float(p.name, param.low, param.high, log=param.log)
+    return params
+
+
+def baseline_trials(search: Any, baselines: tuple[dict, ...]) -> list[tuple[dict, dict]]:
+    """(enqueued params, user attrs) of every baseline trial, in the order they run.
+
+    A baseline fixes what it names; at alpha 0 the parameters that need a teacher are fixed too,
+    at their first allowed value (they do nothing); the rest (the learning rate) is sampled by
+    the baseline's own sampler, over ``trials`` trials.
+    """
+    trials = []
+    for i, entry in enumerate(baselines):
+        fixed = baseline_params(entry)
+        enqueued = {k: v for k, v in fixed.items() if not getattr(search, k).is_fixed}
+        if is_plain_fine_tuning(fixed.get("alpha", neutral(search, "alpha"))):
+            for p in SEARCH_SPACE:
+                if (
+                    p.distillation_only
+                    and p.name not in fixed
+                    and not getattr(search, p.name).is_fixed
+                ):
+                    enqueued[p.name] = neutral(search, p.name)
+        attrs = {
+            TrialAttr.BASELINE: True,
+            TrialAttr.BASELINE_PARAMS: fixed,
+            TrialAttr.GROUP: Group.baseline(i),
+        }
+        trials += [(enqueued, attrs)] * entry.get(BASELINE_TRIALS, 1)
+    return trials

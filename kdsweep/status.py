@@ -10,10 +10,17 @@ from rich.table import Table
 
 from kdsweep.config import StudyConfig
 from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
-from kdsweep.space import columns, describe
-from kdsweep.storage import best_trial, group_of, load_existing_study, ranked_trials, retry_of
+from kdsweep.recovery import retry_of
+from kdsweep.space import columns, describe, is_plain_fine_tuning
+from kdsweep.storage import best_trial, group_of, load_existing_study, ranked_trials
 
-_STATES = {"COMPLETE": "done", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+_STATES = {
+    "COMPLETE": "done",
+    "PRUNED": "pruned",
+    "FAIL": "failed",
+    "RUNNING": "running",
+    "WAITING": "waiting",
+}
 
 
 def print_status(study: StudyConfig, console: Console | None = None) -> None:
@@ -23,7 +30,7 @@ def print_status(study: StudyConfig, console: Console | None = None) -> None:
     optuna_study = load_existing_study(study)
     trials = optuna_study.get_trials(deepcopy=False)
     best = best_trial(optuna_study)
-    sweep = [t for t in trials if group_of(t) != Group.CONFIRM]
+    sweep = [t for t in trials if group_of(t) != Group.SEED_CHECK]
     title = f"study {study.name!r}: {len(sweep)} trials, target {study.n_trials}"
     if len(sweep) < len(trials):
         title += f", and {len(trials) - len(sweep)} seed-check runs"
@@ -50,17 +57,35 @@ def print_summary(study: StudyConfig, console: Console | None = None) -> None:
     optuna_study = load_existing_study(study)
     attrs = optuna_study.user_attrs
     ranked = ranked_trials(optuna_study)
-    distilled = next((t for t in ranked if t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha") != 0), None)
-    plain = next((t for t in ranked if t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha") == 0), None)
+    distilled = next(
+        (t for t in ranked if t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha") != 0), None
+    )
+    plain = next(
+        (
+            t
+            for t in ranked
+            if is_plain_fine_tuning(t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha"))
+        ),
+        None,
+    )
     accuracy = StudyAttr.TEACHER_EXACT_MATCH in attrs
-    table = _table(["", "perplexity", *(["exact match"] if accuracy else []), "parameters"], box_style=None)
-    teacher = [_number(attrs.get(StudyAttr.TEACHER_PPL)), *([_percent(attrs.get(StudyAttr.TEACHER_EXACT_MATCH))] if accuracy else [])]
+    table = _table(
+        ["", "perplexity", *(["exact match"] if accuracy else []), "parameters"], box_style=None
+    )
+    teacher = [
+        _number(attrs.get(StudyAttr.TEACHER_PPL)),
+        *([_percent(attrs.get(StudyAttr.TEACHER_EXACT_MATCH))] if accuracy else []),
+    ]
     table.add_row("teacher", *teacher, "")
     for name, trial in (("best distilled", distilled), ("best fine-tuned", plain)):
         if trial is not None:
             metrics = [_number(trial.user_attrs.get(Metric.STUDENT_PPL))]
             metrics += [_percent(trial.user_attrs.get(Metric.EXACT_MATCH))] if accuracy else []
-            table.add_row(f"{name}, trial {trial.number}", *metrics, describe(trial.user_attrs.get(TrialAttr.PARAMS, {}), short=True))
+            table.add_row(
+                f"{name}, trial {trial.number}",
+                *metrics,
+                describe(trial.user_attrs.get(TrialAttr.PARAMS, {}), short=True),
+            )
     console.print(table)
 
 
@@ -68,12 +93,17 @@ def _table(columns: list[str], *, box_style=box.SIMPLE_HEAD) -> Table:
     table = Table(box=box_style, pad_edge=False, show_edge=False)
     for i, column in enumerate(columns):
         last = i == len(columns) - 1
-        table.add_column(column, no_wrap=not last, overflow="fold", justify="left" if last or i == 0 else "right")
+        table.add_column(
+            column,
+            no_wrap=not last,
+            overflow="fold",
+            justify="left" if last or i == 0 else "right",
+        )
     return table
 
 
 def _param_cell(p, params: dict) -> str:
-    if p.distillation_only and params.get("alpha") == 0:
+    if p.distillation_only and is_plain_fine_tuning(params.get("alpha")):
         return ""
     return p.show(params.get(p.name), short=True) if p.name in params else "-"
 
@@ -82,8 +112,10 @@ def _note(trial, best) -> str:
     attrs = trial.user_attrs
     if attrs.get(TrialAttr.FAIL_REASON):
         return attrs[TrialAttr.FAIL_REASON]
-    if group_of(trial) == Group.CONFIRM:
-        return f"seed check of {attrs.get(TrialAttr.CONFIRMS)}, seed {attrs.get(TrialAttr.SEED)}"
+    if group_of(trial) == Group.SEED_CHECK:
+        return (
+            f"seed check of {attrs.get(TrialAttr.SEED_CHECK_OF)}, seed {attrs.get(TrialAttr.SEED)}"
+        )
     notes = ["best"] if best is not None and trial.number == best.number else []
     if attrs.get(TrialAttr.BASELINE):
         notes.append("baseline")

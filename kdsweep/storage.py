@@ -7,19 +7,17 @@ Imports Optuna and SQLAlchemy, never torch.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import sqlalchemy
 from filelock import FileLock
-from optuna.storages._rdb.models import StudyUserAttributeModel
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import IntegrityError
 
+from kdsweep.compat import insert_user_attr_once
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
 from kdsweep.names import Group, TrialAttr
@@ -28,38 +26,9 @@ from kdsweep.redact import redact
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 HEARTBEAT_SECONDS = 30
-GRACE_SECONDS = 120  # a RUNNING trial whose worker was silent this long is failed by the next worker
-# What a retry keeps of the trial it runs again: its group, what makes it a baseline or a seed
-# check, and an out-of-memory retry's smaller batch.
-INHERITED_ATTRS = (
-    TrialAttr.GROUP, TrialAttr.BASELINE, TrialAttr.BASELINE_PARAMS, TrialAttr.CONFIRMS, TrialAttr.SEED,
-    TrialAttr.MICRO_BATCH, TrialAttr.GRAD_ACCUM,
+GRACE_SECONDS = (
+    120  # a RUNNING trial whose worker was silent this long is failed by the next worker
 )
-
-
-def retry_once(optuna_study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a trial whose worker died to run again with its parameters, once (a retry that dies
-    is not retried). Called for a dead worker on this host (``workers.fail_dead_trials``) and, as
-    Optuna's heartbeat callback, for one on another host.
-
-    Optuna's own ``RetryHeartbeatStaleTrialCallback`` copies the trial with the distributions its
-    parameters were suggested from, and so rejects a baseline's alpha of 0, fixed outside the
-    searched range; an enqueued trial takes its values as they are.
-    """
-    if TrialAttr.RETRY_OF not in trial.user_attrs:
-        enqueue_retry(optuna_study, trial, {TrialAttr.RETRY_OF: trial.number})
-
-
-def enqueue_retry(optuna_study: optuna.Study, trial: FrozenTrial | optuna.Trial, marks: dict) -> None:
-    """Queue ``trial`` to run again: its parameters, what it inherits (`INHERITED_ATTRS`), and
-    ``marks`` (which trial it retries, and how it differs)."""
-    attrs = {k: v for k, v in trial.user_attrs.items() if k in INHERITED_ATTRS}
-    optuna_study.enqueue_trial(trial.params, user_attrs=attrs | marks)
-
-
-def retry_of(trial: FrozenTrial) -> int | None:
-    """The trial that ``trial`` runs again: one whose worker died, or that ran out of memory."""
-    return trial.user_attrs.get(TrialAttr.RETRY_OF, trial.user_attrs.get(TrialAttr.OOM_RETRY_OF))
 
 
 @contextmanager
@@ -82,28 +51,37 @@ def first_use_lock(url: str) -> Iterator[None]:
         yield
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(
+    url: str, *, on_stale_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None
+) -> optuna.storages.RDBStorage:
     """The storage at ``url``, its tables created on first use.
 
-    The heartbeat lets any worker mark a killed worker's trial FAIL instead of RUNNING forever.
-    A missing driver or a server that does not let us in is a :class:`UsageError` (see
-    :func:`check_storage`), not Optuna's "Failed to import DB access module".
+    The heartbeat lets any worker mark a killed worker's trial FAIL instead of RUNNING forever,
+    and call ``on_stale_trial`` for it (``recovery.retry_once``). A missing driver or a server
+    that does not let us in is a :class:`UsageError` (see :func:`check_storage`), not Optuna's
+    "Failed to import DB access module".
     """
-    with first_use_lock(url), _storage_errors(url):  # workers starting together must not create the tables twice
+    with (
+        first_use_lock(url),
+        _storage_errors(url),
+    ):  # workers starting together must not create the tables twice
         for pause in (0.2, 0.5, 1.0):
             try:
-                return _rdb_storage(url)
+                return _rdb_storage(url, on_stale_trial)
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 # Workers creating a new server database's tables at once: the losers of the race
                 # see "duplicate key value violates unique constraint" or "relation already
                 # exists". The winner's tables are there for the next attempt to find.
                 time.sleep(pause)
-        return _rdb_storage(url)
+        return _rdb_storage(url, on_stale_trial)
 
 
-def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
+def _rdb_storage(url: str, on_stale_trial) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(
-        url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry_once,
+        url,
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=GRACE_SECONDS,
+        heartbeat_stale_trial_callback=on_stale_trial,
     )
 
 
@@ -140,7 +118,9 @@ def check_storage(url: str) -> None:
         if parsed.get_backend_name() == "sqlite":
             return
         timeout = _TIMEOUT_ARGS.get(parsed.get_driver_name())
-        engine = sqlalchemy.create_engine(parsed, connect_args={timeout: CONNECT_TIMEOUT_SECONDS} if timeout else {})
+        engine = sqlalchemy.create_engine(
+            parsed, connect_args={timeout: CONNECT_TIMEOUT_SECONDS} if timeout else {}
+        )
         try:
             engine.connect().close()
         finally:
@@ -154,7 +134,9 @@ def _storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except ImportError as exc:  # Optuna re-raises the driver's ImportError as its own
-        raise UsageError(_missing_driver(url, exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc)) from None
+        raise UsageError(
+            _missing_driver(url, exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc)
+        ) from None
     except sqlalchemy.exc.NoSuchModuleError:
         scheme = url.split(":", 1)[0]
         raise UsageError(
@@ -163,7 +145,8 @@ def _storage_errors(url: str) -> Iterator[None]:
         ) from None
     except sqlalchemy.exc.ArgumentError:
         raise UsageError(
-            f"storage: {redact(url)} is not a database URL; write e.g. postgresql://USER:PASSWORD@HOST:5432/DB "
+            f"storage: {redact(url)} is not a database URL; write e.g. "
+            "postgresql://USER:PASSWORD@HOST:5432/DB "
             "or sqlite:///kdsweep.db"
         ) from None
     except sqlalchemy.exc.DBAPIError as exc:
@@ -189,7 +172,10 @@ def _unreachable(url: str, exc: sqlalchemy.exc.DBAPIError) -> str:
         fix = "fix the user or password"
     else:
         fix = "start the server, or fix the host and port"
-    return f"storage: cannot connect to {redact(url)} ({redact(reason)}); {fix} in storage (the study file, or --set storage=...)"
+    return (
+        f"storage: cannot connect to {redact(url)} ({redact(reason)}); {fix} in storage (the "
+        "study file, or --set storage=...)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -202,38 +188,29 @@ def load_existing_study(study: StudyConfig) -> optuna.Study:
     reading never creates a database."""
     name, url = study.name, study.storage_url
     if store_missing(url):
-        raise UsageError(f"no Optuna storage at {url}: run `kdsweep run` on this study first (or set storage)")
+        raise UsageError(
+            f"no Optuna storage at {url}: run `kdsweep run` on this study first (or set storage)"
+        )
     try:
         with _storage_errors(url):
             return optuna.load_study(study_name=name, storage=url)
     except KeyError:
-        raise UsageError(f"no study named {name!r} in {url}: run `kdsweep run` on it first") from None
+        raise UsageError(
+            f"no study named {name!r} in {url}: run `kdsweep run` on it first"
+        ) from None
 
 
 def set_user_attr_once(optuna_study: optuna.Study, key: str, value) -> object:
     """Store ``value`` as the study's user attr ``key`` unless one is there; return the stored one.
 
     A compare-and-set for workers racing to create the same thing (the MLflow parent run): the
-    value is inserted in one transaction and the storage's unique (study, key) constraint
-    rejects every insert but the first, across processes and machines (SQLite, PostgreSQL,
+    storage keeps the first value written, across processes and machines (SQLite, PostgreSQL,
     MySQL). ``Study.set_user_attr`` would overwrite instead.
     """
     stored = optuna_study.user_attrs.get(key)
     if stored is not None:
         return stored
-    backend = getattr(optuna_study._storage, "_backend", optuna_study._storage)  # under Optuna's cache
-    if not isinstance(backend, optuna.storages.RDBStorage):  # in-memory storage: one process
-        optuna_study.set_user_attr(key, value)
-        return value
-    study_id = backend.get_study_id_from_name(optuna_study.study_name)
-    session = backend.scoped_session()
-    try:
-        session.add(StudyUserAttributeModel(study_id=study_id, key=key, value_json=json.dumps(value)))
-        session.commit()
-    except IntegrityError:
-        session.rollback()  # another worker's value came first
-    finally:
-        session.close()
+    insert_user_attr_once(optuna_study, key, value)
     return optuna_study.user_attrs[key]
 
 
@@ -242,39 +219,17 @@ def group_of(trial: FrozenTrial | optuna.Trial) -> str:
     return trial.user_attrs.get(TrialAttr.GROUP, Group.SEARCH)
 
 
-def retried(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of the trials that a later trial retries: a dead worker's or one out of memory.
-    They count no longer."""
-    return {retry_of(t) for t in trials} - {None}
-
-
 def ranked_trials(optuna_study: optuna.Study) -> list[FrozenTrial]:
-    """The complete trials of the sweep (baselines included, seed-check re-runs not), best first
+    """The complete trials of the sweep (baselines included, seed-check runs not), best first
     in the study's own direction; ties go to the earlier trial."""
     complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     sign = 1 if optuna_study.direction == optuna.study.StudyDirection.MINIMIZE else -1
-    return sorted((t for t in complete if group_of(t) != Group.CONFIRM), key=lambda t: (sign * t.value, t.number))
+    return sorted(
+        (t for t in complete if group_of(t) != Group.SEED_CHECK),
+        key=lambda t: (sign * t.value, t.number),
+    )
 
 
 def best_trial(optuna_study: optuna.Study) -> FrozenTrial | None:
     ranked = ranked_trials(optuna_study)
     return ranked[0] if ranked else None
-
-
-class StudyView(optuna.study.Study):
-    """The study with only the trials ``keep`` accepts: what a group's sampler, the pruner or
-    a plot is shown."""
-
-    def __init__(self, study: optuna.Study, keep: Callable[[FrozenTrial], bool]):
-        super().__init__(study_name=study.study_name, storage=study._storage, sampler=study.sampler, pruner=study.pruner)
-        self._study = study
-        self._keep = keep
-
-    def _get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
-    ) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if self._keep(t)]
-
-    def stop(self) -> None:
-        self._study.stop()  # a grid sampler that is done stops the real optimization loop

@@ -3,7 +3,7 @@
 ``run`` prepares everything a trial shares (tokenizer, data, teacher, eval set) before it opens
 the Optuna study or the MLflow runs, so bad input stops it with nothing written. Then it runs
 the sweep (baselines first) until the study holds ``n_trials`` finished trials, and then the seed
-check (``confirm``). Running it again continues the same study; other processes may run it at
+check (``seed_check``). Running it again continues the same study; other processes may run it at
 the same time, and share both phases.
 """
 
@@ -18,12 +18,16 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsweep import references
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
+from kdsweep.mlflow.study_runs import StudyRuns
 from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
 from kdsweep.objective import Objective
 from kdsweep.progress import SweepProgress
-from kdsweep.sampling import baseline_trials, make_pruner, make_sampler
+from kdsweep.recovery import fail_dead_trials, retried, retry_once
+from kdsweep.samplers import make_pruner, make_sampler
+from kdsweep.space import baseline_trials
 from kdsweep.storage import (
     FINISHED_STATES,
     best_trial,
@@ -31,12 +35,9 @@ from kdsweep.storage import (
     group_of,
     open_storage,
     ranked_trials,
-    retried,
     set_user_attr_once,
 )
-from kdsweep.tracking import StudyTracker
-from kdsweep.workers import fail_dead_trials
-from kdsweep.workspace import Workspace, prepare
+from kdsweep.trial_runner import TrialRunner
 
 SEED_CHECK_POLL_SECONDS = 5.0  # how often a worker looks whether the last sweep trials have ended
 
@@ -53,7 +54,9 @@ def open_study(study: StudyConfig) -> optuna.Study:
     """Create the Optuna study, or load it when an earlier run or another worker made it."""
     optuna_study = optuna.create_study(
         study_name=study.name,
-        storage=open_storage(study.storage_url),
+        storage=open_storage(
+            study.storage_url, on_stale_trial=retry_once
+        ),  # another host's dead worker: retried
         sampler=make_sampler(study),
         pruner=make_pruner(study),
         direction=study.direction,
@@ -62,7 +65,8 @@ def open_study(study: StudyConfig) -> optuna.Study:
     stored = optuna_study.direction.name.lower()
     if stored != study.direction:
         raise UsageError(
-            f"objective: study {study.name!r} was created to {stored} its objective, but {study.objective} is "
+            f"objective: study {study.name!r} was created to {stored} its objective, but "
+            f"{study.objective} is "
             f"{study.direction}d; keep its objective or give the study a new name"
         )
     return optuna_study
@@ -74,23 +78,31 @@ def run(
     n_trials: int | None = None,
     timeout: float | None = None,
     progress: SweepProgress | None = None,
+    runner: TrialRunner | None = None,
 ) -> RunSummary:
     """Run trials until the study holds ``n_trials`` finished ones (or ``timeout`` passes), then
-    the seed check."""
+    the seed check. ``runner`` trains each trial (default: ``TrialRunner.prepare(study)``)."""
     progress = progress or SweepProgress()
     target = n_trials or study.n_trials
     check_storage(study.storage_url)  # a bad storage URL costs seconds, not a model load
-    workspace = prepare(study, progress=progress)  # raises UsageError before anything is written
+    runner = runner or TrialRunner.prepare(
+        study, progress=progress
+    )  # raises UsageError before anything is written
     optuna_study = open_study(study)
     for trial, reason in fail_dead_trials(optuna_study):
-        progress.message(f"trial {trial.number} failed: {reason}; it is retried once with the same parameters")
+        progress.message(
+            f"trial {trial.number} failed: {reason}; it is retried once with the same parameters"
+        )
     done = sweep_count(optuna_study, FINISHED_STATES)
     if done >= target and seed_check_done(optuna_study, study):
-        progress.message(f"study {study.name!r} already holds {done} finished trials (target {target}): nothing to do")
+        progress.message(
+            f"study {study.name!r} already holds {done} finished trials (target {target}): "
+            "nothing to do"
+        )
         return RunSummary(ran=0, finished=done, target=target, best=best_trial(optuna_study))
 
-    tracker = attach_tracking(study, optuna_study, workspace)
-    objective = Objective(study, workspace, tracker, progress)
+    runs = attach_tracking(study, optuna_study, runner, progress)
+    objective = Objective(study=study, runner=runner, runs=runs, progress=progress)
     deadline = None if timeout is None else time.monotonic() + timeout
     status = "KILLED"
     restore = _Interrupts().install()
@@ -98,27 +110,50 @@ def run(
         progress.study_started(study.name, done=done, target=target)
         if done < target:
             enqueue_baselines(optuna_study, study)
-            # No trial count of Optuna's own: retries (a dead worker's, an out-of-memory one) replace
+            # No trial count of Optuna's own: retries (a dead worker's, an out-of-memory one)
+            # replace
             # the trials they retry, and the study stops when it holds its target.
-            optimize(optuna_study, objective, n_trials=None, deadline=deadline, stop=_StopAtTarget(target))
-        if study.confirm.top and not _past(deadline):
+            optimize(
+                optuna_study,
+                objective,
+                n_trials=None,
+                deadline=deadline,
+                stop=_StopAtTarget(target),
+            )
+        if study.seed_check.top and not _past(deadline):
             run_seed_check(optuna_study, study, objective, progress, deadline=deadline)
         status = "FINISHED"
     except Exception:
         status = "FAILED"  # the sweep itself broke; Ctrl-C and SIGTERM leave it KILLED
         raise
     finally:
-        tracker.close(optuna_study, status=status)
+        runs.close(optuna_study, status=status)
         restore()
     finished = sweep_count(optuna_study, FINISHED_STATES)
-    return RunSummary(ran=objective.ran, finished=finished, target=target, best=best_trial(optuna_study))
+    return RunSummary(
+        ran=objective.ran, finished=finished, target=target, best=best_trial(optuna_study)
+    )
 
 
-def optimize(optuna_study: optuna.Study, objective: Objective, *, n_trials: int | None, deadline: float | None, stop=None) -> None:
+def optimize(
+    optuna_study: optuna.Study,
+    objective: Objective,
+    *,
+    n_trials: int | None,
+    deadline: float | None,
+    stop=None,
+) -> None:
     """Optuna's loop: a failed trial does not stop it; the trial's state is told to the study."""
     callbacks = [objective.after_trial] + ([stop] if stop else [])
     timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-    optuna_study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+    optuna_study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(Exception,),
+        callbacks=callbacks,
+        gc_after_trial=True,
+    )
 
 
 def sweep_count(optuna_study: optuna.Study, states) -> int:
@@ -126,7 +161,10 @@ def sweep_count(optuna_study: optuna.Study, states) -> int:
     not) in ``states``."""
     trials = optuna_study.get_trials(deepcopy=False)
     replaced = retried(trials)
-    return sum(t.state in states and group_of(t) != Group.CONFIRM and t.number not in replaced for t in trials)
+    return sum(
+        t.state in states and group_of(t) != Group.SEED_CHECK and t.number not in replaced
+        for t in trials
+    )
 
 
 class _StopAtTarget:
@@ -143,24 +181,36 @@ class _StopAtTarget:
 
 def enqueue_baselines(optuna_study: optuna.Study, study: StudyConfig) -> None:
     """Baseline trials (e.g. alpha 0: plain fine-tuning on the same budget) run first, once."""
-    if set_user_attr_once(optuna_study, StudyAttr.BASELINES_ENQUEUED, _worker_id()) != _worker_id():
+    if (
+        set_user_attr_once(optuna_study, StudyAttr.BASELINES_ENQUEUED, _worker_id())
+        != _worker_id()
+    ):
         return  # another worker (or an earlier run) enqueued them
-    for params, attrs in baseline_trials(study):
+    for params, attrs in baseline_trials(study.search, study.baselines):
         optuna_study.enqueue_trial(params, user_attrs=attrs)
 
 
-def attach_tracking(study: StudyConfig, optuna_study: optuna.Study, workspace: Workspace) -> StudyTracker:
+def attach_tracking(
+    study: StudyConfig, optuna_study: optuna.Study, runner: TrialRunner, progress: SweepProgress
+) -> StudyRuns:
     """The study's MLflow side, its parent run showing the references: the first worker to
     reach a new study measures them and keeps them with the Optuna study for all the others."""
     if StudyAttr.UNTRAINED_PPL not in optuna_study.user_attrs:
-        for key, value in workspace.references().items():
+        measured = references.measure(
+            study=study,
+            inputs=runner.inputs,
+            teacher=runner.teacher,
+            eval_set=runner.eval_set,
+            progress=progress,
+        )
+        for key, value in measured.items():
             optuna_study.set_user_attr(key, value)
         optuna_study.set_user_attr(StudyAttr.CONFIG, study.to_dict())
         optuna_study.set_user_attr(StudyAttr.FINGERPRINT, study.fingerprint())
-    tracker = StudyTracker(study)
-    tracker.attach(optuna_study, references=parent_metrics(optuna_study.user_attrs))
-    tracker.use_data(workspace.train_split, workspace.eval_set)
-    return tracker
+    runs = StudyRuns(study)
+    runs.attach(optuna_study, references=parent_metrics(optuna_study.user_attrs))
+    runs.use_data(runner.inputs.train_split, runner.eval_set)
+    return runs
 
 
 _PARENT_METRICS = (
@@ -192,7 +242,9 @@ class _Interrupts:
         self.seen = 0
 
     def install(self):
-        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
     def _handle(self, signum, frame):
@@ -200,6 +252,7 @@ class _Interrupts:
         if self.seen > 1:
             os.write(2, b"kdsweep: interrupted again: exiting now\n")
             os._exit(130)
+        os.write(2, b"kdsweep: interrupted: ending the running trial (again: exit now)\n")
         raise KeyboardInterrupt
 
 
@@ -214,33 +267,44 @@ def _worker_id() -> str:
 # ---------------------------------------------------------------- the seed check
 
 
-def seed_check_jobs(optuna_study: optuna.Study, study: StudyConfig) -> list[tuple[int, int]] | None:
-    """(trial, seed) of every seed-check run: the best ``confirm.top`` distilled trials and the
-    best baseline, each with ``confirm.seeds`` other seeds. Decided once, by the first worker to
+def seed_check_jobs(
+    optuna_study: optuna.Study, study: StudyConfig
+) -> list[tuple[int, int]] | None:
+    """(trial, seed) of every seed-check run: the best ``seed_check.top`` distilled trials and the
+    best baseline, each with ``seed_check.seeds`` other seeds. Decided once, by the first worker to
     find the sweep over (None while sweep trials still run), and kept with the study."""
-    stored = optuna_study.user_attrs.get(StudyAttr.CONFIRM_JOBS)
+    stored = optuna_study.user_attrs.get(StudyAttr.SEED_CHECK_JOBS)
     if stored is not None:
         return [tuple(job) for job in stored]
     if sweep_count(optuna_study, (TrialState.RUNNING, TrialState.WAITING)):
         return None
     ranked = ranked_trials(optuna_study)
-    distilled = [t for t in ranked if not t.user_attrs.get(TrialAttr.BASELINE)][: study.confirm.top]
+    distilled = [t for t in ranked if not t.user_attrs.get(TrialAttr.BASELINE)][
+        : study.seed_check.top
+    ]
     baselines = [t for t in ranked if t.user_attrs.get(TrialAttr.BASELINE)][:1]
-    seeds = [study.train.seed + k for k in range(1, study.confirm.seeds + 1)]
+    seeds = [study.train.seed + k for k in range(1, study.seed_check.seeds + 1)]
     jobs = [[t.number, seed] for t in distilled + baselines for seed in seeds]
-    return [tuple(job) for job in set_user_attr_once(optuna_study, StudyAttr.CONFIRM_JOBS, jobs)]
+    return [
+        tuple(job) for job in set_user_attr_once(optuna_study, StudyAttr.SEED_CHECK_JOBS, jobs)
+    ]
 
 
 def seed_check_done(optuna_study: optuna.Study, study: StudyConfig) -> bool:
-    if not study.confirm.top:
+    if not study.seed_check.top:
         return True
     attrs = optuna_study.user_attrs  # a storage read, and a copy, each time it is asked
-    jobs = attrs.get(StudyAttr.CONFIRM_JOBS)
+    jobs = attrs.get(StudyAttr.SEED_CHECK_JOBS)
     return jobs is not None and all(_job_key(*job) in attrs for job in jobs)
 
 
 def run_seed_check(
-    optuna_study: optuna.Study, study: StudyConfig, objective: Objective, progress: SweepProgress, *, deadline: float | None
+    optuna_study: optuna.Study,
+    study: StudyConfig,
+    objective: Objective,
+    progress: SweepProgress,
+    *,
+    deadline: float | None,
 ) -> None:
     """Run the seed-check trials, each once across all workers: a worker claims a job (a
     compare-and-set on the study), enqueues it with every parameter fixed, and runs one trial."""
@@ -249,7 +313,9 @@ def run_seed_check(
             return
         time.sleep(SEED_CHECK_POLL_SECONDS)  # the last sweep trials of other workers are running
     if jobs:
-        progress.message(f"seed check: {len(jobs)} runs of the best configurations with other seeds")
+        progress.message(
+            f"seed check: {len(jobs)} runs of the best configurations with other seeds"
+        )
     trials = {t.number: t for t in optuna_study.get_trials(deepcopy=False)}
     for number, seed in jobs:
         if _past(deadline):
@@ -258,8 +324,8 @@ def run_seed_check(
             continue  # another worker has it
         original = trials[number]
         attrs = {
-            TrialAttr.GROUP: Group.CONFIRM,
-            TrialAttr.CONFIRMS: number,
+            TrialAttr.GROUP: Group.SEED_CHECK,
+            TrialAttr.SEED_CHECK_OF: number,
             TrialAttr.SEED: seed,
             TrialAttr.BASELINE: bool(original.user_attrs.get(TrialAttr.BASELINE)),
             TrialAttr.BASELINE_PARAMS: original.user_attrs.get(TrialAttr.BASELINE_PARAMS, {}),
@@ -269,4 +335,4 @@ def run_seed_check(
 
 
 def _job_key(number: int, seed: int) -> str:
-    return f"confirm:{number}:{seed}"
+    return f"seed_check:{number}:{seed}"

@@ -28,6 +28,7 @@ from kdsweep.data import Batch, TokenizedSplit, collate, make_batches
 from kdsweep.generation import generate
 from kdsweep.losses import IGNORE_INDEX, LossResult, distill_loss_from_hidden
 from kdsweep.models import Vocabulary, bf16_supported, hidden_states, output_weight
+from kdsweep.space import is_plain_fine_tuning
 from kdsweep.teacher import OnlineTeacher, TeacherSignal, TeacherTargets, scored_positions
 
 
@@ -95,18 +96,23 @@ def distill(
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(cfg.max_steps, cfg.warmup_ratio))
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=settings.learning_rate, weight_decay=cfg.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then_cosine(cfg.max_steps, cfg.warmup_ratio)
+    )
     autocast, scaler = mixed_precision(cfg.precision, device)
     batches = endless_batches(train_split, settings, pad_id=pad_id)
     coin = random.Random(cfg.seed)  # which steps are on-policy: seeded, apart from the data order
     window = _Window(on_policy)
     started = time.perf_counter()
     final_eval: dict[str, float] = {}
+    plain = is_plain_fine_tuning(settings.alpha)  # no teacher signal to read
 
     student.train()
     for step in range(1, cfg.max_steps + 1):
-        generating = on_policy is not None and settings.alpha > 0 and coin.random() < settings.lmbda
+        generating = on_policy is not None and not plain and coin.random() < settings.lmbda
         for _ in range(cfg.grad_accum_steps):
             batch = next(batches)
             window.tokens += int(batch.attention_mask.sum())
@@ -114,13 +120,16 @@ def distill(
             if generating:
                 result = on_policy.loss(student, batch, settings, vocab, autocast=autocast)
             else:
-                targets = teacher.targets(batch, top_k=settings.top_k) if teacher and settings.alpha > 0 else None
+                targets = (
+                    teacher.targets(batch, top_k=settings.top_k) if teacher and not plain else None
+                )
                 with autocast():
                     result = batch_loss(student, batch, targets, settings, vocab)
             scaler.scale(result.loss / cfg.grad_accum_steps).backward()
             window.add(result, cfg.grad_accum_steps)
         # One device sync a step, so that a diverged trial stops at once rather than at its next
-        # log. The window's sum was finite before this step: it is not now only if this step's is not.
+        # log. The window's sum was finite before this step: it is not now only if this step's is
+        # not.
         if not torch.isfinite(window.loss):
             raise TrainingDiverged(f"the training loss is {float(window.loss)} at step {step}")
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -185,20 +194,32 @@ class OnPolicy:
     seconds: float = 0.0  # spent generating, so far
     batches: int = 0  # micro-batches completed by the student, so far
 
-    def loss(self, student: PreTrainedModel, batch: Batch, settings: DistillSettings, vocab: Vocabulary, *, autocast) -> LossResult:
+    def loss(
+        self,
+        student: PreTrainedModel,
+        batch: Batch,
+        settings: DistillSettings,
+        vocab: Vocabulary,
+        *,
+        autocast,
+    ) -> LossResult:
         """``alpha * D(teacher || student on its own completions) + (1 - alpha) * CE(references)``.
 
         Rows without a final answer (no prompt to complete) take part in the cross-entropy only;
         a micro-batch of such rows has no divergence term, and its CE keeps its weight.
         """
         with autocast():
-            reference = batch_loss(student, batch, None, settings, vocab)  # CE on the dataset's answers
+            reference = batch_loss(
+                student, batch, None, settings, vocab
+            )  # CE on the dataset's answers
         completions = self.complete(student, batch)
         if completions is None:
             return dataclasses.replace(reference, loss=(1 - settings.alpha) * reference.loss)
         targets = self.teacher.targets(completions, top_k=settings.top_k)
         with autocast():
-            divergence = batch_loss(student, completions, targets, dataclasses.replace(settings, alpha=1.0), vocab)
+            divergence = batch_loss(
+                student, completions, targets, dataclasses.replace(settings, alpha=1.0), vocab
+            )
         loss = settings.alpha * divergence.loss + (1 - settings.alpha) * reference.loss
         return LossResult(loss=loss, kl=divergence.kl, ce=reference.ce)
 
@@ -210,8 +231,14 @@ class OnPolicy:
             return None
         started = time.perf_counter()
         generated = generate(
-            student, prompts, pad_id=self.pad_id, eos_id=self.eos_id, max_new_tokens=self.max_new_tokens,
-            batch_size=len(prompts), temperature=self.temperature, vocab_size=self.teacher.vocab.size,
+            student,
+            prompts,
+            pad_id=self.pad_id,
+            eos_id=self.eos_id,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=len(prompts),
+            temperature=self.temperature,
+            vocab_size=self.teacher.vocab.size,
         )
         self.seconds += time.perf_counter() - started
         self.generated_tokens += sum(map(len, generated))
@@ -220,10 +247,14 @@ class OnPolicy:
             tuple(tuple(p) + tuple(g) for p, g in zip(prompts, generated)),
             tuple((IGNORE_INDEX,) * len(p) + tuple(g) for p, g in zip(prompts, generated)),
         )
-        return collate(split, list(range(len(prompts))), pad_id=self.pad_id).to(batch.input_ids.device)
+        return collate(split, list(range(len(prompts))), pad_id=self.pad_id).to(
+            batch.input_ids.device
+        )
 
 
-def endless_batches(split: TokenizedSplit, settings: DistillSettings, *, pad_id: int) -> Iterator[Batch]:
+def endless_batches(
+    split: TokenizedSplit, settings: DistillSettings, *, pad_id: int
+) -> Iterator[Batch]:
     """Epoch after epoch, each in its own seeded order, so every trial sees the same stream."""
     epoch = 0
     while True:

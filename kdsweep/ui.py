@@ -21,11 +21,13 @@ from mlflow.tracking import MlflowClient
 
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
+from kdsweep.mlflow.links import resolved_tracking_uri, runs_url
 from kdsweep.paths import store_missing
 from kdsweep.redact import redact
-from kdsweep.tracking import resolved_tracking_uri, runs_url
 
 HOST = "127.0.0.1"
+
+
 def serve(study: StudyConfig, port: int) -> int:
     """Start the MLflow UI on the study's tracking store, print its runs URL, and wait.
 
@@ -71,11 +73,18 @@ def experiment_id(study: StudyConfig, uri: str) -> str | None:
 def start_server(uri: str, *, port: int) -> subprocess.Popen:
     """``mlflow server`` on ``uri``, bound to the loopback address, in its own process group."""
     command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", uri,
-        "--host", HOST,
-        "--port", str(port),
-        "--workers", "1",  # one user on one machine; each worker costs a Python process
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",  # one user on one machine; each worker costs a Python process
     ]
     # The job runner serves GenAI features (judges, evaluations), not training runs: without it
     # the server starts some ten Python processes fewer. An explicit setting is kept.
@@ -88,7 +97,10 @@ def wait_until_up(server: subprocess.Popen, port: int, *, timeout: float = 180.0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise UsageError(f"mlflow server exited with status {server.returncode} (is port {port} in use? try --port)")
+            raise UsageError(
+                f"mlflow server exited with status {server.returncode} (is port {port} in use? "
+                "try --port)"
+            )
         try:
             with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as response:
                 if response.status == 200:

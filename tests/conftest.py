@@ -41,13 +41,37 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     tokenizer = demo.build_tokenizer(demo.generate_conversations(300, seed=0))
     shapes = {
-        "teacher": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer)),
-        "student": dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=len(tokenizer) + 6),
+        "teacher": dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+        ),
+        "student": dict(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=4,
+            vocab_size=len(tokenizer) + 6,
+        ),
     }
     folders = {}
     for role, shape in shapes.items():
         torch.manual_seed(0)
-        model = Qwen3ForCausalLM(Qwen3Config(max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, **shape))
+        model = Qwen3ForCausalLM(
+            Qwen3Config(
+                max_position_embeddings=128,
+                tie_word_embeddings=True,
+                eos_token_id=0,
+                pad_token_id=0,
+                **shape,
+            )
+        )
         folders[role] = root / role
         model.save_pretrained(folders[role])
         tokenizer.save_pretrained(folders[role])
@@ -58,7 +82,10 @@ def conversations(n: int, *, seed: int):
     """``n`` demo conversations as kdsweep's rows (``data.Conversation``)."""
     from kdsweep.data import Conversation
 
-    return [Conversation(tuple((m["role"], m["content"]) for m in c)) for c in demo.generate_conversations(n, seed=seed)]
+    return [
+        Conversation(tuple((m["role"], m["content"]) for m in c))
+        for c in demo.generate_conversations(n, seed=seed)
+    ]
 
 
 def chat_split(tokenizer, n: int, *, seed: int, max_length: int = 64, assistant_only: bool = True):
@@ -66,18 +93,27 @@ def chat_split(tokenizer, n: int, *, seed: int, max_length: int = 64, assistant_
     from kdsweep.data import ChatTemplate, tokenize
 
     chat = ChatTemplate(tokenizer, tokenizer.chat_template)
-    return tokenize(conversations(n, seed=seed), tokenizer, max_length=max_length, assistant_only=assistant_only, chat=chat)
+    return tokenize(
+        conversations(n, seed=seed),
+        tokenizer,
+        max_length=max_length,
+        assistant_only=assistant_only,
+        chat=chat,
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tiny_models):
-    """(tokenizer, the frozen teacher, the shared vocabulary, a tokenized split of 48 conversations)."""
+    """(tokenizer, the frozen teacher, the shared vocabulary, a tokenized split of 48
+    conversations)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdsweep.models import shared_vocabulary
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval().requires_grad_(False)
+    teacher = (
+        AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval().requires_grad_(False)
+    )
     vocab = shared_vocabulary(tokenizer, teacher.config.vocab_size, teacher.config.vocab_size + 6)
     return tokenizer, teacher, vocab, chat_split(tokenizer, 48, seed=3, max_length=48)
 
@@ -87,26 +123,81 @@ def tiny_data(tmp_path_factory) -> Path:
     """A folder of ``messages`` rows: train.jsonl (64) and test.jsonl (16)."""
     folder = tmp_path_factory.mktemp("data")
     for split, (rows, seed) in {"train": (64, 0), "test": (16, 1)}.items():
-        lines = [json.dumps({"messages": messages}) for messages in demo.generate_conversations(rows, seed=seed)]
+        lines = [
+            json.dumps({"messages": messages})
+            for messages in demo.generate_conversations(rows, seed=seed)
+        ]
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
 
-def write_tiny_study(root: Path, models: dict[str, Path], data: Path, *, name: str = "tiny", n_trials: int = 2, max_steps: int = 8, eval_every: int = 4) -> Path:
+def written(folder: Path) -> set[Path]:
+    """Files under ``folder``, less the `datasets` library's own cache of the rows it read."""
+    return {p for p in folder.rglob("*") if "hf-datasets" not in p.parts}
+
+
+def mlflow_runs(study_path: Path, *, uri: str | None = None, overrides: list[str] = ()):
+    """(client, parent runs, trial runs by trial number) of a study's MLflow experiment."""
+    from mlflow.tracking import MlflowClient
+
+    from kdsweep.names import Tag
+    from kdsweep.study_file import load_study
+
+    study = load_study(study_path, list(overrides))
+    client = MlflowClient(tracking_uri=uri or study.tracking.uri)
+    experiment = client.get_experiment_by_name(study.name)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if Tag.PARENT not in r.data.tags]
+    trials = {int(r.data.tags[Tag.TRIAL]): r for r in runs if Tag.PARENT in r.data.tags}
+    return client, parents, trials
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    """The demo's tokenizer (ChatML template included), built from 300 generated conversations."""
+    return demo.build_tokenizer(demo.generate_conversations(300, seed=0))
+
+
+def guanaco_rows(n: int, *, seed: int) -> list[str]:
+    """``n`` demo conversations as guanaco text rows (``### Human: ...### Assistant: ...``)."""
+    return [demo.guanaco_text(c) for c in demo.generate_conversations(n, seed=seed)]
+
+
+@pytest.fixture
+def datasets_cache(tmp_path_factory, monkeypatch):
+    """Keep the Arrow caches of tiny data files out of the user's cache (and out of tmp_path,
+    where a folder dataset would read them as data)."""
+    import datasets
+
+    cache = tmp_path_factory.mktemp("hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+
+
+def write_tiny_study(
+    root: Path,
+    models: dict[str, Path],
+    data: Path,
+    *,
+    name: str = "tiny",
+    n_trials: int = 2,
+    max_steps: int = 8,
+    eval_every: int = 4,
+) -> Path:
     """A study of short trials on the tiny models, with its stores under ``root``."""
     path = root / f"{name}.yaml"
     path.write_text(
         f"""
 name: {name}
 n_trials: {n_trials}
-storage: sqlite:///{root / 'optuna.db'}
-tracking: {{uri: "sqlite:///{root / 'mlflow.db'}"}}
+storage: sqlite:///{root / "optuna.db"}
+tracking: {{uri: "sqlite:///{root / "mlflow.db"}"}}
 sampler: {{name: random, seed: 0}}
 pruner: {{name: none}}
-teacher: {{name: {models['teacher']}}}
-student: {{name: {models['student']}}}
+teacher: {{name: {models["teacher"]}}}
+student: {{name: {models["student"]}}}
 data: {{dataset: {data}, max_length: 48}}
-train: {{max_steps: {max_steps}, batch_size: 8, eval_every: {eval_every}, log_every: 2, eval_batch_size: 8, device: cpu}}
+train: {{max_steps: {max_steps}, batch_size: 8, eval_every: {eval_every}, log_every: 2,
+eval_batch_size: 8, device: cpu}}
 search:
   alpha: {{low: 0.2, high: 0.9}}
   temperature: {{low: 1.0, high: 4.0, log: true}}
@@ -123,10 +214,58 @@ def tiny_study(tmp_path, tiny_models, tiny_data) -> Path:
     return write_tiny_study(tmp_path, tiny_models, tiny_data)
 
 
+class ReplacedTraining:
+    """A study's real trial runner whose training is ``train(runner, params, **kwargs)``:
+    ``runner`` is the real one (call it to train for real), everything else is the runner's."""
+
+    def __init__(self, runner, train):
+        self._runner, self._train = runner, train
+
+    def __getattr__(self, name: str):
+        return getattr(self._runner, name)
+
+    def __call__(self, params: dict, **kwargs):
+        return self._train(self._runner, params, **kwargs)
+
+
+def run_replaced(
+    study_path: Path, train, *, n_trials: int | None = None, overrides: list[str] = ()
+):
+    """``kdsweep run STUDY --no-report --set ...`` in this process, each trial's training given to
+    ``train`` (see ReplacedTraining): the objective's seam for its trial runner. Raises what the
+    run raises (a KeyboardInterrupt, the sweep's RepeatedFailure)."""
+    from kdsweep import sweep
+    from kdsweep.api import quiet_libraries
+    from kdsweep.progress import SweepProgress
+    from kdsweep.study_file import load_study
+    from kdsweep.trial_runner import TrialRunner
+
+    study = load_study(study_path, list(overrides))
+    quiet_libraries()
+    progress = SweepProgress()
+    try:
+        runner = ReplacedTraining(TrialRunner.prepare(study, progress=progress), train)
+        return sweep.run(study, n_trials=n_trials, progress=progress, runner=runner)
+    finally:
+        progress.close()
+
+
 def child_env() -> dict[str, str]:
     """The environment a ``python -m kdsweep`` child needs to import this checkout."""
     root = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+
+
+def wait_until(condition, *, timeout: float) -> None:
+    """Poll ``condition`` until it holds; fail the test if it does not within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{condition.__name__} did not hold within {timeout} s")
+        time.sleep(0.1)
 
 
 class Child:
@@ -137,7 +276,11 @@ class Child:
     def __init__(self, *args: str, cwd: Path | None = None):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kdsweep", *args],
-            env=child_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=child_env(),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -159,7 +302,10 @@ class Child:
                 if match := re.search(pattern, line):
                     return match
             if self.process.poll() is not None and not self._reader.is_alive():
-                raise AssertionError(f"exited ({self.process.returncode}) without printing {pattern!r}:\n{self.output}")
+                raise AssertionError(
+                    f"exited ({self.process.returncode}) without printing "
+                    f"{pattern!r}:\n{self.output}"
+                )
             time.sleep(0.05)
         raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output}")
 

@@ -10,28 +10,34 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from kdsweep import demo
 from kdsweep.config import EvalConfig
 from kdsweep.data import tokenize
 from kdsweep.evaluate import Answers, accuracy, answer_text, exact_match, rouge_l
 from kdsweep.generation import generate
 
+from conftest import guanaco_rows
+
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return demo.build_tokenizer(demo.generate_conversations(300, seed=0))
-
-
-def guanaco_rows(n: int, *, seed: int) -> list[str]:
-    return [demo.guanaco_text(c) for c in demo.generate_conversations(n, seed=seed)]
+def tokenizer(demo_tokenizer):
+    return demo_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True, max_position_embeddings=128,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        max_position_embeddings=128,
     )
     return Qwen3ForCausalLM(config).eval()
 
@@ -40,7 +46,8 @@ def test_prompts_end_where_the_final_answer_begins(tokenizer):
     rows = [
         "### Human: What is 2 + 3?### Assistant: The answer is 5.",
         "### Human: What is 7 * 6?### Assistant: 42",
-        "### Human: Hi### Assistant: Hello.### Human: Bye",  # ends with the human: no answer to ask for
+        # ends with the human: no answer to ask for
+        "### Human: Hi### Assistant: Hello.### Human: Bye",
         "plain text without turns",  # no prompt at all
     ]
     split = tokenize(rows, tokenizer, max_length=64, assistant_only=True)
@@ -50,7 +57,12 @@ def test_prompts_end_where_the_final_answer_begins(tokenizer):
     for e in (0, 1):  # the prompt is a prefix of the row's own tokens, and the answer is not in it
         assert split.input_ids[e][: len(split.prompt(e))] == split.prompt(e)
         assert split.answers[e] not in tokenizer.decode(split.prompt(e))
-        assert tokenizer.decode(split.input_ids[e][len(split.prompt(e)):], skip_special_tokens=True).strip() == split.answers[e]
+        assert (
+            tokenizer.decode(
+                split.input_ids[e][len(split.prompt(e)) :], skip_special_tokens=True
+            ).strip()
+            == split.answers[e]
+        )
     assert split.prompt(2) == () and split.prompt(3) == ()
 
 
@@ -66,14 +78,19 @@ def test_batched_left_padded_decoding_equals_one_prompt_at_a_time(model, tokeniz
     prompts = [split.prompt(e) for e in split.answered()]
     assert len({len(p) for p in prompts}) > 3  # lengths differ: batches need padding
     batched = generate(model, prompts, pad_id=0, eos_id=0, max_new_tokens=8, batch_size=16)
-    alone = [generate(model, [p], pad_id=0, eos_id=0, max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    alone = [
+        generate(model, [p], pad_id=0, eos_id=0, max_new_tokens=8, batch_size=1)[0]
+        for p in prompts
+    ]
     assert batched == alone
     assert all(len(tokens) <= 8 for tokens in batched)
 
 
 def test_generation_stops_at_eos_and_keeps_it(model, tokenizer):
     prompts = [tuple(tokenizer("### Human: What is 1 + 1?### Assistant:")["input_ids"])]
-    eos = generate(model, prompts, pad_id=0, eos_id=0, max_new_tokens=20, batch_size=1)[0][0]  # the first greedy token
+    eos = generate(model, prompts, pad_id=0, eos_id=0, max_new_tokens=20, batch_size=1)[0][
+        0
+    ]  # the first greedy token
     stopped = generate(model, prompts, pad_id=0, eos_id=eos, max_new_tokens=20, batch_size=1)[0]
     assert stopped == [eos]
 
@@ -93,7 +110,10 @@ def test_rouge_l_equals_the_rouge_score_package(seed):
         prediction = " ".join(rng.choices(words, k=rng.randint(0, 9)))
         reference = " ".join(rng.choices(words, k=rng.randint(1, 9)))
         expected = scorer.score(reference, prediction)["rougeL"].fmeasure
-        assert rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12), (prediction, reference)
+        assert rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12), (
+            prediction,
+            reference,
+        )
 
 
 def test_the_answer_stops_at_the_next_turn():
@@ -103,8 +123,15 @@ def test_the_answer_stops_at_the_next_turn():
 
 def test_accuracy_scores_what_the_model_says(model, tokenizer, monkeypatch):
     """Exact match and ROUGE-L are the means over rows of what greedy decoding produced."""
-    split = tokenize(["### Human: a?### Assistant: yes it is", "### Human: b?### Assistant: no"], tokenizer, max_length=64, assistant_only=True)
-    answers = Answers.of(split, tokenizer, EvalConfig(accuracy=True, max_new_tokens=8, batch_size=2))
+    split = tokenize(
+        ["### Human: a?### Assistant: yes it is", "### Human: b?### Assistant: no"],
+        tokenizer,
+        max_length=64,
+        assistant_only=True,
+    )
+    answers = Answers.of(
+        split, tokenizer, EvalConfig(accuracy=True, max_new_tokens=8, batch_size=2)
+    )
     said = {answers.prompts[0]: " yes it is", answers.prompts[1]: " yes"}
 
     def fake_generate(model, prompts, **kwargs):

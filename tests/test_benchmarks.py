@@ -24,27 +24,60 @@ def test_gpu_benchmark_tiny_mode_runs_every_mode_on_the_cpu(tmp_path, capsys):
     gpu = load_script("gpu")
     output = tmp_path / "tiny.json"
     # The dtypes a GPU run uses: bf16 autocast and a bf16 teacher.
-    gpu.main(["--tiny", "--precision", "bf16", "--teacher-dtype", "bfloat16", "--output", str(output)])
+    gpu.main(
+        ["--tiny", "--precision", "bf16", "--teacher-dtype", "bfloat16", "--output", str(output)]
+    )
 
     report = json.loads(output.read_text())
     assert report["notes"] == {}, report["notes"]  # no mode failed or was skipped
-    assert set(report["results"]) == {"notebook", "online", "cached", "ce", "onpolicy-0.5", "onpolicy-1"}
+    assert set(report["results"]) == {
+        "notebook",
+        "online",
+        "cached",
+        "ce",
+        "onpolicy-0.5",
+        "onpolicy-1",
+    }
     for result in report["results"].values():
-        assert result["tokens_per_s"] > 0 and result["peak_gib"] > 0 and result["mfu"] is None  # no peak on a CPU
+        assert (
+            result["tokens_per_s"] > 0 and result["peak_gib"] > 0 and result["mfu"] is None
+        )  # no peak on a CPU
     build = report["cache_build"]
-    assert build["teacher_tokens"] == build["split_tokens"] == 2 * 3 * 32  # the teacher ran once over the rows
+    assert (
+        build["teacher_tokens"] == build["split_tokens"] == 2 * 3 * 32
+    )  # the teacher ran once over the rows
     table = capsys.readouterr().out
-    assert "cached distillation step / plain CE step" in table and "bfloat16 teacher online" in table
+    assert (
+        "cached distillation step / plain CE step" in table and "bfloat16 teacher online" in table
+    )
     assert "onpolicy-1 step / cached step" in table
 
 
 def test_onpolicy_benchmark_times_every_share_on_a_tiny_study(tiny_study, capsys):
     onpolicy = load_script("onpolicy")
-    onpolicy.main([str(tiny_study), "--steps", "4", "--threads", "0", "--set", "search.learning_rate=[1.0e-3, 2.0e-3]"])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:3] in {"0.0", "0.5", "1.0"}]
+    onpolicy.main(
+        [
+            str(tiny_study),
+            "--steps",
+            "4",
+            "--threads",
+            "0",
+            "--set",
+            "search.learning_rate=[1.0e-3, 2.0e-3]",
+        ]
+    )
+    rows = [
+        line.split()
+        for line in capsys.readouterr().out.splitlines()
+        if line.strip()[:3] in {"0.0", "0.5", "1.0"}
+    ]
     assert [row[0] for row in rows] == ["0.0", "0.5", "1.0"]
-    assert rows[0][3] == "1.00" and rows[0][5] == "0"  # the cached step is the unit, and generates nothing
-    assert int(rows[2][5]) == 4 and float(rows[2][3]) > 1  # lmbda 1: every step generates, and costs more
+    assert (
+        rows[0][3] == "1.00" and rows[0][5] == "0"
+    )  # the cached step is the unit, and generates nothing
+    assert (
+        int(rows[2][5]) == 4 and float(rows[2][3]) > 1
+    )  # lmbda 1: every step generates, and costs more
 
 
 def test_the_real_configurations_are_qwen3_0_6b_and_4b():
@@ -54,5 +87,9 @@ def test_the_real_configurations_are_qwen3_0_6b_and_4b():
     embedding = 151936 * 1024
     assert gpu.matmul_weights(student) == pytest.approx(0.44e9 + embedding, rel=0.02)
     assert gpu.matmul_weights(teacher) - 151936 * 2560 == pytest.approx(3.6e9, rel=0.03)
-    assert (teacher.num_hidden_layers, teacher.num_attention_heads, teacher.num_key_value_heads) == (36, 32, 8)
+    assert (
+        teacher.num_hidden_layers,
+        teacher.num_attention_heads,
+        teacher.num_key_value_heads,
+    ) == (36, 32, 8)
     assert student.tie_word_embeddings and teacher.tie_word_embeddings

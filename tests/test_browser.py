@@ -14,20 +14,27 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Child, isolate, write_tiny_study
 from mlflow.tracking import MlflowClient
 
 from kdsweep.cli import main
-from kdsweep.config import load_study
+from kdsweep.mlflow.links import compare_url
 from kdsweep.names import Tag
-from kdsweep.tracking import compare_url
+from kdsweep.study_file import load_study
+
+from conftest import Child, isolate, write_tiny_study
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = os.environ.get("KDSWEEP_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 TRIALS = 3
 
@@ -52,8 +59,18 @@ def browser_or_skip():
 def swept(tmp_path_factory, tiny_models, tiny_data) -> Path:
     """A three-trial sweep of the tiny models, its stores in a folder of its own."""
     root = tmp_path_factory.mktemp("browser")
-    study = write_tiny_study(root, tiny_models, tiny_data, name="tiny-browser", n_trials=TRIALS, max_steps=4, eval_every=2)
-    with pytest.MonkeyPatch.context() as patch:  # the per-test isolation of conftest, for the module
+    study = write_tiny_study(
+        root,
+        tiny_models,
+        tiny_data,
+        name="tiny-browser",
+        n_trials=TRIALS,
+        max_steps=4,
+        eval_every=2,
+    )
+    with (
+        pytest.MonkeyPatch.context() as patch
+    ):  # the per-test isolation of conftest, for the module
         isolate(patch, root)
         assert main(["run", str(study), "--no-report"]) == 0
     return study
@@ -87,7 +104,10 @@ def test_ui_prints_the_study_runs_table_url(swept, ui):
     _, url, port = ui
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
     experiment = client.get_experiment_by_name("tiny-browser")
-    assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert (
+        url
+        == f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    )
     assert len(client.search_runs([experiment.experiment_id])) == TRIALS + 1
 
 
@@ -108,7 +128,9 @@ def test_runs_table_and_compare_view_in_chromium(swept, ui, tmp_path_factory):
 
             # The runs table: the parent run, then its nested trial runs once it is expanded.
             page.goto(url)
-            parent = page.locator("[role=gridcell][col-id='attributes.`Run Name`']", has_text="tiny-browser")
+            parent = page.locator(
+                "[role=gridcell][col-id='attributes.`Run Name`']", has_text="tiny-browser"
+            )
             parent.wait_for()
             page.get_by_text(f"{TRIALS + 1} matching runs").wait_for()
             parent.locator("button").first.click()  # the expander of the parent's nested runs
@@ -120,11 +142,17 @@ def test_runs_table_and_compare_view_in_chromium(swept, ui, tmp_path_factory):
             # The compare view of the trial runs, its plot set to the searched parameters against
             # the eval perplexity, its parameter table to what differs: what a user looks at.
             page.set_viewport_size({"width": 1600, "height": 1400})
-            page.goto(compare_url(base, trials[0].info.experiment_id, [r.info.run_id for r in trials]))
+            page.goto(
+                compare_url(base, trials[0].info.experiment_id, [r.info.run_id for r in trials])
+            )
             page.get_by_text(f"Comparing {TRIALS} Runs").wait_for()
             plot = page.locator(".js-plotly-plot").first
             plot.wait_for()
-            _plot_axes(page, params=["alpha", "temperature", "top_k", "learning_rate"], metrics=["student_ppl"])
+            _plot_axes(
+                page,
+                params=["alpha", "temperature", "top_k", "learning_rate"],
+                metrics=["student_ppl"],
+            )
             axes, text = plot.text_content(), page.inner_text("body")
             page.get_by_role("switch").first.click()  # Parameters: show diff only
             _close_assistant(page)
@@ -145,9 +173,14 @@ def test_runs_table_and_compare_view_in_chromium(swept, ui, tmp_path_factory):
 
 
 def test_ui_stops_the_server_and_its_helpers(ui):
-    """``mlflow server`` starts web workers and a job runner; stopping ``kdsweep ui`` stops them all."""
+    """``mlflow server`` starts web workers and a job runner; stopping ``kdsweep ui`` stops them
+    all."""
     process, _, port = ui
-    (server,) = [pid for pid, command in _processes() if "mlflow server" in command and f"--port {port}" in command]
+    (server,) = [
+        pid
+        for pid, command in _processes()
+        if "mlflow server" in command and f"--port {port}" in command
+    ]
     group = os.getpgid(server)
     assert group != os.getpgid(process.pid)  # the server has a process group of its own
     assert len(_group_members(group)) > 1  # the server and its helpers
@@ -195,7 +228,12 @@ def _processes() -> list[tuple[int, str]]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+                found.append(
+                    (
+                        int(entry.name),
+                        (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(),
+                    )
+                )
             except OSError:
                 continue
     return found

@@ -8,12 +8,9 @@ import sys
 import pytest
 
 from kdsweep.cli import main
-from kdsweep.config import load_study
+from kdsweep.study_file import load_study
 
-
-def written(folder):
-    """Files under ``folder``, less the `datasets` library's own cache of the rows it read."""
-    return {p for p in folder.rglob("*") if "hf-datasets" not in p.parts}
+from conftest import written
 
 
 def test_check_accepts_a_good_study(tiny_study, capsys):
@@ -23,14 +20,20 @@ def test_check_accepts_a_good_study(tiny_study, capsys):
 
 def test_study_errors_exit_2_one_line_each_and_write_nothing(tiny_study, tmp_path, capsys):
     before = set(tmp_path.rglob("*"))
-    overrides = ["search.alpha.high=1.5", "train.batch_size=0", "n_trials=0", "train.eval_every=50"]
+    overrides = [
+        "search.alpha.high=1.5",
+        "train.batch_size=0",
+        "n_trials=0",
+        "train.eval_every=50",
+    ]
     code = main(["run", str(tiny_study), *(arg for o in overrides for arg in ("--set", o))])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [
         f"{tiny_study}: n_trials: must be >= 1, got 0",
         f"{tiny_study}: train.batch_size: must be >= 1, got 0",
-        f"{tiny_study}: train.eval_every: 50 is more than train.max_steps (8), so a trial would be evaluated only "
+        f"{tiny_study}: train.eval_every: 50 is more than train.max_steps (8), so a trial would "
+        "be evaluated only "
         "at its end and could never be pruned; set it to at most max_steps",
         f"{tiny_study}: search.alpha.high: must be <= 1, got 1.5",
     ]
@@ -40,15 +43,26 @@ def test_study_errors_exit_2_one_line_each_and_write_nothing(tiny_study, tmp_pat
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("teacher.name=/nonexistent/teacher", "cannot load the teacher: no folder /nonexistent/teacher"),
-        ("student.name=/nonexistent/student", "cannot load the student: no folder /nonexistent/student"),
+        (
+            "teacher.name=/nonexistent/teacher",
+            "cannot load the teacher: no folder /nonexistent/teacher",
+        ),
+        (
+            "student.name=/nonexistent/student",
+            "cannot load the student: no folder /nonexistent/student",
+        ),
         ("data.dataset=/nonexistent/rows.jsonl", "/nonexistent/rows.jsonl"),
-        ("data.messages_field=body", "data.text_field: dataset"),  # auto finds neither conversations nor text
+        (
+            "data.messages_field=body",
+            "data.text_field: dataset",
+        ),  # auto finds neither conversations nor text
         ("data.train_split=train[:0]", "data.train_split"),  # empty once the split is applied
         ("search.top_k=[8, 10000000]", "search.top_k: 10000000 is above the vocabulary size"),
     ],
 )
-def test_missing_inputs_exit_2_before_anything_is_written(tiny_study, tmp_path, capsys, override, needle):
+def test_missing_inputs_exit_2_before_anything_is_written(
+    tiny_study, tmp_path, capsys, override, needle
+):
     before = written(tmp_path)
     assert main(["run", str(tiny_study), "--set", override]) == 2
     err = capsys.readouterr().err
@@ -59,12 +73,20 @@ def test_missing_inputs_exit_2_before_anything_is_written(tiny_study, tmp_path, 
 
 
 def test_vocabulary_mismatch_is_a_usage_error(tiny_study, tmp_path, capsys):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     small = tmp_path / "small-vocab"
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=50, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8)).save_pretrained(small)
+    Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=50,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
+    ).save_pretrained(small)
     AutoTokenizer.from_pretrained(load_study(tiny_study).teacher.name).save_pretrained(small)
     assert main(["run", str(tiny_study), "--set", f"student.name={small}"]) == 2
     err = capsys.readouterr().err
@@ -108,7 +130,9 @@ def test_unexpected_errors_exit_1_with_one_line(tiny_study, monkeypatch, capsys)
     monkeypatch.setattr(sweep, "run", broken)
     assert main(["run", str(tiny_study)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["kdsweep: error: RuntimeError: disk on fire (KDSWEEP_DEBUG=1 shows the traceback)"]
+    assert err == [
+        "kdsweep: error: RuntimeError: disk on fire (KDSWEEP_DEBUG=1 shows the traceback)"
+    ]
 
 
 def test_bad_flags_exit_2():
@@ -118,10 +142,15 @@ def test_bad_flags_exit_2():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys, kdsweep.cli, kdsweep.config; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = (
+        "import sys, kdsweep.cli, kdsweep.config; assert 'torch' not in sys.modules and "
+        "'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_python_dash_m_runs_the_cli(tiny_study):
-    out = subprocess.run([sys.executable, "-m", "kdsweep", "check", str(tiny_study)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "kdsweep", "check", str(tiny_study)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from kdsweep.config import load_study
 from kdsweep.errors import StudyError
 from kdsweep.space import WHOLE_VOCAB, finite_top_ks
+from kdsweep.study_file import load_study
 
 STUDIES = sorted(Path(__file__).resolve().parents[1].joinpath("studies").glob("*.yaml"))
 
@@ -49,7 +49,10 @@ def test_minimal_study_takes_defaults(tmp_path):
 
 
 def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path):
-    path = write(tmp_path, MINIMAL + "search: {alpha: {low: 0.2, high: 1.5}}\ntrain: {batch_size: 0, colour: red}\n")
+    path = write(
+        tmp_path,
+        MINIMAL + "search: {alpha: {low: 0.2, high: 1.5}}\ntrain: {batch_size: 0, colour: red}\n",
+    )
     found = problems(path)
     assert f"{path}: search.alpha.high: must be <= 1, got 1.5" in found
     assert f"{path}: train.batch_size: must be >= 1, got 0" in found
@@ -81,20 +84,37 @@ def test_missing_file(tmp_path):
 
 def test_set_overrides_any_field(tmp_path):
     path = write(tmp_path, MINIMAL)
-    study = load_study(path, ["train.max_steps=7", "train.eval_every=7", "search.alpha=0.5", "search.top_k=[4, all]", "tracking.uri=sqlite:///m.db"])
+    study = load_study(
+        path,
+        [
+            "train.max_steps=7",
+            "train.eval_every=7",
+            "search.alpha=0.5",
+            "search.top_k=[4, all]",
+            "tracking.uri=sqlite:///m.db",
+        ],
+    )
     assert study.train.max_steps == 7
     assert study.search.alpha.is_fixed and study.search.alpha.value == 0.5
     assert study.search.top_k.choices == (4, WHOLE_VOCAB)
     assert study.tracking.uri == "sqlite:///m.db"
-    assert problems(path, ["train.max_steps"]) == [f"{path}: --set train.max_steps: expected key.path=value"]
+    assert problems(path, ["train.max_steps"]) == [
+        f"{path}: --set train.max_steps: expected key.path=value"
+    ]
 
 
 @pytest.mark.parametrize(
     "search, message",
     [
         ("{temperature: {low: 0, high: 2}}", "search.temperature.low: must be > 0, got 0.0"),
-        ("{learning_rate: {low: 1e-3, high: 1e-4, log: true}}", "search.learning_rate: low must be <= high"),
-        ("{alpha: {low: 0.0, high: 0.5, log: true}}", "search.alpha.low: must be > 0 for a log range"),
+        (
+            "{learning_rate: {low: 1e-3, high: 1e-4, log: true}}",
+            "search.learning_rate: low must be <= high",
+        ),
+        (
+            "{alpha: {low: 0.0, high: 0.5, log: true}}",
+            "search.alpha.low: must be > 0 for a log range",
+        ),
         ("{top_k: {low: 1, high: 5}}", "search.top_k: must be a list of choices"),
         ("{top_k: [0, all]}", "search.top_k.choices[0]: must be an integer >= 1 or 'all', got 0"),
         ("{alpha: []}", "search.alpha.choices: must list at least one value"),
@@ -106,7 +126,12 @@ def test_impossible_search_spaces(tmp_path, search, message):
 
 
 def test_grid_sampler_needs_discrete_values(tmp_path):
-    path = write(tmp_path, MINIMAL + "sampler: {name: grid}\nsearch: {alpha: [0.1, 0.5], temperature: 2, learning_rate: 1e-4, top_k: [4]}\n")
+    path = write(
+        tmp_path,
+        MINIMAL
+        + "sampler: {name: grid}\nsearch: {alpha: [0.1, 0.5], temperature: 2, learning_rate: "
+        "1e-4, top_k: [4]}\n",
+    )
     assert load_study(path).sampler.name == "grid"
     found = problems(path, ["search.temperature={low: 1, high: 4}"])
     assert any("search.temperature: the grid sampler needs" in p for p in found)

@@ -22,14 +22,14 @@ from kdsweep.data import (
 )
 from kdsweep.errors import UsageError
 
+from conftest import guanaco_rows
+
+pytestmark = pytest.mark.usefixtures("datasets_cache")
+
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return demo.build_tokenizer(demo.generate_conversations(300, seed=0))
-
-
-def guanaco_rows(n: int, *, seed: int) -> list[str]:
-    return [demo.guanaco_text(c) for c in demo.generate_conversations(n, seed=seed)]
+def tokenizer(demo_tokenizer):
+    return demo_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,10 @@ def scored_text(tokenizer, ids, labels) -> str:
 def test_parse_guanaco_multi_turn_in_order():
     text = "### Human: What is 2 + 2?### Assistant: 4.### Human: And times 3?### Assistant: 12."
     assert parse_guanaco(text) == [
-        ("human", "What is 2 + 2?"), ("assistant", "4."), ("human", "And times 3?"), ("assistant", "12."),
+        ("human", "What is 2 + 2?"),
+        ("assistant", "4."),
+        ("human", "And times 3?"),
+        ("assistant", "12."),
     ]
 
 
@@ -67,7 +70,9 @@ def test_parse_guanaco_without_markers_is_one_answer():
 
 def test_parse_guanaco_text_before_the_first_marker_is_context():
     assert parse_guanaco("Be brief.### Human: Hi### Assistant: Yo") == [
-        ("human", "Be brief."), ("human", "Hi"), ("assistant", "Yo"),
+        ("human", "Be brief."),
+        ("human", "Hi"),
+        ("assistant", "Yo"),
     ]
 
 
@@ -79,13 +84,17 @@ def test_only_answers_and_final_eos_are_scored(tokenizer):
     split = tokenize([text], tokenizer, max_length=64, assistant_only=True)
     ids, labels = split.input_ids[0], split.labels[0]
     assert scored_text(tokenizer, ids, labels).strip() == "The answer is 42.<|endoftext|>"
-    assert tokenizer.decode(ids) == text + "<|endoftext|>"  # the markers stay in what the model sees
+    assert (
+        tokenizer.decode(ids) == text + "<|endoftext|>"
+    )  # the markers stay in what the model sees
     assert all(label in (i, IGNORE_INDEX) for i, label in zip(ids, labels))
 
 
 def test_eos_is_scored_although_pad_equals_eos(tokenizer):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the Qwen case
-    split = tokenize(["### Human: Hi?### Assistant: Hello."], tokenizer, max_length=64, assistant_only=True)
+    split = tokenize(
+        ["### Human: Hi?### Assistant: Hello."], tokenizer, max_length=64, assistant_only=True
+    )
     assert split.input_ids[0][-1] == tokenizer.eos_token_id
     assert split.labels[0][-1] == tokenizer.eos_token_id
 
@@ -127,7 +136,9 @@ def test_truncation_and_rows_without_scored_tokens_are_dropped(tokenizer):
     split = tokenize(texts, tokenizer, max_length=cut, assistant_only=True)
     assert len(split) == 1 and split.dropped == 2
     assert len(split.input_ids[0]) == cut == len(split.labels[0])
-    assert split.labels[0][-1] != IGNORE_INDEX  # cut inside the answer: the last kept token is scored
+    assert (
+        split.labels[0][-1] != IGNORE_INDEX
+    )  # cut inside the answer: the last kept token is scored
 
 
 def test_num_scored_tokens_skips_position_zero(tokenizer):
@@ -143,12 +154,21 @@ def test_a_bos_added_by_the_tokenizer_is_kept_and_not_scored(tokenizer):
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.add_special_tokens(["<s>"])
     bos = backend.token_to_id("<s>")
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)]),
-    ])
-    llama_like = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
-    split = tokenize(["### Human: Tell me a spice.### Assistant: pepper"], llama_like, max_length=64, assistant_only=True)
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)]),
+        ]
+    )
+    llama_like = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>"
+    )
+    split = tokenize(
+        ["### Human: Tell me a spice.### Assistant: pepper"],
+        llama_like,
+        max_length=64,
+        assistant_only=True,
+    )
     assert split.input_ids[0][0] == bos and split.labels[0][0] == IGNORE_INDEX
     assert scored_text(llama_like, split.input_ids[0], split.labels[0]) == " pepper<|endoftext|>"
 
@@ -165,7 +185,12 @@ def test_tokenize_needs_a_fast_tokenizer():
 
 
 def batch_kwargs(**overrides):
-    return {"batch_size": 8, "pad_id": demo.EOS_TOKEN_ID, "shuffle_seed": 0, "group_by_length": True} | overrides
+    return {
+        "batch_size": 8,
+        "pad_id": demo.EOS_TOKEN_ID,
+        "shuffle_seed": 0,
+        "group_by_length": True,
+    } | overrides
 
 
 def test_make_batches_is_deterministic(demo_split):
@@ -179,12 +204,21 @@ def test_make_batches_is_deterministic(demo_split):
 
 @pytest.mark.parametrize("group_by_length", [False, True])
 @pytest.mark.parametrize("shuffle_seed", [None, 3])
-def test_batches_hold_every_example_once_and_never_score_padding(demo_split, group_by_length, shuffle_seed):
-    batches = make_batches(demo_split, **batch_kwargs(shuffle_seed=shuffle_seed, group_by_length=group_by_length))
+def test_batches_hold_every_example_once_and_never_score_padding(
+    demo_split, group_by_length, shuffle_seed
+):
+    batches = make_batches(
+        demo_split, **batch_kwargs(shuffle_seed=shuffle_seed, group_by_length=group_by_length)
+    )
     seen = torch.cat([b.example_ids for b in batches]).tolist()
     assert sorted(seen) == list(range(len(demo_split)))
     for batch in batches:
-        assert batch.input_ids.dtype == batch.labels.dtype == batch.attention_mask.dtype == torch.int64
+        assert (
+            batch.input_ids.dtype
+            == batch.labels.dtype
+            == batch.attention_mask.dtype
+            == torch.int64
+        )
         padding = batch.attention_mask == 0
         assert (batch.labels[padding] == IGNORE_INDEX).all()
         assert (batch.input_ids[padding] == demo.EOS_TOKEN_ID).all()
@@ -200,13 +234,17 @@ def test_batches_hold_every_example_once_and_never_score_padding(demo_split, gro
 def test_without_a_seed_the_split_order_is_kept(demo_split):
     batches = make_batches(demo_split, **batch_kwargs(shuffle_seed=None, group_by_length=False))
     assert torch.cat([b.example_ids for b in batches]).tolist() == list(range(len(demo_split)))
-    assert len(batches[-1].example_ids) == (len(demo_split) % 8 or 8)  # the last batch may be short
+    assert len(batches[-1].example_ids) == (
+        len(demo_split) % 8 or 8
+    )  # the last batch may be short
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])
 def test_seeds_give_different_orders(demo_split, group_by_length):
     def order(seed):
-        batches = make_batches(demo_split, **batch_kwargs(shuffle_seed=seed, group_by_length=group_by_length))
+        batches = make_batches(
+            demo_split, **batch_kwargs(shuffle_seed=seed, group_by_length=group_by_length)
+        )
         return torch.cat([b.example_ids for b in batches]).tolist()
 
     assert order(0) != order(1)
@@ -235,13 +273,6 @@ def test_batch_to_moves_every_tensor(demo_split):
 ROWS = ["### Human: a?### Assistant: A.", "### Human: b?### Assistant: B.", "plain c", "plain d"]
 
 
-@pytest.fixture(autouse=True)
-def datasets_cache(tmp_path_factory, monkeypatch):
-    """Keep the Arrow caches of these tiny files out of the user's cache (and out of tmp_path,
-    where a folder dataset would read them as data)."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
-
-
 def write_jsonl(path, texts, field="text"):
     path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)))
     return path
@@ -257,7 +288,9 @@ def test_load_jsonl_file_and_slice(tmp_path):
 def test_relative_path_is_taken_from_base_dir(tmp_path):
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "rows.jsonl", ROWS)
-    assert load_texts(DataConfig(dataset="data/rows.jsonl"), "train", base_dir=str(tmp_path)) == ROWS
+    assert (
+        load_texts(DataConfig(dataset="data/rows.jsonl"), "train", base_dir=str(tmp_path)) == ROWS
+    )
 
 
 def test_load_csv_and_parquet(tmp_path):
@@ -281,7 +314,10 @@ def test_load_folder_splits(tmp_path):
 
 def test_missing_local_file(tmp_path):
     data = DataConfig(dataset="nowhere/rows.jsonl")
-    with pytest.raises(UsageError, match=r"data\.dataset: no such file or folder 'nowhere/rows.jsonl'.*fix the path"):
+    with pytest.raises(
+        UsageError,
+        match=r"data\.dataset: no such file or folder 'nowhere/rows.jsonl'.*fix the path",
+    ):
         load_texts(data, "train", base_dir=str(tmp_path))
 
 
@@ -289,7 +325,11 @@ def test_unknown_split_lists_the_available_ones(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", ROWS)
     write_jsonl(tmp_path / "test.jsonl", ROWS)
     data = DataConfig(dataset=str(tmp_path), eval_split="validation")
-    with pytest.raises(UsageError, match=r"data\.eval_split: .*no split 'validation' \(available: train, test\); set data\.eval_split"):
+    with pytest.raises(
+        UsageError,
+        match=r"data\.eval_split: .*no split 'validation' \(available: train, test\); set "
+        r"data\.eval_split",
+    ):
         load_texts(data, "validation")
 
 
@@ -300,14 +340,22 @@ def test_single_file_has_only_a_train_split(tmp_path):
 
 
 def test_slice_without_rows(tmp_path):
-    data = DataConfig(dataset=str(write_jsonl(tmp_path / "rows.jsonl", ROWS)), train_split="train[:0]")
-    with pytest.raises(UsageError, match=r"data\.train_split: cannot take 'train\[:0\]'.*selects rows"):
+    data = DataConfig(
+        dataset=str(write_jsonl(tmp_path / "rows.jsonl", ROWS)), train_split="train[:0]"
+    )
+    with pytest.raises(
+        UsageError, match=r"data\.train_split: cannot take 'train\[:0\]'.*selects rows"
+    ):
         load_texts(data, "train[:0]")
 
 
 def test_missing_text_field_lists_the_columns(tmp_path):
     data = DataConfig(dataset=str(write_jsonl(tmp_path / "rows.jsonl", ROWS, field="content")))
-    with pytest.raises(UsageError, match=r"data\.text_field: .*no column 'text' \(columns: content, id\), nor the columns conversations .*; set data\.text_field"):
+    with pytest.raises(
+        UsageError,
+        match=r"data\.text_field: .*no column 'text' \(columns: content, id\), nor the columns "
+        r"conversations .*; set data\.text_field",
+    ):
         load_texts(data, "train")
 
 
@@ -316,17 +364,23 @@ def test_empty_and_unsupported_files(tmp_path):
     (tmp_path / "rows.txt").write_text("x\n")
     with pytest.raises(UsageError, match="is empty"):
         load_texts(DataConfig(dataset=str(tmp_path / "empty.jsonl")), "train")
-    with pytest.raises(UsageError, match=r"cannot read .*use a \.jsonl, \.json, \.parquet or \.csv file"):
+    with pytest.raises(
+        UsageError, match=r"cannot read .*use a \.jsonl, \.json, \.parquet or \.csv file"
+    ):
         load_texts(DataConfig(dataset=str(tmp_path / "rows.txt")), "train")
 
 
-@pytest.mark.parametrize(("offline", "fix"), [(True, "offline mode is on"), (False, "set HF_HUB_OFFLINE=1")])
+@pytest.mark.parametrize(
+    ("offline", "fix"), [(True, "offline mode is on"), (False, "set HF_HUB_OFFLINE=1")]
+)
 def test_unreachable_hub_dataset(monkeypatch, tmp_path, offline, fix):
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/rows' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
-    found_nowhere = "'someone/rows' was found neither as a local file or folder nor on the Hugging Face hub"
+    found_nowhere = (
+        "'someone/rows' was found neither as a local file or folder nor on the Hugging Face hub"
+    )
     with pytest.raises(UsageError, match=rf"{found_nowhere} .*{fix}.*or use a \.jsonl"):
         load_texts(DataConfig(dataset="someone/rows"), "train", base_dir=str(tmp_path))

@@ -16,7 +16,10 @@ SHIPPED = Path(__file__).resolve().parents[1] / "studies" / "data" / "picks"
 
 
 def shipped(name: str) -> list[list[dict]]:
-    return [json.loads(line)["messages"] for line in (SHIPPED / f"{name}.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line)["messages"]
+        for line in (SHIPPED / f"{name}.jsonl").read_text().splitlines()
+    ]
 
 
 def exchanges(messages: list[dict]) -> list[tuple[str, str]]:
@@ -44,14 +47,17 @@ def test_rows_ask_for_a_member_of_a_category_and_answer_with_one():
     for messages in demo.generate_conversations(500, seed=0):
         assert [m["role"] for m in messages] == ["user", "assistant"] * demo.TURNS
         for question, answer in exchanges(messages):
-            category = max((c for c in demo.CATEGORIES if question.rstrip(".?").endswith(f" {c}")), key=len)
+            category = max(
+                (c for c in demo.CATEGORIES if question.rstrip(".?").endswith(f" {c}")), key=len
+            )
             assert answer in demo.answers(category)
 
 
 def test_answers_are_several_and_the_popular_ones_more_likely():
     """A question has several right answers; the first-listed is the most frequent one."""
     fruit = Counter(
-        answer for messages in demo.generate_conversations(20_000, seed=5)
+        answer
+        for messages in demo.generate_conversations(20_000, seed=5)
         for question, answer in exchanges(messages)
         if question.endswith(" fruit.") or question.endswith(" fruit?")
     )
@@ -63,14 +69,23 @@ def test_answers_are_several_and_the_popular_ones_more_likely():
 def test_shipped_files_are_what_the_generator_writes(tmp_path):
     demo.write_demo_data(tmp_path)
     for name in ("train.jsonl", "test.jsonl"):
-        assert (tmp_path / name).read_text() == (SHIPPED / name).read_text(), f"regenerate {SHIPPED / name}"
+        assert (tmp_path / name).read_text() == (SHIPPED / name).read_text(), (
+            f"regenerate {SHIPPED / name}"
+        )
 
 
 def test_held_out_rows_are_in_neither_the_corpus_nor_the_train_split(splits):
     corpus, train, test = splits
-    assert (len(train), len(test)) == (demo.TRAIN_ROWS, demo.TEST_ROWS) == (len(shipped("train")), len(shipped("test")))
+    assert (
+        (len(train), len(test))
+        == (demo.TRAIN_ROWS, demo.TEST_ROWS)
+        == (len(shipped("train")), len(shipped("test")))
+    )
     assert len(corpus) > 19_900  # the 20,000 generated, less the few equal to a held-out row
-    keys = {name: {json.dumps(c) for c in rows} for name, rows in (("corpus", corpus), ("train", train), ("test", test))}
+    keys = {
+        name: {json.dumps(c) for c in rows}
+        for name, rows in (("corpus", corpus), ("train", train), ("test", test))
+    }
     assert len(keys["test"]) == len(test)
     assert not keys["test"] & keys["corpus"] and not keys["test"] & keys["train"]
 
@@ -95,7 +110,8 @@ def test_tokenizer_is_qwen_like_and_answers_are_single_tokens(tokenizer, splits)
     _, train, test = splits
     lengths = [len(ids) for ids in tokenizer([demo.chatml(c) for c in train + test])["input_ids"]]
     assert max(lengths) <= 48
-    # Words are one token, or two ("ice cream"); numbers are read digit by digit, as Qwen reads them.
+    # Words are one token, or two ("ice cream"); numbers are read digit by digit, as Qwen reads
+    # them.
     words = [a for c in demo.CATEGORIES for a in demo.answers(c) if not a.isdigit()]
     multi = [a for a in words if len(tokenizer(a)["input_ids"]) > 2]
     assert len(multi) <= 3, multi
@@ -111,7 +127,9 @@ def test_tokenizer_has_qwens_chat_template_and_turn_tokens(tokenizer, splits):
         assert tokenizer.added_tokens_decoder[tokenizer.convert_tokens_to_ids(token)].special
         assert len(tokenizer(token)["input_ids"]) == 1
     assert tokenizer.apply_chat_template(train[0], tokenize=False) == demo.chatml(train[0])
-    prompt = tokenizer.apply_chat_template(train[0][:1], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        train[0][:1], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == demo.chatml(train[0][:1]) + "<|im_start|>assistant\n"
 
 
@@ -121,7 +139,11 @@ def test_tokenizer_round_trips_through_a_folder(tokenizer, tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.is_fast
     assert loaded(rows)["input_ids"] == tokenizer(rows)["input_ids"]
-    assert (loaded.eos_token_id, loaded.pad_token_id, len(loaded)) == (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer))
+    assert (loaded.eos_token_id, loaded.pad_token_id, len(loaded)) == (
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        len(tokenizer),
+    )
     assert loaded.chat_template == tokenizer.chat_template
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import Child
 from kdsweep import objective
 from kdsweep.cli import main
-from kdsweep.config import load_study
 from kdsweep.names import TrialAttr
 from kdsweep.storage import load_existing_study
+from kdsweep.study_file import load_study
+
+from conftest import Child
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,7 +29,14 @@ def finished(study_path, overrides=()):
 def test_a_three_trial_sweep_on_cuda(tiny_study, precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    overrides = ["--set", "train.device=cuda", "--set", f"train.precision={precision}", "--set", "train.max_steps=12"]
+    overrides = [
+        "--set",
+        "train.device=cuda",
+        "--set",
+        f"train.precision={precision}",
+        "--set",
+        "train.max_steps=12",
+    ]
     assert main(["run", str(tiny_study), "--n-trials", "3", "--no-report", *overrides]) == 0
     trials = finished(tiny_study)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
@@ -37,8 +45,19 @@ def test_a_three_trial_sweep_on_cuda(tiny_study, precision):
 
 
 def test_two_workers_share_one_device(tiny_study):
-    child = Child("run", str(tiny_study), "--n-trials", "4", "--no-report", "--workers", "2", "--devices", "0,0",
-                  "--set", "train.max_steps=12")
+    child = Child(
+        "run",
+        str(tiny_study),
+        "--n-trials",
+        "4",
+        "--no-report",
+        "--workers",
+        "2",
+        "--devices",
+        "0,0",
+        "--set",
+        "train.max_steps=12",
+    )
     assert child.finish(timeout=900) == 0, child.output
     trials = finished(tiny_study)
     assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
@@ -52,15 +71,31 @@ def test_out_of_memory_is_retried_with_half_the_micro_batch(tiny_study, monkeypa
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(64 * 2**20 / total)  # 64 MiB
     try:
-        overrides = ["--set", "train.device=cuda", "--set", "train.batch_size=64", "--set", "train.oom_retry=true",
-                     "--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "max_consecutive_failures=10",
-                     "--set", "data.max_length=48"]
+        overrides = [
+            "--set",
+            "train.device=cuda",
+            "--set",
+            "train.batch_size=64",
+            "--set",
+            "train.oom_retry=true",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            "max_consecutive_failures=10",
+            "--set",
+            "data.max_length=48",
+        ]
         main(["run", str(tiny_study), "--n-trials", "1", "--no-report", *overrides])
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     trials = finished(tiny_study)
     assert trials[0].state.name == "FAIL" and trials[0].user_attrs[TrialAttr.FAIL_REASON] == "oom"
-    assert (trials[1].user_attrs[TrialAttr.MICRO_BATCH], trials[1].user_attrs[TrialAttr.GRAD_ACCUM]) == (32, 2)
+    assert (
+        trials[1].user_attrs[TrialAttr.MICRO_BATCH],
+        trials[1].user_attrs[TrialAttr.GRAD_ACCUM],
+    ) == (32, 2)
 
 
 def test_no_memory_growth_across_five_trials(tiny_study, monkeypatch):
@@ -75,4 +110,6 @@ def test_no_memory_growth_across_five_trials(tiny_study, monkeypatch):
     overrides = ["--set", "train.device=cuda", "--set", "train.max_steps=8"]
     assert main(["run", str(tiny_study), "--n-trials", "5", "--no-report", *overrides]) == 0
     assert len(allocated) == 5
-    assert max(allocated[1:]) <= allocated[0] + 2**20, allocated  # what the worker keeps, nothing per trial
+    assert max(allocated[1:]) <= allocated[0] + 2**20, (
+        allocated
+    )  # what the worker keeps, nothing per trial

@@ -11,35 +11,28 @@ import time
 
 import pytest
 import torch
-from conftest import Child
-from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 from rich.console import Console
 
 from kdsweep import launch
 from kdsweep.cli import main
-from kdsweep.config import load_study
 from kdsweep.errors import UsageError
+from kdsweep.launch_view import LaunchView
 from kdsweep.names import Tag
 from kdsweep.paths import teacher_cache_dir
 from kdsweep.storage import load_existing_study
+from kdsweep.study_file import load_study
 
-
-def written(folder):
-    """Files under ``folder``, less the `datasets` library's own cache of the rows it read."""
-    return {p for p in folder.rglob("*") if "hf-datasets" not in p.parts}
-
-
-def study_runs(study_path):
-    """(parents, trial runs) of the study's MLflow experiment."""
-    study = load_study(study_path)
-    client = MlflowClient(tracking_uri=study.tracking.uri)
-    runs = client.search_runs([client.get_experiment_by_name(study.name).experiment_id])
-    return [r for r in runs if Tag.PARENT not in r.data.tags], [r for r in runs if Tag.PARENT in r.data.tags]
+from conftest import Child, mlflow_runs, wait_until, written
 
 
 def train_caches() -> list[dict]:
     """The manifests of the teacher caches of the training split."""
-    manifests = [json.loads((f / "manifest.json").read_text()) for f in teacher_cache_dir().glob("[!.]*") if f.is_dir()]
+    manifests = [
+        json.loads((f / "manifest.json").read_text())
+        for f in teacher_cache_dir().glob("[!.]*")
+        if f.is_dir()
+    ]
     return [m for m in manifests if m["key"]["data"]["split"] == "train"]
 
 
@@ -49,14 +42,28 @@ def train_caches() -> list[dict]:
 @pytest.mark.slow
 def test_three_workers_share_one_study_one_parent_and_one_teacher_cache(tiny_study):
     top_ks = "search.top_k=[4, 8]"  # every top_k a number: the teacher runs once, into a cache
-    launcher = Child("run", str(tiny_study), "--workers", "3", "--n-trials", "6", "--set", top_ks, "--set", "train.max_steps=16")
+    launcher = Child(
+        "run",
+        str(tiny_study),
+        "--workers",
+        "3",
+        "--n-trials",
+        "6",
+        "--set",
+        top_ks,
+        "--set",
+        "train.max_steps=16",
+    )
     assert launcher.finish(timeout=600) == 0, launcher.output
     output = launcher.output
 
     optuna_study = load_existing_study(load_study(tiny_study))
     assert [t.state.name for t in optuna_study.get_trials()] == ["COMPLETE"] * 6
-    parents, trials = study_runs(tiny_study)
-    assert len(parents) == 1 and sorted(int(r.data.tags[Tag.TRIAL]) for r in trials) == list(range(6))
+    _, parents, by_trial = mlflow_runs(tiny_study)
+    trials = list(by_trial.values())
+    assert len(parents) == 1 and sorted(int(r.data.tags[Tag.TRIAL]) for r in trials) == list(
+        range(6)
+    )
     assert {r.data.tags[Tag.PARENT] for r in trials} == {parents[0].info.run_id}
     assert {r.info.status for r in [*parents, *trials]} == {"FINISHED"}
 
@@ -67,30 +74,56 @@ def test_three_workers_share_one_study_one_parent_and_one_teacher_cache(tiny_stu
     # The launcher built the cache; every worker read it.
     assert len(train_caches()) == 1
     assert len(re.findall(r"^teacher top-8 cache of 'train': built", output, re.M)) == 1
-    assert sorted(re.findall(r"^\[w(\d)\] teacher top-8 cache of 'train': reusing", output, re.M)) == ["0", "1", "2"]
+    assert sorted(
+        re.findall(r"^\[w(\d)\] teacher top-8 cache of 'train': reusing", output, re.M)
+    ) == ["0", "1", "2"]
 
     # One view: no step lines, and the summary and the report once, from the launcher.
     assert not re.search(r"step \d+:", output)
-    assert output.count("report: reports/tiny.md") == 1 and output.count("best distilled, trial") == 1
+    assert (
+        output.count("report: reports/tiny.md") == 1 and output.count("best distilled, trial") == 1
+    )
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(tiny_study):
-    launcher = Child("run", str(tiny_study), "--workers", "2", "--set", "train.max_steps=2000", "--set", "train.eval_every=2000")
+    launcher = Child(
+        "run",
+        str(tiny_study),
+        "--workers",
+        "2",
+        "--set",
+        "train.max_steps=2000",
+        "--set",
+        "train.eval_every=1",
+    )
     for name in ("w0", "w1"):
         launcher.wait_for(rf"^\[{name}\] trial \d+ started", timeout=300)
-    time.sleep(2)  # into training: a trial that starts is loading its student
+
+    def both_training() -> bool:  # each running trial has reported an evaluation
+        running = load_existing_study(load_study(tiny_study)).get_trials(
+            states=[TrialState.RUNNING]
+        )
+        return len(running) == 2 and all(t.intermediate_values for t in running)
+
+    wait_until(both_training, timeout=120)
     launcher.process.send_signal(signal.SIGINT)
     start = time.monotonic()
     assert launcher.finish(timeout=180) == 130, launcher.output
     # Bounded: a worker that does not exit within the grace period is killed.
     assert time.monotonic() - start < launch.STOP_GRACE_SECONDS + 30, launcher.output
-    assert "SIGINT: stopping the workers" in launcher.output and "kdsweep: interrupted" in launcher.output
+    assert (
+        "SIGINT: stopping the workers" in launcher.output
+        and "kdsweep: interrupted" in launcher.output
+    )
 
     optuna_study = load_existing_study(load_study(tiny_study))
     assert "RUNNING" not in {t.state.name for t in optuna_study.get_trials()}
-    parents, trials = study_runs(tiny_study)
-    assert len(trials) == 2 and {(r.info.status, r.data.tags[Tag.STATE]) for r in trials} == {("KILLED", "INTERRUPTED")}
+    _, parents, by_trial = mlflow_runs(tiny_study)
+    trials = list(by_trial.values())
+    assert len(trials) == 2 and {(r.info.status, r.data.tags[Tag.STATE]) for r in trials} == {
+        ("KILLED", "INTERRUPTED")
+    }
     assert [p.info.status for p in parents] == ["KILLED"]
 
 
@@ -98,27 +131,39 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(tiny_study):
 
 
 def bad_devices() -> list[tuple[str, str]]:
-    cases = [("0,x", "expected GPU indices"), ("99", "GPU" if torch.cuda.is_available() else "no CUDA GPU is visible")]
+    cases = [
+        ("0,x", "expected GPU indices"),
+        ("99", "GPU" if torch.cuda.is_available() else "no CUDA GPU is visible"),
+    ]
     return cases + ([] if torch.cuda.is_available() else [("0", "no CUDA GPU is visible")])
 
 
 @pytest.mark.parametrize("devices, needle", bad_devices())
-def test_bad_devices_exit_2_with_one_line_and_nothing_written(tiny_study, tmp_path, capsys, devices, needle):
+def test_bad_devices_exit_2_with_one_line_and_nothing_written(
+    tiny_study, tmp_path, capsys, devices, needle
+):
     before = written(tmp_path)
     assert main(["run", str(tiny_study), "--workers", "2", "--devices", devices]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"kdsweep: --devices {devices}: ") and needle in err[0], err
+    assert (
+        len(err) == 1 and err[0].startswith(f"kdsweep: --devices {devices}: ") and needle in err[0]
+    ), err
     assert written(tmp_path) == before
 
 
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("teacher.name=/nonexistent/teacher", "cannot load the teacher: no folder /nonexistent/teacher"),
+        (
+            "teacher.name=/nonexistent/teacher",
+            "cannot load the teacher: no folder /nonexistent/teacher",
+        ),
         ("data.dataset=/nonexistent/rows.jsonl", "/nonexistent/rows.jsonl"),
     ],
 )
-def test_missing_inputs_stop_the_launcher_before_any_worker(tiny_study, tmp_path, capsys, override, needle):
+def test_missing_inputs_stop_the_launcher_before_any_worker(
+    tiny_study, tmp_path, capsys, override, needle
+):
     before = written(tmp_path)
     assert main(["run", str(tiny_study), "--workers", "2", "--set", override]) == 2
     err = capsys.readouterr().err
@@ -153,8 +198,13 @@ def test_workers_go_round_robin_over_the_listed_or_visible_gpus(tiny_study, two_
 def test_a_study_on_one_gpu_or_on_the_cpu_keeps_its_workers_there(tiny_study, two_gpus):
     on_gpu1 = load_study(tiny_study, ["train.device=cuda:1"])
     assert launch.plan_devices(on_gpu1, 2, None) == [1, 1]
-    command = launch.worker_command("s.yaml", overrides=[], n_trials=None, timeout=None, study=on_gpu1, pinned=[1, 1])
-    assert command[-2:] == ["--set", "train.device=cuda"]  # inside the worker its one GPU is cuda:0
+    command = launch.worker_command(
+        "s.yaml", overrides=[], n_trials=None, timeout=None, study=on_gpu1, pinned=[1, 1]
+    )
+    assert command[-2:] == [
+        "--set",
+        "train.device=cuda",
+    ]  # inside the worker its one GPU is cuda:0
     on_cpu = load_study(tiny_study)
     assert launch.plan_devices(on_cpu, 2, None) == [None, None]
     with pytest.raises(UsageError, match="train.device: cpu"):
@@ -171,22 +221,56 @@ def test_the_worst_exit_status_is_a_failure_then_a_usage_error_then_an_interrupt
     assert launch.exit_status(3, interrupted=False) == 1
 
 
-def test_the_view_shows_each_line_once_prefixed_without_step_lines():
+def test_the_view_shows_each_line_once_as_printed_and_counts_from_events():
     out = io.StringIO()
-    view = launch.LaunchView(["w0", "w1"], target=4, steps=8, console=Console(file=out, width=40))
+    view = LaunchView(["w0", "w1"], target=4, steps=8, console=Console(file=out, width=40))
     for name, line in [
         ("w0", "trial 0 started: a=0.5 T=2 k=[4, 8] lr=1e-3\n"),
-        ("w0", "  step 2: loss 1.0  10 tok/s\n"),
         ("w1", "Generating train split: 0 examples\rGenerating train split: 64 examples\n"),
         ("w0", "trial 0 complete 1.2345; best: trial 0 (1.2345)\n"),
-        ("w1", "kdsweep: error: RuntimeError: a long message that is not wrapped at forty columns\n"),
+        (
+            "w1",
+            "kdsweep: error: RuntimeError: a long message that is not wrapped at forty columns\n",
+        ),
     ]:
         view.line(name, line)
+    for event in [
+        {"event": "trial_started", "trial": 0, "label": "a=0.5", "steps": 8},
+        {"event": "step", "trial": 0, "step": 2, "info": "loss 1.0  10 tok/s"},
+        {"event": "trial_finished", "trial": 0, "state": "complete", "best": "trial 0 (1.2345)"},
+    ]:
+        view.event("w0", event)
     view.ended("w0", 0)
     assert out.getvalue().splitlines() == [
         "[w0] trial 0 started: a=0.5 T=2 k=[4, 8] lr=1e-3",
         "[w1] Generating train split: 64 examples",
         "[w0] trial 0 complete 1.2345; best: trial 0 (1.2345)",
         "[w1] kdsweep: error: RuntimeError: a long message that is not wrapped at forty columns",
-        "w0 ended (exit 0) after 1 trial",
+        "w0 ended (exit 0) after 1 trial",  # counted from the events, not from the printed lines
     ]
+
+
+def test_a_launched_workers_progress_sends_events_and_prints_no_steps():
+    """The protocol between a worker and its launcher: JSON lines on a pipe (kdsweep.events)."""
+    import os
+    from types import SimpleNamespace
+
+    from kdsweep.events import EventWriter, parse
+    from kdsweep.progress import SweepProgress
+
+    read_end, write_end = os.pipe()
+    printed = io.StringIO()
+    progress = SweepProgress(Console(file=printed), events=EventWriter(write_end))
+    progress.study_started("tiny", done=1, target=3)
+    progress.trial_started(1, {"alpha": 0.5, "learning_rate": 1e-3}, steps=8)
+    progress.step(SimpleNamespace(step=2, loss=1.5, tokens_per_second=100.0))
+    finished = SimpleNamespace(number=1, value=1.25, state=SimpleNamespace(name="COMPLETE"))
+    progress.trial_finished(finished, finished)
+    progress.events._file.close()
+    with os.fdopen(read_end) as pipe:
+        sent = [parse(line) for line in pipe]
+    assert [e["event"] for e in sent] == ["study", "trial_started", "step", "trial_finished"]
+    assert sent[0] == {"event": "study", "done": 1, "target": 3}
+    assert sent[2] == {"event": "step", "trial": 1, "step": 2, "info": "loss 1.5000  100 tok/s"}
+    assert sent[3]["best"] == "trial 1 (1.2500)"
+    assert "step 2" not in printed.getvalue() and "trial 1 complete 1.2500" in printed.getvalue()

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from kdsweep.losses import (
     LossResult,
+    _chunks,
     distill_loss,
     distill_loss_from_hidden,
     distill_loss_sparse,
 )
-from kdsweep.losses import _chunks
 from kdsweep.losses._chunks import chunk_sizes
 from kdsweep.losses._students import HiddenStudent, LogitsStudent
 from kdsweep.losses._teacher import Teacher, TeacherInputs
@@ -74,15 +74,21 @@ def reference(
         if teacher_logsumexp is not None:
             log_p = teacher.double()[keep] / temperature - teacher_logsumexp.double()[keep, None]
         log_q = torch.log_softmax(student / temperature, -1)
-        divergence = truncated_jsd(log_p, log_q, support, beta=beta, tail=tail,
-                                   normalised=teacher_logsumexp is None)
+        divergence = truncated_jsd(
+            log_p, log_q, support, beta=beta, tail=tail, normalised=teacher_logsumexp is None
+        )
         kl = temperature**2 * divergence.sum() / count
     return LossResult(loss=alpha * kl + (1 - alpha) * ce, kl=kl, ce=ce)
 
 
 def truncated_jsd(
-    log_p: torch.Tensor, log_q: torch.Tensor, support: torch.Tensor | None, *, beta: float,
-    tail: str, normalised: bool = True,
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    support: torch.Tensor | None,
+    *,
+    beta: float,
+    tail: str,
+    normalised: bool = True,
 ) -> torch.Tensor:
     """Per-row generalized JSD of full log-probs [n, V], the teacher known on ``support`` only.
 
@@ -97,8 +103,11 @@ def truncated_jsd(
         if not normalised:
             kept = log_p_kept.logsumexp(-1, keepdim=True)
             log_p_rest = (-torch.expm1(kept)).clamp(min=TINY).log()
-        return generalized_jsd(torch.cat([log_p_kept, log_p_rest], -1),
-                               torch.cat([log_q_kept, log_rest(log_q, support)], -1), beta)
+        return generalized_jsd(
+            torch.cat([log_p_kept, log_p_rest], -1),
+            torch.cat([log_q_kept, log_rest(log_q, support)], -1),
+            beta,
+        )
     log_p_kept = log_p_kept.log_softmax(-1)
     if beta == 1.0:  # both renormalised over the support
         return generalized_jsd(log_p_kept, log_q_kept.log_softmax(-1), beta)
@@ -158,10 +167,12 @@ def test_logits_form_matches_reference(temperature, alpha, top_k):
     batch = make_batch()
     settings = dict(alpha=alpha, temperature=temperature)
     student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
-    result = distill_loss(student, batch["teacher"], batch["labels"], **settings, top_k=top_k,
-                          chunk_tokens=3)
-    expected = reference(student64, batch["labels"], teacher=batch["teacher"], top_k=top_k,
-                         **settings)
+    result = distill_loss(
+        student, batch["teacher"], batch["labels"], **settings, top_k=top_k, chunk_tokens=3
+    )
+    expected = reference(
+        student64, batch["labels"], teacher=batch["teacher"], top_k=top_k, **settings
+    )
     assert_results_close(result, expected)
     assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0])
 
@@ -174,8 +185,9 @@ def test_sparse_form_equals_dense_top_k(temperature, index_dtype):
     top = batch["teacher"].topk(5, dim=-1)
     dense, sparse = leaf(batch["student"]), leaf(batch["student"])
     expected = distill_loss(dense, batch["teacher"], batch["labels"], top_k=5, **settings)
-    result = distill_loss_sparse(sparse, top.values, top.indices.to(index_dtype), batch["labels"],
-                                 **settings)
+    result = distill_loss_sparse(
+        sparse, top.values, top.indices.to(index_dtype), batch["labels"], **settings
+    )
     assert_results_close(result, expected)
     assert_close(grads_of(result, sparse)[0], grads_of(expected, dense)[0])
 
@@ -191,8 +203,9 @@ def test_low_precision_teacher_values_are_upcast(dtype, beta):
     result = distill_loss_sparse(student, values, top.indices, batch["labels"], **settings)
     # The reference sees the same rounded values: the loss adds no rounding of its own.
     teacher = torch.full_like(batch["teacher"], -1e4).scatter(-1, top.indices, values.float())
-    expected = reference(student64, batch["labels"], teacher=teacher, support=top.indices,
-                         **settings)
+    expected = reference(
+        student64, batch["labels"], teacher=teacher, support=top.indices, **settings
+    )
     assert_results_close(result, expected)
     assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0])
 
@@ -210,8 +223,9 @@ def test_all_positions_ignored_gives_zero(form):
         result = distill_loss_sparse(student, top.values, top.indices, batch["labels"], **settings)
         inputs = (student,)
     else:
-        result = distill_loss_from_hidden(hidden, weight, batch["labels"],
-                                          teacher_logits=batch["teacher"], **settings)
+        result = distill_loss_from_hidden(
+            hidden, weight, batch["labels"], teacher_logits=batch["teacher"], **settings
+        )
         inputs = (hidden, weight)
     for value in (result.loss, result.kl, result.ce):
         assert value.item() == 0.0
@@ -224,27 +238,40 @@ def test_chunk_size_does_not_change_results(chunk_tokens):
     batch = make_batch(seed=4)
     settings = dict(alpha=0.4, temperature=2.0, top_k=6)
     whole_student = leaf(batch["student"])
-    whole = distill_loss(whole_student, batch["teacher"], batch["labels"], chunk_tokens=B * S,
-                         **settings)
+    whole = distill_loss(
+        whole_student, batch["teacher"], batch["labels"], chunk_tokens=B * S, **settings
+    )
     student, hidden, weight = leaf(batch["student"]), leaf(batch["hidden"]), leaf(batch["weight"])
-    result = distill_loss(student, batch["teacher"], batch["labels"], chunk_tokens=chunk_tokens,
-                          **settings)
+    result = distill_loss(
+        student, batch["teacher"], batch["labels"], chunk_tokens=chunk_tokens, **settings
+    )
     assert_results_close(result, whole)
     assert_close(grads_of(result, student)[0], grads_of(whole, whole_student)[0])
-    whole_hidden = distill_loss_from_hidden(leaf(hidden), leaf(weight), batch["labels"],
-                                            teacher_logits=batch["teacher"], chunk_tokens=B * S,
-                                            **settings)
-    result = distill_loss_from_hidden(hidden, weight, batch["labels"],
-                                      teacher_logits=batch["teacher"], chunk_tokens=chunk_tokens,
-                                      **settings)
+    whole_hidden = distill_loss_from_hidden(
+        leaf(hidden),
+        leaf(weight),
+        batch["labels"],
+        teacher_logits=batch["teacher"],
+        chunk_tokens=B * S,
+        **settings,
+    )
+    result = distill_loss_from_hidden(
+        hidden,
+        weight,
+        batch["labels"],
+        teacher_logits=batch["teacher"],
+        chunk_tokens=chunk_tokens,
+        **settings,
+    )
     assert_results_close(result, whole_hidden)
 
 
 TEACHERS = {
     "dense": lambda t: dict(teacher_logits=t),
     "top_k": lambda t: dict(teacher_logits=t, top_k=4),
-    "sparse": lambda t: dict(teacher_values=t.topk(4, -1).values.half(),
-                             teacher_indices=t.topk(4, -1).indices),
+    "sparse": lambda t: dict(
+        teacher_values=t.topk(4, -1).values.half(), teacher_indices=t.topk(4, -1).indices
+    ),
     "none": lambda t: {},
 }
 
@@ -256,8 +283,15 @@ def test_hidden_form_matches_reference(teacher, temperature):
     alpha = 0.0 if teacher == "none" else 0.7
     kwargs = TEACHERS[teacher](batch["teacher"])
     hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
-    result = distill_loss_from_hidden(hidden, weight, batch["labels"], alpha=alpha,
-                                      temperature=temperature, chunk_tokens=4, **kwargs)
+    result = distill_loss_from_hidden(
+        hidden,
+        weight,
+        batch["labels"],
+        alpha=alpha,
+        temperature=temperature,
+        chunk_tokens=4,
+        **kwargs,
+    )
     hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
     if teacher == "sparse":
         values, support = kwargs["teacher_values"], kwargs["teacher_indices"]
@@ -265,8 +299,13 @@ def test_hidden_form_matches_reference(teacher, temperature):
         ref_teacher_kwargs = dict(teacher=ref_teacher, support=support)
     else:
         ref_teacher_kwargs = dict(teacher=kwargs.get("teacher_logits"), top_k=kwargs.get("top_k"))
-    expected = reference(hidden64 @ weight64.T, batch["labels"], alpha=alpha,
-                         temperature=temperature, **ref_teacher_kwargs)
+    expected = reference(
+        hidden64 @ weight64.T,
+        batch["labels"],
+        alpha=alpha,
+        temperature=temperature,
+        **ref_teacher_kwargs,
+    )
     assert_results_close(result, expected)
     grads64 = grads_of(expected, hidden64, weight64)
     for grad, grad64 in zip(grads_of(result, hidden, weight), grads64):
@@ -277,8 +316,9 @@ def test_hidden_form_equals_logits_form():
     batch = make_batch(seed=6)
     settings = dict(alpha=0.5, temperature=1.5, top_k=8)
     hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
-    from_hidden = distill_loss_from_hidden(hidden, weight, batch["labels"],
-                                           teacher_logits=batch["teacher"], **settings)
+    from_hidden = distill_loss_from_hidden(
+        hidden, weight, batch["labels"], teacher_logits=batch["teacher"], **settings
+    )
     logits = hidden @ weight.T
     from_logits = distill_loss(logits, batch["teacher"], batch["labels"], **settings)
     assert_results_close(from_hidden, from_logits)
@@ -334,8 +374,9 @@ def test_alpha_zero_needs_no_teacher():
     batch = make_batch(seed=7)
     expected = reference(batch["student"], batch["labels"], alpha=0.0, temperature=1.0)
     from_logits = distill_loss(batch["student"], None, batch["labels"], alpha=0.0, temperature=1.0)
-    from_hidden = distill_loss_from_hidden(batch["hidden"], batch["weight"], batch["labels"],
-                                           alpha=0.0, temperature=1.0)
+    from_hidden = distill_loss_from_hidden(
+        batch["hidden"], batch["weight"], batch["labels"], alpha=0.0, temperature=1.0
+    )
     assert_results_close(from_logits, expected)
     assert from_hidden.kl.item() == 0.0
     assert_close(from_hidden.loss, from_hidden.ce)
@@ -344,11 +385,13 @@ def test_alpha_zero_needs_no_teacher():
 def test_kl_is_nonnegative_and_zero_for_the_teacher_itself():
     batch = make_batch(seed=8)
     for temperature in (0.5, 1.0, 4.0):
-        result = distill_loss(batch["student"], batch["teacher"], batch["labels"], alpha=1.0,
-                              temperature=temperature)
+        result = distill_loss(
+            batch["student"], batch["teacher"], batch["labels"], alpha=1.0, temperature=temperature
+        )
         assert result.kl.item() > 0.0
-        itself = distill_loss(batch["teacher"], batch["teacher"], batch["labels"], alpha=1.0,
-                              temperature=temperature)
+        itself = distill_loss(
+            batch["teacher"], batch["teacher"], batch["labels"], alpha=1.0, temperature=temperature
+        )
         assert itself.kl.item() == 0.0
 
 
@@ -358,8 +401,9 @@ def test_teacher_logits_of_minus_infinity_are_handled():
     teacher[..., -3:] = float("-inf")  # e.g. padded vocabulary rows masked out
     student = leaf(batch["student"])
     result = distill_loss(student, teacher, batch["labels"], alpha=1.0, temperature=2.0)
-    expected = reference(batch["student"], batch["labels"], teacher=teacher, alpha=1.0,
-                         temperature=2.0)
+    expected = reference(
+        batch["student"], batch["labels"], teacher=teacher, alpha=1.0, temperature=2.0
+    )
     assert_results_close(result, expected)
     assert torch.isfinite(grads_of(result, student)[0]).all()
 
@@ -379,11 +423,13 @@ def test_no_gradient_work_without_grad():
     batch = make_batch(seed=11)
     student = leaf(batch["student"])
     with torch.no_grad():
-        result = distill_loss(student, batch["teacher"], batch["labels"], alpha=0.5,
-                              temperature=2.0)
+        result = distill_loss(
+            student, batch["teacher"], batch["labels"], alpha=0.5, temperature=2.0
+        )
     assert result.loss.grad_fn is None
-    result = distill_loss(batch["student"], batch["teacher"], batch["labels"], alpha=0.5,
-                          temperature=2.0)
+    result = distill_loss(
+        batch["student"], batch["teacher"], batch["labels"], alpha=0.5, temperature=2.0
+    )
     assert not result.loss.requires_grad
 
 
@@ -401,50 +447,121 @@ BAD_ARGUMENTS = {
     "teacher shape": (dict(teacher_logits=torch.zeros(B, S, V + 1)), "teacher_logits shape"),
     "labels shape": (dict(labels=torch.zeros(B, S + 1, dtype=torch.long)), "labels shape"),
     "float labels": (dict(labels=torch.zeros(B, S)), "integer"),
-    "teacher on another device": (dict(teacher_logits=torch.zeros(B, S, V, device="meta")),
-                                  "teacher_logits is on meta"),
+    "teacher on another device": (
+        dict(teacher_logits=torch.zeros(B, S, V, device="meta")),
+        "teacher_logits is on meta",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_arguments_raise_value_error(case):
     batch = make_batch()
-    kwargs = dict(student_logits=batch["student"], teacher_logits=batch["teacher"],
-                  labels=batch["labels"], alpha=0.5, temperature=1.0)
+    kwargs = dict(
+        student_logits=batch["student"],
+        teacher_logits=batch["teacher"],
+        labels=batch["labels"],
+        alpha=0.5,
+        temperature=1.0,
+    )
     change, message = BAD_ARGUMENTS[case]
     with pytest.raises(ValueError, match=message):
         distill_loss(**{**kwargs, **change})
 
 
 BAD_SPARSE_AND_HIDDEN = {
-    "sparse shapes": (lambda b, top: distill_loss_sparse(
-        b["student"], top.values, top.indices[..., :2], b["labels"], alpha=0.5, temperature=1.0),
-        "teacher_values"),
-    "float indices": (lambda b, top: distill_loss_sparse(
-        b["student"], top.values, top.values, b["labels"], alpha=0.5, temperature=1.0),
-        "int64 or int32"),
-    "weight width": (lambda b, top: distill_loss_from_hidden(
-        b["hidden"], b["weight"][:, :-1], b["labels"], alpha=0.0, temperature=1.0), "weight"),
-    "two teachers": (lambda b, top: distill_loss_from_hidden(
-        b["hidden"], b["weight"], b["labels"], teacher_logits=b["teacher"],
-        teacher_values=top.values, teacher_indices=top.indices, alpha=0.5, temperature=1.0),
-        "not both"),
-    "values without indices": (lambda b, top: distill_loss_from_hidden(
-        b["hidden"], b["weight"], b["labels"], teacher_values=top.values, alpha=0.5,
-        temperature=1.0), "go together"),
-    "top_k with sparse": (lambda b, top: distill_loss_from_hidden(
-        b["hidden"], b["weight"], b["labels"], teacher_values=top.values,
-        teacher_indices=top.indices, top_k=2, alpha=0.5, temperature=1.0), "top_k"),
-    "bucket without logsumexp": (lambda b, top: distill_loss_sparse(
-        b["student"], top.values, top.indices, b["labels"], alpha=0.5, temperature=1.0,
-        tail="bucket"), "needs the teacher's mass outside its top-K: pass teacher_logsumexp"),
-    "logsumexp shape": (lambda b, top: distill_loss_sparse(
-        b["student"], top.values, top.indices, b["labels"], alpha=0.5, temperature=1.0,
-        tail="bucket", teacher_logsumexp=torch.zeros(B, S, 1)), "teacher_logsumexp must be"),
-    "logsumexp of dense logits": (lambda b, top: distill_loss_from_hidden(
-        b["hidden"], b["weight"], b["labels"], teacher_logits=b["teacher"],
-        teacher_logsumexp=torch.zeros(B, S), alpha=0.5, temperature=1.0),
-        "teacher_logsumexp goes with"),
+    "sparse shapes": (
+        lambda b, top: distill_loss_sparse(
+            b["student"], top.values, top.indices[..., :2], b["labels"], alpha=0.5, temperature=1.0
+        ),
+        "teacher_values",
+    ),
+    "float indices": (
+        lambda b, top: distill_loss_sparse(
+            b["student"], top.values, top.values, b["labels"], alpha=0.5, temperature=1.0
+        ),
+        "int64 or int32",
+    ),
+    "weight width": (
+        lambda b, top: distill_loss_from_hidden(
+            b["hidden"], b["weight"][:, :-1], b["labels"], alpha=0.0, temperature=1.0
+        ),
+        "weight",
+    ),
+    "two teachers": (
+        lambda b, top: distill_loss_from_hidden(
+            b["hidden"],
+            b["weight"],
+            b["labels"],
+            teacher_logits=b["teacher"],
+            teacher_values=top.values,
+            teacher_indices=top.indices,
+            alpha=0.5,
+            temperature=1.0,
+        ),
+        "not both",
+    ),
+    "values without indices": (
+        lambda b, top: distill_loss_from_hidden(
+            b["hidden"],
+            b["weight"],
+            b["labels"],
+            teacher_values=top.values,
+            alpha=0.5,
+            temperature=1.0,
+        ),
+        "go together",
+    ),
+    "top_k with sparse": (
+        lambda b, top: distill_loss_from_hidden(
+            b["hidden"],
+            b["weight"],
+            b["labels"],
+            teacher_values=top.values,
+            teacher_indices=top.indices,
+            top_k=2,
+            alpha=0.5,
+            temperature=1.0,
+        ),
+        "top_k",
+    ),
+    "bucket without logsumexp": (
+        lambda b, top: distill_loss_sparse(
+            b["student"],
+            top.values,
+            top.indices,
+            b["labels"],
+            alpha=0.5,
+            temperature=1.0,
+            tail="bucket",
+        ),
+        "needs the teacher's mass outside its top-K: pass teacher_logsumexp",
+    ),
+    "logsumexp shape": (
+        lambda b, top: distill_loss_sparse(
+            b["student"],
+            top.values,
+            top.indices,
+            b["labels"],
+            alpha=0.5,
+            temperature=1.0,
+            tail="bucket",
+            teacher_logsumexp=torch.zeros(B, S, 1),
+        ),
+        "teacher_logsumexp must be",
+    ),
+    "logsumexp of dense logits": (
+        lambda b, top: distill_loss_from_hidden(
+            b["hidden"],
+            b["weight"],
+            b["labels"],
+            teacher_logits=b["teacher"],
+            teacher_logsumexp=torch.zeros(B, S),
+            alpha=0.5,
+            temperature=1.0,
+        ),
+        "teacher_logsumexp goes with",
+    ),
 }
 
 
@@ -467,11 +584,13 @@ def test_every_problem_is_reported_at_once():
 # The generalized JSD (beta) and the tails of a truncated teacher
 
 
-def trl_generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float,
-                        temperature: float) -> torch.Tensor:
+def trl_generalized_jsd(
+    student: torch.Tensor, teacher: torch.Tensor, beta: float, temperature: float
+) -> torch.Tensor:
     """TRL's generalized_jsd_loss per position, written as TRL writes it (F.kl_div)."""
     student_log_probs = torch.log_softmax(student / temperature, -1)
     teacher_log_probs = torch.log_softmax(teacher / temperature, -1)
+
     def kl(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.kl_div(input, target, reduction="none", log_target=True)
 
@@ -479,10 +598,14 @@ def trl_generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: floa
         return kl(student_log_probs, teacher_log_probs).sum(-1)
     if beta == 1:
         return kl(teacher_log_probs, student_log_probs).sum(-1)
-    mixture_log_probs = torch.logsumexp(torch.stack([student_log_probs + math.log(1 - beta),
-                                                     teacher_log_probs + math.log(beta)]), 0)
-    return (beta * kl(mixture_log_probs, teacher_log_probs)
-            + (1 - beta) * kl(mixture_log_probs, student_log_probs)).sum(-1)
+    mixture_log_probs = torch.logsumexp(
+        torch.stack([student_log_probs + math.log(1 - beta), teacher_log_probs + math.log(beta)]),
+        0,
+    )
+    return (
+        beta * kl(mixture_log_probs, teacher_log_probs)
+        + (1 - beta) * kl(mixture_log_probs, student_log_probs)
+    ).sum(-1)
 
 
 @pytest.mark.parametrize("beta", BETAS)
@@ -490,8 +613,9 @@ def test_reference_is_trl_generalized_jsd(beta):
     batch = make_batch(seed=20, ignored=0.0)
     student, teacher = batch["student"].double(), batch["teacher"].double()
     expected = trl_generalized_jsd(student, teacher, beta, 2.0).mean() * 4.0
-    result = reference(student, batch["labels"], teacher=teacher, alpha=1.0, temperature=2.0,
-                       beta=beta)
+    result = reference(
+        student, batch["labels"], teacher=teacher, alpha=1.0, temperature=2.0, beta=beta
+    )
     assert_close(result.kl, expected, rtol=1e-12)
 
 
@@ -504,10 +628,12 @@ def test_divergences_in_the_logits_form_match_reference(beta, top_k, tail, alpha
     batch = make_batch(seed=21)
     settings = dict(alpha=alpha, temperature=temperature, beta=beta, tail=tail)
     student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
-    result = distill_loss(student, batch["teacher"], batch["labels"], top_k=top_k, chunk_tokens=3,
-                          **settings)
-    expected = reference(student64, batch["labels"], teacher=batch["teacher"], top_k=top_k,
-                         **settings)
+    result = distill_loss(
+        student, batch["teacher"], batch["labels"], top_k=top_k, chunk_tokens=3, **settings
+    )
+    expected = reference(
+        student64, batch["labels"], teacher=batch["teacher"], top_k=top_k, **settings
+    )
     assert_results_close(result, expected)
     assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0])
 
@@ -516,8 +642,9 @@ def sparse_teacher(teacher: torch.Tensor, k: int, temperature: float) -> dict[st
     """The top-K values and ids of ``teacher``, with its log-normaliser at ``temperature``."""
     top = teacher.topk(k, dim=-1)
     logsumexp = (teacher.double() / temperature).logsumexp(-1).float()
-    return dict(teacher_values=top.values, teacher_indices=top.indices,
-                teacher_logsumexp=logsumexp)
+    return dict(
+        teacher_values=top.values, teacher_indices=top.indices, teacher_logsumexp=logsumexp
+    )
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
@@ -528,12 +655,23 @@ def test_divergences_in_the_sparse_form_match_reference(beta, tail, temperature)
     settings = dict(alpha=0.6, temperature=temperature, beta=beta, tail=tail)
     teacher = sparse_teacher(batch["teacher"], 6, temperature)
     student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
-    result = distill_loss_sparse(student, teacher["teacher_values"], teacher["teacher_indices"],
-                                 batch["labels"], teacher_logsumexp=teacher["teacher_logsumexp"],
-                                 chunk_tokens=4, **settings)
-    expected = reference(student64, batch["labels"], teacher=batch["teacher"],
-                         support=teacher["teacher_indices"],
-                         teacher_logsumexp=teacher["teacher_logsumexp"], **settings)
+    result = distill_loss_sparse(
+        student,
+        teacher["teacher_values"],
+        teacher["teacher_indices"],
+        batch["labels"],
+        teacher_logsumexp=teacher["teacher_logsumexp"],
+        chunk_tokens=4,
+        **settings,
+    )
+    expected = reference(
+        student64,
+        batch["labels"],
+        teacher=batch["teacher"],
+        support=teacher["teacher_indices"],
+        teacher_logsumexp=teacher["teacher_logsumexp"],
+        **settings,
+    )
     assert_results_close(result, expected)
     grad = grads_of(result, student)[0]
     assert_close(grad, grads_of(expected, student64)[0])
@@ -552,17 +690,20 @@ def test_divergences_in_the_hidden_form_match_reference(beta, teacher, tail):
     settings = dict(alpha=0.7, temperature=1.5, beta=beta, tail=tail)
     if teacher == "sparse":
         kwargs = sparse_teacher(batch["teacher"], 5, 1.5)
-        ref_teacher = dict(support=kwargs["teacher_indices"],
-                           teacher_logsumexp=kwargs["teacher_logsumexp"])
+        ref_teacher = dict(
+            support=kwargs["teacher_indices"], teacher_logsumexp=kwargs["teacher_logsumexp"]
+        )
     else:
         kwargs = dict(teacher_logits=batch["teacher"], top_k=5 if teacher == "top_k" else None)
         ref_teacher = dict(top_k=kwargs["top_k"])
     hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
-    result = distill_loss_from_hidden(hidden, weight, batch["labels"], chunk_tokens=4,
-                                      **kwargs, **settings)
+    result = distill_loss_from_hidden(
+        hidden, weight, batch["labels"], chunk_tokens=4, **kwargs, **settings
+    )
     hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
-    expected = reference(hidden64 @ weight64.T, batch["labels"], teacher=batch["teacher"],
-                         **ref_teacher, **settings)
+    expected = reference(
+        hidden64 @ weight64.T, batch["labels"], teacher=batch["teacher"], **ref_teacher, **settings
+    )
     assert_results_close(result, expected)
     grads64 = grads_of(expected, hidden64, weight64)
     for grad, grad64 in zip(grads_of(result, hidden, weight), grads64):
@@ -579,15 +720,22 @@ def test_a_teacher_that_keeps_the_whole_vocabulary_equals_the_full_result(beta, 
     full_grad = grads_of(full, full_student)[0]
     for top_k in (V, V + 10):
         student = leaf(batch["student"])
-        result = distill_loss(student, batch["teacher"], batch["labels"], top_k=top_k, tail=tail,
-                              **settings)
+        result = distill_loss(
+            student, batch["teacher"], batch["labels"], top_k=top_k, tail=tail, **settings
+        )
         assert_results_close(result, full)
         assert_close(grads_of(result, student)[0], full_grad)
     student = leaf(batch["student"])
     teacher = sparse_teacher(batch["teacher"], V, 2.0)
-    result = distill_loss_sparse(student, teacher["teacher_values"], teacher["teacher_indices"],
-                                 batch["labels"], teacher_logsumexp=teacher["teacher_logsumexp"],
-                                 tail=tail, **settings)
+    result = distill_loss_sparse(
+        student,
+        teacher["teacher_values"],
+        teacher["teacher_indices"],
+        batch["labels"],
+        teacher_logsumexp=teacher["teacher_logsumexp"],
+        tail=tail,
+        **settings,
+    )
     assert_results_close(result, full)
     assert_close(grads_of(result, student)[0], full_grad)
 
@@ -597,19 +745,22 @@ def test_the_tails_differ_where_the_teacher_is_truncated(beta):
     batch = make_batch(seed=25)
     settings = dict(alpha=1.0, temperature=2.0, beta=beta, top_k=3)
     renormalized = distill_loss(batch["student"], batch["teacher"], batch["labels"], **settings)
-    bucket = distill_loss(batch["student"], batch["teacher"], batch["labels"], tail="bucket",
-                          **settings)
+    bucket = distill_loss(
+        batch["student"], batch["teacher"], batch["labels"], tail="bucket", **settings
+    )
     assert abs(renormalized.kl.item() - bucket.kl.item()) > 1e-3 * abs(bucket.kl.item())
 
 
 def test_reverse_kl_with_renormalize_gives_no_gradient_off_the_support():
     batch = make_batch(seed=26, ignored=0.0)
     student = leaf(batch["student"])
-    result = distill_loss(student, batch["teacher"], batch["labels"], alpha=1.0, temperature=2.0,
-                          top_k=4, beta=1.0)
+    result = distill_loss(
+        student, batch["teacher"], batch["labels"], alpha=1.0, temperature=2.0, top_k=4, beta=1.0
+    )
     grad = grads_of(result, student)[0]
     off_support = torch.ones_like(grad, dtype=torch.bool).scatter(
-        -1, batch["teacher"].topk(4, dim=-1).indices, False)
+        -1, batch["teacher"].topk(4, dim=-1).indices, False
+    )
     assert torch.equal(grad[off_support], torch.zeros_like(grad[off_support]))
     assert grad.abs().max() > 0
 
@@ -637,9 +788,11 @@ def test_every_divergence_with_all_positions_ignored_gives_zero(beta, tail):
     batch = make_batch(ignored=1.0)
     settings = dict(alpha=0.5, temperature=2.0, beta=beta, tail=tail)
     hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
-    for teacher in (dict(teacher_logits=batch["teacher"]),
-                    dict(teacher_logits=batch["teacher"], top_k=3),
-                    sparse_teacher(batch["teacher"], 3, 2.0)):
+    for teacher in (
+        dict(teacher_logits=batch["teacher"]),
+        dict(teacher_logits=batch["teacher"], top_k=3),
+        sparse_teacher(batch["teacher"], 3, 2.0),
+    ):
         result = distill_loss_from_hidden(hidden, weight, batch["labels"], **teacher, **settings)
         for value in (result.loss, result.kl, result.ce):
             assert value.item() == 0.0
@@ -651,7 +804,8 @@ def test_every_divergence_with_all_positions_ignored_gives_zero(beta, tail):
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("beta", BETAS)
 def test_divergences_of_low_precision_logits_use_fp32_math(beta, tail, dtype):
-    """Every divergence and tail (beta 0 with "renormalize": the classic loss) on fp16/bf16 logits."""
+    """Every divergence and tail (beta 0 with "renormalize": the classic loss) on fp16/bf16
+    logits."""
     batch = make_batch(seed=28)
     student, teacher = leaf(batch["student"], dtype), batch["teacher"].to(dtype)
     student64 = leaf(student, torch.float64)
@@ -673,9 +827,14 @@ def test_divergences_of_a_low_precision_hidden_form_use_fp32_math(beta, dtype):
     settings = dict(alpha=0.6, temperature=2.0, beta=beta, tail="bucket")
     result = distill_loss_from_hidden(hidden, weight, batch["labels"], **teacher, **settings)
     hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
-    expected = reference(hidden64 @ weight64.T, batch["labels"], teacher=batch["teacher"].to(dtype),
-                         support=teacher["teacher_indices"],
-                         teacher_logsumexp=teacher["teacher_logsumexp"], **settings)
+    expected = reference(
+        hidden64 @ weight64.T,
+        batch["labels"],
+        teacher=batch["teacher"].to(dtype),
+        support=teacher["teacher_indices"],
+        teacher_logsumexp=teacher["teacher_logsumexp"],
+        **settings,
+    )
     assert_results_close(result, expected)
     grads = grads_of(result, hidden, weight)
     assert [grad.dtype for grad in grads] == [dtype, dtype]
@@ -717,14 +876,18 @@ def test_betas_next_to_the_ends_are_finite_and_small(beta):
 def test_bucket_tail_of_a_sparse_teacher_uses_its_log_normaliser():
     batch = make_batch(seed=31)
     teacher = sparse_teacher(batch["teacher"], 5, 1.0)
-    args = (batch["student"], teacher["teacher_values"], teacher["teacher_indices"],
-            batch["labels"])
+    args = (
+        batch["student"],
+        teacher["teacher_values"],
+        teacher["teacher_indices"],
+        batch["labels"],
+    )
     settings = dict(alpha=1.0, temperature=1.0, beta=0.5, tail="bucket")
-    result = distill_loss_sparse(*args, teacher_logsumexp=teacher["teacher_logsumexp"],
-                                 **settings)
+    result = distill_loss_sparse(*args, teacher_logsumexp=teacher["teacher_logsumexp"], **settings)
     # A normaliser that puts 10x more mass in the tail changes the teacher, so the loss.
-    shifted = distill_loss_sparse(*args, teacher_logsumexp=teacher["teacher_logsumexp"] + 2.3,
-                                  **settings)
+    shifted = distill_loss_sparse(
+        *args, teacher_logsumexp=teacher["teacher_logsumexp"] + 2.3, **settings
+    )
     assert abs(result.kl.item() - shifted.kl.item()) > 1e-2
 
 
@@ -745,16 +908,25 @@ DEFAULT_CHUNKS = {  # (form, teacher, beta): positions per (block, chunk) on a C
 def test_default_chunks_fit_a_memory_budget(case):
     form, kind, beta = case
     rows = torch.empty(4, QWEN_VOCAB, device="meta")
-    inputs = {"dense": TeacherInputs(logits=rows),
-              "sparse": TeacherInputs(values=rows[:, :64], indices=rows[:, :64].long()),
-              "none": TeacherInputs()}[kind]
+    inputs = {
+        "dense": TeacherInputs(logits=rows),
+        "sparse": TeacherInputs(values=rows[:, :64], indices=rows[:, :64].long()),
+        "none": TeacherInputs(),
+    }[kind]
     teacher = Teacher.build(inputs, top_k=None, tail="renormalize", vocab=QWEN_VOCAB)
     student = LogitsStudent if form == "logits" else HiddenStudent
-    sizes = chunk_sizes(student, teacher, beta=beta, vocab=QWEN_VOCAB, device=torch.device("cpu"),
-                        chunk_tokens=None)
+    sizes = chunk_sizes(
+        student,
+        teacher,
+        beta=beta,
+        vocab=QWEN_VOCAB,
+        device=torch.device("cpu"),
+        chunk_tokens=None,
+    )
     assert sizes == DEFAULT_CHUNKS[case]
-    explicit = chunk_sizes(student, teacher, beta=beta, vocab=QWEN_VOCAB,
-                           device=torch.device("cpu"), chunk_tokens=8)
+    explicit = chunk_sizes(
+        student, teacher, beta=beta, vocab=QWEN_VOCAB, device=torch.device("cpu"), chunk_tokens=8
+    )
     assert explicit == (8, 8)  # an explicit chunk_tokens sets the block; chunks fit in it
 
 
@@ -764,18 +936,25 @@ def test_hidden_blocks_split_into_chunks_match_reference(monkeypatch, beta, teac
     # Chunks of 2 or 3 positions within blocks of 5: at V = 33 the real budget never splits one.
     monkeypatch.setitem(_chunks._CHUNK_BUDGET, "cpu", 3 * 4 * V * 4)
     batch = make_batch(seed=33)
-    kwargs = {"dense": dict(teacher_logits=batch["teacher"]),
-              "top_k": dict(teacher_logits=batch["teacher"], top_k=4),
-              "sparse": sparse_teacher(batch["teacher"], 4, 2.0)}[teacher]
+    kwargs = {
+        "dense": dict(teacher_logits=batch["teacher"]),
+        "top_k": dict(teacher_logits=batch["teacher"], top_k=4),
+        "sparse": sparse_teacher(batch["teacher"], 4, 2.0),
+    }[teacher]
     settings = dict(alpha=0.6, temperature=2.0, beta=beta, tail="bucket")
     hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
-    result = distill_loss_from_hidden(hidden, weight, batch["labels"], chunk_tokens=5, **kwargs,
-                                      **settings)
+    result = distill_loss_from_hidden(
+        hidden, weight, batch["labels"], chunk_tokens=5, **kwargs, **settings
+    )
     hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
-    ref_teacher = dict(top_k=kwargs.get("top_k"), support=kwargs.get("teacher_indices"),
-                       teacher_logsumexp=kwargs.get("teacher_logsumexp"))
-    expected = reference(hidden64 @ weight64.T, batch["labels"], teacher=batch["teacher"],
-                         **ref_teacher, **settings)
+    ref_teacher = dict(
+        top_k=kwargs.get("top_k"),
+        support=kwargs.get("teacher_indices"),
+        teacher_logsumexp=kwargs.get("teacher_logsumexp"),
+    )
+    expected = reference(
+        hidden64 @ weight64.T, batch["labels"], teacher=batch["teacher"], **ref_teacher, **settings
+    )
     assert_results_close(result, expected)
     grads64 = grads_of(expected, hidden64, weight64)
     for grad, grad64 in zip(grads_of(result, hidden, weight), grads64):

@@ -13,13 +13,14 @@ from transformers import AutoModelForCausalLM
 
 from kdsweep import models, train
 from kdsweep.cli import main
-from kdsweep.config import TrainConfig, load_study
+from kdsweep.config import TrainConfig
 from kdsweep.losses import IGNORE_INDEX, distill_loss_from_hidden
 from kdsweep.names import Metric, Tag
 from kdsweep.progress import SweepProgress
 from kdsweep.storage import load_existing_study
+from kdsweep.study_file import load_study
 from kdsweep.teacher import OnlineTeacher
-from kdsweep.workspace import prepare
+from kdsweep.trial_runner import TrialRunner
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +30,25 @@ def setup(tiny_setup):
 
 def on_policy(setup, **overrides) -> train.OnPolicy:
     tokenizer, teacher, vocab, split = setup
-    values = dict(temperature=1.0, max_new_tokens=6, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id) | overrides
+    values = (
+        dict(
+            temperature=1.0,
+            max_new_tokens=6,
+            pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id,
+        )
+        | overrides
+    )
     return train.OnPolicy(OnlineTeacher(teacher, vocab), split, **values)
 
 
 def settings(**overrides) -> train.DistillSettings:
-    cfg = TrainConfig(max_steps=4, batch_size=8, eval_every=4, log_every=1, warmup_ratio=0.0, device="cpu")
-    base = train.DistillSettings(alpha=0.5, temperature=2.0, top_k=None, learning_rate=1e-2, train=cfg, lmbda=1.0)
+    cfg = TrainConfig(
+        max_steps=4, batch_size=8, eval_every=4, log_every=1, warmup_ratio=0.0, device="cpu"
+    )
+    base = train.DistillSettings(
+        alpha=0.5, temperature=2.0, top_k=None, learning_rate=1e-2, train=cfg, lmbda=1.0
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -62,7 +75,9 @@ def test_the_student_completes_prompts_that_hold_no_answer(setup, tiny_models, m
     assert seen["prompts"] == [split.prompt(e) for e in rows]
     assert seen["kwargs"]["temperature"] == 1.0 and seen["kwargs"]["max_new_tokens"] == 6
     for e, prompt in zip(rows, seen["prompts"]):
-        assert split.answers[e] not in tokenizer.decode(prompt)  # the reference answer never leaks in
+        assert split.answers[e] not in tokenizer.decode(
+            prompt
+        )  # the reference answer never leaks in
         assert len(prompt) < len(split.input_ids[e])
     # The completions batch: each row is its prompt then what the student generated; only the
     # generated tokens are labels.
@@ -71,7 +86,7 @@ def test_the_student_completes_prompts_that_hold_no_answer(setup, tiny_models, m
         labels = completions.labels[row][completions.attention_mask[row].bool()].tolist()
         assert ids[: len(prompt)] == list(prompt)
         assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-        assert labels[len(prompt):] == ids[len(prompt):] and len(ids) > len(prompt)
+        assert labels[len(prompt) :] == ids[len(prompt) :] and len(ids) > len(prompt)
 
 
 def test_the_divergence_sees_only_generated_tokens_and_the_ce_the_references(setup, tiny_models):
@@ -93,14 +108,30 @@ def test_the_divergence_sees_only_generated_tokens_and_the_ce_the_references(set
 
     hidden, labels, kept = forward(student, completions)
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=completions.input_ids, attention_mask=completions.attention_mask).logits[:, :-1][kept][:, : vocab.size]
-    divergence = distill_loss_from_hidden(hidden, models.output_weight(student, vocab), labels, teacher_logits=teacher_logits, alpha=1.0, temperature=2.0)
+        teacher_logits = teacher(
+            input_ids=completions.input_ids, attention_mask=completions.attention_mask
+        ).logits[:, :-1][kept][:, : vocab.size]
+    divergence = distill_loss_from_hidden(
+        hidden,
+        models.output_weight(student, vocab),
+        labels,
+        teacher_logits=teacher_logits,
+        alpha=1.0,
+        temperature=2.0,
+    )
     ref_hidden, ref_labels, _ = forward(student, batch)
-    reference = distill_loss_from_hidden(ref_hidden, models.output_weight(student, vocab), ref_labels, alpha=0.0, temperature=2.0)
-    assert int(kept.sum()) == sum(int((completions.labels[r, 1:] != IGNORE_INDEX).sum()) for r in range(len(completions.labels)))
+    reference = distill_loss_from_hidden(
+        ref_hidden, models.output_weight(student, vocab), ref_labels, alpha=0.0, temperature=2.0
+    )
+    assert int(kept.sum()) == sum(
+        int((completions.labels[r, 1:] != IGNORE_INDEX).sum())
+        for r in range(len(completions.labels))
+    )
     assert float(result.kl) == pytest.approx(float(divergence.kl), rel=1e-5)
     assert float(result.ce) == pytest.approx(float(reference.ce), rel=1e-5)
-    assert float(result.loss) == pytest.approx(0.5 * float(divergence.kl) + 0.5 * float(reference.ce), rel=1e-5)
+    assert float(result.loss) == pytest.approx(
+        0.5 * float(divergence.kl) + 0.5 * float(reference.ce), rel=1e-5
+    )
     assert policy.generated_tokens == int(kept.sum()) and policy.batches == 1
 
 
@@ -111,7 +142,9 @@ def test_a_micro_batch_without_prompts_keeps_the_ce_at_its_weight(setup, tiny_mo
     monkeypatch.setattr(type(split), "prompt", lambda self, e: ())
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     policy = on_policy(setup)
-    result = policy.loss(student, first_batch(setup), settings(alpha=0.75), vocab, autocast=contextlib.nullcontext)
+    result = policy.loss(
+        student, first_batch(setup), settings(alpha=0.75), vocab, autocast=contextlib.nullcontext
+    )
     assert float(result.loss) == pytest.approx(0.25 * float(result.ce), rel=1e-6)
     assert float(result.kl) == 0 and policy.batches == 0
 
@@ -124,62 +157,110 @@ def test_a_trial_with_lmbda_is_reproducible_on_the_cpu(setup, tiny_models):
         logs = []
         policy = on_policy(setup)
         train.distill(
-            student, split, OnlineTeacher(teacher, vocab), settings(lmbda=lmbda), vocab=vocab, pad_id=tokenizer.pad_token_id,
-            evaluate=lambda model, step: {}, on_log=logs.append, on_policy=policy,
+            student,
+            split,
+            OnlineTeacher(teacher, vocab),
+            settings(lmbda=lmbda),
+            vocab=vocab,
+            pad_id=tokenizer.pad_token_id,
+            evaluate=lambda model, step: {},
+            on_log=logs.append,
+            on_policy=policy,
         )
         return logs, policy
 
     first, policy = run(0.5)
     second, _ = run(0.5)
-    assert [(log.loss, log.generated_tokens) for log in first] == [(log.loss, log.generated_tokens) for log in second]
+    assert [(log.loss, log.generated_tokens) for log in first] == [
+        (log.loss, log.generated_tokens) for log in second
+    ]
     assert 0 < policy.batches < 4  # some steps on-policy, some not (the seeded coin)
     assert first[-1].generated_tokens == policy.generated_tokens > 0
-    assert all(log.generation_share is not None and 0 <= log.generation_share <= 1 for log in first)
+    assert all(
+        log.generation_share is not None and 0 <= log.generation_share <= 1 for log in first
+    )
     off, _ = run(0.0)
     assert all(log.generated_tokens == 0 for log in off)
 
 
 def test_the_teacher_stays_loaded_only_when_a_trial_may_be_on_policy(tiny_study, monkeypatch):
     """A cached study with lmbda fixed at 0 loads the teacher for its cache and never again; one
-    that searches lmbda keeps it loaded beside the cache."""
+    that searches lmbda loads it when its first on-policy step needs it, and keeps it beside the
+    cache."""
     loads = []
     real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda role, *a, **k: (loads.append(role), real(role, *a, **k))[1])
+    monkeypatch.setattr(
+        models, "load_model", lambda role, *a, **k: (loads.append(role), real(role, *a, **k))[1]
+    )
     cached = ["search.top_k=[4, 8]"]
-    prepare(load_study(tiny_study, cached), progress=SweepProgress())  # builds the caches
+    TrialRunner.prepare(load_study(tiny_study, cached), progress=SweepProgress())  # the caches
     loads.clear()
-    off_policy = prepare(load_study(tiny_study, cached), progress=SweepProgress())
-    assert off_policy.online_teacher is None and loads.count("teacher") == 0
-    on = prepare(load_study(tiny_study, [*cached, "search.lmbda=[0.0, 0.5]"]), progress=SweepProgress())
-    assert on.online_teacher is not None and loads.count("teacher") == 1
-    assert on.teacher is not on.online_teacher  # off-policy steps still read the cache
+    off_policy = TrialRunner.prepare(load_study(tiny_study, cached), progress=SweepProgress())
+    assert not off_policy.teacher.loaded and loads.count("teacher") == 0
+    on = TrialRunner.prepare(
+        load_study(tiny_study, [*cached, "search.lmbda=[0.0, 0.5]"]), progress=SweepProgress()
+    )
+    assert not on.teacher.loaded and loads.count("teacher") == 0  # loaded when needed
+    on.on_policy(), on.on_policy()
+    assert on.teacher.loaded and loads.count("teacher") == 1  # once, then kept
+    on.teacher.release()
+    assert on.teacher.loaded and on.teacher.cached  # off-policy steps still read the cache
 
 
 def test_an_on_policy_study_that_builds_its_cache_loads_the_teacher_once(tiny_study, monkeypatch):
     loads = []
     real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda role, *a, **k: (loads.append(role), real(role, *a, **k))[1])
-    workspace = prepare(load_study(tiny_study, ["search.top_k=[4, 8]", "search.lmbda=[0.0, 0.5]"]), progress=SweepProgress())
-    assert workspace.online_teacher is not None and loads.count("teacher") == 1  # the cache's teacher, kept
+    monkeypatch.setattr(
+        models, "load_model", lambda role, *a, **k: (loads.append(role), real(role, *a, **k))[1]
+    )
+    runner = TrialRunner.prepare(
+        load_study(tiny_study, ["search.top_k=[4, 8]", "search.lmbda=[0.0, 0.5]"]),
+        progress=SweepProgress(),
+    )
+    assert runner.teacher.loaded and loads.count("teacher") == 1  # the cache's teacher, kept
 
 
 def test_a_sweep_searches_lmbda(tiny_study):
-    overrides = ["--set", "search.top_k=[4, 8]", "--set", "search.lmbda=[0.0, 1.0]", "--set", "train.generation_max_new_tokens=4",
-                 "--set", "sampler.name=grid", "--set", "search.alpha=0.5", "--set", "search.temperature=2.0",
-                 "--set", "search.learning_rate=0.005"]
+    overrides = [
+        "--set",
+        "search.top_k=[4, 8]",
+        "--set",
+        "search.lmbda=[0.0, 1.0]",
+        "--set",
+        "train.generation_max_new_tokens=4",
+        "--set",
+        "sampler.name=grid",
+        "--set",
+        "search.alpha=0.5",
+        "--set",
+        "search.temperature=2.0",
+        "--set",
+        "search.learning_rate=0.005",
+    ]
     assert main(["run", str(tiny_study), "--n-trials", "4", *overrides]) == 0
     study = load_study(tiny_study, overrides[1::2])
     trials = load_existing_study(study).trials
-    assert sorted((t.params["top_k"], t.params["lmbda"]) for t in trials) == [(4, 0.0), (4, 1.0), (8, 0.0), (8, 1.0)]
+    assert sorted((t.params["top_k"], t.params["lmbda"]) for t in trials) == [
+        (4, 0.0),
+        (4, 1.0),
+        (8, 0.0),
+        (8, 1.0),
+    ]
     client = MlflowClient(tracking_uri=study.tracking.uri)
     for trial in trials:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.data.params["lmbda"] == str(trial.params["lmbda"])
         if trial.params["lmbda"] > 0:
             assert "lmbda=1.00" in run.info.run_name
-            assert run.data.metrics[Metric.GENERATED_TOKENS] > 0 and Metric.GENERATION_SECONDS in run.data.metrics
+            assert (
+                run.data.metrics[Metric.GENERATED_TOKENS] > 0
+                and Metric.GENERATION_SECONDS in run.data.metrics
+            )
         else:
-            assert Metric.GENERATED_TOKENS not in run.data.metrics and "lmbda" not in run.info.run_name
+            assert (
+                Metric.GENERATED_TOKENS not in run.data.metrics
+                and "lmbda" not in run.info.run_name
+            )
         assert run.data.tags[Tag.STATE] == "COMPLETE"
     text = (tiny_study.parent / "reports" / "tiny.md").read_text()
     assert "**On-policy batches:** on-policy batches (lmbda > 0)" in text

@@ -24,12 +24,11 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import Child, child_env, isolate, write_tiny_study
-from mlflow.tracking import MlflowClient
 
-from kdsweep.config import load_study
 from kdsweep.names import StudyAttr, Tag
 from kdsweep.storage import open_storage
+
+from conftest import Child, child_env, isolate, mlflow_runs, write_tiny_study
 
 TRIALS = 4
 
@@ -40,8 +39,14 @@ def postgres_url() -> str:
     if url:
         return url
     if os.environ.get("KDSWEEP_REQUIRE_POSTGRES") == "1":
-        pytest.fail("the PostgreSQL tests must run here: KDSWEEP_TEST_POSTGRES is not set (.ci/run sets it)")
-    pytest.skip("KDSWEEP_TEST_POSTGRES is not set (postgresql://USER:PASSWORD@HOST:PORT/DB of a database to write to)")
+        pytest.fail(
+            "the PostgreSQL tests must run here: KDSWEEP_TEST_POSTGRES is not set (.ci/run sets "
+            "it)"
+        )
+    pytest.skip(
+        "KDSWEEP_TEST_POSTGRES is not set (postgresql://USER:PASSWORD@HOST:PORT/DB of a database "
+        "to write to)"
+    )
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,21 @@ def swept(tmp_path_factory, tiny_models, tiny_data) -> Sweep:
     study = write_tiny_study(root, tiny_models, tiny_data, name=name, n_trials=TRIALS)
     storage = ["--set", f"storage={url}"]
     try:
-        with pytest.MonkeyPatch.context() as patch:  # the per-test isolation of conftest, for the module
+        # The per-test isolation of conftest, for the module.
+        with pytest.MonkeyPatch.context() as patch:
             isolate(patch, root)
-            workers = [Child("run", str(study), "--no-report", "--set", "train.max_steps=16", *storage, cwd=root) for _ in range(2)]
+            workers = [
+                Child(
+                    "run",
+                    str(study),
+                    "--no-report",
+                    "--set",
+                    "train.max_steps=16",
+                    *storage,
+                    cwd=root,
+                )
+                for _ in range(2)
+            ]
             codes = [worker.finish(timeout=600) for worker in workers]
             report = Child("report", str(study), *storage, cwd=root)
             codes.append(report.finish(timeout=300))
@@ -75,16 +92,6 @@ def swept(tmp_path_factory, tiny_models, tiny_data) -> Sweep:
             optuna.delete_study(study_name=name, storage=url)
         except KeyError:
             pass  # the workers never created it
-
-
-def mlflow_runs(sweep: Sweep):
-    """(client, parent runs, trial runs by trial number) of the sweep's experiment."""
-    client = MlflowClient(tracking_uri=load_study(sweep.study, [f"storage={sweep.url}"]).tracking.uri)
-    experiment = client.get_experiment_by_name(sweep.name)
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if Tag.PARENT not in r.data.tags]
-    trials = {int(r.data.tags[Tag.TRIAL]): r for r in runs if Tag.PARENT in r.data.tags}
-    return client, parents, trials
 
 
 def test_workers_creating_the_tables_at_once_all_open_the_storage():
@@ -118,12 +125,16 @@ def test_workers_creating_the_tables_at_once_all_open_the_storage():
 @pytest.mark.slow
 def test_two_workers_on_postgres_share_one_study_and_one_parent(swept):
     assert swept.codes == [0, 0, 0], "\n\n".join(swept.outputs)
-    assert all(re.search(r"trial \d started", out) for out in swept.outputs[:2]), "a worker ran no trial"
+    assert all(re.search(r"trial \d started", out) for out in swept.outputs[:2]), (
+        "a worker ran no trial"
+    )
 
     optuna_study = optuna.load_study(study_name=swept.name, storage=swept.url)
     trials = optuna_study.get_trials(deepcopy=False)
-    assert [t.state.name for t in trials] == ["COMPLETE"] * TRIALS  # none RUNNING, none beyond the target
-    _, parents, runs = mlflow_runs(swept)
+    assert [t.state.name for t in trials] == [
+        "COMPLETE"
+    ] * TRIALS  # none RUNNING, none beyond the target
+    _, parents, runs = mlflow_runs(swept.study, overrides=[f"storage={swept.url}"])
     assert len(parents) == 1 and sorted(runs) == list(range(TRIALS))
     assert parents[0].info.run_id == optuna_study.user_attrs[StudyAttr.PARENT_RUN_ID]
     assert {r.data.tags[Tag.PARENT] for r in runs.values()} == {parents[0].info.run_id}
@@ -133,29 +144,42 @@ def test_two_workers_on_postgres_share_one_study_and_one_parent(swept):
 @pytest.mark.slow
 def test_the_storage_password_is_in_nothing_kdsweep_writes(swept, tmp_path):
     password = sqlalchemy.make_url(swept.url).password
-    assert password and len(password) >= 8, "KDSWEEP_TEST_POSTGRES needs a password of 8+ characters to search for"
+    assert password and len(password) >= 8, (
+        "KDSWEEP_TEST_POSTGRES needs a password of 8+ characters to search for"
+    )
     assert swept.codes == [0, 0, 0], "\n\n".join(swept.outputs)
 
-    places = {f"output of {label}": out for label, out in zip(["worker 1", "worker 2", "kdsweep report"], swept.outputs)}
+    places = {
+        f"output of {label}": out
+        for label, out in zip(["worker 1", "worker 2", "kdsweep report"], swept.outputs)
+    }
     places |= mlflow_places(swept, tmp_path / "artifacts")
     places |= optuna_places(swept)
-    places |= {f"file {path}": path.read_bytes() for path in files(swept.study.parent)}  # stores, reports, anything else
+    places |= {
+        f"file {path}": path.read_bytes() for path in files(swept.study.parent)
+    }  # stores, reports, anything else
     assert any(name.endswith("/study.yaml") for name in places), "the parent run has no study.yaml"
-    assert any(name.startswith("file ") and name.endswith(f"{swept.name}.md") for name in places), "no report written"
+    assert any(
+        name.startswith("file ") and name.endswith(f"{swept.name}.md") for name in places
+    ), "no report written"
     leaks = [where for where, text in places.items() if _contains(text, password)]
     assert not leaks, f"the storage password is in: {leaks}"
 
 
 def mlflow_places(sweep: Sweep, downloads: Path) -> dict[str, str | bytes]:
     """Each parent and trial run's params, tags and downloaded artifact files, by name."""
-    client, parents, trials = mlflow_runs(sweep)
+    client, parents, trials = mlflow_runs(sweep.study, overrides=[f"storage={sweep.url}"])
     places: dict[str, str | bytes] = {}
     for label, run in [("parent", parents[0]), *((f"trial {n}", r) for n, r in trials.items())]:
         places[f"{label} run params"] = json.dumps(run.data.params)
         places[f"{label} run tags"] = json.dumps(run.data.tags)
-        folder = Path(client.download_artifacts(run.info.run_id, "", str(downloads / run.info.run_id)))
+        folder = Path(
+            client.download_artifacts(run.info.run_id, "", str(downloads / run.info.run_id))
+        )
         for path in files(folder):
-            places[f"{label} run artifact {path.relative_to(folder).as_posix()}"] = path.read_bytes()
+            places[f"{label} run artifact {path.relative_to(folder).as_posix()}"] = (
+                path.read_bytes()
+            )
     return places
 
 
@@ -164,7 +188,9 @@ def optuna_places(sweep: Sweep) -> dict[str, str]:
     optuna_study = optuna.load_study(study_name=sweep.name, storage=sweep.url)
     places = {"Optuna study user attrs": json.dumps(optuna_study.user_attrs, default=str)}
     for trial in optuna_study.get_trials(deepcopy=False):
-        places[f"Optuna trial {trial.number} attrs"] = json.dumps([trial.user_attrs, trial.system_attrs], default=str)
+        places[f"Optuna trial {trial.number} attrs"] = json.dumps(
+            [trial.user_attrs, trial.system_attrs], default=str
+        )
     return places
 
 
@@ -176,7 +202,8 @@ def _contains(text: str | bytes, secret: str) -> bool:
     return secret.encode() in text if isinstance(text, bytes) else secret in text
 
 
-# ---------------------------------------------------------------- a bad server storage, no server needed
+# ---------------------------------------------------------------- a bad server storage, no server
+# needed
 
 
 # The drivers SQLAlchemy may import for postgresql:// (psycopg2 up to 2.0, psycopg from 2.1) made
@@ -190,7 +217,14 @@ WITHOUT_DRIVERS = (
 def run_cli(*args: str, cwd: Path, without_drivers: bool = False) -> subprocess.CompletedProcess:
     """``kdsweep ARGS`` in a process of its own, stdout and stderr apart, ended within 300 s."""
     command = ["-c", WITHOUT_DRIVERS] if without_drivers else ["-m", "kdsweep"]
-    return subprocess.run([sys.executable, *command, *args], env=child_env(), cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *command, *args],
+        env=child_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture
@@ -210,15 +244,25 @@ def assert_one_line_and_nothing_written(result, folder: Path, secret: str) -> st
     assert result.returncode == 2, output
     assert len(lines) == 1 and "Traceback" not in output, output
     assert secret not in output, output
-    assert [p.name for p in folder.iterdir()] == ["tiny.yaml"], sorted(p.name for p in folder.iterdir())
-    assert [p.name for p in folder.parent.iterdir()] == ["study"], "written beside the study (caches?)"
+    assert [p.name for p in folder.iterdir()] == ["tiny.yaml"], sorted(
+        p.name for p in folder.iterdir()
+    )
+    assert [p.name for p in folder.parent.iterdir()] == ["study"], (
+        "written beside the study (caches?)"
+    )
     return lines[0]
 
 
 @pytest.mark.slow  # a `kdsweep run` process: torch and MLflow import
 def test_a_missing_postgres_driver_is_one_line_naming_the_extra(study_folder):
     study = study_folder / "tiny.yaml"
-    study.write_text(re.sub(r"(?m)^storage: .*$", "storage: postgresql://user:secret@127.0.0.1:1/db", study.read_text()))
+    study.write_text(
+        re.sub(
+            r"(?m)^storage: .*$",
+            "storage: postgresql://user:secret@127.0.0.1:1/db",
+            study.read_text(),
+        )
+    )
     result = run_cli("run", str(study), "--no-report", cwd=study_folder, without_drivers=True)
     line = assert_one_line_and_nothing_written(result, study_folder, "secret")
     assert 'pip install "kdsweep[postgres]"' in line and "storage" in line, line
@@ -231,7 +275,14 @@ def test_an_unreachable_postgres_server_is_one_line_naming_storage(study_folder)
         port = s.getsockname()[1]
     secret = "n0t-the-real-pw"
     url = f"postgresql://kdsweep:{secret}@127.0.0.1:{port}/kdsweep"
-    result = run_cli("run", str(study_folder / "tiny.yaml"), "--no-report", "--set", f"storage={url}", cwd=study_folder)
+    result = run_cli(
+        "run",
+        str(study_folder / "tiny.yaml"),
+        "--no-report",
+        "--set",
+        f"storage={url}",
+        cwd=study_folder,
+    )
     line = assert_one_line_and_nothing_written(result, study_folder, secret)
     assert line.startswith("kdsweep: storage:") and f"kdsweep:***@127.0.0.1:{port}" in line, line
     assert "start the server" in line, line

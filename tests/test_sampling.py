@@ -7,10 +7,11 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from kdsweep.config import load_study
 from kdsweep.names import Group, TrialAttr
-from kdsweep.sampling import GroupedSampler, SeedCheckAwarePruner, baseline_trials, make_pruner, suggest
+from kdsweep.samplers import GroupedSampler, SeedCheckAwarePruner, make_pruner
+from kdsweep.space import baseline_trials, suggest
 from kdsweep.storage import best_trial, ranked_trials
+from kdsweep.study_file import load_study
 
 STUDY = """
 name: s
@@ -44,7 +45,9 @@ class Recording(optuna.samplers.RandomSampler):
         self.seen = seen
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        self.seen.append((trial.number, sorted(t.number for t in study.get_trials(deepcopy=False))))
+        self.seen.append(
+            (trial.number, sorted(t.number for t in study.get_trials(deepcopy=False)))
+        )
         return super().sample_independent(study, trial, param_name, param_distribution)
 
 
@@ -52,14 +55,20 @@ def test_each_group_is_sampled_from_its_own_trials_only(study):
     seen = {}
     sampler = GroupedSampler(lambda group: Recording(seen.setdefault(group, []), seed=len(seen)))
     optuna_study = optuna.create_study(sampler=sampler)
-    for params, attrs in baseline_trials(study):
+    for params, attrs in baseline_trials(study.search, study.baselines):
         optuna_study.enqueue_trial(params, user_attrs=attrs)
     for _ in range(6):  # 3 baseline trials, then 3 of the sweep
         trial = optuna_study.ask()
-        optuna_study.tell(trial, sum(suggest(trial, study.search)[k] for k in ("alpha", "learning_rate")))
+        optuna_study.tell(
+            trial, sum(suggest(trial, study.search)[k] for k in ("alpha", "learning_rate"))
+        )
     search_numbers = [3, 4, 5]
-    # A seed-check re-run of trial 3: every parameter fixed, the sweep's sampler must not learn from it.
-    optuna_study.enqueue_trial(optuna_study.trials[3].params, user_attrs={TrialAttr.GROUP: Group.CONFIRM, TrialAttr.CONFIRMS: 3})
+    # A seed-check run of trial 3: every parameter fixed, the sweep's sampler must not learn from
+    # it.
+    optuna_study.enqueue_trial(
+        optuna_study.trials[3].params,
+        user_attrs={TrialAttr.GROUP: Group.SEED_CHECK, TrialAttr.SEED_CHECK_OF: 3},
+    )
     trial = optuna_study.ask()
     optuna_study.tell(trial, suggest(trial, study.search)["alpha"])
     trial = optuna_study.ask()  # the sweep goes on after it
@@ -68,17 +77,27 @@ def test_each_group_is_sampled_from_its_own_trials_only(study):
     baseline_views = {tuple(v) for _, v in seen[Group.baseline(0)]}
     assert all(set(v) <= {0, 1, 2} for v in baseline_views)  # only baseline trials
     search_views = [set(v) for _, v in seen[Group.SEARCH]]
-    assert search_views[-1] - {7} == set(search_numbers)  # trial 7 sees the sweep, not trials 0-2 nor the re-run (6)
-    assert seen.get(Group.CONFIRM, []) == []  # everything of a re-run is fixed: no sampler samples it
+    assert search_views[-1] - {7} == set(
+        search_numbers
+    )  # trial 7 sees the sweep, not trials 0-2 nor the seed-check run (6)
+    assert (
+        seen.get(Group.SEED_CHECK, []) == []
+    )  # everything of a seed-check run is fixed: no sampler samples it
 
 
 def test_a_tuned_baseline_searches_its_learning_rate_at_alpha_0(study):
-    trials = baseline_trials(study)
+    trials = baseline_trials(study.search, study.baselines)
     assert len(trials) == 3
     for params, attrs in trials:
-        assert params == {"alpha": 0.0, "temperature": 1.0, "top_k": 4}  # teacher-only knobs fixed: they do nothing
+        assert params == {
+            "alpha": 0.0,
+            "temperature": 1.0,
+            "top_k": 4,
+        }  # teacher-only knobs fixed: they do nothing
         assert attrs[TrialAttr.GROUP] == Group.baseline(0) and attrs[TrialAttr.BASELINE]
-    optuna_study = optuna.create_study(sampler=GroupedSampler(lambda group: optuna.samplers.RandomSampler(seed=0)))
+    optuna_study = optuna.create_study(
+        sampler=GroupedSampler(lambda group: optuna.samplers.RandomSampler(seed=0))
+    )
     for params, attrs in trials:
         optuna_study.enqueue_trial(params, user_attrs=attrs)
     rates = []
@@ -103,14 +122,16 @@ def test_seed_check_trials_are_never_pruned_nor_compared_with():
     inner = Always()
     optuna_study = optuna.create_study(pruner=SeedCheckAwarePruner(inner))
     optuna_study.tell(optuna_study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), 1.0)
-    optuna_study.enqueue_trial({"x": 0.5}, user_attrs={TrialAttr.GROUP: Group.CONFIRM})
+    optuna_study.enqueue_trial({"x": 0.5}, user_attrs={TrialAttr.GROUP: Group.SEED_CHECK})
     rerun = optuna_study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     rerun.report(1.0, step=1)
     assert not rerun.should_prune() and inner.shown == []
     optuna_study.tell(rerun, 1.0)
     trial = optuna_study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     trial.report(1.0, step=1)
-    assert trial.should_prune() and inner.shown == [[0, 2]]  # the re-run (1) is not compared with
+    assert trial.should_prune() and inner.shown == [
+        [0, 2]
+    ]  # the seed-check run (1) is not compared with
 
 
 def test_hyperband_is_the_studys_pruner_so_the_sampler_sees_one_bracket(tmp_path):
@@ -119,14 +140,25 @@ def test_hyperband_is_the_studys_pruner_so_the_sampler_sees_one_bracket(tmp_path
     from optuna.pruners import _filter_study
 
     path = tmp_path / "s.yaml"
-    path.write_text(STUDY.format(objective="student_ppl") + "pruner: {name: hyperband}\ntrain: {max_steps: 90, eval_every: 10}\n")
+    path.write_text(
+        STUDY.format(objective="student_ppl")
+        + "pruner: {name: hyperband}\ntrain: {max_steps: 90, eval_every: 10}\n"
+    )
     optuna_study = optuna.create_study(pruner=make_pruner(load_study(path)))
     for _ in range(3):
         optuna_study.tell(optuna_study.ask(), 1.0)
     assert _filter_study(optuna_study, optuna_study.ask()) is not optuna_study
 
 
-@pytest.mark.parametrize("objective, direction", [("student_ppl", "minimize"), ("ppl_ratio", "minimize"), ("exact_match", "maximize"), ("rouge_l", "maximize")])
+@pytest.mark.parametrize(
+    "objective, direction",
+    [
+        ("student_ppl", "minimize"),
+        ("ppl_ratio", "minimize"),
+        ("exact_match", "maximize"),
+        ("rouge_l", "maximize"),
+    ],
+)
 def test_objectives_declare_their_direction(tmp_path, objective, direction):
     path = tmp_path / "s.yaml"
     path.write_text(STUDY.format(objective=objective))
@@ -137,14 +169,23 @@ def test_objectives_declare_their_direction(tmp_path, objective, direction):
         optuna_study.tell(optuna_study.ask(), value)
     best = best_trial(optuna_study)
     assert best.value == (0.2 if direction == "minimize" else 0.9)
-    assert [t.value for t in ranked_trials(optuna_study)] == sorted([0.2, 0.9, 0.5], reverse=direction == "maximize")
+    assert [t.value for t in ranked_trials(optuna_study)] == sorted(
+        [0.2, 0.9, 0.5], reverse=direction == "maximize"
+    )
 
 
 def test_an_accuracy_objective_needs_decoded_answers(tmp_path):
     from kdsweep.errors import StudyError
 
     path = tmp_path / "s.yaml"
-    path.write_text(STUDY.format(objective="exact_match").replace("eval: {accuracy: true}", "eval: {accuracy: false}"))
+    path.write_text(
+        STUDY.format(objective="exact_match").replace(
+            "eval: {accuracy: true}", "eval: {accuracy: false}"
+        )
+    )
     with pytest.raises(StudyError) as info:
         load_study(path)
-    assert any("objective: exact_match needs the answers decoded: set eval.accuracy: true" in p for p in info.value.problems)
+    assert any(
+        "objective: exact_match needs the answers decoded: set eval.accuracy: true" in p
+        for p in info.value.problems
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from functools import partial
 from pathlib import Path
 
@@ -13,12 +12,10 @@ import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from conftest import chat_split
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from kdsweep import demo, models
+from kdsweep import demo, models, teacher_cache
 from kdsweep.cli import main
-from kdsweep.config import load_study
 from kdsweep.data import make_batches, tokenize
 from kdsweep.evaluate import score
 from kdsweep.models import Vocabulary
@@ -26,8 +23,13 @@ from kdsweep.names import StudyAttr, TrialAttr
 from kdsweep.paths import teacher_cache_dir
 from kdsweep.progress import SweepProgress
 from kdsweep.storage import load_existing_study
-from kdsweep.teacher import CachedTeacher, CacheKey, OnlineTeacher, find_cache, open_or_build, write_cache
-from kdsweep.workspace import build_cache, prepare
+from kdsweep.study_file import load_study
+from kdsweep.study_teacher import build_cache
+from kdsweep.teacher import OnlineTeacher
+from kdsweep.teacher_cache import CachedTeacher, CacheKey, find_cache, open_or_build, write_cache
+from kdsweep.trial_runner import TrialRunner
+
+from conftest import chat_split
 
 FP16_ATOL = 2e-2  # fp16 keeps 11 significant bits: |logit| < 16 is stored within 1/128
 
@@ -37,8 +39,17 @@ def tiny(tiny_models):
     """The tiny teacher, online, and a split of 40 rows with assistant-only labels."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
     model = Qwen3ForCausalLM.from_pretrained(tiny_models["teacher"]).eval().requires_grad_(False)
-    vocab = Vocabulary(size=len(tokenizer), teacher_rows=model.config.vocab_size, student_rows=model.config.vocab_size)
-    split = tokenize([demo.guanaco_text(c) for c in demo.generate_conversations(40, seed=0)], tokenizer, max_length=48, assistant_only=True)
+    vocab = Vocabulary(
+        size=len(tokenizer),
+        teacher_rows=model.config.vocab_size,
+        student_rows=model.config.vocab_size,
+    )
+    split = tokenize(
+        [demo.guanaco_text(c) for c in demo.generate_conversations(40, seed=0)],
+        tokenizer,
+        max_length=48,
+        assistant_only=True,
+    )
     return OnlineTeacher(model, vocab), split, tokenizer.pad_token_id
 
 
@@ -50,7 +61,9 @@ def build(root: Path, tiny, *, k: int, key: CacheKey | None = None) -> CachedTea
 
 
 def a_key(**changes) -> CacheKey:
-    fields = dict(teacher={"name": "t"}, tokenizer="v", data={"split": "train"}, tokens="abc") | changes
+    fields = (
+        dict(teacher={"name": "t"}, tokenizer="v", data={"split": "train"}, tokens="abc") | changes
+    )
     return CacheKey(**fields)
 
 
@@ -61,23 +74,31 @@ def a_key(**changes) -> CacheKey:
 def test_cached_targets_equal_online_targets(tmp_path, tiny, shuffle_seed, grouped):
     teacher, split, pad_id = tiny
     cache = build(tmp_path, tiny, k=16)
-    for batch in make_batches(split, batch_size=6, pad_id=pad_id, shuffle_seed=shuffle_seed, group_by_length=grouped):
+    for batch in make_batches(
+        split, batch_size=6, pad_id=pad_id, shuffle_seed=shuffle_seed, group_by_length=grouped
+    ):
         logits = teacher.targets(batch, top_k=None).logits  # [N, V], row-major scored positions
         cached = cache.targets(batch, top_k=16)
         assert cached.values.shape == cached.indices.shape == (batch.num_scored_tokens, 16)
         online = torch.topk(logits, 16, dim=-1).values
         torch.testing.assert_close(cached.values.float(), online, atol=FP16_ATOL, rtol=0)
         # The stored ids hold the stored values (ties may order ids differently, values not).
-        torch.testing.assert_close(logits.gather(1, cached.indices.long()), cached.values.float(), atol=FP16_ATOL, rtol=0)
+        torch.testing.assert_close(
+            logits.gather(1, cached.indices.long()), cached.values.float(), atol=FP16_ATOL, rtol=0
+        )
 
 
 def test_a_smaller_top_k_reads_the_prefix(tmp_path, tiny):
     teacher, split, pad_id = tiny
     cache = build(tmp_path, tiny, k=16)
-    batch = make_batches(split, batch_size=8, pad_id=pad_id, shuffle_seed=1, group_by_length=True)[0]
+    batch = make_batches(split, batch_size=8, pad_id=pad_id, shuffle_seed=1, group_by_length=True)[
+        0
+    ]
     full, small = cache.targets(batch, top_k=16), cache.targets(batch, top_k=4)
     assert small.values.shape[1] == 4
-    assert torch.equal(small.values, full.values[:, :4]) and torch.equal(small.indices, full.indices[:, :4])
+    assert torch.equal(small.values, full.values[:, :4]) and torch.equal(
+        small.indices, full.indices[:, :4]
+    )
     online = teacher.targets(batch, top_k=4)
     torch.testing.assert_close(small.values.float(), online.values, atol=FP16_ATOL, rtol=0)
     with pytest.raises(ValueError, match="top 16 logits"):
@@ -89,16 +110,22 @@ def test_a_smaller_top_k_reads_the_prefix(tmp_path, tiny):
 def test_lse_mass_and_perplexity_match_the_full_softmax(tmp_path, tiny):
     teacher, split, pad_id = tiny
     cache = build(tmp_path, tiny, k=16)
-    in_order = make_batches(split, batch_size=len(split), pad_id=pad_id, shuffle_seed=None, group_by_length=False)
+    in_order = make_batches(
+        split, batch_size=len(split), pad_id=pad_id, shuffle_seed=None, group_by_length=False
+    )
     logits = teacher.targets(in_order[0], top_k=None).logits.double()  # rows in the cache's order
     lse = torch.logsumexp(logits, dim=-1)
-    torch.testing.assert_close(torch.tensor(cache.lse, dtype=torch.float64), lse, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(cache.lse, dtype=torch.float64), lse, atol=1e-4, rtol=0
+    )
     probs = torch.softmax(logits, dim=-1)
     for k in (1, 4, 16):
         expected = float(probs.topk(k, dim=-1).values.sum(-1).mean())
         assert cache.mass(k) == pytest.approx(expected, abs=2e-3)
     assert 0 < cache.mass(1) < cache.mass(4) < cache.mass(16) < 1
-    assert cache.perplexity() == pytest.approx(score(teacher.model, in_order, teacher.vocab).perplexity, rel=1e-4)
+    assert cache.perplexity() == pytest.approx(
+        score(teacher.model, in_order, teacher.vocab).perplexity, rel=1e-4
+    )
 
 
 def test_the_teacher_runs_once_over_the_tokens(tmp_path, tiny):
@@ -125,21 +152,36 @@ def test_an_interrupted_build_is_never_used(tmp_path, tiny):
     # A builder killed outright leaves its staging folder, complete-looking: it is never read.
     staging = tmp_path / f".{a_key().digest()}-k8-killed"
     staging.mkdir()
-    (staging / "manifest.json").write_text(json.dumps({"complete": True, "k": 8, "vocab_size": 999}))
+    (staging / "manifest.json").write_text(
+        json.dumps({"complete": True, "k": 8, "vocab_size": 999})
+    )
     assert find_cache(tmp_path, a_key(), k=8) is None
     cache = build(tmp_path, tiny, k=8)
     assert cache.folder.name == f"{a_key().digest()}-k8" and not staging.exists()
 
 
-def test_concurrent_builders_make_one_cache(tmp_path, tiny):
+def test_concurrent_builders_make_one_cache(tmp_path, tiny, monkeypatch):
+    """Three builders at once: the one holding the lock writes only once the other two have
+    looked for the cache (and so wait on the lock, or find it built): one build, three caches."""
     teacher, split, pad_id = tiny
     builds, results = [], []
     start = threading.Barrier(3)
+    looked = threading.Semaphore(0)
+    real_find = teacher_cache.find_cache
+
+    def counting_find(*args, **kwargs):
+        looked.release()
+        return real_find(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "find_cache", counting_find)
 
     def slow_write(folder: Path) -> dict:
         builds.append(folder)
-        time.sleep(0.3)  # both workers are inside open_or_build by now
-        return write_cache(teacher, split, folder, k=8, batch_size=7, pad_id=pad_id, chunk_tokens=50)
+        for _ in range(4):  # its own two looks, and one by each other builder before the lock
+            assert looked.acquire(timeout=30)
+        return write_cache(
+            teacher, split, folder, k=8, batch_size=7, pad_id=pad_id, chunk_tokens=50
+        )
 
     def worker():
         start.wait()
@@ -222,7 +264,9 @@ def test_cache_command_builds_once_then_reuses(tiny_study, monkeypatch, capsys):
 def train_tokens(tiny_study: Path) -> int:
     study = load_study(tiny_study)
     tokenizer = AutoTokenizer.from_pretrained(study.teacher.name)
-    split = chat_split(tokenizer, 64, seed=0, max_length=study.data.max_length)  # what tiny_data's train.jsonl holds
+    split = chat_split(
+        tokenizer, 64, seed=0, max_length=study.data.max_length
+    )  # what tiny_data's train.jsonl holds
     return sum(len(ids) for ids in split.input_ids)
 
 
@@ -240,7 +284,14 @@ def online_calls(monkeypatch) -> list[int]:
 
 def test_a_finite_top_k_sweep_runs_the_teacher_once(tiny_study, monkeypatch):
     calls, loads = online_calls(monkeypatch), teacher_loads(monkeypatch)
-    finite = ["--set", "search.top_k=[4, 8]", "--set", "train.max_steps=4", "--set", "train.eval_every=2"]
+    finite = [
+        "--set",
+        "search.top_k=[4, 8]",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_every=2",
+    ]
     assert main(["run", str(tiny_study), *finite, "--no-report"]) == 0
 
     optuna_study = load_existing_study(load_study(tiny_study))
@@ -251,18 +302,28 @@ def test_a_finite_top_k_sweep_runs_the_teacher_once(tiny_study, monkeypatch):
 
     mass = optuna_study.user_attrs["topk_mass"]
     assert set(mass) == {"4", "8"} and 0 < mass["4"] < mass["8"] < 1
-    parent = MlflowClient(load_study(tiny_study).tracking.uri).get_run(optuna_study.user_attrs[StudyAttr.PARENT_RUN_ID])
+    parent = MlflowClient(load_study(tiny_study).tracking.uri).get_run(
+        optuna_study.user_attrs[StudyAttr.PARENT_RUN_ID]
+    )
     assert parent.data.metrics["topk_mass_k8"] == pytest.approx(mass["8"])
-    assert parent.data.metrics["train_padding_share"] == pytest.approx(optuna_study.user_attrs["train_padding_share"])
+    assert parent.data.metrics["train_padding_share"] == pytest.approx(
+        optuna_study.user_attrs["train_padding_share"]
+    )
     assert 0 <= parent.data.metrics["train_padding_share"] < 0.5
     for trial in optuna_study.get_trials():  # each trial knows the mass its own top_k keeps
-        assert trial.user_attrs["topk_mass"] == pytest.approx(mass[str(trial.user_attrs[TrialAttr.PARAMS]["top_k"])])
+        assert trial.user_attrs["topk_mass"] == pytest.approx(
+            mass[str(trial.user_attrs[TrialAttr.PARAMS]["top_k"])]
+        )
 
 
 @pytest.mark.parametrize("overrides", [[], ["search.top_k=[4]", "train.teacher_cache=false"]])
 def test_whole_vocabulary_or_cache_off_runs_the_teacher_online(tiny_study, overrides):
-    ws = prepare(load_study(tiny_study, overrides), progress=SweepProgress())  # top_k [4, all] by default
-    assert isinstance(ws.teacher, OnlineTeacher)
-    assert ws.teacher.tokens_processed == sum(b.num_tokens for b in ws.eval_set.batches)  # the eval set's targets
+    ws = TrialRunner.prepare(
+        load_study(tiny_study, overrides), progress=SweepProgress()
+    )  # top_k [4, all] by default
+    assert not ws.teacher.cached and ws.teacher.loaded
+    assert ws.teacher.tokens_processed == sum(
+        b.num_tokens for b in ws.eval_set.batches
+    )  # the eval set's targets
     assert not teacher_cache_dir().exists()
     assert ws.topk_mass({"top_k": 4}) is None

@@ -17,28 +17,27 @@ import mlflow
 import mlflow.transformers
 import optuna
 import pytest
-from conftest import Child
 from mlflow.tracking import MlflowClient
 
-from kdsweep import storage, sweep, workspace
+from kdsweep import storage, sweep
 from kdsweep.cli import main
-from kdsweep.config import load_study
 from kdsweep.names import StudyAttr, Tag, TrialAttr
 from kdsweep.storage import load_existing_study
+from kdsweep.study_file import load_study
+
+from conftest import Child, mlflow_runs, run_replaced
 
 SEARCHED = ("alpha", "temperature", "top_k", "learning_rate")
-FIXED = ("teacher", "student", "dataset", "max_length", "batch_size", "max_steps", "precision", "seed")
-
-
-def study_runs(study_path, uri: str | None = None):
-    """(client, parents, trial runs by trial number) of the study's experiment."""
-    study = load_study(study_path)
-    client = MlflowClient(tracking_uri=uri or study.tracking.uri)
-    experiment = client.get_experiment_by_name(study.name)
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if Tag.PARENT not in r.data.tags]
-    trials = {int(r.data.tags[Tag.TRIAL]): r for r in runs if Tag.PARENT in r.data.tags}
-    return client, parents, trials
+FIXED = (
+    "teacher",
+    "student",
+    "dataset",
+    "max_length",
+    "batch_size",
+    "max_steps",
+    "precision",
+    "seed",
+)
 
 
 def steps(client, run, key):
@@ -60,12 +59,15 @@ def start_worker(study_path, *args) -> Child:
 
 
 def wait_for_running_trial(study_path, worker: Child):
-    """The trial run ``worker`` is training, once it says the trial started (its run exists by then)."""
+    """The trial run ``worker`` is training, once it says the trial started (its run exists by
+    then)."""
     worker.wait_for("trial 0 started")
     study = load_study(study_path)
     client = MlflowClient(tracking_uri=study.tracking.uri)
     experiment = client.get_experiment_by_name(study.name)
-    (run,) = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING' and tags.`kdsweep.trial` = '0'")
+    (run,) = client.search_runs(
+        [experiment.experiment_id], "attributes.status = 'RUNNING' and tags.`kdsweep.trial` = '0'"
+    )
     return run
 
 
@@ -76,25 +78,32 @@ def test_four_trials_complete_fail_prune_with_the_full_layout(tiny_study, monkey
     """The issue's 'done when': 4 trials, one failed, one pruned: one parent, four nested runs
     with true statuses, no RUNNING run, step-indexed metrics, params, tags, datasets, best."""
     study = load_study(tiny_study)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", study.tracking.uri)  # user code's fluent runs go there too
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", study.tracking.uri
+    )  # user code's fluent runs go there too
     monkeypatch.setattr(sweep, "make_pruner", lambda study: PruneTrial(2))
-    original = workspace.Workspace.distill
     user_runs = []
 
-    def distill(self, params, **kwargs):
+    def distill(runner, params, **kwargs):
         if len(user_runs) == 1:
             user_runs.append(None)
             raise RuntimeError("simulated out of memory")
-        with mlflow.start_run(run_name="user code inside the trial") as run:  # e.g. a transformers callback
+        with mlflow.start_run(
+            run_name="user code inside the trial"
+        ) as run:  # e.g. a transformers callback
             user_runs.append(run.info.run_id)
-        return original(self, params, **kwargs)
+        return runner(params, **kwargs)
 
-    monkeypatch.setattr(workspace.Workspace, "distill", distill)
-    assert main(["run", str(tiny_study), "--n-trials", "4", "--no-report"]) == 0
+    run_replaced(tiny_study, distill, n_trials=4)
 
     optuna_study = load_existing_study(study)
-    assert [t.state.name for t in optuna_study.get_trials()] == ["COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
-    client, parents, trials = study_runs(tiny_study)
+    assert [t.state.name for t in optuna_study.get_trials()] == [
+        "COMPLETE",
+        "FAIL",
+        "PRUNED",
+        "COMPLETE",
+    ]
+    client, parents, trials = mlflow_runs(tiny_study)
     assert len(parents) == 1 and sorted(trials) == [0, 1, 2, 3]
     parent = parents[0]
     assert parent.info.run_id == optuna_study.user_attrs[StudyAttr.PARENT_RUN_ID]
@@ -102,11 +111,19 @@ def test_four_trials_complete_fail_prune_with_the_full_layout(tiny_study, monkey
     assert everything == []
 
     statuses = {n: (r.info.status, r.data.tags[Tag.STATE]) for n, r in trials.items()}
-    assert statuses == {0: ("FINISHED", "COMPLETE"), 1: ("FAILED", "FAIL"), 2: ("KILLED", "PRUNED"), 3: ("FINISHED", "COMPLETE")}
+    assert statuses == {
+        0: ("FINISHED", "COMPLETE"),
+        1: ("FAILED", "FAIL"),
+        2: ("KILLED", "PRUNED"),
+        3: ("FINISHED", "COMPLETE"),
+    }
     assert "simulated out of memory" in trials[1].data.tags[Tag.REASON]
     traceback = client.download_artifacts(trials[1].info.run_id, "traceback.txt")
     assert "RuntimeError: simulated out of memory" in Path(traceback).read_text()
-    assert trials[2].info.run_name.endswith("(pruned)") and "pruned at step 4" in trials[2].data.tags[Tag.REASON]
+    assert (
+        trials[2].info.run_name.endswith("(pruned)")
+        and "pruned at step 4" in trials[2].data.tags[Tag.REASON]
+    )
 
     for number, run in trials.items():
         trial = optuna_study.trials[number]
@@ -115,16 +132,32 @@ def test_four_trials_complete_fail_prune_with_the_full_layout(tiny_study, monkey
         assert set(SEARCHED + FIXED) <= set(run.data.params)
         assert run.data.params["alpha"] == str(trial.user_attrs[TrialAttr.PARAMS]["alpha"])
         tags = run.data.tags
-        assert (tags[Tag.STUDY], tags[Tag.TRIAL], tags[Tag.BASELINE]) == ("tiny", str(number), "False")
+        assert (tags[Tag.STUDY], tags[Tag.TRIAL], tags[Tag.BASELINE]) == (
+            "tiny",
+            str(number),
+            "False",
+        )
         assert tags[Tag.VERSION] and tags[Tag.FINGERPRINT] == study.fingerprint()
         inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
         assert sorted(inputs) == ["evaluation", "training"]
-        assert inputs["training"].name.endswith("-train") and inputs["evaluation"].name.endswith("-test")
-        assert '"rows": 64' in inputs["training"].profile and '"rows": 16' in inputs["evaluation"].profile
+        assert inputs["training"].name.endswith("-train") and inputs["evaluation"].name.endswith(
+            "-test"
+        )
+        assert (
+            '"rows": 64' in inputs["training"].profile
+            and '"rows": 16' in inputs["evaluation"].profile
+        )
 
     for number in (0, 3):  # complete: every log step, every eval, the final values
         run = trials[number]
-        for key in ("train_loss", "train_kl", "train_ce", "learning_rate", "grad_norm", "tokens_per_second"):
+        for key in (
+            "train_loss",
+            "train_kl",
+            "train_ce",
+            "learning_rate",
+            "grad_norm",
+            "tokens_per_second",
+        ):
             assert steps(client, run, key) == [2, 4, 6, 8], key
         for key in ("student_ppl", "teacher_ppl", "ppl_ratio", "kl_to_teacher"):
             assert steps(client, run, key) == [4, 8], key
@@ -158,8 +191,21 @@ def test_a_sweep_that_breaks_between_trials_ends_its_parent_failed(tiny_study, m
         raise RuntimeError("the tracking server went away")
 
     monkeypatch.setattr(sweep.Objective, "after_trial", broken)
-    assert main(["run", str(tiny_study), "--no-report", "--set", "train.max_steps=2", "--set", "train.eval_every=2"]) == 1
-    _, parents, trials = study_runs(tiny_study)
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_study),
+                "--no-report",
+                "--set",
+                "train.max_steps=2",
+                "--set",
+                "train.eval_every=2",
+            ]
+        )
+        == 1
+    )
+    _, parents, trials = mlflow_runs(tiny_study)
     assert parents[0].info.status == "FAILED"
     assert [r.info.status for r in trials.values()] == ["FINISHED"]
 
@@ -167,34 +213,44 @@ def test_a_sweep_that_breaks_between_trials_ends_its_parent_failed(tiny_study, m
 # ---------------------------------------------------------------- save_best
 
 
-def force_perplexities(monkeypatch, values: list[float]) -> None:
-    """The trials train for real, but end with these perplexities, in order."""
+def forced_perplexities(values: list[float]):
+    """Training for ``run_replaced``: the trials train for real, but end with these perplexities,
+    in order."""
     forced = iter(values)
-    original = workspace.Workspace.distill
 
-    def distill(self, params, **kwargs):
-        result = original(self, params, **kwargs)
-        return dataclasses.replace(result, final_eval={**result.final_eval, "student_ppl": next(forced)})
+    def distill(runner, params, **kwargs):
+        result = runner(params, **kwargs)
+        return dataclasses.replace(
+            result, final_eval={**result.final_eval, "student_ppl": next(forced)}
+        )
 
-    monkeypatch.setattr(workspace.Workspace, "distill", distill)
+    return distill
 
 
 def test_save_best_keeps_only_the_best_trials_model(tiny_study, monkeypatch):
     """Trial 0 is saved, trial 1 beats it (trial 0's model is deleted), trial 2 is worse."""
-    force_perplexities(monkeypatch, [30.0, 20.0, 50.0])
-    overrides = ["--set", "save_best=true", "--set", "train.max_steps=4", "--set", "train.eval_every=4"]
-    assert main(["run", str(tiny_study), "--n-trials", "3", "--no-report", *overrides]) == 0
+    overrides = ["save_best=true", "train.max_steps=4", "train.eval_every=4"]
+    run_replaced(
+        tiny_study, forced_perplexities([30.0, 20.0, 50.0]), n_trials=3, overrides=overrides
+    )
 
-    client, _, trials = study_runs(tiny_study)
-    files = {n: [a.path for a in client.list_artifacts(r.info.run_id, "model")] for n, r in trials.items()}
+    client, _, trials = mlflow_runs(tiny_study)
+    files = {
+        n: [a.path for a in client.list_artifacts(r.info.run_id, "model")]
+        for n, r in trials.items()
+    }
     assert files[0] == [] and files[2] == []
     assert {"model/MLmodel", "model/model", "model/components"} <= set(files[1])  # an MLflow model
     assert trials[1].data.tags[Tag.MODEL] == "saved"
     assert trials[0].data.tags[Tag.MODEL] == "deleted: trial 1 is better"
     assert Tag.MODEL not in trials[2].data.tags
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # restored after the test, unlike set_tracking_uri
-    loaded = mlflow.transformers.load_model(f"runs:/{trials[1].info.run_id}/model", return_type="components")
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", client.tracking_uri
+    )  # restored after the test, unlike set_tracking_uri
+    loaded = mlflow.transformers.load_model(
+        f"runs:/{trials[1].info.run_id}/model", return_type="components"
+    )
     assert loaded["task"] == "text-generation" and loaded["model"].num_parameters() > 0
     assert len(loaded["tokenizer"]) > 0
 
@@ -202,18 +258,32 @@ def test_save_best_keeps_only_the_best_trials_model(tiny_study, monkeypatch):
 def test_register_as_moves_the_champion_alias_to_the_best_student(tiny_study, monkeypatch):
     """Trials 0 and 1 each beat the best so far and are registered (versions 1 and 2); trial 2
     is worse and saves nothing. The alias follows the best, and no registered files are deleted."""
-    force_perplexities(monkeypatch, [30.0, 20.0, 50.0])
-    overrides = ["--set", "save_best=true", "--set", "register_as=tiny-student", "--set", "train.max_steps=4", "--set", "train.eval_every=4"]
-    assert main(["run", str(tiny_study), "--n-trials", "3", "--no-report", *overrides]) == 0
+    overrides = [
+        "save_best=true",
+        "register_as=tiny-student",
+        "train.max_steps=4",
+        "train.eval_every=4",
+    ]
+    run_replaced(
+        tiny_study, forced_perplexities([30.0, 20.0, 50.0]), n_trials=3, overrides=overrides
+    )
 
-    client, _, trials = study_runs(tiny_study)
-    versions = {v.run_id: str(v.version) for v in client.search_model_versions("name = 'tiny-student'")}
+    client, _, trials = mlflow_runs(tiny_study)
+    versions = {
+        v.run_id: str(v.version) for v in client.search_model_versions("name = 'tiny-student'")
+    }
     assert versions == {trials[0].info.run_id: "1", trials[1].info.run_id: "2"}
     champion = client.get_model_version_by_alias("tiny-student", "champion")
     assert champion.run_id == trials[1].info.run_id
-    assert "model/MLmodel" in [a.path for a in client.list_artifacts(trials[0].info.run_id, "model")]  # version 1 intact
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # restored after the test, unlike set_tracking_uri
-    loaded = mlflow.transformers.load_model("models:/tiny-student@champion", return_type="components")
+    assert "model/MLmodel" in [
+        a.path for a in client.list_artifacts(trials[0].info.run_id, "model")
+    ]  # version 1 intact
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", client.tracking_uri
+    )  # restored after the test, unlike set_tracking_uri
+    loaded = mlflow.transformers.load_model(
+        "models:/tiny-student@champion", return_type="components"
+    )
     assert loaded["model"].num_parameters() > 0
 
 
@@ -232,11 +302,11 @@ def test_set_user_attr_once_keeps_the_first_value(tmp_path):
 def test_a_worker_that_loses_the_race_for_the_parent_adopts_the_winner(tiny_study):
     """Two workers start a fresh study together: both saw no parent and made a candidate; the
     one whose id the storage did not keep deletes its candidate and uses the other's."""
-    from kdsweep.tracking import StudyTracker
+    from kdsweep.mlflow.study_runs import StudyRuns
 
     study = load_study(tiny_study)
     optuna_study = sweep.open_study(study)
-    first, second = StudyTracker(study), StudyTracker(study)
+    first, second = StudyRuns(study), StudyRuns(study)
     real_create = second.client.create_run
 
     def create_run_while_another_worker_wins(*args, **kwargs):
@@ -245,21 +315,28 @@ def test_a_worker_that_loses_the_race_for_the_parent_adopts_the_winner(tiny_stud
 
     second.client.create_run = create_run_while_another_worker_wins
     assert second.attach(optuna_study, references={"teacher_ppl": 2.0}) == first.parent_run_id
-    client, parents, _ = study_runs(tiny_study)
+    client, parents, _ = mlflow_runs(tiny_study)
     assert [p.info.run_id for p in parents] == [first.parent_run_id]
-    deleted = client.search_runs([parents[0].info.experiment_id], run_view_type=mlflow.entities.ViewType.DELETED_ONLY)
+    deleted = client.search_runs(
+        [parents[0].info.experiment_id], run_view_type=mlflow.entities.ViewType.DELETED_ONLY
+    )
     assert len(deleted) == 1  # the losing candidate
 
 
 @pytest.mark.slow
 def test_two_worker_processes_put_every_trial_under_one_parent(tiny_study):
-    workers = [start_worker(tiny_study, "--n-trials", "4", "--set", "train.max_steps=16") for _ in range(2)]
-    assert [w.finish(timeout=600) for w in workers] == [0, 0], "\n\n".join(w.output for w in workers)
+    workers = [
+        start_worker(tiny_study, "--n-trials", "4", "--set", "train.max_steps=16")
+        for _ in range(2)
+    ]
+    assert [w.finish(timeout=600) for w in workers] == [0, 0], "\n\n".join(
+        w.output for w in workers
+    )
     assert all(re.search(r"trial \d started", w.output) for w in workers), "a worker ran no trial"
 
     optuna_study = load_existing_study(load_study(tiny_study))
     assert len(optuna_study.get_trials()) == 4  # the target counts both workers' trials
-    _, parents, trials = study_runs(tiny_study)
+    _, parents, trials = mlflow_runs(tiny_study)
     assert len(parents) == 1 and sorted(trials) == [0, 1, 2, 3]
     assert {r.data.tags[Tag.PARENT] for r in trials.values()} == {parents[0].info.run_id}
     assert parents[0].info.run_id == optuna_study.user_attrs[StudyAttr.PARENT_RUN_ID]
@@ -271,13 +348,17 @@ def test_two_worker_processes_put_every_trial_under_one_parent(tiny_study):
 
 @pytest.mark.slow
 def test_sigterm_ends_the_trial_and_the_parent(tiny_study):
-    worker = start_worker(tiny_study, "--set", "train.max_steps=400", "--set", "train.eval_every=400")
+    worker = start_worker(
+        tiny_study, "--set", "train.max_steps=400", "--set", "train.eval_every=400"
+    )
     wait_for_running_trial(tiny_study, worker)
     worker.process.send_signal(signal.SIGTERM)
     assert worker.finish(timeout=120) == 130, worker.output
-    _, parents, trials = study_runs(tiny_study)
+    _, parents, trials = mlflow_runs(tiny_study)
     assert parents[0].info.status == "KILLED"
-    assert [(r.info.status, r.data.tags[Tag.STATE]) for r in trials.values()] == [("KILLED", "INTERRUPTED")]
+    assert [(r.info.status, r.data.tags[Tag.STATE]) for r in trials.values()] == [
+        ("KILLED", "INTERRUPTED")
+    ]
 
 
 @pytest.mark.slow
@@ -285,20 +366,48 @@ def test_a_sigkilled_worker_is_resumed_at_once(tiny_study):
     """kill -9 during a trial, then the same command at once (no heartbeat grace period to wait
     out): the dead trial fails, is retried once with its parameters, the study reaches its
     target, and nothing is left RUNNING in Optuna or MLflow."""
-    worker = start_worker(tiny_study, "--n-trials", "2", "--set", "train.max_steps=400", "--set", "train.eval_every=400")
+    worker = start_worker(
+        tiny_study,
+        "--n-trials",
+        "2",
+        "--set",
+        "train.max_steps=400",
+        "--set",
+        "train.eval_every=400",
+    )
     killed = wait_for_running_trial(tiny_study, worker)
     worker.process.kill()
     worker.finish(timeout=60)
-    assert study_runs(tiny_study)[2][0].info.status == "RUNNING"  # nobody could close it
+    assert mlflow_runs(tiny_study)[2][0].info.status == "RUNNING"  # nobody could close it
 
-    assert main(["run", str(tiny_study), "--n-trials", "2", "--no-report", "--set", "train.max_steps=4"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_study),
+                "--n-trials",
+                "2",
+                "--no-report",
+                "--set",
+                "train.max_steps=4",
+            ]
+        )
+        == 0
+    )
 
     optuna_study = load_existing_study(load_study(tiny_study))
     dead, retry, fresh = optuna_study.trials
-    assert dead.state.name == "FAIL" and "its worker (process" in dead.user_attrs[TrialAttr.FAIL_REASON]
-    assert retry.user_attrs[TrialAttr.RETRY_OF] == 0 and retry.params == dead.params and retry.state.name == "COMPLETE"
+    assert (
+        dead.state.name == "FAIL"
+        and "its worker (process" in dead.user_attrs[TrialAttr.FAIL_REASON]
+    )
+    assert (
+        retry.user_attrs[TrialAttr.RETRY_OF] == 0
+        and retry.params == dead.params
+        and retry.state.name == "COMPLETE"
+    )
     assert fresh.state.name == "COMPLETE"
-    _, parents, trials = study_runs(tiny_study)
+    _, parents, trials = mlflow_runs(tiny_study)
     ended = trials[0]
     assert ended.info.run_id == killed.info.run_id
     assert (ended.info.status, ended.data.tags[Tag.STATE]) == ("KILLED", "KILLED")
@@ -344,24 +453,43 @@ def test_a_real_mlflow_server_over_http(tiny_study, mlflow_server):
     _, url = mlflow_server
     overrides = ["--set", f"tracking.uri={url}", "--set", "save_best=true"]
     assert main(["run", str(tiny_study), "--n-trials", "1", "--no-report", *overrides]) == 0
-    client, parents, trials = study_runs(tiny_study, uri=url)
+    client, parents, trials = mlflow_runs(tiny_study, uri=url)
     assert len(parents) == 1 and list(trials) == [0]
     assert trials[0].info.status == "FINISHED"
     assert steps(client, trials[0], "student_ppl") == [4, 8]
     assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == ["study.yaml"]
-    assert "model/MLmodel" in [a.path for a in client.list_artifacts(trials[0].info.run_id, "model")]
+    assert "model/MLmodel" in [
+        a.path for a in client.list_artifacts(trials[0].info.run_id, "model")
+    ]
 
 
 def test_the_default_local_store_is_mlflows_default(tiny_study, tmp_path):
     """No tracking URI anywhere: the runs land where a plain ``mlflow ui`` here looks."""
-    text = "\n".join(line for line in tiny_study.read_text().splitlines() if not line.startswith("tracking:"))
+    text = "\n".join(
+        line for line in tiny_study.read_text().splitlines() if not line.startswith("tracking:")
+    )
     tiny_study.write_text(text + "\n")
-    assert main(["run", str(tiny_study), "--n-trials", "1", "--no-report", "--set", "train.max_steps=2", "--set", "train.eval_every=2"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_study),
+                "--n-trials",
+                "1",
+                "--no-report",
+                "--set",
+                "train.max_steps=2",
+                "--set",
+                "train.eval_every=2",
+            ]
+        )
+        == 0
+    )
     from kdsweep.ui import store_uri
 
     uri = store_uri(load_study(tiny_study))
     assert uri == mlflow.get_tracking_uri()
-    _, parents, trials = study_runs(tiny_study, uri=uri)
+    _, parents, trials = mlflow_runs(tiny_study, uri=uri)
     assert len(parents) == 1 and list(trials) == [0]
 
 
@@ -381,22 +509,27 @@ def test_the_run_context_provider_is_registered_with_mlflow():
 
     from mlflow.tracking.context.registry import resolve_tags
 
-    from kdsweep.mlflow_plugin import TrialRunContext, active_trial
+    from kdsweep.mlflow.plugin import TrialRunContext, active_trial
 
     points = {e.name: e.value for e in entry_points(group="mlflow.run_context_provider")}
-    assert points.get("kdsweep") == "kdsweep.mlflow_plugin:TrialRunContext"
+    assert points.get("kdsweep") == "kdsweep.mlflow.plugin:TrialRunContext"
     assert TrialRunContext().in_context() is False
     assert Tag.TRIAL not in resolve_tags()
     with active_trial("demo", 7, "abc123"):
         assert TrialRunContext().in_context() is True
         tags = resolve_tags()
-        child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['KDSWEEP_TRIAL'])"], capture_output=True, text=True)
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.environ['KDSWEEP_TRIAL'])"],
+            capture_output=True,
+            text=True,
+        )
     assert (tags[Tag.STUDY], tags[Tag.TRIAL], tags[Tag.TRIAL_RUN_ID]) == ("demo", "7", "abc123")
     assert child.stdout.strip() == "7"  # processes a trial starts see it too
     assert Tag.TRIAL not in resolve_tags()
 
 
-# ---------------------------------------------------------------- kdsweep ui (the browser tests run it for real)
+# ---------------------------------------------------------------- kdsweep ui (the browser tests
+# run it for real)
 
 
 def test_ui_with_a_tracking_server_prints_its_runs_url(tiny_study, monkeypatch, capsys):
@@ -404,12 +537,17 @@ def test_ui_with_a_tracking_server_prints_its_runs_url(tiny_study, monkeypatch, 
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
     monkeypatch.setattr(ui, "experiment_id", lambda study, uri: "7")
-    monkeypatch.setattr(ui, "start_server", lambda *a, **k: pytest.fail("a server is already there"))
+    monkeypatch.setattr(
+        ui, "start_server", lambda *a, **k: pytest.fail("a server is already there")
+    )
     assert main(["ui", str(tiny_study)]) == 0
-    assert capsys.readouterr().out.strip() == "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert (
+        capsys.readouterr().out.strip()
+        == "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
 
 
 def test_ui_urls():
-    from kdsweep.tracking import runs_url
+    from kdsweep.mlflow.links import runs_url
 
     assert runs_url("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000/#/experiments"

@@ -24,9 +24,13 @@ def setup(tiny_setup):
 
 
 def settings(**overrides):
-    cfg = dict(max_steps=6, batch_size=8, eval_every=3, log_every=2, warmup_ratio=0.0, device="cpu")
+    cfg = dict(
+        max_steps=6, batch_size=8, eval_every=3, log_every=2, warmup_ratio=0.0, device="cpu"
+    )
     cfg.update(overrides.pop("train", {}))
-    values = dict(alpha=0.5, temperature=2.0, top_k=None, learning_rate=1e-2, train=TrainConfig(**cfg))
+    values = dict(
+        alpha=0.5, temperature=2.0, top_k=None, learning_rate=1e-2, train=TrainConfig(**cfg)
+    )
     values.update(overrides)
     return train.DistillSettings(**values)
 
@@ -42,7 +46,15 @@ def run(setup, tiny_models, run_settings, teacher=True):
         run_settings,
         vocab=vocab,
         pad_id=tokenizer.pad_token_id,
-        evaluate=lambda model, step: {"nll": score(model, make_batches(split, batch_size=16, pad_id=0, shuffle_seed=None, group_by_length=False), vocab).nll_sum},
+        evaluate=lambda model, step: {
+            "nll": score(
+                model,
+                make_batches(
+                    split, batch_size=16, pad_id=0, shuffle_seed=None, group_by_length=False
+                ),
+                vocab,
+            ).nll_sum
+        },
         on_log=logs.append,
         on_eval=lambda step, metrics: evals.append((step, metrics)),
     )
@@ -50,10 +62,15 @@ def run(setup, tiny_models, run_settings, teacher=True):
 
 
 def test_distill_logs_evaluates_and_learns(setup, tiny_models):
-    result, logs, evals, _ = run(setup, tiny_models, settings(learning_rate=3e-2, train={"max_steps": 12, "eval_every": 6}))
+    result, logs, evals, _ = run(
+        setup, tiny_models, settings(learning_rate=3e-2, train={"max_steps": 12, "eval_every": 6})
+    )
     assert [log.step for log in logs] == [2, 4, 6, 8, 10, 12]
     assert [step for step, _ in evals] == [6, 12]
-    assert all(math.isfinite(log.loss) and log.kl >= 0 and log.ce > 0 and log.grad_norm > 0 for log in logs)
+    assert all(
+        math.isfinite(log.loss) and log.kl >= 0 and log.ce > 0 and log.grad_norm > 0
+        for log in logs
+    )
     assert logs[0].loss == pytest.approx(0.5 * logs[0].kl + 0.5 * logs[0].ce, rel=1e-5)
     assert logs[-1].ce < logs[0].ce  # it learns
     assert result.steps == 12 and result.peak_memory_bytes > 0
@@ -74,13 +91,17 @@ def test_top_k_distills_the_teachers_renormalised_top_entries(setup, tiny_models
     """The first step's logged KL is T^2 KL(top-4 teacher renormalised || student) on its batch,
     computed here in float64 from the two models' full logits."""
     tokenizer, teacher_model, vocab, split = setup
-    run_settings = settings(top_k=4, temperature=2.0, train={"log_every": 1, "max_steps": 1, "eval_every": 1})
+    run_settings = settings(
+        top_k=4, temperature=2.0, train={"log_every": 1, "max_steps": 1, "eval_every": 1}
+    )
     batch = next(train.endless_batches(split, run_settings, pad_id=tokenizer.pad_token_id))
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     with torch.no_grad():
         kept = batch.labels[:, 1:] != -100
         logits = {
-            name: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][kept][:, : vocab.size].double()
+            name: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            .logits[:, :-1][kept][:, : vocab.size]
+            .double()
             for name, model in (("student", student), ("teacher", teacher_model))
         }
     top = logits["teacher"].topk(4, dim=-1)
@@ -91,7 +112,9 @@ def test_top_k_distills_the_teachers_renormalised_top_entries(setup, tiny_models
     _, logs, _, _ = run(setup, tiny_models, run_settings)
     assert logs[0].kl == pytest.approx(float(expected), rel=1e-4)
     full = run(setup, tiny_models, dataclasses.replace(run_settings, top_k=None))[1]
-    assert full[0].kl != pytest.approx(logs[0].kl, rel=1e-3)  # truncation changes what is distilled
+    assert full[0].kl != pytest.approx(
+        logs[0].kl, rel=1e-3
+    )  # truncation changes what is distilled
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.5])
@@ -99,13 +122,21 @@ def test_the_trials_beta_is_the_divergence_the_loop_minimizes(setup, tiny_models
     """The first step's logged KL is T^2 times the generalized JSD at the trial's beta (1: reverse
     KL), computed here in float64 from the two models' full logits."""
     tokenizer, teacher_model, vocab, split = setup
-    run_settings = settings(beta=beta, temperature=2.0, train={"log_every": 1, "max_steps": 1, "eval_every": 1})
+    run_settings = settings(
+        beta=beta, temperature=2.0, train={"log_every": 1, "max_steps": 1, "eval_every": 1}
+    )
     batch = next(train.endless_batches(split, run_settings, pad_id=tokenizer.pad_token_id))
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     with torch.no_grad():
         kept = batch.labels[:, 1:] != -100
         log_q, log_p = (
-            torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][kept][:, : vocab.size].double() / 2.0, -1)
+            torch.log_softmax(
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                .logits[:, :-1][kept][:, : vocab.size]
+                .double()
+                / 2.0,
+                -1,
+            )
             for model in (student, teacher_model)
         )
 
@@ -115,14 +146,18 @@ def test_the_trials_beta_is_the_divergence_the_loop_minimizes(setup, tiny_models
     if beta == 1.0:
         divergence = kl(log_q, log_p)
     else:
-        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+        log_m = torch.logsumexp(
+            torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0
+        )
         divergence = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
     _, logs, _, _ = run(setup, tiny_models, run_settings)
     assert logs[0].kl == pytest.approx(4.0 * float(divergence.mean()), rel=1e-4)
 
 
 def test_gradient_accumulation_counts_micro_batches(setup, tiny_models):
-    _, logs, _, _ = run(setup, tiny_models, settings(train={"grad_accum_steps": 2, "batch_size": 4}))
+    _, logs, _, _ = run(
+        setup, tiny_models, settings(train={"grad_accum_steps": 2, "batch_size": 4})
+    )
     assert len(logs) == 3 and all(math.isfinite(log.loss) for log in logs)
 
 
@@ -136,7 +171,16 @@ def test_callback_can_stop_the_run(setup, tiny_models):
     tokenizer, teacher_model, vocab, split = setup
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     with pytest.raises(Pruned):
-        train.distill(student, split, None, settings(alpha=0.0), vocab=vocab, pad_id=0, evaluate=lambda m, step: {}, on_eval=stop)
+        train.distill(
+            student,
+            split,
+            None,
+            settings(alpha=0.0),
+            vocab=vocab,
+            pad_id=0,
+            evaluate=lambda m, step: {},
+            on_eval=stop,
+        )
 
 
 def test_warmup_then_cosine():
@@ -160,7 +204,8 @@ def test_mixed_precision_choices():
 
 
 def test_perplexity_is_token_weighted():
-    """Two rows of 1 and 3 scored tokens: exp(total NLL / 4), not the mean of per-row perplexities."""
+    """Two rows of 1 and 3 scored tokens: exp(total NLL / 4), not the mean of per-row
+    perplexities."""
     vocab = Vocabulary(size=5, teacher_rows=5, student_rows=5)
 
     class Fixed(torch.nn.Module):
@@ -170,10 +215,14 @@ def test_perplexity_is_token_weighted():
             self.training = False
             self.out = torch.nn.Linear(1, 5, bias=False)
             with torch.no_grad():
-                self.out.weight.copy_(torch.log(torch.tensor([[0.125], [0.5], [0.125], [0.125], [0.125]])))
+                self.out.weight.copy_(
+                    torch.log(torch.tensor([[0.125], [0.5], [0.125], [0.125], [0.125]]))
+                )
 
         def get_decoder(self):
-            return lambda input_ids, attention_mask: type("Out", (), {"last_hidden_state": torch.ones(*input_ids.shape, 1)})
+            return lambda input_ids, attention_mask: type(
+                "Out", (), {"last_hidden_state": torch.ones(*input_ids.shape, 1)}
+            )
 
         def get_output_embeddings(self):
             return self.out
@@ -196,7 +245,10 @@ def test_teacher_eval_set_scores_teacher_on_the_same_tokens(setup):
     eval_set = prepare_eval_set(OnlineTeacher(teacher_model, vocab), batches, chunk_tokens=64)
     assert eval_set.num_tokens == split.num_scored_tokens
     assert eval_set.teacher_ppl == pytest.approx(score(teacher_model, batches, vocab).perplexity)
-    assert sum(len(t.logits if t.logits is not None else t.values) for t in eval_set.teacher_targets) == split.num_scored_tokens
+    assert (
+        sum(len(t.logits if t.logits is not None else t.values) for t in eval_set.teacher_targets)
+        == split.num_scored_tokens
+    )
 
 
 def test_vocabulary_padding_rows_are_allowed_but_not_fewer_rows(setup):

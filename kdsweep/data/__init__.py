@@ -1,7 +1,8 @@
 """Rows to batches: read a split, render each row as the model sees it, tokenize, batch.
 
 The flow is ``load_split`` -> ``read_rows`` (the row format: text, prompt-completion, messages,
-ShareGPT) -> ``tokenize`` (text rows with their EOS, conversations through a ``ChatTemplate``; labels
+ShareGPT) -> ``tokenize`` (text rows with their EOS, conversations through a ``ChatTemplate``;
+labels
 from the answers' characters) -> ``make_batches``.
 """
 
@@ -15,7 +16,26 @@ from kdsweep.data.tokens import TokenizedSplit, count_scored, first_difference, 
 from kdsweep.losses import IGNORE_INDEX
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "ChatTemplate", "Completion", "Conversation", "Rendered", "Row", "RowError",
-    "Rows", "TokenizedSplit", "answer_text", "collate", "count_scored", "first_difference", "load_split",
-    "make_batches", "padding_share", "parse_guanaco", "read_rows", "render", "split_key", "tokenize",
+    "IGNORE_INDEX",
+    "Batch",
+    "ChatTemplate",
+    "Completion",
+    "Conversation",
+    "Rendered",
+    "Row",
+    "RowError",
+    "Rows",
+    "TokenizedSplit",
+    "answer_text",
+    "collate",
+    "count_scored",
+    "first_difference",
+    "load_split",
+    "make_batches",
+    "padding_share",
+    "parse_guanaco",
+    "read_rows",
+    "render",
+    "split_key",
+    "tokenize",
 ]

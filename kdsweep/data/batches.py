@@ -11,7 +11,9 @@ import torch
 from kdsweep.data.tokens import TokenizedSplit
 from kdsweep.losses import IGNORE_INDEX
 
-_MEGA_BATCH = 50  # group_by_length sorts within chunks of this many batches, as HF's LengthGroupedSampler
+_MEGA_BATCH = (
+    50  # group_by_length sorts within chunks of this many batches, as HF's LengthGroupedSampler
+)
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,12 @@ class Batch:
 
 
 def make_batches(
-    split: TokenizedSplit, *, batch_size: int, pad_id: int, shuffle_seed: int | None, group_by_length: bool
+    split: TokenizedSplit,
+    *,
+    batch_size: int,
+    pad_id: int,
+    shuffle_seed: int | None,
+    group_by_length: bool,
 ) -> list[Batch]:
     """Cut ``split`` into right-padded batches; the same arguments give the same batches.
 
@@ -49,7 +56,9 @@ def make_batches(
     only; nothing is ever masked by it.
     """
     lengths = [len(ids) for ids in split.input_ids]
-    order = _batch_order(lengths, batch_size=batch_size, shuffle_seed=shuffle_seed, group_by_length=group_by_length)
+    order = _batch_order(
+        lengths, batch_size=batch_size, shuffle_seed=shuffle_seed, group_by_length=group_by_length
+    )
     return [collate(split, rows, pad_id=pad_id) for rows in order]
 
 
@@ -63,7 +72,7 @@ def _batch_order(
         rng.shuffle(indices)
     if group_by_length:
         indices = _longest_first_within_chunks(indices, lengths, chunk=batch_size * _MEGA_BATCH)
-    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
     if group_by_length and shuffle_seed is not None and batches:
         rng.shuffle(batches)
         # The longest batch goes first, so a batch that does not fit in memory fails at step 1.
@@ -72,9 +81,11 @@ def _batch_order(
     return batches
 
 
-def _longest_first_within_chunks(indices: list[int], lengths: list[int], *, chunk: int) -> list[int]:
+def _longest_first_within_chunks(
+    indices: list[int], lengths: list[int], *, chunk: int
+) -> list[int]:
     # Sorting within chunks rather than globally keeps some of the shuffle's randomness.
-    chunks = [indices[start:start + chunk] for start in range(0, len(indices), chunk)]
+    chunks = [indices[start : start + chunk] for start in range(0, len(indices), chunk)]
     return [i for part in chunks for i in sorted(part, key=lambda i: -lengths[i])]
 
 

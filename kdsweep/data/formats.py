@@ -51,12 +51,20 @@ class Conversation:
     scored_from: int = 0
     # Derived once: every rendering step reads them.
     roles: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    answers: tuple[int, ...] = field(init=False, repr=False, compare=False)  # the turns that are answers
+    answers: tuple[int, ...] = field(
+        init=False, repr=False, compare=False
+    )  # the turns that are answers
 
     def __post_init__(self) -> None:
         roles = tuple(role for role, _ in self.turns)
         object.__setattr__(self, "roles", roles)
-        object.__setattr__(self, "answers", tuple(i for i, role in enumerate(roles) if role == ASSISTANT and i >= self.scored_from))
+        object.__setattr__(
+            self,
+            "answers",
+            tuple(
+                i for i, role in enumerate(roles) if role == ASSISTANT and i >= self.scored_from
+            ),
+        )
 
     def messages(self, end: int | None = None) -> list[dict[str, str]]:
         """The turns before ``end`` as chat-template messages."""
@@ -81,7 +89,8 @@ class Rows:
     skipped: int = 0  # conversations left out: no assistant turn
 
     def error(self, problem: RowError) -> UsageError:
-        """A problem with ``rows[problem.index]``, as one line naming the split and the row's number."""
+        """A problem with ``rows[problem.index]``, as one line naming the split and the row's
+        number."""
         return self.place.row(self.numbers[problem.index]).problem(problem.field, problem.detail)
 
     @property
@@ -97,12 +106,17 @@ def read_rows(dataset: datasets.Dataset, data: DataConfig, *, split: str) -> Row
         return Rows(fmt, _texts(dataset, column, where), list(range(len(dataset))), where)
     if fmt == PROMPT_COMPLETION:
         pairs = zip(dataset[data.prompt_field], dataset[data.completion_field])
-        rows = [_prompt_completion(prompt, completion, data, where.row(n)) for n, (prompt, completion) in enumerate(pairs)]
+        rows = [
+            _prompt_completion(prompt, completion, data, where.row(n))
+            for n, (prompt, completion) in enumerate(pairs)
+        ]
     else:
         keys = ("from", "value") if fmt == SHAREGPT else ("role", "content")
         systems = _sharegpt_systems(dataset) if fmt == SHAREGPT else None
         rows = [
-            _conversation(turns, column, keys, where.row(n), system=systems[n] if systems else None)
+            _conversation(
+                turns, column, keys, where.row(n), system=systems[n] if systems else None
+            )
             for n, turns in enumerate(dataset[column])
         ]
     return _without_unanswered(fmt, rows, where)
@@ -119,28 +133,40 @@ def resolve_format(dataset: datasets.Dataset, data: DataConfig, where: Place) ->
             return PROMPT_COMPLETION, data.prompt_field
         if data.conversations_field in columns:
             first = _first_turn(dataset[data.conversations_field])
-            return (MESSAGES if isinstance(first, dict) and "role" in first else SHAREGPT), data.conversations_field
+            return (
+                MESSAGES if isinstance(first, dict) and "role" in first else SHAREGPT
+            ), data.conversations_field
         fmt = TEXT
     needed = {
         TEXT: [("data.text_field", data.text_field)],
         MESSAGES: [("data.messages_field", data.messages_field)],
         SHAREGPT: [("data.conversations_field", data.conversations_field)],
-        PROMPT_COMPLETION: [("data.prompt_field", data.prompt_field), ("data.completion_field", data.completion_field)],
+        PROMPT_COMPLETION: [
+            ("data.prompt_field", data.prompt_field),
+            ("data.completion_field", data.completion_field),
+        ],
     }[fmt]
     for key, column in needed:
         if column in columns:
             continue
         listed = f"(columns: {', '.join(columns)})"
         if data.format == AUTO:
-            conversational = f"{data.messages_field!r}, {data.prompt_field!r} + {data.completion_field!r}, {data.conversations_field!r}"
+            conversational = (
+                f"{data.messages_field!r}, {data.prompt_field!r} + "
+                f"{data.completion_field!r}, {data.conversations_field!r}"
+            )
             raise UsageError(
-                f"{key}: dataset {where.dataset!r} ({where.split}) has no column {column!r} {listed}, nor the columns "
-                f"conversations are read from ({conversational}); set {key}, or the field of your conversations "
+                f"{key}: dataset {where.dataset!r} ({where.split}) has no column {column!r} "
+                f"{listed}, nor the columns "
+                f"conversations are read from ({conversational}); set {key}, or the field of "
+                "your conversations "
                 "(data.messages_field, ...), to one of them"
             )
         raise UsageError(
-            f"data.format: {fmt} reads the column {column!r} ({key}), which dataset {where.dataset!r} ({where.split}) "
-            f"does not have {listed}; set data.format: auto to decide by the columns, or {key} to one of them"
+            f"data.format: {fmt} reads the column {column!r} ({key}), which dataset "
+            f"{where.dataset!r} ({where.split}) "
+            f"does not have {listed}; set data.format: auto to decide by the columns, or {key} "
+            "to one of them"
         )
     if fmt == TEXT:
         _check_text_column(dataset, data.text_field, where)
@@ -164,34 +190,51 @@ class Place:
         return Place(self.key, self.dataset, self.split, number)
 
     def problem(self, field: str, text: str) -> UsageError:
-        return UsageError(f"{self.key}: row {self.number} of {self.dataset!r} ({self.split}): {field}: {text}")
+        return UsageError(
+            f"{self.key}: row {self.number} of {self.dataset!r} ({self.split}): {field}: {text}"
+        )
 
 
 def _texts(dataset: datasets.Dataset, column: str, where: Place) -> list[str]:
     texts = list(dataset[column])
     for n, text in enumerate(texts):
         if text is None:
-            raise where.row(n).problem(column, "has no text; remove such rows or choose another data.text_field")
+            raise where.row(n).problem(
+                column, "has no text; remove such rows or choose another data.text_field"
+            )
     return [text if isinstance(text, str) else str(text) for text in texts]
 
 
 def _check_text_column(dataset: datasets.Dataset, column: str, where: Place) -> None:
-    """A column of conversations (lists) or records (dicts) is not text: say which format reads it."""
+    """A column of conversations (lists) or records (dicts) is not text: say which format reads
+    it."""
     feature = dataset.features[column]
     first = dataset[0][column]
-    if isinstance(feature, (datasets.List, datasets.LargeList, datasets.Sequence, dict)) or isinstance(first, (list, dict)):
-        kind = "lists (conversations)" if isinstance(first, list) or not isinstance(feature, dict) else "records"
+    if isinstance(
+        feature, (datasets.List, datasets.LargeList, datasets.Sequence, dict)
+    ) or isinstance(first, (list, dict)):
+        kind = (
+            "lists (conversations)"
+            if isinstance(first, list) or not isinstance(feature, dict)
+            else "records"
+        )
         raise UsageError(
-            f"data.text_field: column {column!r} of {where.dataset!r} ({where.split}) holds {kind}, not text; "
-            "set data.format to messages, sharegpt or prompt_completion (or auto) to read conversations, "
+            f"data.text_field: column {column!r} of {where.dataset!r} ({where.split}) holds "
+            f"{kind}, not text; "
+            "set data.format to messages, sharegpt or prompt_completion (or auto) to read "
+            "conversations, "
             "or data.text_field to a column of text"
         )
 
 
-def _conversation(turns: Any, column: str, keys: tuple[str, str], where: Place, *, system: str | None) -> Conversation:
+def _conversation(
+    turns: Any, column: str, keys: tuple[str, str], where: Place, *, system: str | None
+) -> Conversation:
     role_key, content_key = keys
     if not isinstance(turns, list):
-        raise where.problem(column, f"must be a list of {{{role_key}, {content_key}}} turns, got {_kind(turns)}")
+        raise where.problem(
+            column, f"must be a list of {{{role_key}, {content_key}}} turns, got {_kind(turns)}"
+        )
     if not turns:
         raise where.problem(column, "is an empty conversation; remove the row or give it turns")
     parsed = [_turn(turn, f"{column}[{i}]", keys, where) for i, turn in enumerate(turns)]
@@ -204,19 +247,31 @@ def _turn(turn: Any, field: str, keys: tuple[str, str], where: Place) -> tuple[s
     role_key, content_key = keys
     roles = SHAREGPT_ROLES if role_key == "from" else {role: role for role in ROLES}
     if not isinstance(turn, dict):
-        raise where.problem(field, f"must be a {{{role_key}, {content_key}}} mapping, got {_kind(turn)}")
+        raise where.problem(
+            field, f"must be a {{{role_key}, {content_key}}} mapping, got {_kind(turn)}"
+        )
     role, content = turn.get(role_key), turn.get(content_key)
     if role is None:
-        raise where.problem(field, f"has no {role_key!r}; give every turn one of {', '.join(roles)}")
+        raise where.problem(
+            field, f"has no {role_key!r}; give every turn one of {', '.join(roles)}"
+        )
     if role not in roles:
-        raise where.problem(field, f"has the unknown {role_key} {role!r}; use one of {', '.join(roles)}")
+        raise where.problem(
+            field, f"has the unknown {role_key} {role!r}; use one of {', '.join(roles)}"
+        )
     if not isinstance(content, str):
-        what = f"has no {content_key!r}" if content is None else f"{content_key!r} must be text, got {_kind(content)}"
+        what = (
+            f"has no {content_key!r}"
+            if content is None
+            else f"{content_key!r} must be text, got {_kind(content)}"
+        )
         raise where.problem(field, f"{what}; give every turn its text")
     return roles[role], content
 
 
-def _prompt_completion(prompt: Any, completion: Any, data: DataConfig, where: Place) -> Completion | Conversation:
+def _prompt_completion(
+    prompt: Any, completion: Any, data: DataConfig, where: Place
+) -> Completion | Conversation:
     if isinstance(prompt, str) and isinstance(completion, str):
         return Completion(prompt, completion)
     fields = (data.prompt_field, data.completion_field)
@@ -225,28 +280,40 @@ def _prompt_completion(prompt: Any, completion: Any, data: DataConfig, where: Pl
         head = [_turn(t, f"{fields[0]}[{i}]", keys, where) for i, t in enumerate(prompt)]
         tail = [_turn(t, f"{fields[1]}[{i}]", keys, where) for i, t in enumerate(completion)]
         if not tail:
-            raise where.problem(fields[1], "is an empty list of turns; give the completion its assistant turn")
+            raise where.problem(
+                fields[1], "is an empty list of turns; give the completion its assistant turn"
+            )
         return Conversation(tuple(head + tail), scored_from=len(head))
     raise where.problem(
         f"{fields[0]}/{fields[1]}",
-        f"are {_kind(prompt)} and {_kind(completion)}; give both as text or both as lists of {{role, content}} turns",
+        f"are {_kind(prompt)} and {_kind(completion)}; give both as text or both as lists of "
+        f"{{role, content}} turns",
     )
 
 
 def _sharegpt_systems(dataset: datasets.Dataset) -> list[str | None] | None:
     if SHAREGPT_SYSTEM_COLUMN not in dataset.column_names:
         return None
-    return [value if isinstance(value, str) and value else None for value in dataset[SHAREGPT_SYSTEM_COLUMN]]
+    return [
+        value if isinstance(value, str) and value else None
+        for value in dataset[SHAREGPT_SYSTEM_COLUMN]
+    ]
 
 
 def _without_unanswered(fmt: str, rows: list[Completion | Conversation], where: Place) -> Rows:
-    kept = [(n, row) for n, row in enumerate(rows) if not isinstance(row, Conversation) or row.answers]
+    kept = [
+        (n, row) for n, row in enumerate(rows) if not isinstance(row, Conversation) or row.answers
+    ]
     if not kept:
         raise UsageError(
-            f"{where.key}: no row of {where.dataset!r} ({where.split}) has an assistant turn to learn from "
-            f"(all {len(rows)} were left out); give the conversations assistant turns, or choose another split"
+            f"{where.key}: no row of {where.dataset!r} ({where.split}) has an assistant turn to "
+            "learn from "
+            f"(all {len(rows)} were left out); give the conversations assistant turns, or choose "
+            "another split"
         )
-    return Rows(fmt, [row for _, row in kept], [n for n, _ in kept], where, skipped=len(rows) - len(kept))
+    return Rows(
+        fmt, [row for _, row in kept], [n for n, _ in kept], where, skipped=len(rows) - len(kept)
+    )
 
 
 def _first_turn(column: Iterable) -> Any:
@@ -257,4 +324,6 @@ def _first_turn(column: Iterable) -> Any:
 
 
 def _kind(value: Any) -> str:
-    return {str: "text", list: "a list", dict: "a mapping", type(None): "nothing"}.get(type(value), type(value).__name__)
+    return {str: "text", list: "a list", dict: "a mapping", type(None): "nothing"}.get(
+        type(value), type(value).__name__
+    )

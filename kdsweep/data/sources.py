@@ -34,7 +34,10 @@ def load_split(data: DataConfig, split: str, *, base_dir: str = ".") -> datasets
     key = split_key(data, split)
     rows = _Source.find(data.dataset, base_dir=base_dir).load(split, key=key)
     if len(rows) == 0:
-        raise UsageError(f"{key}: {split!r} of dataset {data.dataset!r} has no rows; choose a split or slice with rows")
+        raise UsageError(
+            f"{key}: {split!r} of dataset {data.dataset!r} has no rows; choose a split or slice "
+            "with rows"
+        )
     return rows
 
 
@@ -73,16 +76,23 @@ class _Source:
             return datasets.load_dataset(*self.args, split=split, **self.kwargs)
         except ValueError as exc:  # an unknown split, a malformed slice, a slice without rows
             raise self._split_problem(split, key=key, error=exc) from None
-        except (ConnectionError, FileNotFoundError) as exc:  # FileNotFoundError: DatasetNotFoundError too
+        except (
+            ConnectionError,
+            FileNotFoundError,
+        ) as exc:  # FileNotFoundError: DatasetNotFoundError too
             raise self._not_found(exc) from None
         except datasets.exceptions.DatasetGenerationError as exc:
             cause = one_line(exc.__cause__ or exc)
-            raise UsageError(f"data.dataset: {self.name!r} could not be read ({cause}); check its format") from None
+            raise UsageError(
+                f"data.dataset: {self.name!r} could not be read ({cause}); check its format"
+            ) from None
 
     def split_names(self) -> list[str]:
         try:
             return list(datasets.load_dataset(*self.args, **self.kwargs))
-        except Exception:  # only words an error message; the error being reported is the original one
+        except (
+            Exception
+        ):  # only words an error message; the error being reported is the original one
             return []
 
     def _split_problem(self, split: str, *, key: str, error: ValueError) -> UsageError:
@@ -91,29 +101,47 @@ class _Source:
         if available and base not in available:
             fix = "use one of them" if key == "split" else f"set {key} to one of them"
             if self.kind == "file":
-                fix += " (a single file holds one split, 'train': slice it, e.g. train[:90%] and train[90%:])"
+                fix += (
+                    " (a single file holds one split, 'train': slice it, e.g. train[:90%] and "
+                    "train[90%:])"
+                )
             return UsageError(
-                f"{key}: dataset {self.name!r} has no split {base!r} (available: {', '.join(available)}); {fix}"
+                f"{key}: dataset {self.name!r} has no split {base!r} (available: "
+                f"{', '.join(available)}); {fix}"
             )
         return UsageError(
             f"{key}: cannot take {split!r} from dataset {self.name!r} ({one_line(error)}); "
-            "give a split name with an optional slice that selects rows, e.g. train[:500] or train[10%:]"
+            "give a split name with an optional slice that selects rows, e.g. train[:500] or "
+            "train[10%:]"
         )
 
     def _not_found(self, error: Exception) -> UsageError:
         if self.kind != "hub":
-            return UsageError(f"data.dataset: {self.name!r} holds no data ({one_line(error)}); use {_LOCAL_KINDS}")
+            return UsageError(
+                f"data.dataset: {self.name!r} holds no data ({one_line(error)}); use "
+                f"{_LOCAL_KINDS}"
+            )
         if isinstance(error, ConnectionError) and datasets.config.HF_HUB_OFFLINE:
-            fix = "offline mode is on (HF_HUB_OFFLINE) and no copy is cached: run once with network access"
+            fix = (
+                "offline mode is on (HF_HUB_OFFLINE) and no copy is cached: run once with "
+                "network access"
+            )
         elif isinstance(error, ConnectionError):
-            fix = "check the name and the network, or set HF_HUB_OFFLINE=1 to use a copy cached earlier"
+            fix = (
+                "check the name and the network, or set HF_HUB_OFFLINE=1 to use a copy cached "
+                "earlier"
+            )
         else:
             fix = "check the name (owner/name), or log in (hf auth login) for a gated dataset"
-        return UsageError(f"data.dataset: {self.name!r} {_NOT_FOUND} ({one_line(error)}); {fix}, or use {_LOCAL_KINDS}")
+        return UsageError(
+            f"data.dataset: {self.name!r} {_NOT_FOUND} ({one_line(error)}); {fix}, or use "
+            f"{_LOCAL_KINDS}"
+        )
 
 
 def _local_path(name: str, *, base_dir: str) -> Path | None:
-    """The local file or folder ``name`` names, None for a hub id; a missing local path is an error."""
+    """The local file or folder ``name`` names, None for a hub id; a missing local path is an
+    error."""
     path = Path(name).expanduser()
     beside_study = Path(base_dir) / path
     if not path.is_absolute() and beside_study.exists():
@@ -122,12 +150,16 @@ def _local_path(name: str, *, base_dir: str) -> Path | None:
         return path
     # A hub id is "name" or "owner/name"; anything else that does not exist is a mistyped path.
     mistyped = (
-        path.is_absolute() or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+        path.is_absolute()
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
         or path.suffix.lower() in _BUILDERS
     )
     if mistyped:
         raise UsageError(
-            f"data.dataset: no such file or folder {name!r} (looked in {base_dir!r} and the current folder); "
+            f"data.dataset: no such file or folder {name!r} (looked in {base_dir!r} and the "
+            "current folder); "
             "fix the path (a relative path starts from the study file's folder)"
         )
     return None

@@ -43,7 +43,9 @@ def render_text(text: str, eos: str) -> Rendered:
     to stop."""
     if not _MARKER_PATTERN.search(text):
         plain = text.strip()
-        return Rendered(plain + eos, ((0, len(plain) + len(eos)),) if plain else ())  # no prompt: nothing to answer
+        return Rendered(
+            plain + eos, ((0, len(plain) + len(eos)),) if plain else ()
+        )  # no prompt: nothing to answer
     rendered, spans, final = "", [], None
     for speaker, content in parse_guanaco(text):
         rendered += _MARKERS[speaker] + " "

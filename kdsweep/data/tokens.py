@@ -34,7 +34,9 @@ class TokenizedSplit:
     # rows; () when not recorded), and the answer's text ("" for other rows).
     prompts: tuple[tuple[int, ...], ...] = ()
     answers: tuple[str, ...] = ()
-    stop_id: int | None = None  # the token an answer ends with: the chat template's end-of-turn, or EOS
+    stop_id: int | None = (
+        None  # the token an answer ends with: the chat template's end-of-turn, or EOS
+    )
 
     def __post_init__(self) -> None:
         shapes_match = len(self.input_ids) == len(self.labels) and all(
@@ -52,7 +54,8 @@ class TokenizedSplit:
         return sum(count_scored(labels) for labels in self.labels)
 
     def prompt(self, example: int) -> tuple[int, ...]:
-        """The tokens the model is given to produce the example's final answer (empty when none)."""
+        """The tokens the model is given to produce the example's final answer (empty when
+        none)."""
         return self.prompts[example] if self.prompts else ()
 
     def answered(self) -> list[int]:
@@ -60,7 +63,9 @@ class TokenizedSplit:
         return [e for e, prompt in enumerate(self.prompts) if prompt]
 
 
-def render(rows: list[Row], tokenizer: Any, *, chat: ChatTemplate | None = None, with_prompts: bool = True) -> list[Rendered]:
+def render(
+    rows: list[Row], tokenizer: Any, *, chat: ChatTemplate | None = None, with_prompts: bool = True
+) -> list[Rendered]:
     """Each row as the model sees it: text rows with their EOS, conversations through ``chat``
     (with their generation prompts, unless ``with_prompts`` is false)."""
     _check_tokenizer(tokenizer)
@@ -70,7 +75,12 @@ def render(rows: list[Row], tokenizer: Any, *, chat: ChatTemplate | None = None,
         if chat is None:
             raise ValueError("conversational rows need a ChatTemplate to render them")
         try:
-            rendered = dict(zip(conversations, chat.render([rows[i] for i in conversations], with_prompts=with_prompts)))
+            rendered = dict(
+                zip(
+                    conversations,
+                    chat.render([rows[i] for i in conversations], with_prompts=with_prompts),
+                )
+            )
         except RowError as exc:  # its index among the conversations, as the caller's row
             raise RowError(conversations[exc.index], exc.field, exc.detail) from None
     eos = tokenizer.eos_token
@@ -83,7 +93,12 @@ def render(rows: list[Row], tokenizer: Any, *, chat: ChatTemplate | None = None,
 
 
 def tokenize(
-    rows: list[Row], tokenizer: Any, *, max_length: int, assistant_only: bool, chat: ChatTemplate | None = None,
+    rows: list[Row],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    assistant_only: bool,
+    chat: ChatTemplate | None = None,
     with_prompts: bool = True,
 ) -> TokenizedSplit:
     """Rows -> token ids and labels, truncated to ``max_length`` tokens.
@@ -102,10 +117,15 @@ def tokenize(
     """
     rendered = render(rows, tokenizer, chat=chat, with_prompts=with_prompts)
     texts = [r.text for r in rendered]
-    # A chat template writes its own special tokens (a BOS among them); text rows get the tokenizer's.
+    # A chat template writes its own special tokens (a BOS among them); text rows get the
+    # tokenizer's.
     conversational = chat is not None and any(isinstance(row, Conversation) for row in rows)
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=not conversational)
-    chat_prompts = _prompt_ids(rendered, encodings, tokenizer) if conversational and with_prompts else {}
+    encodings = tokenizer.backend_tokenizer.encode_batch(
+        texts, add_special_tokens=not conversational
+    )
+    chat_prompts = (
+        _prompt_ids(rendered, encodings, tokenizer) if conversational and with_prompts else {}
+    )
     input_ids, labels, prompts, answers = [], [], [], []
     for row, (r, encoding) in enumerate(zip(rendered, encodings)):
         ids, offsets = encoding.ids[:max_length], encoding.offsets[:max_length]
@@ -114,16 +134,28 @@ def tokenize(
         if not count_scored(row_labels):
             continue
         # Tokens wholly before the answer (offsets are in order, their ends too).
-        before = bisect.bisect_right(offsets, r.answer_start, key=_end) if with_prompts and r.answer_start is not None else 0
+        before = (
+            bisect.bisect_right(offsets, r.answer_start, key=_end)
+            if with_prompts and r.answer_start is not None
+            else 0
+        )
         keeps_answer = 0 < before < len(ids)  # the answer's first token survived truncation
         input_ids.append(tuple(ids))
         labels.append(tuple(row_labels))
         prompts.append(tuple(chat_prompts.get(row, ids[:before])) if keeps_answer else ())
         answers.append(r.answer if keeps_answer else "")
-    stop_id = chat.end_of_turn_id if conversational and chat.end_of_turn_id is not None else tokenizer.eos_token_id
+    stop_id = (
+        chat.end_of_turn_id
+        if conversational and chat.end_of_turn_id is not None
+        else tokenizer.eos_token_id
+    )
     return TokenizedSplit(
-        tuple(input_ids), tuple(labels), dropped=len(rows) - len(input_ids),
-        prompts=tuple(prompts), answers=tuple(answers), stop_id=stop_id,
+        tuple(input_ids),
+        tuple(labels),
+        dropped=len(rows) - len(input_ids),
+        prompts=tuple(prompts),
+        answers=tuple(answers),
+        stop_id=stop_id,
     )
 
 
@@ -150,7 +182,11 @@ def _prompt_ids(rendered: list[Rendered], encodings: list, tokenizer: Any) -> di
     for row, (r, encoding) in enumerate(zip(rendered, encodings)):
         if r.prompt is None:
             continue
-        head = len(r.prompt) - len(r.prompt_tail) if r.prompt_tail is not None and r.prompt.endswith(r.prompt_tail) else 0
+        head = (
+            len(r.prompt) - len(r.prompt_tail)
+            if r.prompt_tail is not None and r.prompt.endswith(r.prompt_tail)
+            else 0
+        )
         tokens = bisect.bisect_right(encoding.offsets, head, key=_end) if head else 0
         if tokens and encoding.offsets[tokens - 1][1] == head and r.text[:head] == r.prompt[:head]:
             if r.prompt_tail not in tails:
@@ -159,11 +195,22 @@ def _prompt_ids(rendered: list[Rendered], encodings: list, tokenizer: Any) -> di
         else:
             whole.append(row)
     checked = list(assembled)[:PROMPT_CHECKS]
-    for row, encoding in zip(checked, backend.encode_batch_fast([rendered[row].prompt for row in checked], add_special_tokens=False)):
+    for row, encoding in zip(
+        checked,
+        backend.encode_batch_fast(
+            [rendered[row].prompt for row in checked], add_special_tokens=False
+        ),
+    ):
         if encoding.ids != assembled[row]:
             whole, assembled = [row for row, r in enumerate(rendered) if r.prompt is not None], {}
             break
-    encoded = backend.encode_batch_fast([rendered[row].prompt for row in whole], add_special_tokens=False) if whole else []
+    encoded = (
+        backend.encode_batch_fast(
+            [rendered[row].prompt for row in whole], add_special_tokens=False
+        )
+        if whole
+        else []
+    )
     return assembled | {row: encoding.ids for row, encoding in zip(whole, encoded)}
 
 
@@ -173,8 +220,12 @@ def _scored(offsets: list[tuple[int, int]], spans: tuple[tuple[int, int], ...]) 
     tokenizer adds) is never scored."""
     scored = [False] * len(offsets)
     for start, end in spans:
-        first = bisect.bisect_right(offsets, start, key=_end)  # the first token ending after the span starts
-        last = bisect.bisect_left(offsets, end, key=_start)  # the first token starting at or after its end
+        first = bisect.bisect_right(
+            offsets, start, key=_end
+        )  # the first token ending after the span starts
+        last = bisect.bisect_left(
+            offsets, end, key=_start
+        )  # the first token starting at or after its end
         for i in range(first, last):
             scored[i] = offsets[i][0] < offsets[i][1]
     return scored
@@ -187,7 +238,9 @@ def _check_tokenizer(tokenizer: Any) -> None:
             "load one with AutoTokenizer.from_pretrained(...)"
         )
     if tokenizer.eos_token_id is None:
-        raise UsageError("the tokenizer has no EOS token; set one (tokenizer.eos_token) so rows can end")
+        raise UsageError(
+            "the tokenizer has no EOS token; set one (tokenizer.eos_token) so rows can end"
+        )
 
 
 def count_scored(labels: tuple[int, ...] | list[int]) -> int:

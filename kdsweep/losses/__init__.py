@@ -3,7 +3,8 @@
 Three entry points share one per-chunk formula (`_math.chunk_terms`):
 
 - `distill_loss`: student logits and full teacher logits, over the whole vocabulary or its top-k.
-- `distill_loss_sparse`: student logits and the teacher's K largest logits with their ids (a cache).
+- `distill_loss_sparse`: student logits and the teacher's K largest logits with their ids (a
+cache).
 - `distill_loss_from_hidden`: the student's last hidden states and lm_head weight, so the student's
   ``[N, V]`` logits never exist for the whole batch at once.
 
@@ -76,7 +77,8 @@ How it is computed, and why
   (T of 1e3 and more) ``D`` shrinks as ``1 / T^2`` below the rounding of its fp32 terms: its value
   is then noise, while its gradient keeps its digits.
 
-Conventions: ``logits[..., i, :]`` predicts ``labels[..., i]`` (the caller shifts); the teacher is a
+Conventions: ``logits[..., i, :]`` predicts ``labels[..., i]`` (the caller shifts); the teacher is
+a
 constant (it gets no gradient); `LossResult.kl` and `LossResult.ce` are detached values for logging
 and only `LossResult.loss` carries a gradient; backward can run once per call, as in a training
 step (a second backward through the same result raises torch's in-place modification error).

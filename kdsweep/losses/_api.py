@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from kdsweep.losses._checks import Options
-from kdsweep.losses._chunks import LossResult, distill
+from kdsweep.losses._chunks import LossResult, chunked_loss
 from kdsweep.losses._students import HiddenStudent, LogitsStudent
 from kdsweep.losses._teacher import Tail, TeacherInputs
 
@@ -63,7 +63,7 @@ def distill_loss(
     """
     options = Options(alpha, temperature, beta, tail, top_k, chunk_tokens)
     teacher = TeacherInputs(logits=teacher_logits)
-    return distill(LogitsStudent, (student_logits,), labels, teacher, options)
+    return chunked_loss(LogitsStudent, (student_logits,), labels, teacher, options)
 
 
 def distill_loss_sparse(
@@ -106,7 +106,7 @@ def distill_loss_sparse(
     """
     options = Options(alpha, temperature, beta, tail, None, chunk_tokens)
     teacher = TeacherInputs(None, teacher_values, teacher_indices, teacher_logsumexp)
-    return distill(LogitsStudent, (student_logits,), labels, teacher, options)
+    return chunked_loss(LogitsStudent, (student_logits,), labels, teacher, options)
 
 
 def distill_loss_from_hidden(
@@ -159,4 +159,4 @@ def distill_loss_from_hidden(
     """
     options = Options(alpha, temperature, beta, tail, top_k, chunk_tokens)
     teacher = TeacherInputs(teacher_logits, teacher_values, teacher_indices, teacher_logsumexp)
-    return distill(HiddenStudent, (hidden, weight), labels, teacher, options)
+    return chunked_loss(HiddenStudent, (hidden, weight), labels, teacher, options)

@@ -44,15 +44,25 @@ def check_arguments(
     problems = _options_problems(options) + _student_problems(name, student, labels)
     if weight is not None and (weight.dim() != 2 or weight.shape[-1:] != student.shape[-1:]):
         # Without V the teacher's shapes cannot be checked.
-        _raise_if([*problems, f"weight must be [V, H] with H = hidden.shape[-1], got "
-                   f"{tuple(weight.shape)} for hidden {tuple(student.shape)}"])
+        _raise_if(
+            [
+                *problems,
+                f"weight must be [V, H] with H = hidden.shape[-1], got "
+                f"{tuple(weight.shape)} for hidden {tuple(student.shape)}",
+            ]
+        )
     vocab = student.shape[-1] if weight is None else weight.shape[0]
     problems += _teacher_problems(options, (*student.shape[:-1], vocab), teacher)
-    others = {"weight": weight, "labels": labels,
-              **{f"teacher_{key}": value for key, value in vars(teacher).items()}}
-    problems += [f"{key} is on {other.device} but {name} on {student.device}: move it there"
-                 for key, other in others.items()
-                 if other is not None and other.device != student.device]
+    others = {
+        "weight": weight,
+        "labels": labels,
+        **{f"teacher_{key}": value for key, value in vars(teacher).items()},
+    }
+    problems += [
+        f"{key} is on {other.device} but {name} on {student.device}: move it there"
+        for key, other in others.items()
+        if other is not None and other.device != student.device
+    ]
     _raise_if(problems)
 
 
@@ -64,25 +74,31 @@ def _options_problems(options: Options) -> list[str]:
         problems.append(f"temperature must be a finite number > 0, got {options.temperature}")
     if not 0.0 <= options.beta <= 1.0:
         problems.append(
-            f"beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {options.beta}")
+            f"beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {options.beta}"
+        )
     if options.tail not in get_args(Tail):
         problems.append(f"tail must be one of {get_args(Tail)}, got {options.tail!r}")
     if options.top_k is not None and options.top_k < 1:
         problems.append(f"top_k must be >= 1 or None (whole vocabulary), got {options.top_k}")
     if options.chunk_tokens is not None and options.chunk_tokens < 1:
         problems.append(
-            f"chunk_tokens must be >= 1 or None (from a memory budget), got {options.chunk_tokens}")
+            f"chunk_tokens must be >= 1 or None (from a memory budget), got {options.chunk_tokens}"
+        )
     return problems
 
 
 def _student_problems(name: str, student: Tensor, labels: Tensor) -> list[str]:
     problems = []
     if not student.is_floating_point() or student.dim() < 2:
-        problems.append(f"{name} must be a float tensor [..., D] with at least one position dim, "
-                        f"got {student.dtype} {tuple(student.shape)}")
+        problems.append(
+            f"{name} must be a float tensor [..., D] with at least one position dim, "
+            f"got {student.dtype} {tuple(student.shape)}"
+        )
     elif student.shape[:-1] != labels.shape:
-        problems.append(f"labels shape {tuple(labels.shape)} must equal {name}.shape[:-1] = "
-                        f"{tuple(student.shape[:-1])}")
+        problems.append(
+            f"labels shape {tuple(labels.shape)} must equal {name}.shape[:-1] = "
+            f"{tuple(student.shape[:-1])}"
+        )
     if labels.is_floating_point() or labels.is_complex():
         problems.append(f"labels must be integer ids, got {labels.dtype}")
     return problems
@@ -96,16 +112,25 @@ def _teacher_problems(
     if teacher.logits is not None and sparse:
         return ["give teacher_logits or teacher_values + teacher_indices, not both"]
     if teacher.logsumexp is not None and not sparse:
-        return ["teacher_logsumexp goes with teacher_values + teacher_indices (a top-K teacher); "
-                "from teacher_logits the loss computes it"]
+        return [
+            "teacher_logsumexp goes with teacher_values + teacher_indices (a top-K teacher); "
+            "from teacher_logits the loss computes it"
+        ]
     if teacher.logits is None and not sparse:
-        return [] if options.alpha == 0 else [
-            f"alpha = {options.alpha} > 0 needs a teacher: pass its logits or top-K values + "
-            "indices, or set alpha = 0 for plain cross-entropy"]
+        return (
+            []
+            if options.alpha == 0
+            else [
+                f"alpha = {options.alpha} > 0 needs a teacher: pass its logits or top-K values + "
+                "indices, or set alpha = 0 for plain cross-entropy"
+            ]
+        )
     if teacher.logits is not None:
         if tuple(teacher.logits.shape) != tuple(logits_shape):
-            return [f"teacher_logits shape {tuple(teacher.logits.shape)} must equal the "
-                    f"student's logits shape {tuple(logits_shape)}"]
+            return [
+                f"teacher_logits shape {tuple(teacher.logits.shape)} must equal the "
+                f"student's logits shape {tuple(logits_shape)}"
+            ]
         return []
     return _sparse_teacher_problems(options, logits_shape, teacher)
 
@@ -120,9 +145,11 @@ def _sparse_teacher_problems(
     if options.top_k is not None:
         problems.append("top_k applies to teacher_logits; a sparse teacher is already its top-K")
     if values.shape != indices.shape or tuple(values.shape[:-1]) != tuple(logits_shape[:-1]):
-        problems.append(f"teacher_values {tuple(values.shape)} and teacher_indices "
-                        f"{tuple(indices.shape)} must both be [..., K] with [...] = "
-                        f"{tuple(logits_shape[:-1])}")
+        problems.append(
+            f"teacher_values {tuple(values.shape)} and teacher_indices "
+            f"{tuple(indices.shape)} must both be [..., K] with [...] = "
+            f"{tuple(logits_shape[:-1])}"
+        )
     elif values.shape[-1] < 1:
         problems.append("teacher_values must hold at least one entry per position (K >= 1)")
     if not values.is_floating_point():
@@ -130,14 +157,19 @@ def _sparse_teacher_problems(
     if indices.dtype not in (torch.int64, torch.int32):
         problems.append(f"teacher_indices must be int64 or int32, got {indices.dtype}")
     if logsumexp is None and options.tail == "bucket":
-        problems.append("tail='bucket' needs the teacher's mass outside its top-K: pass "
-                        "teacher_logsumexp, logsumexp(teacher_logits / temperature) over the "
-                        f"whole vocabulary, shape {tuple(logits_shape[:-1])}")
-    elif logsumexp is not None and (tuple(logsumexp.shape) != tuple(logits_shape[:-1])
-                                    or not logsumexp.is_floating_point()):
-        problems.append(f"teacher_logsumexp must be a float tensor of shape "
-                        f"{tuple(logits_shape[:-1])}, got {logsumexp.dtype} "
-                        f"{tuple(logsumexp.shape)}")
+        problems.append(
+            "tail='bucket' needs the teacher's mass outside its top-K: pass "
+            "teacher_logsumexp, logsumexp(teacher_logits / temperature) over the "
+            f"whole vocabulary, shape {tuple(logits_shape[:-1])}"
+        )
+    elif logsumexp is not None and (
+        tuple(logsumexp.shape) != tuple(logits_shape[:-1]) or not logsumexp.is_floating_point()
+    ):
+        problems.append(
+            f"teacher_logsumexp must be a float tensor of shape "
+            f"{tuple(logits_shape[:-1])}, got {logsumexp.dtype} "
+            f"{tuple(logsumexp.shape)}"
+        )
     return problems
 
 

@@ -51,7 +51,7 @@ class _Settings:
     chunk_tokens: int  # positions per chunk of the math, within a block
 
 
-def distill(
+def chunked_loss(
     student_kind: type[Student],
     inputs: tuple[Tensor, ...],
     labels: Tensor,
@@ -65,10 +65,17 @@ def distill(
     check_arguments(inputs[0], weight, labels, teacher_inputs, options)
     vocab = student_kind.vocab(*inputs)
     teacher = Teacher.build(teacher_inputs, top_k=options.top_k, tail=options.tail, vocab=vocab)
-    block, chunk = chunk_sizes(student_kind, teacher, beta=options.beta, vocab=vocab,
-                               device=inputs[0].device, chunk_tokens=options.chunk_tokens)
-    settings = _Settings(float(options.alpha), float(options.temperature), float(options.beta),
-                         block, chunk)
+    block, chunk = chunk_sizes(
+        student_kind,
+        teacher,
+        beta=options.beta,
+        vocab=vocab,
+        device=inputs[0].device,
+        chunk_tokens=options.chunk_tokens,
+    )
+    settings = _Settings(
+        float(options.alpha), float(options.temperature), float(options.beta), block, chunk
+    )
     # [n, labels.dim()] coordinates of the kept positions; syncs with the GPU, once.
     kept = (labels != IGNORE_INDEX).nonzero()
     # Decided here because grad mode is always off inside an autograd function's forward.
@@ -106,8 +113,9 @@ def live_temporaries(teacher: Teacher | None, beta: float) -> int:
     """How many fp32 ``[chunk, V]`` tensors a chunk holds at once, its logits among them (a
     teacher's ``[chunk, V]`` copies are freed before the student's log-probs exist).
     """
-    if teacher is None or (not teacher.whole_vocabulary and teacher.tail == "renormalize"
-                           and beta == 1.0):
+    if teacher is None or (
+        not teacher.whole_vocabulary and teacher.tail == "renormalize" and beta == 1.0
+    ):
         return 2  # the logits; their log-softmax, which becomes the gradient
     if not teacher.whole_vocabulary:
         return 3  # + the student's tempered log-probs, which become its probabilities
@@ -115,7 +123,7 @@ def live_temporaries(teacher: Teacher | None, beta: float) -> int:
     return 5 if 0.0 < beta < 1.0 else 4
 
 
-def _sweep(
+def _mean_over_blocks(
     student: Student, labels: Tensor, kept: Tensor, teacher: Teacher | None, settings: _Settings
 ) -> tuple[Tensor, Tensor]:
     """Mean KL and CE over the ``kept`` positions; fills the student's gradients if it has any."""
@@ -143,8 +151,16 @@ def _block(
     kl_sum = ce_sum = logits.new_zeros(())
     for start in range(0, len(logits), settings.chunk_tokens):
         part = slice(start, min(start + settings.chunk_tokens, len(logits)))
-        kl, ce = _chunk(student, logits[part], labels, tuple(r[part] for r in rows), part,
-                        teacher, settings, grad_scale)
+        kl, ce = _chunk(
+            student,
+            logits[part],
+            labels,
+            tuple(r[part] for r in rows),
+            part,
+            teacher,
+            settings,
+            grad_scale,
+        )
         kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
     if grad_scale is not None:
         student.backprop(rows)
@@ -189,7 +205,7 @@ class _DistillFunction(torch.autograd.Function):
         student = student_kind(*inputs, needs_grad=needs_grad)
         # fp32 math even under autocast, which would run the hidden form's matmuls in bf16.
         with torch.autocast(labels.device.type, enabled=False):
-            kl, ce = _sweep(student, labels, kept, teacher, settings)
+            kl, ce = _mean_over_blocks(student, labels, kept, teacher, settings)
         loss = settings.alpha * kl + (1.0 - settings.alpha) * ce
         ctx.save_for_backward(*student.grads())
         ctx.mark_non_differentiable(kl, ce)

@@ -230,7 +230,8 @@ def _mixture(log_p: Tensor, log_q: Tensor, beta: float, scratch: Tensor | None) 
     terms = a.sub_(log_m).mul_(e)  # beta * P * log(beta * P / M)
     e = torch.exp(b, out=e)  # (1 - beta) * Q
     w = b.sub_(log_m).mul_(e)  # (1 - beta) * Q * log((1 - beta) * Q / M)
-    # beta * KL(P || M) + (1 - beta) * KL(Q || M) = sum(terms + w) + the entropy of (beta, 1 - beta)
+    # beta * KL(P || M) + (1 - beta) * KL(Q || M) = sum(terms + w) + the entropy of (beta, 1 -
+    # beta)
     entropy = -beta * log_beta - (1.0 - beta) * log_1m_beta
     value = terms.add_(w).sum() + entropy * terms.shape[0]
     # w holds (1 - beta) * Q * log(Q / M) plus log(1 - beta) * (1 - beta) * Q, which cancels.

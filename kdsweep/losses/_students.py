@@ -83,7 +83,8 @@ class HiddenStudent:
         return torch.matmul(hidden, self.weight.T, out=self.buffer[: len(hidden)])
 
     def store_gradient(self, rows: tuple[Tensor, ...], part: slice, grad_logits: Tensor) -> None:
-        """The gradient ``[c, V]`` of rows ``part`` of the block takes their spent logits' place."""
+        """The gradient ``[c, V]`` of rows ``part`` of the block takes their spent logits'
+        place."""
         self.buffer[part].copy_(grad_logits)
 
     def backprop(self, rows: tuple[Tensor, ...]) -> None:

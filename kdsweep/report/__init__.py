@@ -58,4 +58,8 @@ def _log_artifacts(data: ReportData, path: Path, figure_dir: Path) -> None:
         return
     client.log_artifact(tracking.parent_run_id, str(path), artifact_path=REPORT_ARTIFACTS)
     if figure_dir.is_dir() and any(figure_dir.iterdir()):
-        client.log_artifacts(tracking.parent_run_id, str(figure_dir), artifact_path=f"{REPORT_ARTIFACTS}/{figure_dir.name}")
+        client.log_artifacts(
+            tracking.parent_run_id,
+            str(figure_dir),
+            artifact_path=f"{REPORT_ARTIFACTS}/{figure_dir.name}",
+        )

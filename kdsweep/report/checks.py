@@ -11,9 +11,13 @@ from kdsweep.report.collect import ReportData
 from kdsweep.report.text import as_float, cell_text, finite, fmt, set_text
 from kdsweep.space import SEARCH_SPACE, WHOLE_VOCAB
 
-TOPK_MASS_WARN = 0.90  # a top-k that keeps less of the teacher's probability mass is worth a warning
+TOPK_MASS_WARN = (
+    0.90  # a top-k that keeps less of the teacher's probability mass is worth a warning
+)
 STABLE_TOP_TRIALS = 5  # PED-ANOVA wants about this many trials in its top quantile
-RANGE_EDGE = 0.05  # a best value this close to a range's end (as a share of the range) suggests widening it
+RANGE_EDGE = (
+    0.05  # a best value this close to a range's end (as a share of the range) suggests widening it
+)
 
 
 def warnings_for(data: ReportData) -> list[str]:
@@ -34,7 +38,11 @@ def warnings_for(data: ReportData) -> list[str]:
 
 
 def _warn_tracking(data: ReportData) -> list[str]:
-    return [f"MLflow: {data.tracking.problem}; curves, run links and MLflow reasons are missing."] if data.tracking.problem else []
+    return (
+        [f"MLflow: {data.tracking.problem}; curves, run links and MLflow reasons are missing."]
+        if data.tracking.problem
+        else []
+    )
 
 
 def _warn_importances(data: ReportData) -> list[str]:
@@ -47,8 +55,10 @@ def _warn_importances(data: ReportData) -> list[str]:
     found = []
     if top < STABLE_TOP_TRIALS:
         found.append(
-            f"Too few complete trials for stable importances: {imp.n_trials} trials put {top} in PED-ANOVA's top 10%, "
-            f"which wants at least {STABLE_TOP_TRIALS} (about {10 * STABLE_TOP_TRIALS} trials); read them as hints."
+            f"Too few complete trials for stable importances: {imp.n_trials} trials put {top} in "
+            "PED-ANOVA's top 10%, "
+            f"which wants at least {STABLE_TOP_TRIALS} (about {10 * STABLE_TOP_TRIALS} trials); "
+            "read them as hints."
         )
     return found + [f"Optuna, computing importances: {w}" for w in imp.warnings]
 
@@ -76,9 +86,14 @@ def _warn_nonfinite(data: ReportData) -> list[str]:
         values = [t.value, t.student_ppl, t.ppl_ratio, t.last_reported]
         bad = any(v is not None and not pd.isna(v) and not finite(v) for v in values)
         if "nan" in reason.lower() or "TrainingDiverged" in reason or bad:
-            found.append(f"Trial {t.number} diverged (NaN or infinite loss or perplexity): {cell_text(reason or 'non-finite value')}")
+            found.append(
+                f"Trial {t.number} diverged (NaN or infinite loss or perplexity): "
+                f"{cell_text(reason or 'non-finite value')}"
+            )
         elif isinstance(t.nonfinite_metrics, str) and t.nonfinite_metrics:
-            found.append(f"Trial {t.number} logged non-finite MLflow metrics: {t.nonfinite_metrics}")
+            found.append(
+                f"Trial {t.number} logged non-finite MLflow metrics: {t.nonfinite_metrics}"
+            )
     return found
 
 
@@ -89,8 +104,10 @@ def _warn_teacher_weaker(data: ReportData) -> list[str]:
         return []
     best = data.ranked.iloc[0]
     return [
-        f"The best student (trial {best.number}, perplexity {fmt(best.student_ppl)}) beats the teacher ({fmt(teacher)}) "
-        "on the eval tokens: the teacher is weak on this data, and distilling toward it can pull a student back; "
+        f"The best student (trial {best.number}, perplexity {fmt(best.student_ppl)}) beats the "
+        f"teacher ({fmt(teacher)}) "
+        "on the eval tokens: the teacher is weak on this data, and distilling toward it can pull "
+        "a student back; "
         "check the teacher before trusting the distillation ranking."
     ]
 
@@ -120,7 +137,8 @@ def _warn_range_edges(data: ReportData) -> list[str]:
         if position <= RANGE_EDGE or position >= 1 - RANGE_EDGE:
             end = "low" if position <= RANGE_EDGE else "high"
             found.append(
-                f"The best distilled trial's {name} ({fmt(best[name])}) sits at the {end} end of its range "
+                f"The best distilled trial's {name} ({fmt(best[name])}) sits at the {end} end of "
+                "its range "
                 f"[{fmt(param.low)}, {fmt(param.high)}]: widen `search.{name}` to see past it."
             )
     return found
@@ -131,8 +149,10 @@ def _warn_vocab_padding(data: ReportData) -> list[str]:
         return []
     size = data.attrs.get(StudyAttr.VOCAB_SIZE)
     return [
-        f"Teacher and student embeddings have padding rows beyond the tokenizer's {f'{size:,}' if size else '?'} tokens; "
-        "perplexities and the KL are computed over the tokenizer's ids only (padding rows are never targets)."
+        "Teacher and student embeddings have padding rows beyond the tokenizer's "
+        f"{f'{size:,}' if size else '?'} tokens; "
+        "perplexities and the KL are computed over the tokenizer's ids only (padding rows are "
+        "never targets)."
     ]
 
 
@@ -140,7 +160,9 @@ def _warn_padding_share(data: ReportData) -> list[str]:
     share = as_float(data.attrs.get(StudyAttr.TRAIN_PADDING_SHARE))
     if share is None or share < 0.25:
         return []
-    fix = "a shorter `data.max_length`" + ("" if data.study.data.group_by_length else " or `data.group_by_length: true`")
+    fix = "a shorter `data.max_length`" + (
+        "" if data.study.data.group_by_length else " or `data.group_by_length: true`"
+    )
     return [f"{100 * share:.0f}% of the training tokens are padding: {fix} would save compute."]
 
 
@@ -149,4 +171,7 @@ def _warn_config_changed(data: ReportData) -> list[str]:
     if not changed:
         return []
     listed = ", ".join(f"{k}={set_text(v)}" for k, v in changed.items())
-    return [f"The sweep ran with settings the study file no longer has ({listed}); the reproduce command sets them."]
+    return [
+        f"The sweep ran with settings the study file no longer has ({listed}); the reproduce "
+        "command sets them."
+    ]

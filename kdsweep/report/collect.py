@@ -17,12 +17,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.config import StudyConfig
-from kdsweep.names import MAXIMIZE, Group, Metric, StudyAttr, Tag, TrialAttr
+from kdsweep.mlflow.links import compare_url, run_url, tracking_uri
+from kdsweep.names import Group, Metric, StudyAttr, Tag, TrialAttr
+from kdsweep.objectives import MAXIMIZE
 from kdsweep.paths import store_missing
+from kdsweep.recovery import retry_of
 from kdsweep.report.text import as_float, finite
-from kdsweep.space import SEARCHED
-from kdsweep.storage import group_of, retry_of
-from kdsweep.tracking import compare_url, run_url, tracking_uri
+from kdsweep.space import SEARCHED, is_plain_fine_tuning
+from kdsweep.storage import group_of
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `kdsweep ui` serves a local tracking store
 
@@ -75,13 +77,13 @@ class ReportData:
 
     @property
     def sweep(self) -> pd.DataFrame:
-        """The sweep's trials (baselines included): the seed check's re-runs left out."""
-        return self.trials[self.trials.group != Group.CONFIRM]
+        """The sweep's trials (baselines included): the seed check's runs left out."""
+        return self.trials[self.trials.group != Group.SEED_CHECK]
 
     @property
-    def reruns(self) -> pd.DataFrame:
+    def seed_check_runs(self) -> pd.DataFrame:
         """The seed check's trials."""
-        return self.trials[self.trials.group == Group.CONFIRM]
+        return self.trials[self.trials.group == Group.SEED_CHECK]
 
     @property
     def lower_is_better(self) -> bool:
@@ -91,7 +93,9 @@ class ReportData:
     def ranked(self) -> pd.DataFrame:
         """Complete sweep trials, best first; ties go to the earlier trial."""
         complete = self.sweep[self.sweep.state == "COMPLETE"]
-        return complete.sort_values(["value", "number"], ascending=[self.lower_is_better, True], kind="mergesort")
+        return complete.sort_values(
+            ["value", "number"], ascending=[self.lower_is_better, True], kind="mergesort"
+        )
 
     @property
     def top(self) -> pd.DataFrame:
@@ -100,7 +104,7 @@ class ReportData:
     @property
     def plain(self) -> pd.DataFrame:
         """Complete plain fine-tuning trials (alpha 0), best first: what distillation must beat."""
-        return self.ranked[self.ranked.alpha == 0]
+        return self.ranked[is_plain_fine_tuning(self.ranked.alpha)]
 
     @property
     def best_plain(self) -> pd.Series | None:
@@ -108,7 +112,7 @@ class ReportData:
 
     @property
     def best_distilled(self) -> pd.Series | None:
-        distilled = self.ranked[self.ranked.alpha != 0]
+        distilled = self.ranked[~is_plain_fine_tuning(self.ranked.alpha)]
         return distilled.iloc[0] if len(distilled) else None
 
     @property
@@ -148,7 +152,11 @@ class ReportData:
         if not as_run:
             return {}
         ran, current = _flatten(as_run), _flatten(self.study.to_dict())
-        return {k: v for k, v in ran.items() if current.get(k) != v and k.split(".")[0] not in _NOT_REPRODUCED}
+        return {
+            k: v
+            for k, v in ran.items()
+            if current.get(k) != v and k.split(".")[0] not in _NOT_REPRODUCED
+        }
 
     def gap_closed(self, ppl) -> float | None:
         """Share (in %) of the perplexity gap between the best plain fine-tuning trial and the
@@ -162,7 +170,19 @@ class ReportData:
 
 
 # Settings the reproduce command sets itself, or that do not change what a trial computes.
-_NOT_REPRODUCED = ("name", "n_trials", "baselines", "confirm", "search", "storage", "tracking", "sampler", "pruner", "report_top_n", "save_best")
+_NOT_REPRODUCED = (
+    "name",
+    "n_trials",
+    "baselines",
+    "seed_check",
+    "search",
+    "storage",
+    "tracking",
+    "sampler",
+    "pruner",
+    "report_top_n",
+    "save_best",
+)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -178,7 +198,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def collect(study: StudyConfig, optuna_study: optuna.Study) -> ReportData:
     """Read the study's trials, MLflow runs, curves and importances into one ReportData."""
     trials = optuna_study.get_trials(deepcopy=False)
-    data = ReportData(study, dict(optuna_study.user_attrs), trials_frame(trials), _tracking(study, optuna_study))
+    data = ReportData(
+        study, dict(optuna_study.user_attrs), trials_frame(trials), _tracking(study, optuna_study)
+    )
     runs = _read_runs(data.tracking)
     data.trials = _merge_runs(data.trials, runs)
     data.curves = _read_curves(data)
@@ -206,7 +228,7 @@ def _trial_row(trial: FrozenTrial | None) -> dict:
         "value": trial.value if trial else None,
         "baseline": bool(attrs.get(TrialAttr.BASELINE, False)),
         "group": group_of(trial) if trial else Group.SEARCH,
-        "confirms": attrs.get(TrialAttr.CONFIRMS),
+        "seed_check_of": attrs.get(TrialAttr.SEED_CHECK_OF),
         "retry_of": retry_of(trial) if trial else None,
         "seed": attrs.get(TrialAttr.SEED),
         **{name: params.get(name) for name in SEARCHED},
@@ -229,7 +251,9 @@ def _trial_row(trial: FrozenTrial | None) -> dict:
 def _tracking(study: StudyConfig, optuna_study: optuna.Study) -> Tracking:
     uri = tracking_uri(study.tracking.uri)
     attrs = optuna_study.user_attrs
-    tracking = Tracking(uri, attrs.get(StudyAttr.EXPERIMENT_ID), attrs.get(StudyAttr.PARENT_RUN_ID))
+    tracking = Tracking(
+        uri, attrs.get(StudyAttr.EXPERIMENT_ID), attrs.get(StudyAttr.PARENT_RUN_ID)
+    )
     if uri and uri.startswith(("http://", "https://")):
         tracking.link_base, tracking.local = uri.rstrip("/"), False
     else:
@@ -256,7 +280,9 @@ def _read_runs(tracking: Tracking) -> pd.DataFrame:
     query = f"tags.`{Tag.PARENT}` = '{tracking.parent_run_id}'"
     try:
         while True:
-            page = client.search_runs([tracking.experiment_id], filter_string=query, max_results=1000, page_token=token)
+            page = client.search_runs(
+                [tracking.experiment_id], filter_string=query, max_results=1000, page_token=token
+            )
             runs += list(page)
             token = page.token
             if not token:
@@ -273,17 +299,26 @@ def _read_runs(tracking: Tracking) -> pd.DataFrame:
         }
         for r in runs
     ]
-    return pd.DataFrame(rows).sort_values("run_id", kind="mergesort") if rows else pd.DataFrame(columns=["run_id", "status"])
+    return (
+        pd.DataFrame(rows).sort_values("run_id", kind="mergesort")
+        if rows
+        else pd.DataFrame(columns=["run_id", "status"])
+    )
 
 
 def _merge_runs(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Add each trial's MLflow status, recorded reason and whether any latest metric is not finite."""
+    """Add each trial's MLflow status, recorded reason and whether any latest metric is not
+    finite."""
     keep = runs.reindex(columns=["run_id", "status", f"tags.{Tag.REASON}"])
     keep.columns = ["mlflow_run_id", "run_status", "run_reason"]
     keep = keep.astype(object)
     metric_columns = [c for c in runs.columns if c.startswith("metrics.")]
     keep["nonfinite_metrics"] = [
-        ", ".join(c.removeprefix("metrics.") for c in metric_columns if not finite(row[c]) and not pd.isna(row[c]))
+        ", ".join(
+            c.removeprefix("metrics.")
+            for c in metric_columns
+            if not finite(row[c]) and not pd.isna(row[c])
+        )
         for _, row in runs.iterrows()
     ]
     return trials.merge(keep, on="mlflow_run_id", how="left")
@@ -302,9 +337,13 @@ def _read_curves(data: ReportData) -> dict[int, pd.DataFrame]:
         if not isinstance(trial.mlflow_run_id, str):
             continue
         history = client.get_metric_history(trial.mlflow_run_id, Metric.STUDENT_PPL)
-        points = pd.DataFrame([(m.step, m.value) for m in history], columns=["step", "student_ppl"])
+        points = pd.DataFrame(
+            [(m.step, m.value) for m in history], columns=["step", "student_ppl"]
+        )
         if len(points):
-            curves[int(trial.number)] = points.sort_values("step", kind="mergesort").drop_duplicates("step", keep="last")
+            curves[int(trial.number)] = points.sort_values(
+                "step", kind="mergesort"
+            ).drop_duplicates("step", keep="last")
     return curves
 
 
@@ -318,17 +357,25 @@ def compute_importances(trials: list[FrozenTrial], direction: str) -> Importance
     evaluator_name = "PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator, Optuna's default)"
     sampled = sampled_trials(trials)
     result = Importances(None, evaluator_name, len(sampled))
-    searched = {name for t in sampled for name, dist in t.distributions.items() if not dist.single()}
+    searched = {
+        name for t in sampled for name, dist in t.distributions.items() if not dist.single()
+    }
     if len(sampled) < 2:
-        result.skipped = f"importances need at least 2 complete non-baseline trials; this study has {len(sampled)}"
+        result.skipped = (
+            "importances need at least 2 complete non-baseline trials; this study "
+            f"has {len(sampled)}"
+        )
     elif not searched:
-        result.skipped = "no parameter is searched (every one is fixed), so there is nothing to rank"
+        result.skipped = (
+            "no parameter is searched (every one is fixed), so there is nothing to rank"
+        )
     if result.skipped:
         return result
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         values = optuna.importance.get_param_importances(
-            importance_study(sampled, direction), evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+            importance_study(sampled, direction),
+            evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
         )
     result.values = pd.Series(values, dtype=float).rename_axis("parameter").rename("importance")
     result.warnings = sorted({str(w.message) for w in caught if "optuna" in w.filename})
@@ -337,10 +384,13 @@ def compute_importances(trials: list[FrozenTrial], direction: str) -> Importance
 
 def sampled_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The complete trials of the sweep's own search (baselines were fixed by hand, seed-check
-    re-runs repeat a configuration)."""
+    runs repeat a configuration)."""
     return [
-        t for t in trials
-        if t.state == TrialState.COMPLETE and group_of(t) == Group.SEARCH and not t.user_attrs.get(TrialAttr.BASELINE)
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and group_of(t) == Group.SEARCH
+        and not t.user_attrs.get(TrialAttr.BASELINE)
     ]
 
 
@@ -354,4 +404,3 @@ def importance_study(trials: list[FrozenTrial], direction: str) -> optuna.Study:
         optuna.logging.set_verbosity(verbosity)
     copy.add_trials(trials)
     return copy
-

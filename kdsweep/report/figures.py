@@ -15,12 +15,19 @@ import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
-from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances, plot_slice
+from optuna.visualization.matplotlib import (
+    plot_optimization_history,
+    plot_param_importances,
+    plot_slice,
+)
 
-from kdsweep.names import MAXIMIZE, Group, Metric
+from kdsweep.compat import FilteredStudy
+from kdsweep.names import Group, Metric
+from kdsweep.objectives import MAXIMIZE
 from kdsweep.report.collect import ReportData, importance_study, sampled_trials
 from kdsweep.report.text import objective_label, params_short
-from kdsweep.storage import StudyView, group_of
+from kdsweep.space import is_plain_fine_tuning
+from kdsweep.storage import group_of
 
 # Fixed figure settings: the same storage gives the same PNG bytes.
 _RC = {
@@ -55,7 +62,8 @@ def draw_figures(optuna_study: optuna.Study, data: ReportData, folder: Path) -> 
     for name, (title, plot) in plans.items():
         target = folder / f"{name}.png"
         with plt.style.context(["ggplot", _RC]), warnings.catch_warnings():
-            # Optuna's plots are experimental, and one-trial axes warn about their limits: noise here.
+            # Optuna's plots are experimental, and one-trial axes warn about their limits: noise
+            # here.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.simplefilter("ignore", UserWarning)
             skipped = _skip_reason(name, data)
@@ -87,7 +95,9 @@ def _plot_importances(optuna_study: optuna.Study, data: ReportData):
         evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
         target_name=objective_label(data.study.objective),
     )
-    ax.set_title(f"Parameter importances (PED-ANOVA over {len(sampled)} complete trials)", loc="left")
+    ax.set_title(
+        f"Parameter importances (PED-ANOVA over {len(sampled)} complete trials)", loc="left"
+    )
     ax.get_legend().remove()  # one objective: the legend only repeats the axis label
     ax.figure.set_size_inches(8.0, 3.5)
     ax.figure.tight_layout()
@@ -95,8 +105,12 @@ def _plot_importances(optuna_study: optuna.Study, data: ReportData):
 
 
 def _plot_history(optuna_study: optuna.Study, data: ReportData):
-    ax = plot_optimization_history(_sweep(optuna_study), target_name=objective_label(data.study.objective))
-    teacher = {Metric.STUDENT_PPL: data.teacher_ppl, Metric.PPL_RATIO: 1.0}.get(data.study.objective)
+    ax = plot_optimization_history(
+        _without_seed_checks(optuna_study), target_name=objective_label(data.study.objective)
+    )
+    teacher = {Metric.STUDENT_PPL: data.teacher_ppl, Metric.PPL_RATIO: 1.0}.get(
+        data.study.objective
+    )
     if teacher:
         ax.axhline(teacher, color="black", linestyle=":", label=f"teacher {teacher:.4g}")
         ax.legend()
@@ -107,41 +121,63 @@ def _plot_history(optuna_study: optuna.Study, data: ReportData):
 
 
 def _plot_slice(optuna_study: optuna.Study, data: ReportData):
-    axes = plot_slice(_sweep(optuna_study), target_name=objective_label(data.study.objective))
+    axes = plot_slice(
+        _without_seed_checks(optuna_study), target_name=objective_label(data.study.objective)
+    )
     axes = list(axes.flat) if hasattr(axes, "flat") else [axes]
     for ax in axes:
         _readable_log_axis(ax.xaxis)
     fig = axes[0].figure
     _integer_ticks(fig.axes[-1].yaxis)  # the colour bar of trial numbers
-    fig.suptitle(f"{objective_label(data.study.objective)} of each complete trial against each parameter (darker: later trial)")
+    fig.suptitle(
+        f"{objective_label(data.study.objective)} of each complete trial against each parameter "
+        "(darker: later trial)"
+    )
     fig.set_size_inches(2.6 * len(axes) + 1.5, 4.5)
     return fig
 
 
-def _sweep(optuna_study: optuna.Study) -> StudyView:
-    """The study without its seed-check re-runs, which repeat configurations already shown."""
-    return StudyView(optuna_study, lambda t: group_of(t) != Group.CONFIRM)
+def _without_seed_checks(optuna_study: optuna.Study) -> FilteredStudy:
+    """The study without its seed-check runs, which repeat configurations already shown."""
+    return FilteredStudy(optuna_study, lambda t: group_of(t) != Group.SEED_CHECK)
 
 
 def _plot_curves(data: ReportData):
     fig, ax = plt.subplots()
     ranks = {int(n): i + 1 for i, n in enumerate(data.top.number)}
     trials = data.trials.set_index("number")
-    for number, points in sorted(data.curves.items(), key=lambda item: (ranks.get(item[0], 10**9), item[0])):
+    for number, points in sorted(
+        data.curves.items(), key=lambda item: (ranks.get(item[0], 10**9), item[0])
+    ):
         trial = trials.loc[number]
-        plain = trial.alpha == 0
+        plain = is_plain_fine_tuning(trial.alpha)
         rank = f"#{ranks[number]} " if number in ranks else ""
-        label = f"{rank}trial {number}{' (plain fine-tuning)' if plain else ''}: {params_short(trial)}"
-        ax.plot(points.step, points.student_ppl, marker="o", markersize=3, linestyle="--" if plain else "-", label=label)
+        label = (
+            f"{rank}trial {number}{' (plain fine-tuning)' if plain else ''}: {params_short(trial)}"
+        )
+        ax.plot(
+            points.step,
+            points.student_ppl,
+            marker="o",
+            markersize=3,
+            linestyle="--" if plain else "-",
+            label=label,
+        )
     if data.teacher_ppl:
-        ax.axhline(data.teacher_ppl, color="black", linestyle=":", label=f"teacher {data.teacher_ppl:.4g}")
+        ax.axhline(
+            data.teacher_ppl, color="black", linestyle=":", label=f"teacher {data.teacher_ppl:.4g}"
+        )
     values = pd.concat([p.student_ppl for p in data.curves.values()])
     log = values.min() > 0 and values.max() / values.min() > 20  # early evals far above the rest
     if log:
         ax.set_yscale("log")
         _readable_log_axis(ax.yaxis)
     ylabel = "student perplexity (eval" + (", log scale)" if log else ")")
-    ax.set(xlabel="training step", ylabel=ylabel, title="Eval perplexity: top trials against plain fine-tuning")
+    ax.set(
+        xlabel="training step",
+        ylabel=ylabel,
+        title="Eval perplexity: top trials against plain fine-tuning",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -30,11 +30,24 @@ from kdsweep.report.text import (
     set_text,
 )
 from kdsweep.report.verdict import describe, render_seed_check, render_verdict
-from kdsweep.space import columns
+from kdsweep.space import columns, is_plain_fine_tuning
 from kdsweep.version import __version__
 
-SECTIONS = ("Verdict", "Study", "Reference points", "Top configurations", "What mattered", "What went wrong")
-_STATE_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+SECTIONS = (
+    "Verdict",
+    "Study",
+    "Reference points",
+    "Top configurations",
+    "What mattered",
+    "What went wrong",
+)
+_STATE_WORDS = {
+    "COMPLETE": "complete",
+    "PRUNED": "pruned",
+    "FAIL": "failed",
+    "RUNNING": "running",
+    "WAITING": "waiting",
+}
 
 
 def render(data: ReportData, figures: dict[str, Figure]) -> str:
@@ -58,26 +71,47 @@ def render(data: ReportData, figures: dict[str, Figure]) -> str:
 def render_header(data: ReportData) -> str:
     study, attrs, trials = data.study, data.attrs, data.sweep
     counts = trials.state.value_counts()
-    states = ", ".join(f"{counts.get(s, 0)} {word}" for s, word in _STATE_WORDS.items() if s != "WAITING" or counts.get(s, 0))
-    reruns = f", plus {len(data.reruns)} seed-check re-runs" if len(data.reruns) else ""
+    states = ", ".join(
+        f"{counts.get(s, 0)} {word}"
+        for s, word in _STATE_WORDS.items()
+        if s != "WAITING" or counts.get(s, 0)
+    )
+    checks = (
+        f", plus {len(data.seed_check_runs)} seed-check runs" if len(data.seed_check_runs) else ""
+    )
     retries = trials.retry_of.notna().sum()
-    reruns += f"; {retries} retr{'y' if retries == 1 else 'ies'} of trials whose worker died or ran out of memory" if retries else ""
+    checks += (
+        f"; {retries} retr{'y' if retries == 1 else 'ies'} of trials whose worker died or ran "
+        "out of memory"
+        if retries
+        else ""
+    )
     durations = data.trials.duration_s.dropna()
     complete = data.ranked.duration_s.dropna()
-    train = (attrs.get(StudyAttr.CONFIG) or study.to_dict())["train"]  # what the trials ran with, --set included
+    train = (attrs.get(StudyAttr.CONFIG) or study.to_dict())[
+        "train"
+    ]  # what the trials ran with, --set included
     lines = [
         "## Study",
         "",
         f"- **Teacher**: `{study.teacher.name}`; **student**: `{study.student.name}`",
         f"- **Dataset**: `{study.data.dataset}` ({_sizes(attrs, study)})",
-        f"- **Objective**: `{study.objective}` ({objective_label(study.objective)}), {study.direction[:-1]}ed",
-        f"- **Trials**: {len(trials)} ({states}); target {study.n_trials}{reruns}",
+        f"- **Objective**: `{study.objective}` ({objective_label(study.objective)}), "
+        f"{study.direction[:-1]}ed",
+        f"- **Trials**: {len(trials)} ({states}); target {study.n_trials}{checks}",
         f"- **Compute**: {duration(durations.sum())} of trial wall time in total; "
-        + (f"median {duration(complete.median())} per complete trial" if len(complete) else "no complete trial"),
+        + (
+            f"median {duration(complete.median())} per complete trial"
+            if len(complete)
+            else "no complete trial"
+        ),
         f"- **Trials ran**: {_period(data.trials)}",
-        f"- **Fixed settings** (as run): {train['max_steps']} steps of batch {train['batch_size']} x {train['grad_accum_steps']}, "
-        f"eval every {train['eval_every']} steps, precision {train['precision']}, seed {train['seed']}",
-        f"- **Config fingerprint**: `{attrs.get(StudyAttr.FINGERPRINT, study.fingerprint())}`; **kdsweep** {__version__}",
+        f"- **Fixed settings** (as run): {train['max_steps']} steps of batch "
+        f"{train['batch_size']} x {train['grad_accum_steps']}, "
+        f"eval every {train['eval_every']} steps, precision {train['precision']}, seed "
+        f"{train['seed']}",
+        f"- **Config fingerprint**: `{attrs.get(StudyAttr.FINGERPRINT, study.fingerprint())}`; "
+        f"**kdsweep** {__version__}",
     ]
     return "\n".join(lines)
 
@@ -85,7 +119,11 @@ def render_header(data: ReportData) -> str:
 def _sizes(attrs: dict, study: StudyConfig) -> str:
     if StudyAttr.TRAIN_ROWS not in attrs:
         return f"splits {study.data.train_split} / {study.data.eval_split}"
-    decoded = f", {attrs[StudyAttr.ACCURACY_ROWS]:,} of them decoded for accuracy" if StudyAttr.ACCURACY_ROWS in attrs else ""
+    decoded = (
+        f", {attrs[StudyAttr.ACCURACY_ROWS]:,} of them decoded for accuracy"
+        if StudyAttr.ACCURACY_ROWS in attrs
+        else ""
+    )
     return (
         f"{study.data.train_split}: {attrs[StudyAttr.TRAIN_ROWS]:,} rows, "
         f"{attrs.get(StudyAttr.TRAIN_SCORED_TOKENS, 0):,} scored tokens; "
@@ -106,35 +144,60 @@ def _period(trials: pd.DataFrame) -> str:
 def render_no_complete(data: ReportData) -> str:
     return (
         "## No complete trial\n\n"
-        f"The study holds {len(data.trials)} trial(s) and none has completed, so there is nothing to rank yet. "
+        f"The study holds {len(data.trials)} trial(s) and none has completed, so there is "
+        "nothing to rank yet. "
         "Run `kdsweep run` on it again; the failed and pruned trials are listed below."
     )
 
 
 def render_references(data: ReportData) -> str:
-    """Teacher, untrained student, best plain fine-tuning and best distilled trial, side by side."""
+    """Teacher, untrained student, best plain fine-tuning and best distilled trial, side by
+    side."""
     attrs = data.attrs
     rows = [
-        ("teacher", None, data.teacher_ppl, attrs.get(StudyAttr.TEACHER_EXACT_MATCH), attrs.get(StudyAttr.TEACHER_ROUGE_L)),
-        ("untrained student", None, data.untrained_ppl, attrs.get(StudyAttr.UNTRAINED_EXACT_MATCH), attrs.get(StudyAttr.UNTRAINED_ROUGE_L)),
+        (
+            "teacher",
+            None,
+            data.teacher_ppl,
+            attrs.get(StudyAttr.TEACHER_EXACT_MATCH),
+            attrs.get(StudyAttr.TEACHER_ROUGE_L),
+        ),
+        (
+            "untrained student",
+            None,
+            data.untrained_ppl,
+            attrs.get(StudyAttr.UNTRAINED_EXACT_MATCH),
+            attrs.get(StudyAttr.UNTRAINED_ROUGE_L),
+        ),
     ]
-    for name, trial in (("best plain fine-tuning (alpha 0)", data.best_plain), ("best distilled trial", data.best_distilled)):
+    for name, trial in (
+        ("best plain fine-tuning (alpha 0)", data.best_plain),
+        ("best distilled trial", data.best_distilled),
+    ):
         if trial is not None:
             rows.append((name, trial, trial.student_ppl, trial.exact_match, trial.rouge_l))
-    frame = pd.DataFrame([
-        {
-            "reference": name,
-            "trial": "" if trial is None else data.trial_cell(trial),
-            "perplexity": fmt(ppl),
-            **({"exact match": pct(_percent(em)), "ROUGE-L": fmt(rouge, 3)} if data.has_accuracy else {}),
-            "ratio to teacher": fmt(data.ratio(ppl)),
-            "gap closed": "" if trial is None else pct(data.gap_closed(ppl)),
-        }
-        for name, trial, ppl, em, rouge in rows
-    ])
+    frame = pd.DataFrame(
+        [
+            {
+                "reference": name,
+                "trial": "" if trial is None else data.trial_cell(trial),
+                "perplexity": fmt(ppl),
+                **(
+                    {"exact match": pct(_percent(em)), "ROUGE-L": fmt(rouge, 3)}
+                    if data.has_accuracy
+                    else {}
+                ),
+                "ratio to teacher": fmt(data.ratio(ppl)),
+                "gap closed": "" if trial is None else pct(data.gap_closed(ppl)),
+            }
+            for name, trial, ppl, em, rouge in rows
+        ]
+    )
     note = (
-        "Perplexity is token-weighted over the held-out answers; teacher and students are scored on the same tokens. "
-        "\"Gap closed\" is the share of the perplexity gap between the best plain fine-tuning trial and the teacher."
+        "Perplexity is token-weighted over the held-out answers; teacher and students are scored "
+        "on the same tokens. "
+        '"Gap closed" is the share of the perplexity gap between the best plain fine-tuning '
+        "trial and the teacher."
     )
     return "\n\n".join(["## Reference points", markdown_table(frame), note])
 
@@ -147,18 +210,28 @@ def _percent(fraction) -> float | None:
 def render_top(data: ReportData) -> str:
     frame = top_table(data)
     best = data.ranked.iloc[0]
-    intro = f"The {len(frame)} best of {len(data.ranked)} complete trials by `{data.study.objective}`."
-    if (data.top.alpha == 0).any():
-        intro += " Parameters that need a teacher do nothing at alpha 0: plain fine-tuning rows leave them blank."
+    intro = (
+        f"The {len(frame)} best of {len(data.ranked)} complete trials by `{data.study.objective}`."
+    )
+    if is_plain_fine_tuning(data.top.alpha).any():
+        intro += (
+            " Parameters that need a teacher do nothing at alpha 0: plain fine-tuning rows "
+            "leave them blank."
+        )
     parts = ["## Top configurations", intro, markdown_table(frame)]
     if compare := data.tracking.compare_link(list(data.top.mlflow_run_id)):
-        parts.append(f"[Compare these runs side by side in MLflow]({compare}): parameters, metrics and curves.")
+        parts.append(
+            f"[Compare these runs side by side in MLflow]({compare}): parameters, metrics and "
+            "curves."
+        )
     if data.tracking.local:
         parts.append(
-            f"Run links point at a local MLflow store: they open while `kdsweep ui {data.study_file}` serves it on {LOCAL_UI}."
+            "Run links point at a local MLflow store: they open while `kdsweep ui "
+            f"{data.study_file}` serves it on {LOCAL_UI}."
         )
     parts += [
-        f"**Best configuration** (trial {best.number}, {data.study.objective} {fmt(best.value)}): {describe(best)}. "
+        f"**Best configuration** (trial {best.number}, {data.study.objective} "
+        f"{fmt(best.value)}): {describe(best)}. "
         "Its parameters, ready to paste into a study file:",
         "```yaml\n" + best_config_yaml(data, best) + "```",
         "Reproduce it alone, as a new one-trial study:",
@@ -171,13 +244,18 @@ def top_table(data: ReportData) -> pd.DataFrame:
     """The top-N table as strings: what the Markdown shows."""
     rows = []
     for rank, trial in enumerate(data.top.itertuples(), start=1):
-        plain = trial.alpha == 0
+        plain = is_plain_fine_tuning(trial.alpha)
         link = data.tracking.run_link(trial.mlflow_run_id)
         rows.append(
             {
                 "rank": str(rank),
                 "trial": f"{trial.number}" + (" (baseline)" if trial.baseline else ""),
-                **{p.title: "" if plain and p.distillation_only else p.show(getattr(trial, p.name)) for p in columns(data.study.search)},
+                **{
+                    p.title: ""
+                    if plain and p.distillation_only
+                    else p.show(getattr(trial, p.name))
+                    for p in columns(data.study.search)
+                },
                 "student ppl": fmt(trial.student_ppl),
                 **({"exact match": pct(_percent(trial.exact_match))} if data.has_accuracy else {}),
                 "ratio to teacher": fmt(data.ratio(trial.student_ppl, trial.ppl_ratio)),
@@ -192,7 +270,7 @@ def top_table(data: ReportData) -> pd.DataFrame:
 def best_config_yaml(data: ReportData, best) -> str:
     """The best trial's parameters that mattered as a ``search:`` block, at full precision (at
     alpha 0, those that act without a teacher; never those the study did not touch)."""
-    plain = best.alpha == 0
+    plain = is_plain_fine_tuning(best.alpha)
     shown = [p for p in columns(data.study.search) if not (plain and p.distillation_only)]
     values = {p.name: plain_value(getattr(best, p.name)) for p in shown}
     return yaml.safe_dump({"search": values}, sort_keys=False)
@@ -213,7 +291,9 @@ def render_what_mattered(data: ReportData, figures: dict[str, Figure]) -> str:
     if imp.values is None:
         parts.append(f"Skipped: {imp.skipped}.")
     else:
-        frame = pd.DataFrame({"parameter": imp.values.index, "importance": [fmt(v, 3) for v in imp.values]})
+        frame = pd.DataFrame(
+            {"parameter": imp.values.index, "importance": [fmt(v, 3) for v in imp.values]}
+        )
         parts += [
             f"Evaluator: {imp.evaluator}, over the {imp.n_trials} complete non-baseline trials; "
             "the importances sum to 1 and say which parameters the best trials concentrate on.",
@@ -233,31 +313,48 @@ def render_what_mattered(data: ReportData, figures: dict[str, Figure]) -> str:
 
 def _image(figure: Figure) -> str:
     if figure.path is None:
-        return f"*{figure.title}: not drawn ({figure.skipped}).*" if figure.skipped and figure.name != "importances" else ""
+        return (
+            f"*{figure.title}: not drawn ({figure.skipped}).*"
+            if figure.skipped and figure.name != "importances"
+            else ""
+        )
     relative = f"{quote(figure.path.parent.name)}/{quote(figure.path.name)}"
     return f"![{figure.title}]({relative})"
 
 
 def render_what_went_wrong(data: ReportData) -> str:
     parts = ["## What went wrong"]
-    for title, frame in (("Failed trials", failed_table(data)), ("Pruned trials", pruned_table(data))):
+    for title, frame in (
+        ("Failed trials", failed_table(data)),
+        ("Pruned trials", pruned_table(data)),
+    ):
         if len(frame):
             parts += [f"### {title}", markdown_table(frame)]
     found = warnings_for(data)
     if found:
         parts += ["### Warnings", "\n".join(f"- {w}" for w in found)]
     if len(parts) == 1:
-        parts.append(f"Nothing: all {len(data.trials)} trials completed and no check raised a warning.")
+        parts.append(
+            f"Nothing: all {len(data.trials)} trials completed and no check raised a warning."
+        )
     return "\n\n".join(parts)
 
 
 def failed_table(data: ReportData) -> pd.DataFrame:
     failed = data.trials[data.trials.state == "FAIL"]
-    retries = {int(t.retry_of): t.number for t in data.trials.itertuples() if not pd.isna(t.retry_of)}
+    retries = {
+        int(t.retry_of): t.number for t in data.trials.itertuples() if not pd.isna(t.retry_of)
+    }
     rows = []
     for t in failed.itertuples():
         retried = f" (retried as trial {retries[t.number]})" if t.number in retries else ""
-        rows.append({"trial": str(t.number), "parameters": _params_cell(t), "reason": cell_text(_fail_reason(t) + retried)})
+        rows.append(
+            {
+                "trial": str(t.number),
+                "parameters": _params_cell(t),
+                "reason": cell_text(_fail_reason(t) + retried),
+            }
+        )
     return pd.DataFrame(rows, columns=["trial", "parameters", "reason"])
 
 
@@ -279,14 +376,24 @@ def pruned_table(data: ReportData) -> pd.DataFrame:
                 "parameters": _params_cell(t),
                 "pruned at step": step,
                 f"last {data.study.objective}": fmt(t.last_reported),
-                "reason": cell_text(t.run_reason if isinstance(t.run_reason, str) else "below the pruner's bar"),
+                "reason": cell_text(
+                    t.run_reason if isinstance(t.run_reason, str) else "below the pruner's bar"
+                ),
             }
         )
-    return pd.DataFrame(rows, columns=["trial", "parameters", "pruned at step", f"last {data.study.objective}", "reason"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "trial",
+            "parameters",
+            "pruned at step",
+            f"last {data.study.objective}",
+            "reason",
+        ],
+    )
 
 
 def _params_cell(trial) -> str:
     if as_float(trial.alpha) is None:
         return ""
     return params_short(trial)
-

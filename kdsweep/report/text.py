@@ -15,7 +15,10 @@ def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table of a DataFrame of strings (pandas' to_markdown needs tabulate)."""
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    rows = ["| " + " | ".join(cell_text(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    rows = [
+        "| " + " | ".join(cell_text(v) for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
     return "\n".join([header, rule, *rows])
 
 
@@ -42,11 +45,6 @@ def fmt(value, digits: int = 4) -> str:
     return "" if number is None else f"{number:.{digits}g}"
 
 
-def fmt_lr(value) -> str:
-    number = as_float(value)
-    return "" if number is None else f"{number:.2e}"
-
-
 def pct(value) -> str:
     number = as_float(value)
     return "" if number is None else f"{number:.1f}%"
@@ -57,11 +55,6 @@ def points(value: float) -> str:
     return f"{value:+.1f} points"
 
 
-def signed(value: float) -> str:
-    return f"{value:+.4g}"
-
-
-
 def duration(seconds) -> str:
     number = as_float(seconds)
     if number is None:
@@ -69,7 +62,6 @@ def duration(seconds) -> str:
     if number < 120:
         return f"{number:.0f} s"
     return f"{number / 60:.1f} min" if number < 7200 else f"{number / 3600:.1f} h"
-
 
 
 def plain_value(value):
@@ -98,5 +90,8 @@ def params_short(trial) -> str:
 
 def objective_label(objective: str) -> str:
     """The objective in words, for axis labels."""
-    words = {Metric.STUDENT_PPL: "student perplexity", Metric.PPL_RATIO: "student / teacher perplexity"}
+    words = {
+        Metric.STUDENT_PPL: "student perplexity",
+        Metric.PPL_RATIO: "student / teacher perplexity",
+    }
     return words.get(objective, objective)

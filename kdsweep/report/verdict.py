@@ -12,7 +12,7 @@ import pandas as pd
 
 from kdsweep.report.collect import ReportData
 from kdsweep.report.text import fmt, markdown_table, params_of, pct, points
-from kdsweep.space import BY_NAME
+from kdsweep.space import BY_NAME, is_plain_fine_tuning
 from kdsweep.space import describe as describe_params
 
 
@@ -28,7 +28,11 @@ def render_verdict(data: ReportData) -> str:
 
 _CHOICES = {
     "beta": ("Divergence", "a divergence other than forward KL (beta > 0)", "forward KL (beta 0)"),
-    "lmbda": ("On-policy batches", "on-policy batches (lmbda > 0)", "off-policy training (lmbda 0)"),
+    "lmbda": (
+        "On-policy batches",
+        "on-policy batches (lmbda > 0)",
+        "off-policy training (lmbda 0)",
+    ),
 }
 
 
@@ -36,20 +40,31 @@ def _choice(data: ReportData, p) -> str | None:
     """Best distilled trial with ``p`` away from its quiet value against the best at it."""
     if getattr(data.study.search, p.name).is_fixed:
         return None
-    distilled = data.ranked[data.ranked.alpha != 0]
-    on, off = distilled[distilled[p.name] != p.quiet_at], distilled[distilled[p.name] == p.quiet_at]
+    distilled = data.ranked[~is_plain_fine_tuning(data.ranked.alpha)]
+    on, off = (
+        distilled[distilled[p.name] != p.quiet_at],
+        distilled[distilled[p.name] == p.quiet_at],
+    )
     title, with_it, without = _CHOICES[p.name]
     if on.empty or off.empty:
         tried = "only " + (with_it if off.empty else without)
-        return f"**{title}:** the complete distilled trials tried {tried}, so nothing compares the two."
+        return (
+            f"**{title}:** the complete distilled trials tried {tried}, so nothing compares "
+            "the two."
+        )
     best_on, best_off = on.iloc[0], off.iloc[0]
     wins = _better(data, best_on.value, best_off.value)
     accuracy = ""
     if not pd.isna(best_on.exact_match) and not pd.isna(best_off.exact_match):
-        accuracy = f", exact match {pct(100 * best_on.exact_match)} against {pct(100 * best_off.exact_match)}"
+        accuracy = (
+            f", exact match {pct(100 * best_on.exact_match)} against "
+            f"{pct(100 * best_off.exact_match)}"
+        )
     return (
-        f"**{title}:** {with_it} {'beat' if wins else 'did not beat'} {without}: the best such trial "
-        f"({data.trial_cell(best_on)}, {p.name} {p.show(best_on[p.name])}) reaches perplexity {fmt(best_on.student_ppl)} "
+        f"**{title}:** {with_it} {'beat' if wins else 'did not beat'} {without}: the best such "
+        "trial "
+        f"({data.trial_cell(best_on)}, {p.name} {p.show(best_on[p.name])}) reaches perplexity "
+        f"{fmt(best_on.student_ppl)} "
         f"against {fmt(best_off.student_ppl)} ({data.trial_cell(best_off)}){accuracy}."
     )
 
@@ -58,24 +73,40 @@ def _headline(data: ReportData) -> str:
     plain, distilled = data.best_plain, data.best_distilled
     objective = data.study.objective
     if distilled is None:
-        return f"**No distilled trial has completed**, so nothing says yet whether distillation helps on this {objective}."
+        return (
+            "**No distilled trial has completed**, so nothing says yet whether distillation "
+            f"helps on this {objective}."
+        )
     if plain is None:
         return (
-            f"**No plain fine-tuning baseline ran**, so nothing says whether distillation beats it: add "
+            "**No plain fine-tuning baseline ran**, so nothing says whether distillation beats "
+            "it: add "
             f"`baselines: [{{alpha: 0, trials: 3}}]` to the study. The best distilled trial "
-            f"({data.trial_cell(distilled)}: {describe(distilled)}) reaches {objective} {fmt(distilled.value)}."
+            f"({data.trial_cell(distilled)}: {describe(distilled)}) reaches {objective} "
+            f"{fmt(distilled.value)}."
         )
     wins = _better(data, distilled.value, plain.value)
-    lead = "**Distillation beats the tuned baseline.**" if wins else "**Plain fine-tuning wins: distillation does not beat it.**"
-    sentences = [lead, _comparison(data, distilled, plain), _accuracy_comparison(data, distilled, plain), _gap(data, distilled)]
+    lead = (
+        "**Distillation beats the tuned baseline.**"
+        if wins
+        else "**Plain fine-tuning wins: distillation does not beat it.**"
+    )
+    sentences = [
+        lead,
+        _comparison(data, distilled, plain),
+        _accuracy_comparison(data, distilled, plain),
+        _gap(data, distilled),
+    ]
     return " ".join(s for s in sentences if s)
 
 
 def _comparison(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str:
     tried = len(data.plain)
     return (
-        f"The best distilled trial ({data.trial_cell(distilled)}: {describe(distilled)}) reaches held-out perplexity "
-        f"{fmt(distilled.student_ppl)} against {fmt(plain.student_ppl)} for the best of {tried} plain fine-tuning "
+        f"The best distilled trial ({data.trial_cell(distilled)}: {describe(distilled)}) reaches "
+        "held-out perplexity "
+        f"{fmt(distilled.student_ppl)} against {fmt(plain.student_ppl)} for the best of {tried} "
+        "plain fine-tuning "
         f"trial{'s' if tried > 1 else ''} ({data.trial_cell(plain)}: {describe(plain)}), "
         f"{_relative(distilled.student_ppl, plain.student_ppl)}."
     )
@@ -86,7 +117,8 @@ def _accuracy_comparison(data: ReportData, distilled: pd.Series, plain: pd.Serie
         return ""
     return (
         f"Exact match: {pct(100 * distilled.exact_match)} against {pct(100 * plain.exact_match)} "
-        f"({points(100 * (distilled.exact_match - plain.exact_match))}); ROUGE-L {fmt(distilled.rouge_l, 3)} against "
+        f"({points(100 * (distilled.exact_match - plain.exact_match))}); ROUGE-L "
+        f"{fmt(distilled.rouge_l, 3)} against "
         f"{fmt(plain.rouge_l, 3)}."
     )
 
@@ -95,7 +127,10 @@ def _gap(data: ReportData, distilled: pd.Series) -> str:
     gap = data.gap_closed(distilled.student_ppl)
     if gap is None:
         return ""
-    return f"It closes {pct(gap)} of the perplexity gap between that baseline and the teacher ({fmt(data.teacher_ppl)})."
+    return (
+        f"It closes {pct(gap)} of the perplexity gap between that baseline and the teacher "
+        f"({fmt(data.teacher_ppl)})."
+    )
 
 
 def _relative(ppl: float, baseline: float) -> str:
@@ -117,25 +152,34 @@ def describe(trial) -> str:
 
 
 def seed_check(data: ReportData) -> pd.DataFrame:
-    """One row per re-run configuration: its objective at the study's seed and each other seed,
+    """One row per configuration the seed check trained again: its objective at the study's seed
+    and each other seed,
     their mean and spread (standard deviation and range). Empty without a seed check."""
-    reruns = data.reruns[data.reruns.state == "COMPLETE"]
+    checked = data.seed_check_runs[data.seed_check_runs.state == "COMPLETE"]
     rows = []
     by_number = data.trials.set_index("number")
-    for number, runs in reruns.groupby("confirms", sort=False):
+    for number, runs in checked.groupby("seed_check_of", sort=False):
         original = by_number.loc[int(number)]
         values = pd.Series([original.value, *runs.sort_values("seed").value], dtype=float)
-        rows.append({
-            "number": int(number),
-            "plain": original.alpha == 0,
-            "values": list(values),
-            "mean": values.mean(),
-            "std": values.std(ddof=1) if len(values) > 1 else 0.0,
-            "range": values.max() - values.min(),
-        })
+        rows.append(
+            {
+                "number": int(number),
+                "plain": is_plain_fine_tuning(original.alpha),
+                "values": list(values),
+                "mean": values.mean(),
+                "std": values.std(ddof=1) if len(values) > 1 else 0.0,
+                "range": values.max() - values.min(),
+            }
+        )
     frame = pd.DataFrame(rows, columns=["number", "plain", "values", "mean", "std", "range"])
-    order = frame["mean"].rank(ascending=data.lower_is_better, method="first") if len(frame) else []
-    return frame.assign(order=order).sort_values("order").drop(columns="order") if len(frame) else frame
+    order = (
+        frame["mean"].rank(ascending=data.lower_is_better, method="first") if len(frame) else []
+    )
+    return (
+        frame.assign(order=order).sort_values("order").drop(columns="order")
+        if len(frame)
+        else frame
+    )
 
 
 def seed_check_sentence(data: ReportData) -> str | None:
@@ -152,12 +196,20 @@ def seed_check_sentence(data: ReportData) -> str | None:
     seeds = len(winner["values"])
     lead = (baseline["mean"] - winner["mean"]) * (1 if data.lower_is_better else -1)
     spread = max(winner["range"], baseline["range"])
-    mean = f"over {seeds} seeds the best distilled configuration averages {fmt(winner['mean'])} " \
-           f"and the best plain fine-tuning {fmt(baseline['mean'])} ({data.study.objective})"
+    mean = (
+        f"over {seeds} seeds the best distilled configuration averages {fmt(winner['mean'])} "
+        f"and the best plain fine-tuning {fmt(baseline['mean'])} ({data.study.objective})"
+    )
     if lead > spread:
-        return f"{mean}: distillation's lead ({fmt(lead)}) is larger than the seed spread ({fmt(spread)}), so the win is not noise."
+        return (
+            f"{mean}: distillation's lead ({fmt(lead)}) is larger than the seed spread "
+            f"({fmt(spread)}), so the win is not noise."
+        )
     if lead > 0:
-        return f"{mean}: distillation's lead ({fmt(lead)}) is within the seed spread ({fmt(spread)}), so these seeds do not tell the two apart."
+        return (
+            f"{mean}: distillation's lead ({fmt(lead)}) is within the seed spread "
+            f"({fmt(spread)}), so these seeds do not tell the two apart."
+        )
     return f"{mean}: plain fine-tuning leads by {fmt(-lead)} (seed spread {fmt(spread)})."
 
 
@@ -166,21 +218,25 @@ def render_seed_check(data: ReportData) -> str:
     if check.empty:
         return ""
     trials = data.trials.set_index("number", drop=False)
-    frame = pd.DataFrame([
-        {
-            "trial": data.trial_cell(trials.loc[row.number]) + (" (plain fine-tuning)" if row.plain else ""),
-            "parameters": describe(trials.loc[row.number]),
-            f"{data.study.objective} by seed": ", ".join(fmt(v) for v in row.values),
-            "mean": fmt(row.mean),
-            "std": fmt(row.std, 3),
-            "range": fmt(row.range, 3),
-        }
-        for row in check.itertuples()
-    ])
+    frame = pd.DataFrame(
+        [
+            {
+                "trial": data.trial_cell(trials.loc[row.number])
+                + (" (plain fine-tuning)" if row.plain else ""),
+                "parameters": describe(trials.loc[row.number]),
+                f"{data.study.objective} by seed": ", ".join(fmt(v) for v in row.values),
+                "mean": fmt(row.mean),
+                "std": fmt(row.std, 3),
+                "range": fmt(row.range, 3),
+            }
+            for row in check.itertuples()
+        ]
+    )
     intro = (
-        f"Each configuration below trained again with {data.study.confirm.seeds} other seed(s) "
-        f"(`confirm` in the study; the first value is the sweep's own, at seed {data.study.train.seed}). "
-        "The re-runs sit under the same parent run in MLflow, tagged `kdsweep.confirm`, and never fed the sampler."
+        f"Each configuration below trained again with {data.study.seed_check.seeds} other seed(s) "
+        "(`seed_check` in the study; the first value is the sweep's own, at seed "
+        f"{data.study.train.seed}). "
+        "Its runs sit under the same parent run in MLflow, tagged `kdsweep.seed_check_of`, and "
+        "never fed the sampler."
     )
     return "\n\n".join(["## Seed check", intro, markdown_table(frame)])
-

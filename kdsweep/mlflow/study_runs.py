@@ -1,17 +1,15 @@
-"""MLflow: one experiment per study, one parent run, one nested run per trial.
+"""A study in MLflow: one experiment, one parent run, one nested run per trial.
 
 Runs are driven through ``MlflowClient`` with explicit run ids rather than the fluent
 ``mlflow.start_run`` stack: several trials, processes and machines write to one parent, and an
 explicit id is what lets each of them attach to it. The layout (names, params, tags, metrics,
-statuses) is described in README.md, "MLflow layout".
+statuses) is described in docs/mlflow.md.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import optuna
@@ -19,63 +17,45 @@ from mlflow.entities import DatasetInput
 from mlflow.entities import Param as LoggedParam
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.tracking import MlflowClient, get_tracking_uri
+from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.config import StudyConfig, set_key_path
-from kdsweep.dataset_inputs import dataset_inputs
+from kdsweep.compat import fail_stale_trials
+from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
-from kdsweep.names import MAXIMIZE, MODEL_ARTIFACT, STUDY_ARTIFACT, Metric, StudyAttr, Tag, TrialAttr
-from kdsweep.runs import TrialRun, library_versions, log_batch, param_text, strings, system_monitor
+from kdsweep.mlflow.dataset_inputs import dataset_inputs
+from kdsweep.mlflow.links import resolved_tracking_uri
+from kdsweep.mlflow.trial_run import (
+    TrialRun,
+    library_versions,
+    log_batch,
+    param_text,
+    strings,
+    system_monitor,
+)
+from kdsweep.names import (
+    CHAMPION,
+    MODEL_ARTIFACT,
+    RERUN_ARTIFACT,
+    STUDY_ARTIFACT,
+    Metric,
+    StudyAttr,
+    Tag,
+    TrialAttr,
+)
+from kdsweep.objectives import MAXIMIZE
 from kdsweep.space import run_name
 from kdsweep.storage import first_use_lock, set_user_attr_once
+from kdsweep.study_file import set_key_path
 from kdsweep.version import __version__
 
 # MLflow 3's UI tells model-training experiments from GenAI ones by this tag (where its
-# workflow switch does not decide instead: see ui.runs_url).
+# workflow switch does not decide instead: see links.runs_url).
 TRAINING_EXPERIMENT = "custom_model_development"
-RERUN_ARTIFACT = "trial.yaml"  # on every trial run: the study that reruns it
-CHAMPION = "champion"  # the registry alias that follows the study's best student
-_TRAINING = "workflowType=machine_learning"  # the UI's "Model training" pages, not its GenAI ones
 
 
-def tracking_uri(configured: str | None) -> str | None:
-    """``MLFLOW_TRACKING_URI`` wins; else the study's; else None (MLflow's own default)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured
-
-
-def resolved_tracking_uri(configured: str | None) -> str:
-    """``tracking_uri``, with MLflow's default filled in (it depends on what the current folder
-    holds: an existing ``./mlruns`` store, else ``sqlite:///mlflow.db``)."""
-    return tracking_uri(configured) or get_tracking_uri()
-
-
-# ---------------------------------------------------------------- MLflow UI addresses
-# MLflow 3's UI opens an experiment's plain URL on its GenAI overview, where no runs are shown:
-# every address names the model-training workflow.
-
-
-def run_url(base: str, experiment: str, run_id: str) -> str:
-    """One run's page."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?{_TRAINING}"
-
-
-def runs_url(base: str, experiment: str | None) -> str:
-    """The study's runs table; the experiments list when the study has not run yet."""
-    base = base.rstrip("/")
-    if experiment is None:
-        return f"{base}/#/experiments"
-    return f"{base}/#/experiments/{experiment}/runs?{_TRAINING}"
-
-
-def compare_url(base: str, experiment: str, run_ids: list[str]) -> str:
-    """MLflow's side-by-side view of ``run_ids``: params, metrics and plots."""
-    runs = ",".join(f'"{r}"' for r in run_ids)
-    return f"{base.rstrip('/')}/#/compare-runs?runs=[{runs}]&experiments=[\"{experiment}\"]&{_TRAINING}"
-
-
-class StudyTracker:
+class StudyRuns:
     """The MLflow side of one study: its experiment, its parent run and its trials' runs."""
 
     def __init__(self, study: StudyConfig):
@@ -88,20 +68,25 @@ class StudyTracker:
         self.inputs: list[DatasetInput] = []
         self._common_tags = self._tags()
         self._best_logged: int | None = None  # the trial last shown as best on the parent run
-        # Trial runs' batches are written by one background thread, in order, while training goes on.
+        # Trial runs' batches are written by one background thread, in order, while training goes
+        # on.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdsweep-mlflow")
 
     def _experiment(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return self.client.create_experiment(name, tags={Tag.EXPERIMENT_KIND: TRAINING_EXPERIMENT})
+                return self.client.create_experiment(
+                    name, tags={Tag.EXPERIMENT_KIND: TRAINING_EXPERIMENT}
+                )
             except MlflowException as exc:  # another worker created it a moment ago
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = self.client.get_experiment_by_name(name)
         if experiment.tags.get(Tag.EXPERIMENT_KIND) is None:
-            self.client.set_experiment_tag(experiment.experiment_id, Tag.EXPERIMENT_KIND, TRAINING_EXPERIMENT)
+            self.client.set_experiment_tag(
+                experiment.experiment_id, Tag.EXPERIMENT_KIND, TRAINING_EXPERIMENT
+            )
         return experiment.experiment_id
 
     # -------------------------------------------------------------- the parent run
@@ -116,13 +101,19 @@ class StudyTracker:
         """
         run_id = optuna_study.user_attrs.get(StudyAttr.PARENT_RUN_ID)
         if run_id is None:
-            candidate = self.client.create_run(self.experiment_id, run_name=self.study.name, tags=self._common_tags)
-            run_id = set_user_attr_once(optuna_study, StudyAttr.PARENT_RUN_ID, candidate.info.run_id)
+            candidate = self.client.create_run(
+                self.experiment_id, run_name=self.study.name, tags=self._common_tags
+            )
+            run_id = set_user_attr_once(
+                optuna_study, StudyAttr.PARENT_RUN_ID, candidate.info.run_id
+            )
             if run_id != candidate.info.run_id:
                 self.client.delete_run(candidate.info.run_id)  # another worker's parent came first
             else:
                 optuna_study.set_user_attr(StudyAttr.EXPERIMENT_ID, self.experiment_id)
-                log_batch(self.client, run_id, params=fixed_settings(self.study), metrics=references)
+                log_batch(
+                    self.client, run_id, params=fixed_settings(self.study), metrics=references
+                )
                 self.client.log_dict(run_id, self.study.to_dict(), STUDY_ARTIFACT)
         else:
             self._reopen(run_id)
@@ -137,8 +128,10 @@ class StudyTracker:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             raise UsageError(
-                f"study {self.study.name!r} logs to MLflow run {run_id}, which is not in the tracking store "
-                f"{self.client.tracking_uri}: use the store the study started with (MLFLOW_TRACKING_URI or "
+                f"study {self.study.name!r} logs to MLflow run {run_id}, which is not in the "
+                "tracking store "
+                f"{self.client.tracking_uri}: use the store the study started with "
+                "(MLFLOW_TRACKING_URI or "
                 "tracking.uri), or give the study a new name"
             ) from None
 
@@ -155,7 +148,13 @@ class StudyTracker:
             Tag.BEST_VALUE: f"{best.value:.6g}",
             **{f"{Tag.BEST_PARAM_PREFIX}{k}": v for k, v in params.items()},
         }
-        log_batch(self.client, self.parent_run_id, metrics={Metric.BEST_VALUE: best.value}, tags=tags, step=best.number)
+        log_batch(
+            self.client,
+            self.parent_run_id,
+            metrics={Metric.BEST_VALUE: best.value},
+            tags=tags,
+            step=best.number,
+        )
 
     def close(self, optuna_study: optuna.Study, *, status: str) -> None:
         """End every trial run left RUNNING by a dead worker, then the parent run, unless
@@ -172,12 +171,17 @@ class StudyTracker:
         its run. Optuna's heartbeat turns such a trial from RUNNING to FAIL once its worker has
         been silent for the storage's grace period; this asks it to check first.
         """
-        _fail_stale_trials(optuna_study)
-        # Trial numbers, not run ids: a live trial's run may exist a moment before its id is stored.
-        live = {str(t.number) for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        fail_stale_trials(optuna_study)
+        # Trial numbers, not run ids: a live trial's run may exist a moment before its id is
+        # stored.
+        live = {
+            str(t.number)
+            for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        }
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{Tag.PARENT}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
+            filter_string=f"tags.`{Tag.PARENT}` = '{self.parent_run_id}' and attributes.status = "
+            "'RUNNING'",
         )
         stale = [r for r in runs if r.data.tags.get(Tag.TRIAL) not in live]
         for run in stale:
@@ -192,11 +196,19 @@ class StudyTracker:
         as MLflow dataset inputs (a digest and a source: the data itself is not uploaded)."""
         self.inputs = dataset_inputs(self.study, train_split, eval_set)
 
-    def start_trial(self, trial: optuna.Trial, params: dict, *, seed: int, device: str, gpu_uuid: str | None = None) -> TrialRun:
+    def start_trial(
+        self,
+        trial: optuna.Trial,
+        params: dict,
+        *,
+        seed: int,
+        device: str,
+        gpu_uuid: str | None = None,
+    ) -> TrialRun:
         """The trial's nested run, its params (the searched ones, the fixed settings, its seed)
         sent in the background. A seed-check trial is tagged with the trial it runs again; every
         run with the host and device it trains on."""
-        confirms = trial.user_attrs.get(TrialAttr.CONFIRMS)
+        checked = trial.user_attrs.get(TrialAttr.SEED_CHECK_OF)
         tags = {
             Tag.PARENT: self.parent_run_id,
             Tag.TRIAL: trial.number,
@@ -204,25 +216,31 @@ class StudyTracker:
             Tag.BASELINE: bool(trial.user_attrs.get(TrialAttr.BASELINE, False)),
             Tag.HOST: socket.gethostname(),
             Tag.DEVICE: device,
-            **({Tag.CONFIRM: confirms} if confirms is not None else {}),
+            **({Tag.SEED_CHECK_OF: checked} if checked is not None else {}),
             **self._common_tags,
         }
-        name = run_name(trial.number, params) + ("" if confirms is None else f" seed={seed} (seed check of {confirms})")
+        name = run_name(trial.number, params) + (
+            "" if checked is None else f" seed={seed} (seed check of {checked})"
+        )
         run = self.client.create_run(self.experiment_id, run_name=name, tags=strings(tags))
         trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run.info.run_id)
         monitor = None
         if self.study.tracking.system_metrics:
             interval = self.study.tracking.system_metrics_interval
-            monitor = system_monitor(self.client, run.info.run_id, interval=interval, gpu_uuid=gpu_uuid)
-        trial_run = TrialRun(self.client, run.info.run_id, run.info.run_name, writer=self._writer, monitor=monitor)
+            monitor = system_monitor(
+                self.client, run.info.run_id, interval=interval, gpu_uuid=gpu_uuid
+            )
+        trial_run = TrialRun(
+            self.client, run.info.run_id, run.info.run_name, writer=self._writer, monitor=monitor
+        )
         values = {**params, **fixed_settings(self.study), "seed": seed}
         trial_run.send(params=[LoggedParam(k, param_text(v)) for k, v in values.items()])
-        trial_run.send_dict(rerun_study(self.study, params, seed=seed, number=trial.number), RERUN_ARTIFACT)
+        trial_run.send_dict(
+            rerun_study(self.study, params, seed=seed, number=trial.number), RERUN_ARTIFACT
+        )
         if self.inputs:
             self.client.log_inputs(run.info.run_id, datasets=self.inputs)
         return trial_run
-
-
 
     def keep_best_model(self) -> None:
         """``save_best``: of the trial runs holding a saved student, the best one is the model.
@@ -235,8 +253,13 @@ class StudyTracker:
         """
         saved = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{Tag.PARENT}` = '{self.parent_run_id}' and tags.`{Tag.MODEL}` = 'saved'",
-            order_by=[f"metrics.{Metric.OBJECTIVE} {'DESC' if self.study.direction == MAXIMIZE else 'ASC'}", "attributes.start_time ASC"],
+            filter_string=f"tags.`{Tag.PARENT}` = '{self.parent_run_id}' and tags.`{Tag.MODEL}` "
+            "= 'saved'",
+            order_by=[
+                f"metrics.{Metric.OBJECTIVE} "
+                f"{'DESC' if self.study.direction == MAXIMIZE else 'ASC'}",
+                "attributes.start_time ASC",
+            ],
         )
         if not saved:
             return
@@ -263,7 +286,9 @@ class StudyTracker:
             version = versions[0].version
         else:
             source = f"runs:/{run_id}/{MODEL_ARTIFACT}"
-            version = self.client.create_model_version(name, source=source, run_id=run_id, tags={Tag.STUDY: self.study.name}).version
+            version = self.client.create_model_version(
+                name, source=source, run_id=run_id, tags={Tag.STUDY: self.study.name}
+            ).version
         self.client.set_registered_model_alias(name, CHAMPION, version)
 
     def _tags(self) -> dict[str, str]:
@@ -271,7 +296,13 @@ class StudyTracker:
         kdsweep = {
             Tag.STUDY: self.study.name,
             Tag.VERSION: __version__,
-            **{f"{Tag.LIBRARY_VERSION_PREFIX}{package}": version for package, version in library_versions().items()},
+            # Optuna's too: which trials a study draws depends on it.
+            **{
+                f"{Tag.LIBRARY_VERSION_PREFIX}{package}": version
+                for package, version in library_versions(
+                    ("torch", "transformers", "optuna")
+                ).items()
+            },
             Tag.FINGERPRINT: self.study.fingerprint(),
             **({Tag.GIT_COMMIT: commit} if (commit := git_commit(self.study.base_dir)) else {}),
         }
@@ -296,6 +327,12 @@ def fixed_settings(study: StudyConfig) -> dict:
         "precision": train.precision,
         "seed": train.seed,
         "objective": study.objective,
+        # How trials are drawn: explicit, so the same study samples the same way on every Optuna.
+        "sampler": study.sampler.name,
+        "sampler.seed": study.sampler.seed,
+        "sampler.n_startup_trials": study.sampler.n_startup_trials,
+        "sampler.multivariate": study.sampler.multivariate,
+        "sampler.constant_liar": study.sampler.constant_liar,
     }
 
 
@@ -315,7 +352,9 @@ def rerun_study(study: StudyConfig, params: dict, *, seed: int, number: int) -> 
 def git_commit(folder: str = ".") -> str | None:
     """The commit checked out where the study file lives, if that is a git work tree."""
     try:
-        out = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -324,13 +363,5 @@ def git_commit(folder: str = ".") -> str | None:
 # ---------------------------------------------------------------- helpers
 
 
-def _fail_stale_trials(optuna_study: optuna.Study) -> None:
-    with warnings.catch_warnings():  # "fail_stale_trials is experimental"
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(optuna_study)
-
-
 def _artifact_repository(run, tracking_uri: str):
     return get_artifact_repository(run.info.artifact_uri, tracking_uri=tracking_uri)
-
-

@@ -15,6 +15,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from kdsweep.compat import dataset_entity
 from kdsweep.config import StudyConfig
 
 
@@ -43,14 +44,19 @@ class _TokenizedDataset(MetaDataset):
         return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
 
-def _dataset_input(data, split: str, study: StudyConfig, digest: str, profile: dict, context: str) -> DatasetInput:
+def _dataset_input(
+    data, split: str, study: StudyConfig, digest: str, profile: dict, context: str
+) -> DatasetInput:
     source = _dataset_source(study.resolve_path(data.dataset), split)
-    dataset = _TokenizedDataset(source, name=f"{Path(data.dataset).name}-{split}", digest=digest, profile=profile)
-    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+    dataset = _TokenizedDataset(
+        source, name=f"{Path(data.dataset).name}-{split}", digest=digest, profile=profile
+    )
+    return DatasetInput(dataset_entity(dataset), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def _dataset_source(location: str, split: str):
-    """A local file or folder (``location`` is then absolute), or else a Hugging Face hub dataset."""
+    """A local file or folder (``location`` is then absolute), or else a Hugging Face hub
+    dataset."""
     if not Path(location).is_absolute():
         return HuggingFaceDatasetSource(path=location, split=split)
     with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so
@@ -74,5 +80,3 @@ def _evaluation_data(eval_set) -> tuple[str, dict]:
 
 def _digest(values) -> str:
     return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()[:12]
-
-

@@ -19,10 +19,10 @@ import mlflow.transformers
 from mlflow.entities import Metric as LoggedMetric
 from mlflow.entities import Param as LoggedParam
 from mlflow.entities import RunTag
-from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
+from kdsweep.compat import keep_gpus
 from kdsweep.names import MODEL_ARTIFACT, TRACEBACK_ARTIFACT, Metric, Tag
 from kdsweep.redact import redact
 
@@ -49,7 +49,9 @@ class TrialRun:
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         now = int(time.time() * 1000)
-        self.pending += [LoggedMetric(key, float(value), now, step) for key, value in metrics.items()]
+        self.pending += [
+            LoggedMetric(key, float(value), now, step) for key, value in metrics.items()
+        ]
 
     def log_step(self, log) -> None:
         """A training log line (``train.StepLog``): sent with the next batch, not now."""
@@ -78,7 +80,9 @@ class TrialRun:
         self.pending = []
 
     def send(self, *, metrics=(), params=()) -> None:
-        write = functools.partial(self.client.log_batch, self.run_id, metrics=list(metrics), params=list(params))
+        write = functools.partial(
+            self.client.log_batch, self.run_id, metrics=list(metrics), params=list(params)
+        )
         if self.writer is None:
             write()
         else:
@@ -113,17 +117,24 @@ class TrialRun:
         fails with transformers 5. The requirements are pinned to what trained it, so MLflow
         does not guess them (it would ask for torchvision).
         """
-        requirements = [f"{package}=={version.split('+')[0]}" for package, version in library_versions().items()]
+        requirements = [
+            f"{package}=={version.split('+')[0]}"
+            for package, version in library_versions().items()
+        ]
         with tempfile.TemporaryDirectory(prefix="kdsweep-model-") as folder:
             path = Path(folder) / MODEL_ARTIFACT
             mlflow.transformers.save_model(
-                transformers_model={"model": model, "tokenizer": tokenizer}, path=str(path),
-                task="text-generation", pip_requirements=requirements,
+                transformers_model={"model": model, "tokenizer": tokenizer},
+                path=str(path),
+                task="text-generation",
+                pip_requirements=requirements,
             )
             self.client.log_artifacts(self.run_id, str(path), MODEL_ARTIFACT)
         self.client.set_tag(self.run_id, Tag.MODEL, "saved")
 
-    def end(self, status: str, *, state: str, reason: str | None = None, traceback: str | None = None) -> None:
+    def end(
+        self, status: str, *, state: str, reason: str | None = None, traceback: str | None = None
+    ) -> None:
         """Write what is left, record the Optuna state (and why it ended) as tags, and set the
         MLflow status.
 
@@ -138,7 +149,11 @@ class TrialRun:
         if len(self.pending) > BATCH_LIMIT:
             self.flush()
         self.wait_sent()
-        self.client.log_batch(self.run_id, metrics=self.pending, tags=[RunTag(k, v) for k, v in strings(tags).items()])
+        self.client.log_batch(
+            self.run_id,
+            metrics=self.pending,
+            tags=[RunTag(k, v) for k, v in strings(tags).items()],
+        )
         self.pending = []
         if traceback:
             self.client.log_text(self.run_id, traceback, TRACEBACK_ARTIFACT)
@@ -147,17 +162,19 @@ class TrialRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def system_monitor(client: MlflowClient, run_id: str, *, interval: float, gpu_uuid: str | None) -> SystemMetricsMonitor:
+def system_monitor(
+    client: MlflowClient, run_id: str, *, interval: float, gpu_uuid: str | None
+) -> SystemMetricsMonitor:
     """MLflow's system metrics (CPU, memory, disk, network, and the utilisation and memory of
     the GPU with ``gpu_uuid``) on a run, sampled every ``interval`` seconds in a thread.
 
     NVML lists every GPU of the machine whatever CUDA_VISIBLE_DEVICES says, so the trial's own
     GPU is picked by its UUID; a trial on the CPU logs none.
     """
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=client.tracking_uri)
-    for gpus in (m for m in monitor.monitors if isinstance(m, GPUMonitor)):
-        gpus.gpu_handles = [h for h in gpus.gpu_handles if gpu_uuid and gpu_uuid in _nvml_uuid(h)]
-        gpus.num_gpus = len(gpus.gpu_handles)
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval, tracking_uri=client.tracking_uri
+    )
+    keep_gpus(monitor, lambda handle: bool(gpu_uuid) and gpu_uuid in _nvml_uuid(handle))
     monitor.start()
     return monitor
 
@@ -169,12 +186,15 @@ def _nvml_uuid(handle) -> str:
     return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
 
 
-def library_versions() -> dict[str, str]:
-    """The versions that decide what a trial computes, recorded on every run to rerun it."""
-    return {package: importlib.metadata.version(package) for package in ("torch", "transformers")}
+def library_versions(packages: tuple[str, ...] = ("torch", "transformers")) -> dict[str, str]:
+    """The versions that decide what a trial computes (recorded on every run to rerun it, and
+    pinned in a saved model's requirements)."""
+    return {package: importlib.metadata.version(package) for package in packages}
 
 
-def log_batch(client: MlflowClient, run_id: str, *, params=None, metrics=None, tags=None, step: int = 0) -> None:
+def log_batch(
+    client: MlflowClient, run_id: str, *, params=None, metrics=None, tags=None, step: int = 0
+) -> None:
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,

@@ -11,6 +11,7 @@ trial starts (data-loader workers, subprocesses) see it too.
 
 This module imports nothing from MLflow: MLflow loads its entry points while it is itself being
 imported, and a plugin that imported MLflow first would find it half-built and go unregistered.
+(``kdsweep.names`` imports nothing.)
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from kdsweep.names import Tag
+
 STUDY_VAR = "KDSWEEP_STUDY"
 TRIAL_VAR = "KDSWEEP_TRIAL"
 RUN_ID_VAR = "KDSWEEP_TRIAL_RUN_ID"
-_TAGS = {STUDY_VAR: "kdsweep.study", TRIAL_VAR: "kdsweep.trial", RUN_ID_VAR: "kdsweep.trial_run_id"}
+_TAGS = {STUDY_VAR: Tag.STUDY, TRIAL_VAR: Tag.TRIAL, RUN_ID_VAR: Tag.TRIAL_RUN_ID}
 
 
 @contextmanager
