@@ -191,9 +191,8 @@ def build_model(
 ) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen3ForCausalLM(
-            config
-        )  # random weights, made on the device: no copy from the CPU
+        # random weights, made on the device: no copy from the CPU
+        model = Qwen3ForCausalLM(config)
     return model.to(dtype)
 
 
@@ -248,9 +247,8 @@ def notebook_run(
 ) -> list[float]:
     """The notebook's training loop over ``batches``; returns the time after each step."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=5e-5)
-    loss_fn = DistillationLossWithTopK(
-        ALPHA, TEMPERATURE, pad_id=-1, topk=top_k
-    )  # no padding here
+    # no padding here
+    loss_fn = DistillationLossWithTopK(ALPHA, TEMPERATURE, pad_id=-1, topk=top_k)
     scaler = torch.amp.GradScaler(device.type)
     clock = []
     student.train()
@@ -320,6 +318,7 @@ def kdsweep_run(
     )
     on_policy = None
     if lmbda > 0:
+        # no EOS in a random vocabulary: every row runs to the cap
         on_policy = train.OnPolicy(
             online,
             split,
@@ -327,7 +326,7 @@ def kdsweep_run(
             max_new_tokens=args.gen_tokens,
             pad_id=0,
             eos_id=vocab.size,
-        )  # no EOS in a random vocabulary: every row runs to the cap
+        )
     clock = []
 
     def on_log(log) -> None:
@@ -394,9 +393,8 @@ def run_modes(args, device: torch.device) -> dict:
     peak = peak_flops(device, args.peak_tflops)
     student_flops = 3 * forward_flops_per_token(student_config, args.seq)
     with_teacher = student_flops + forward_flops_per_token(teacher_config, args.seq)
-    teacher_dtype = resolve_dtype(
-        args.teacher_dtype, device, frozen=True
-    )  # auto: bf16 on a GPU, as kdsweep
+    # auto: bf16 on a GPU, as kdsweep
+    teacher_dtype = resolve_dtype(args.teacher_dtype, device, frozen=True)
     started = time.perf_counter()
     results, notes = {}, {}
 
@@ -466,10 +464,11 @@ def run_modes(args, device: torch.device) -> dict:
     )
     with tempfile.TemporaryDirectory(prefix="kdsweep-gpu-bench-") as tmp:
         cache, build = build_cache(teacher, split, vocab, Path(tmp), args=args, device=device)
+        # on-policy: the cache for the other steps, the teacher kept loaded beside it
         for lmbda in (
             0.5,
             1.0,
-        ):  # on-policy: the cache for the other steps, the teacher kept loaded beside it
+        ):
             attempt(
                 f"onpolicy-{lmbda:g}",
                 f"kdsweep, cached top-{args.top_k}, lmbda {lmbda:g}: {args.gen_tokens} sampled "

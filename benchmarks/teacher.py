@@ -84,9 +84,8 @@ def timed_sweep(study) -> tuple[float, TrialRunner]:
 def teacher_training_tokens(ws: TrialRunner) -> int:
     """Tokens the teacher ran on over the training split during this sweep."""
     if ws.teacher.cached:
-        return ws.teacher.train_cache.manifest[
-            "teacher_tokens"
-        ]  # the one build, in this run's fresh folder
+        # the one build, in this run's fresh folder
+        return ws.teacher.train_cache.manifest["teacher_tokens"]
     eval_tokens = sum(batch.num_tokens for batch in ws.eval_set.batches)  # its targets, made once
     return ws.teacher.tokens_processed - eval_tokens
 

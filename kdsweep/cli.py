@@ -135,6 +135,13 @@ def cmd_check(args) -> int:
         f"{study.teacher.name} -> {study.student.name} on {study.data.dataset}, "
         f"searching {', '.join(searched) or 'nothing'} (fingerprint {study.fingerprint()})"
     )
+    if study.data.test_split is None:
+        print(
+            f"{args.study}: warning: data.test_split is not set: the verdict will come from the "
+            f"validation split ({study.data.eval_split!r}) the sweep selects on, and be "
+            "optimistic; set data.test_split to rows of their own",
+            file=sys.stderr,
+        )
     return 0
 
 

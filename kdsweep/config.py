@@ -22,6 +22,7 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "sharegpt")
+SELECTIONS = ("best", "last")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -40,29 +41,27 @@ class DataConfig:
 
     dataset: str = ""  # hub id, or a local file (jsonl/json/parquet/csv) or folder of them
     train_split: str = "train"
+    # the validation split: pruning, the sampler, each trial's best checkpoint and the best trial
     eval_split: str = "test"
+    # scored once, for the finalists only (the best distilled and baseline configurations, the
+    # seed check's runs, the teacher): the verdict's numbers, from rows nothing was selected on
+    test_split: str | None = None
     # auto: decided by the columns, as TRL does (messages, prompt + completion, conversations, else
     # text_field); or text, messages, prompt_completion, sharegpt
     format: str = "auto"
-    text_field: str = (
-        "text"  # text rows: guanaco's ### Human: / ### Assistant: turns, or plain text
-    )
-    messages_field: str = (
-        "messages"  # conversations of {role, content}; roles system, user, assistant
-    )
-    prompt_field: str = (
-        "prompt"  # prompt-completion rows: both text, or both lists of {role, content}
-    )
+    # text rows: guanaco's ### Human: / ### Assistant: turns, or plain text
+    text_field: str = "text"
+    # conversations of {role, content}; roles system, user, assistant
+    messages_field: str = "messages"
+    # prompt-completion rows: both text, or both lists of {role, content}
+    prompt_field: str = "prompt"
     completion_field: str = "completion"
-    conversations_field: str = (
-        "conversations"  # ShareGPT: {from, value} turns (human, gpt, system)
-    )
-    chat_template: str | None = (
-        None  # a Jinja chat template, or a file holding one; default: the student tokenizer's
-    )
-    chat_template_kwargs: dict = field(
-        default_factory=dict
-    )  # passed to the template, e.g. {enable_thinking: false}
+    # ShareGPT: {from, value} turns (human, gpt, system)
+    conversations_field: str = "conversations"
+    # a Jinja chat template, or a file holding one; default: the student tokenizer's
+    chat_template: str | None = None
+    # passed to the template, e.g. {enable_thinking: false}
+    chat_template_kwargs: dict = field(default_factory=dict)
     max_length: int = 512
     assistant_only: bool = True  # score only the answers (each with the token that ends it)
     group_by_length: bool = True  # batch rows of similar length so little compute goes to padding
@@ -79,17 +78,20 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto: bf16 where the GPU supports it, else fp32
-    eval_every: int = 50  # steps between evaluations (pruning decisions)
+    eval_every: int = 50  # steps between evaluations (pruning decisions, checkpoints to select)
+    # best: a trial's value is its best evaluation, at its best checkpoint (the step is kept as
+    # best_step; accuracy is measured there, save_best keeps it); last: its last evaluation
+    select: str = "best"
+    # where finalists' best checkpoints are kept for the test split; default: under the cache
+    checkpoint_dir: str | None = None
     eval_batch_size: int = 16
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
-    threads: int | None = (
-        None  # torch's CPU threads; tiny models run fastest on 1 (None: torch's default)
-    )
-    loss_chunk_tokens: int | None = (
-        None  # positions per loss block; None: sized by the loss from a memory budget
-    )
+    # torch's CPU threads; tiny models run fastest on 1 (None: torch's default)
+    threads: int | None = None
+    # positions per loss block; None: sized by the loss from a memory budget
+    loss_chunk_tokens: int | None = None
     # every top_k finite: the teacher runs once per study, into a top-K cache; false: online
     teacher_cache: bool = True
     # a trial out of GPU memory is retried with half the micro-batch and twice the accumulation
@@ -108,18 +110,16 @@ class EvalConfig:
     max_rows: int = 200  # the eval split's first rows that end with an answer
     max_new_tokens: int = 64  # longer answers are cut
     batch_size: int = 32  # prompts decoded together (left-padded, with the KV cache)
-    every_eval: bool = (
-        False  # at every evaluation, not only the last (always, for an accuracy objective)
-    )
+    # at every evaluation, not only the last (always, for an accuracy objective)
+    every_eval: bool = False
 
 
 @dataclass(frozen=True)
 class SeedCheckConfig:
     """The seed check: after the sweep, the best configurations train again with other seeds."""
 
-    top: int = (
-        0  # the best distilled configurations trained again (with the best baseline); 0: no check
-    )
+    # the best distilled configurations trained again (with the best baseline); 0: no check
+    top: int = 0
     seeds: int = 2  # other training seeds for each: train.seed + 1, + 2, ...
 
 
@@ -132,9 +132,8 @@ class SamplerConfig:
     seed: int | None = 0  # seeds every trial's draws (by its number), so reruns draw the same
     n_startup_trials: int = 5  # tpe: trials drawn at random before TPE models the others
     multivariate: bool = True  # tpe: model the parameters jointly, not one by one
-    constant_liar: bool = (
-        True  # tpe: treat running trials as bad, so parallel workers explore apart
-    )
+    # tpe: treat running trials as bad, so parallel workers explore apart
+    constant_liar: bool = True
 
 
 @dataclass(frozen=True)
@@ -172,13 +171,11 @@ class StudyConfig:
     # searches the parameters it does not fix (its learning rate) over 3 trials of its own.
     baselines: tuple[dict, ...] = ()
     seed_check: SeedCheckConfig = SeedCheckConfig()
-    max_consecutive_failures: int = (
-        3  # the same error failing this many trials in a row stops the sweep
-    )
+    # the same error failing this many trials in a row stops the sweep
+    max_consecutive_failures: int = 3
     save_best: bool = False  # keep the best trial's student as an MLflow model
-    register_as: str | None = (
-        None  # with save_best: the MLflow Model Registry name; alias "champion" follows the best
-    )
+    # with save_best: the MLflow Model Registry name; alias "champion" follows the best
+    register_as: str | None = None
     report_top_n: int = 5
     base_dir: str = field(default=".", metadata={"internal": True})  # folder of the study file
 

@@ -33,10 +33,11 @@ from kdsweep.paths import atomic_folder, cache_dir
 PREFIX = "demo:"  # a study's teacher or student named demo:teacher / demo:student
 EOS_TOKEN = "<|endoftext|>"  # Qwen's end-of-text token, also its padding token
 EOS_TOKEN_ID = 0  # build_tokenizer gives the special tokens the first ids, in this order
+# ChatML's, as Qwen's chat template writes them
 TURN_START, TURN_END = (
     "<|im_start|>",
     "<|im_end|>",
-)  # ChatML's, as Qwen's chat template writes them
+)
 SPECIAL_TOKENS = (EOS_TOKEN, TURN_START, TURN_END)
 MAX_VOCAB_SIZE = (
     2048  # bytes + the special tokens + merges; on the demo corpus the merges run out first
@@ -141,11 +142,15 @@ _QUESTIONS = ("Name {a} {c}.", "Give me {a} {c}.", "Can you name {a} {c}?", "Tel
 TURNS = 2  # exchanges per row: two make the rows (almost) all distinct, and keep them short
 
 CORPUS_ROWS, CORPUS_SEED = 20_000, 0  # the teacher's corpus: generated when the teacher is built
-TEST_ROWS, TEST_SEED = 1_000, 1  # held out from both the corpus and the train split
+# Held out from both the corpus and the train split: the first half validates (the sweep selects
+# on it), the second half tests (the verdict is measured on it).
+HELD_OUT_ROWS, HELD_OUT_SEED = 1_000, 1
+VALIDATION_ROWS = TEST_ROWS = HELD_OUT_ROWS // 2
+# the study's students train on these (about 6 answers per category)
 TRAIN_ROWS, TRAIN_SEED = (
     200,
     2,
-)  # the study's students train on these (about 6 answers per category)
+)
 
 
 Messages = list[dict[str, str]]  # a conversation as a messages row holds it: {role, content} turns
@@ -197,14 +202,17 @@ def answers(category: str) -> list[str]:
 
 
 def splits() -> tuple[list[Messages], list[Messages], list[Messages]]:
-    """The teacher's corpus, the students' train split and the held-out test split.
+    """The teacher's corpus, the students' train split and the held-out rows (validation, then
+    test).
 
     Test rows are distinct, and none of them is in the corpus or the train split: evaluation
     measures what was learned about the categories, not memory of rows.
     """
     test = list(
-        {_key(c): c for c in generate_conversations(2 * TEST_ROWS, seed=TEST_SEED)}.values()
-    )[:TEST_ROWS]
+        {
+            _key(c): c for c in generate_conversations(2 * HELD_OUT_ROWS, seed=HELD_OUT_SEED)
+        }.values()
+    )[:HELD_OUT_ROWS]
     held_out = {_key(c) for c in test}
     corpus = [
         c for c in generate_conversations(CORPUS_ROWS, seed=CORPUS_SEED) if _key(c) not in held_out
@@ -222,12 +230,18 @@ def _key(messages: Messages) -> str:
 
 
 def write_demo_data(folder: str | Path) -> None:
-    """Write the students' ``train.jsonl`` and the held-out ``test.jsonl`` (a ``messages`` field
-    per row) into ``folder``: what ``studies/data/picks`` ships."""
+    """Write the students' ``train.jsonl`` and the held-out ``validation.jsonl`` and
+    ``test.jsonl`` (a ``messages`` field per row) into ``folder``: what ``studies/data/picks``
+    ships."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _, train, test = splits()
-    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+    _, train, held_out = splits()
+    validation, test = held_out[:VALIDATION_ROWS], held_out[VALIDATION_ROWS:]
+    for name, rows in (
+        ("train.jsonl", train),
+        ("validation.jsonl", validation),
+        ("test.jsonl", test),
+    ):
         (folder / name).write_text(
             "".join(json.dumps({"messages": messages}) + "\n" for messages in rows)
         )

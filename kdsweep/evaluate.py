@@ -165,6 +165,28 @@ def evaluate_student(
     return metrics
 
 
+@dataclass(frozen=True)
+class TestSet:
+    """The test split: scored once per finalist, never selected on."""
+
+    batches: list[Batch]
+    answers: Answers | None = None  # eval.accuracy: the rows whose answers are decoded
+
+    @property
+    def rows(self) -> int:
+        return sum(len(batch.example_ids) for batch in self.batches)
+
+
+def score_test(model: PreTrainedModel, test_set: TestSet, vocab: Vocabulary) -> dict[str, float]:
+    """A model's perplexity (and accuracy, when decoded) on the test split, by the test names."""
+    metrics = {Metric.TEST_STUDENT_PPL: score(model, test_set.batches, vocab).perplexity}
+    if test_set.answers is not None:
+        found = accuracy(model, test_set.answers)
+        metrics[Metric.TEST_EXACT_MATCH] = found[Metric.EXACT_MATCH]
+        metrics[Metric.TEST_ROUGE_L] = found[Metric.ROUGE_L]
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------
 # Task accuracy
 

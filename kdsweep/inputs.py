@@ -53,7 +53,8 @@ class Inputs:
     tokenizer: PreTrainedTokenizerBase  # the student's: it renders and tokenizes the data
     vocab: models.Vocabulary
     train_split: TokenizedSplit
-    eval_split: TokenizedSplit
+    eval_split: TokenizedSplit  # the validation split
+    test_split: TokenizedSplit | None = None  # data.test_split, for the finalists
 
 
 AGREEMENT_ROWS = 64  # rows of each split that teacher and student must render and tokenize alike
@@ -69,10 +70,8 @@ def read_inputs(study: StudyConfig, progress: SweepProgress) -> Inputs:
     vocab = models.check_vocabularies(teacher, student, tokenizer)
     _check_top_k(study, vocab)
     data = study.data
-    rows = {
-        split: _read_rows(study, split, progress)
-        for split in dict.fromkeys((data.train_split, data.eval_split))
-    }
+    splits = (data.train_split, data.eval_split) + ((data.test_split,) if data.test_split else ())
+    rows = {split: _read_rows(study, split, progress) for split in dict.fromkeys(splits)}
     chat = _chat_template(study, rows, tokenizer)
     _check_teacher_tokens(study, rows, tokenizer, teacher_tokenizer, chat)
     # The train rows' prompts are read by on-policy steps only; the eval rows' by accuracy.
@@ -84,8 +83,11 @@ def read_inputs(study: StudyConfig, progress: SweepProgress) -> Inputs:
         progress,
         with_prompts=study.on_policy_possible,
     )
-    eval_split = _tokenized(
-        study, rows[data.eval_split], tokenizer, chat, progress, with_prompts=study.eval.accuracy
+    eval_split, test_split = (
+        _tokenized(study, rows[split], tokenizer, chat, progress, with_prompts=study.eval.accuracy)
+        if split
+        else None
+        for split in (data.eval_split, data.test_split)
     )
     return Inputs(
         teacher=teacher,
@@ -95,6 +97,7 @@ def read_inputs(study: StudyConfig, progress: SweepProgress) -> Inputs:
         vocab=vocab,
         train_split=train_split,
         eval_split=eval_split,
+        test_split=test_split,
     )
 
 

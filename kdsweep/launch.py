@@ -76,9 +76,8 @@ def run_workers(
     api.quiet_libraries()
     pinned = plan_devices(study, workers, devices)
     if pinned[0] is not None:
-        torch.cuda.set_device(
-            pinned[0]
-        )  # the cache is built on the first worker's GPU, not always on GPU 0
+        # the cache is built on the first worker's GPU, not always on GPU 0
+        torch.cuda.set_device(pinned[0])
     prepare_shared(study)
     command = worker_command(
         study_file,
@@ -114,9 +113,8 @@ def plan_devices(study: StudyConfig, workers: int, devices: list[int] | None) ->
     workers there; on GPUs they go round-robin over the visible ones (or all on the study's
     ``cuda:N``).
     """
-    device = models.resolve_device(
-        study.train.device
-    )  # a cuda study on a machine without one stops here
+    # a cuda study on a machine without one stops here
+    device = models.resolve_device(study.train.device)
     if devices is None:
         if device.type == "cpu":
             return [None] * workers
@@ -177,10 +175,11 @@ def worker_command(
     if pinned[0] is not None and study.train.device.startswith("cuda:"):
         command += ["--set", "train.device=cuda"]  # a worker sees one GPU, its cuda:0
     if n_trials is not None:
+        # the study's total: the workers stop together at it
         command += [
             "--n-trials",
             str(n_trials),
-        ]  # the study's total: the workers stop together at it
+        ]
     if timeout is not None:
         command += ["--timeout", str(timeout)]
     return command

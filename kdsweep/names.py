@@ -45,6 +45,16 @@ class Metric:
     KL_TO_TEACHER = "kl_to_teacher"
     EXACT_MATCH = "exact_match"  # fractions in [0, 1]
     ROUGE_L = "rouge_l"
+    # A complete trial: the step of the checkpoint its value comes from (train.select).
+    BEST_STEP = "best_step"
+    # A finalist (the best distilled and baseline configurations, the seed check's runs) on the
+    # test split, once; the parent run holds the teacher's.
+    TEST_STUDENT_PPL = "test_student_ppl"
+    TEST_EXACT_MATCH = "test_exact_match"
+    TEST_ROUGE_L = "test_rouge_l"
+    TEST_TEACHER_PPL = "test_teacher_ppl"
+    TEST_TEACHER_EXACT_MATCH = "test_teacher_exact_match"
+    TEST_TEACHER_ROUGE_L = "test_teacher_rouge_l"
     # The end of a complete trial.
     OBJECTIVE = "objective"
     DURATION_S = "duration_s"
@@ -64,9 +74,8 @@ class Metric:
 class StudyAttr:
     """User attrs of the Optuna study: what every worker shares, computed once."""
 
-    PARENT_RUN_ID = (
-        "mlflow_parent_run_id"  # written once, by compare-and-set (storage.set_user_attr_once)
-    )
+    # written once, by compare-and-set (storage.set_user_attr_once)
+    PARENT_RUN_ID = "mlflow_parent_run_id"
     EXPERIMENT_ID = "mlflow_experiment_id"
     CONFIG = "config"  # the resolved study the sweep ran with
     FINGERPRINT = "fingerprint"
@@ -79,14 +88,24 @@ class StudyAttr:
     TRAIN_SCORED_TOKENS = "train_scored_tokens"
     EVAL_SCORED_TOKENS = "eval_scored_tokens"
     TRAIN_PADDING_SHARE = Metric.TRAIN_PADDING_SHARE
-    RECOVERED_PREFIX = (
-        "recovered:"  # recovered:<trial>: the worker that failed a dead worker's trial
-    )
+    # recovered:<trial>: the worker that failed a dead worker's trial
+    RECOVERED_PREFIX = "recovered:"
     TEACHER_EXACT_MATCH = Metric.TEACHER_EXACT_MATCH
     TEACHER_ROUGE_L = Metric.TEACHER_ROUGE_L
     UNTRAINED_EXACT_MATCH = Metric.UNTRAINED_EXACT_MATCH
     UNTRAINED_ROUGE_L = Metric.UNTRAINED_ROUGE_L
     ACCURACY_ROWS = "accuracy_rows"  # eval rows whose answers are decoded
+    TEST_ROWS = "test_rows"  # the test split, scored for the finalists
+    TEST_SCORED_TOKENS = "test_scored_tokens"
+    TEST_ACCURACY_ROWS = "test_accuracy_rows"
+    # The teacher on the test split (on the parent run too), and each finalist's scores there
+    # ("test:<trial>": {test_student_ppl, test_exact_match, test_rouge_l}): a finished Optuna
+    # trial's attrs cannot change, a study's can.
+    TEST_TEACHER_PPL = Metric.TEST_TEACHER_PPL
+    TEST_TEACHER_EXACT_MATCH = Metric.TEST_TEACHER_EXACT_MATCH
+    TEST_TEACHER_ROUGE_L = Metric.TEST_TEACHER_ROUGE_L
+    TEST_PREFIX = "test:"
+    FINALS_PREFIX = "finals:"  # finals:<trials>: the worker that scores these finalists
     SEED_CHECK_JOBS = "seed_check_jobs"  # the seed check's (trial, seed) runs, decided once
     VOCAB_SIZE = "vocab_size"
     VOCAB_PADDED = "vocab_padded"
@@ -114,9 +133,10 @@ class TrialAttr:
     GRAD_ACCUM = "grad_accum_steps"  # ... and larger accumulation (the same effective batch)
     OOM_RETRY_OF = "oom_retry_of"  # the trial that ran out of memory
     RETRY_OF = "retry_of"  # the trial whose worker died while it ran
-    SEED_CHECK_OF = (
-        "seed_check_of"  # a seed-check trial: the trial whose configuration it trains again
-    )
+    # a seed-check trial: the trial whose configuration it trains again
+    SEED_CHECK_OF = "seed_check_of"
+    BEST_STEP = Metric.BEST_STEP  # the step its value (and its final metrics) come from
+    # A finalist's scores on the test split: Metric.TEST_STUDENT_PPL, ... under their own names.
     # A complete trial also keeps its final eval metrics (student_ppl, ...) under their Metric
     # names.
 
@@ -133,9 +153,8 @@ class Tag:
     STATE = "kdsweep.state"  # the Optuna state: COMPLETE, PRUNED, FAIL, INTERRUPTED, KILLED
     REASON = "kdsweep.reason"
     BASELINE = "kdsweep.baseline"
-    SEED_CHECK_OF = (
-        "kdsweep.seed_check_of"  # a seed-check run: the trial whose configuration it trains again
-    )
+    # a seed-check run: the trial whose configuration it trains again
+    SEED_CHECK_OF = "kdsweep.seed_check_of"
     VERSION = "kdsweep.version"
     LIBRARY_VERSION_PREFIX = "kdsweep.version."  # kdsweep.version.torch, .transformers, .optuna
     FINGERPRINT = "kdsweep.fingerprint"

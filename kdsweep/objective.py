@@ -18,6 +18,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsweep import finalists
 from kdsweep.config import StudyConfig
 from kdsweep.mlflow.plugin import active_trial
 from kdsweep.mlflow.study_runs import StudyRuns
@@ -66,20 +67,20 @@ class Objective:
         )
         mass = self.runner.topk_mass(params)  # None when the teacher runs online
         if mass is not None:
-            trial.set_user_attr(
-                TrialAttr.TOPK_MASS, mass
-            )  # the report warns when top_k keeps little
+            # the report warns when top_k keeps little
+            trial.set_user_attr(TrialAttr.TOPK_MASS, mass)
             run.log_metrics({Metric.TOPK_MASS: mass}, step=0)
         self.progress.trial_started(trial.number, params, self.study.train.max_steps)
-        trained = {}  # save_best: the trained student, until the trial is scored
-        keep = (
-            self.study.save_best and group_of(trial) != Group.SEED_CHECK
-        )  # a seed-check run saves no model
+        seed_check = group_of(trial) == Group.SEED_CHECK
+        has_test = self.runner.test_set is not None
+        # The trained student, until the trial is scored: save_best logs it, and a sweep trial of
+        # a study with a test split may keep it as a finalist (a seed-check run is scored at once).
+        trained = {}
+        keep = not seed_check and (self.study.save_best or has_test)
         on_trained = (lambda student: trained.update(student=student)) if keep else None
         try:
-            with active_trial(
-                self.study.name, trial.number, run.run_id
-            ):  # tags runs that user code starts
+            # tags runs that user code starts
+            with active_trial(self.study.name, trial.number, run.run_id):
                 result = self.runner(
                     params,
                     seed=seed,
@@ -87,6 +88,7 @@ class Objective:
                     on_log=self._on_log(run),
                     on_eval=self._on_eval(trial, run),
                     on_trained=on_trained,
+                    on_test=seed_check and has_test,
                 )
             return self._complete(trial, run, result, student=trained.pop("student", None))
         except optuna.TrialPruned as exc:
@@ -139,12 +141,20 @@ class Objective:
         value = result.final_eval[self.study.objective]
         trial.set_user_attr(TrialAttr.DURATION_S, result.seconds)
         trial.set_user_attr(TrialAttr.PEAK_MEMORY_MB, result.peak_memory_bytes / 2**20)
+        trial.set_user_attr(TrialAttr.BEST_STEP, result.best_step)
         for key, metric in result.final_eval.items():
             trial.set_user_attr(key, metric)
+        step = result.best_step
+        run.log_metrics({**result.after, Metric.BEST_STEP: step}, step=step)
+        finalists.record_test_scores(trial.study, trial.number, result.after)  # a seed-check run
+        if student is not None and self.runner.test_set is not None:
+            finalists.keep_if_contender(self.study, trial.study, trial, value, student)
         # save_best: a trial better than every complete one so far logs its student as a model.
-        best = best_trial(trial.study) if student is not None else None  # read only with save_best
-        saved = student is not None and (
-            best is None or better(self.study.direction, value, best.value)
+        best = best_trial(trial.study) if self.study.save_best and student is not None else None
+        saved = (
+            self.study.save_best
+            and student is not None
+            and (best is None or better(self.study.direction, value, best.value))
         )
         if saved:
             run.log_model(student, self.runner.tokenizer)

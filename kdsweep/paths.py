@@ -56,9 +56,8 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
     try:
         yield staging
-        shutil.rmtree(
-            final, ignore_errors=True
-        )  # an incomplete folder of that name is worth nothing
+        # an incomplete folder of that name is worth nothing
+        shutil.rmtree(final, ignore_errors=True)
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -69,6 +69,11 @@ def retried(trials: list[FrozenTrial]) -> set[int]:
     return {retry_of(t) for t in trials} - {None}
 
 
+def worker_id() -> str:
+    """This process, as a compare-and-set claim names it: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def this_worker() -> dict:
     """Host, process id and process start time of the current process."""
     return {

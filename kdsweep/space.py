@@ -69,9 +69,8 @@ class Searched:
     low_open: bool = False
     distillation_only: bool = False  # does nothing without a teacher signal (alpha 0)
     integer_or_all: bool = False  # whole numbers or "all", given as a list (top_k)
-    quiet_at: float | None = (
-        None  # a value that means "as before this parameter existed": not shown
-    )
+    # a value that means "as before this parameter existed": not shown
+    quiet_at: float | None = None
 
     def setting(self, value: Any) -> Any:
         """The value as the training loop takes it: ``top_k: all`` is None (no truncation)."""

@@ -61,10 +61,11 @@ def open_storage(
     that does not let us in is a :class:`UsageError` (see :func:`check_storage`), not Optuna's
     "Failed to import DB access module".
     """
+    # workers starting together must not create the tables twice
     with (
         first_use_lock(url),
         _storage_errors(url),
-    ):  # workers starting together must not create the tables twice
+    ):
         for pause in (0.2, 0.5, 1.0):
             try:
                 return _rdb_storage(url, on_stale_trial)

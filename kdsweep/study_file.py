@@ -24,6 +24,7 @@ from kdsweep.config import (
     PRECISIONS,
     PRUNERS,
     SAMPLERS,
+    SELECTIONS,
     ModelConfig,
     StudyConfig,
     TrainConfig,
@@ -254,6 +255,12 @@ def validate(study: StudyConfig) -> list[str]:
 
 def _validate_data(study: StudyConfig) -> list[str]:
     data = study.data
+    for other in ("train_split", "eval_split"):
+        if data.test_split is not None and data.test_split == getattr(data, other):
+            return [
+                f"data.test_split: {data.test_split!r} is also data.{other}: the verdict would be "
+                "measured on rows the sweep trained or selected on; give it rows of its own"
+            ]
     if data.format not in DATA_FORMATS:
         return [f"data.format: must be one of {', '.join(DATA_FORMATS)}, got {data.format!r}"]
     if data.chat_template is None:
@@ -309,6 +316,10 @@ def _validate_train(train: TrainConfig) -> list[str]:
         problems.append(f"train.weight_decay: must be >= 0, got {train.weight_decay}")
     if train.max_grad_norm <= 0:
         problems.append(f"train.max_grad_norm: must be > 0, got {train.max_grad_norm}")
+    if train.select not in SELECTIONS:
+        problems.append(
+            f"train.select: must be one of {', '.join(SELECTIONS)}, got {train.select!r}"
+        )
     if train.precision not in PRECISIONS:
         problems.append(
             f"train.precision: must be one of {', '.join(PRECISIONS)}, got {train.precision!r}"

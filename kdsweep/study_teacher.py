@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kdsweep import models
 from kdsweep.config import StudyConfig
-from kdsweep.data import Batch, TokenizedSplit, make_batches
+from kdsweep.data import Batch, TokenizedSplit
 from kdsweep.errors import UsageError
 from kdsweep.evaluate import EVAL_TOP_K, EvalSet, prepare_eval_set
 from kdsweep.inputs import Inputs, read_inputs
@@ -200,17 +200,6 @@ class StudyTeacher:
             "assistant_only": data.assistant_only,
             "max_length": data.max_length,
         }
-
-
-def eval_batches(study: StudyConfig, inputs: Inputs) -> list[Batch]:
-    """The eval split in batches, in its order (grouped by length)."""
-    return make_batches(
-        inputs.eval_split,
-        batch_size=study.train.eval_batch_size,
-        pad_id=inputs.tokenizer.pad_token_id,
-        shuffle_seed=None,
-        group_by_length=True,
-    )
 
 
 def build_cache(study: StudyConfig) -> Path:

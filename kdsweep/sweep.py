@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 
@@ -21,11 +20,12 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsweep import references
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
+from kdsweep.finalists import finalists, run_finals
 from kdsweep.mlflow.study_runs import StudyRuns
 from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
 from kdsweep.objective import Objective
 from kdsweep.progress import SweepProgress
-from kdsweep.recovery import fail_dead_trials, retried, retry_once
+from kdsweep.recovery import fail_dead_trials, retried, retry_once, worker_id
 from kdsweep.samplers import make_pruner, make_sampler
 from kdsweep.space import baseline_trials
 from kdsweep.storage import (
@@ -54,9 +54,8 @@ def open_study(study: StudyConfig) -> optuna.Study:
     """Create the Optuna study, or load it when an earlier run or another worker made it."""
     optuna_study = optuna.create_study(
         study_name=study.name,
-        storage=open_storage(
-            study.storage_url, on_stale_trial=retry_once
-        ),  # another host's dead worker: retried
+        # another host's dead worker: retried
+        storage=open_storage(study.storage_url, on_stale_trial=retry_once),
         sampler=make_sampler(study),
         pruner=make_pruner(study),
         direction=study.direction,
@@ -85,16 +84,19 @@ def run(
     progress = progress or SweepProgress()
     target = n_trials or study.n_trials
     check_storage(study.storage_url)  # a bad storage URL costs seconds, not a model load
-    runner = runner or TrialRunner.prepare(
-        study, progress=progress
-    )  # raises UsageError before anything is written
+    # raises UsageError before anything is written
+    runner = runner or TrialRunner.prepare(study, progress=progress)
     optuna_study = open_study(study)
     for trial, reason in fail_dead_trials(optuna_study):
         progress.message(
             f"trial {trial.number} failed: {reason}; it is retried once with the same parameters"
         )
     done = sweep_count(optuna_study, FINISHED_STATES)
-    if done >= target and seed_check_done(optuna_study, study):
+    if (
+        done >= target
+        and seed_check_done(optuna_study, study)
+        and finals_done(study, optuna_study)
+    ):
         progress.message(
             f"study {study.name!r} already holds {done} finished trials (target {target}): "
             "nothing to do"
@@ -120,6 +122,8 @@ def run(
                 deadline=deadline,
                 stop=_StopAtTarget(target),
             )
+        if not _past(deadline):
+            run_finals(study, optuna_study, runner, runs, progress, deadline=deadline)
         if study.seed_check.top and not _past(deadline):
             run_seed_check(optuna_study, study, objective, progress, deadline=deadline)
         status = "FINISHED"
@@ -181,10 +185,7 @@ class _StopAtTarget:
 
 def enqueue_baselines(optuna_study: optuna.Study, study: StudyConfig) -> None:
     """Baseline trials (e.g. alpha 0: plain fine-tuning on the same budget) run first, once."""
-    if (
-        set_user_attr_once(optuna_study, StudyAttr.BASELINES_ENQUEUED, _worker_id())
-        != _worker_id()
-    ):
+    if set_user_attr_once(optuna_study, StudyAttr.BASELINES_ENQUEUED, worker_id()) != worker_id():
         return  # another worker (or an earlier run) enqueued them
     for params, attrs in baseline_trials(study.search, study.baselines):
         optuna_study.enqueue_trial(params, user_attrs=attrs)
@@ -260,10 +261,6 @@ def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
 
-def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 # ---------------------------------------------------------------- the seed check
 
 
@@ -288,6 +285,17 @@ def seed_check_jobs(
     return [
         tuple(job) for job in set_user_attr_once(optuna_study, StudyAttr.SEED_CHECK_JOBS, jobs)
     ]
+
+
+def finals_done(study: StudyConfig, optuna_study: optuna.Study) -> bool:
+    """Whether every finalist and the teacher have test scores (or the study has no test split)."""
+    if study.data.test_split is None:
+        return True
+    attrs = optuna_study.user_attrs
+    scored = all(
+        f"{StudyAttr.TEST_PREFIX}{t.number}" in attrs for t in finalists(study, optuna_study)
+    )
+    return scored and StudyAttr.TEST_TEACHER_PPL in attrs
 
 
 def seed_check_done(optuna_study: optuna.Study, study: StudyConfig) -> bool:
@@ -320,7 +328,7 @@ def run_seed_check(
     for number, seed in jobs:
         if _past(deadline):
             return
-        if set_user_attr_once(optuna_study, _job_key(number, seed), _worker_id()) != _worker_id():
+        if set_user_attr_once(optuna_study, _job_key(number, seed), worker_id()) != worker_id():
             continue  # another worker has it
         original = trials[number]
         attrs = {

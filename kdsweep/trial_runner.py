@@ -1,9 +1,10 @@
 """One trial's training, as the objective runs it: a fresh student distilled with the trial's
-parameters from the study's teacher, evaluated as the study asks.
+parameters from the study's teacher, ending at the checkpoint ``train.select`` chooses.
 
 :meth:`TrialRunner.prepare` makes what a study's trials share, once per worker: the inputs
-(``inputs``), the teacher (``study_teacher``) and the eval set with the teacher's targets on it.
-The objective receives the runner and calls it once per trial; a test gives it another runner.
+(``inputs``), the teacher (``study_teacher``), the validation set with the teacher's targets on it,
+and the test set. The objective receives the runner and calls it once per trial; a test gives it
+another runner.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdsweep import models, space, train
 from kdsweep.config import StudyConfig
+from kdsweep.data import Batch, TokenizedSplit, make_batches
 from kdsweep.errors import UsageError
-from kdsweep.evaluate import Answers, EvalSet, evaluate_student
+from kdsweep.evaluate import Answers, EvalSet, TestSet, accuracy, evaluate_student, score_test
 from kdsweep.inputs import Inputs, read_inputs
-from kdsweep.objectives import ACCURACY_OBJECTIVES
+from kdsweep.names import Metric
+from kdsweep.objectives import ACCURACY_OBJECTIVES, better
 from kdsweep.progress import SweepProgress
-from kdsweep.study_teacher import StudyTeacher, eval_batches
+from kdsweep.study_teacher import StudyTeacher
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,20 +34,31 @@ class TrialRunner:
     study: StudyConfig
     inputs: Inputs
     teacher: StudyTeacher
-    eval_set: EvalSet
+    eval_set: EvalSet  # the validation split, with the teacher's targets
+    test_set: TestSet | None = None  # data.test_split: scored for the finalists only
 
     @classmethod
     def prepare(cls, study: StudyConfig, *, progress: SweepProgress) -> TrialRunner:
         """Read and check every input, then make the teacher (its cache, built once per study, or
-        its weights, loaded once per worker) and the eval set."""
+        its weights, loaded once per worker), the validation set and the test set."""
         if study.train.threads:
             torch.set_num_threads(study.train.threads)
         inputs = read_inputs(study, progress)
         teacher = StudyTeacher.prepare(study=study, inputs=inputs, progress=progress)
-        eval_set = teacher.eval_set(eval_batches(study, inputs))
+        eval_set = teacher.eval_set(_batches(study, inputs, inputs.eval_split))
         if study.eval.accuracy:
-            eval_set = dataclasses.replace(eval_set, answers=_answers(study, inputs, progress))
-        return cls(study=study, inputs=inputs, teacher=teacher, eval_set=eval_set)
+            answers = _answers(study, inputs.eval_split, inputs, study.data.eval_split, progress)
+            eval_set = dataclasses.replace(eval_set, answers=answers)
+        test_set = None
+        if inputs.test_split is not None:
+            answers = None
+            if study.eval.accuracy:
+                split = inputs.test_split
+                answers = _answers(study, split, inputs, study.data.test_split, progress)
+            test_set = TestSet(_batches(study, inputs, inputs.test_split), answers)
+        return cls(
+            study=study, inputs=inputs, teacher=teacher, eval_set=eval_set, test_set=test_set
+        )
 
     @property
     def device(self) -> torch.device:
@@ -63,10 +77,15 @@ class TrialRunner:
         on_log,
         on_eval,
         on_trained=None,
+        on_test: bool = False,
     ) -> train.DistillResult:
         """One trial: a fresh student distilled with ``params`` (the declared search space), with
         the study's training seed or ``seed``, and its micro-batch and accumulation or ``batch``.
-        ``on_trained(student)``, if given, sees the trained student (``save_best`` saves it)."""
+
+        The student ends at the checkpoint ``train.select`` chooses, where accuracy is measured
+        (and, with ``on_test``, the test split scored): ``DistillResult.after`` holds what was
+        measured there. ``on_trained(student)``, if given, then sees it (``save_best`` saves it).
+        """
         student = models.load_model("student", self.inputs.student, self.device)
         fixed = (
             self.study.train if seed is None else dataclasses.replace(self.study.train, seed=seed)
@@ -87,14 +106,29 @@ class TrialRunner:
             on_log=on_log,
             on_eval=on_eval,
             on_policy=self.on_policy() if settings.lmbda > 0 else None,
+            better=self._better if self.study.train.select == "best" else None,
         )
+        after = self.measure(student, result.final_eval, on_test=on_test)
         if on_trained is not None:
             on_trained(student)
-        return result
+        return dataclasses.replace(result, final_eval=result.final_eval | after, after=after)
+
+    def _better(self, metrics: dict, than: dict) -> bool:
+        objective = self.study.objective
+        return better(self.study.direction, metrics[objective], than[objective])
+
+    def measure(self, student: PreTrainedModel, measured: dict, *, on_test: bool) -> dict:
+        """What is measured at the trial's final checkpoint: accuracy on the validation split
+        (unless an evaluation already did), and the test split for a finalist."""
+        found = {}
+        if self.eval_set.answers is not None and Metric.EXACT_MATCH not in measured:
+            found |= accuracy(student, self.eval_set.answers)
+        if on_test and self.test_set is not None:
+            found |= score_test(student, self.test_set, self.inputs.vocab)
+        return found
 
     def on_policy(self) -> train.OnPolicy:
-        """What a trial's on-policy steps need: the teacher run online, the prompts, how to
-        sample."""
+        """What a trial's on-policy steps need: the teacher run online, the prompts, sampling."""
         cfg = self.study.train
         return train.OnPolicy(
             self.teacher.online("score on-policy completions"),
@@ -106,37 +140,47 @@ class TrialRunner:
         )
 
     def evaluate(self, student: PreTrainedModel, step: int) -> dict[str, float]:
-        """A trial's evaluation at ``step``: accuracy too at the last step, or at every one when
-        the study asks (an accuracy objective needs it for pruning)."""
-        with_accuracy = self.study.accuracy_every_eval or step == self.study.train.max_steps
+        """A trial's evaluation at ``step`` on the validation split; accuracy too when the study
+        decodes answers at every evaluation (an accuracy objective needs it to select and
+        prune); otherwise accuracy waits for the final checkpoint (``measure``)."""
         return evaluate_student(
             student,
             self.eval_set,
             self.inputs.vocab,
             chunk_tokens=self.study.train.loss_chunk_tokens,
-            with_accuracy=with_accuracy,
+            with_accuracy=self.study.accuracy_every_eval,
         )
 
     def topk_mass(self, params: dict) -> float | None:
-        """The teacher's probability mass the trial's top_k keeps (None: the teacher runs
-        online)."""
+        """The teacher's probability mass the trial's top_k keeps (None: it runs online)."""
         return self.teacher.mass(params["top_k"])
 
 
-def _answers(study: StudyConfig, inputs: Inputs, progress: SweepProgress) -> Answers | None:
-    """The eval rows whose final answers are decoded; None, with a warning, when no row ends with
-    one (accuracy is then off: there is nothing to ask)."""
-    if inputs.eval_split.answered():
-        return Answers.of(inputs.eval_split, inputs.tokenizer, study.eval)
-    if study.objective in ACCURACY_OBJECTIVES:
+def _batches(study: StudyConfig, inputs: Inputs, split: TokenizedSplit) -> list[Batch]:
+    """A held-out split in batches, in its order (grouped by length)."""
+    return make_batches(
+        split,
+        batch_size=study.train.eval_batch_size,
+        pad_id=inputs.tokenizer.pad_token_id,
+        shuffle_seed=None,
+        group_by_length=True,
+    )
+
+
+def _answers(
+    study: StudyConfig, split: TokenizedSplit, inputs: Inputs, name: str, progress: SweepProgress
+) -> Answers | None:
+    """A held-out split's rows whose final answers are decoded; None, with a warning, when no row
+    ends with one (accuracy is then off there: there is nothing to ask)."""
+    if split.answered():
+        return Answers.of(split, inputs.tokenizer, study.eval)
+    if study.objective in ACCURACY_OBJECTIVES and name == study.data.eval_split:
         raise UsageError(
-            f"objective: {study.objective} needs eval rows that end with an answer, and no row "
-            f"of {study.data.eval_split!r} "
-            "does; choose another objective or eval split"
+            f"objective: {study.objective} needs eval rows that end with an answer, and no row of "
+            f"{name!r} does; choose another objective or eval split"
         )
     progress.message(
-        f"warning: eval.accuracy: no row of {study.data.eval_split!r} ends with an assistant "
-        "turn, so there is no answer "
-        "to decode; accuracy is off"
+        f"warning: eval.accuracy: no row of {name!r} ends with an assistant turn, so there is "
+        "no answer to decode; accuracy is off there"
     )
     return None

@@ -88,9 +88,8 @@ def test_batched_left_padded_decoding_equals_one_prompt_at_a_time(model, tokeniz
 
 def test_generation_stops_at_eos_and_keeps_it(model, tokenizer):
     prompts = [tuple(tokenizer("### Human: What is 1 + 1?### Assistant:")["input_ids"])]
-    eos = generate(model, prompts, pad_id=0, eos_id=0, max_new_tokens=20, batch_size=1)[0][
-        0
-    ]  # the first greedy token
+    # the first greedy token
+    eos = generate(model, prompts, pad_id=0, eos_id=0, max_new_tokens=20, batch_size=1)[0][0]
     stopped = generate(model, prompts, pad_id=0, eos_id=eos, max_new_tokens=20, batch_size=1)[0]
     assert stopped == [eos]
 

@@ -39,13 +39,11 @@ def test_gpu_benchmark_tiny_mode_runs_every_mode_on_the_cpu(tmp_path, capsys):
         "onpolicy-1",
     }
     for result in report["results"].values():
-        assert (
-            result["tokens_per_s"] > 0 and result["peak_gib"] > 0 and result["mfu"] is None
-        )  # no peak on a CPU
+        # no peak on a CPU
+        assert result["tokens_per_s"] > 0 and result["peak_gib"] > 0 and result["mfu"] is None
     build = report["cache_build"]
-    assert (
-        build["teacher_tokens"] == build["split_tokens"] == 2 * 3 * 32
-    )  # the teacher ran once over the rows
+    # the teacher ran once over the rows
+    assert build["teacher_tokens"] == build["split_tokens"] == 2 * 3 * 32
     table = capsys.readouterr().out
     assert (
         "cached distillation step / plain CE step" in table and "bfloat16 teacher online" in table
@@ -72,12 +70,10 @@ def test_onpolicy_benchmark_times_every_share_on_a_tiny_study(tiny_study, capsys
         if line.strip()[:3] in {"0.0", "0.5", "1.0"}
     ]
     assert [row[0] for row in rows] == ["0.0", "0.5", "1.0"]
-    assert (
-        rows[0][3] == "1.00" and rows[0][5] == "0"
-    )  # the cached step is the unit, and generates nothing
-    assert (
-        int(rows[2][5]) == 4 and float(rows[2][3]) > 1
-    )  # lmbda 1: every step generates, and costs more
+    # the cached step is the unit, and generates nothing
+    assert rows[0][3] == "1.00" and rows[0][5] == "0"
+    # lmbda 1: every step generates, and costs more
+    assert int(rows[2][5]) == 4 and float(rows[2][3]) > 1
 
 
 def test_the_real_configurations_are_qwen3_0_6b_and_4b():

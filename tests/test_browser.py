@@ -68,9 +68,8 @@ def swept(tmp_path_factory, tiny_models, tiny_data) -> Path:
         max_steps=4,
         eval_every=2,
     )
-    with (
-        pytest.MonkeyPatch.context() as patch
-    ):  # the per-test isolation of conftest, for the module
+    # the per-test isolation of conftest, for the module
+    with pytest.MonkeyPatch.context() as patch:
         isolate(patch, root)
         assert main(["run", str(study), "--no-report"]) == 0
     return study

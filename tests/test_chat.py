@@ -106,11 +106,12 @@ def test_a_truncation_inside_an_answer_keeps_the_answers_first_tokens(tokenizer,
         [conversation(*messages)], tokenizer, max_length=cut, assistant_only=True, chat=chat
     )
     assert len(split.input_ids[0]) == cut
+    # by hand: the first three words, no end-of-turn
     assert scored(tokenizer, split) == [
         "apple",
         "Ġcream",
         "Ġa",
-    ]  # by hand: the first three words, no end-of-turn
+    ]
     assert split.answered() == [0]  # the answer began before the cut: it is still asked for
 
 
@@ -196,9 +197,8 @@ def test_prompt_completion_scores_the_completion_only(tokenizer, chat):
     split = tokenize([row], tokenizer, max_length=64, assistant_only=True, chat=chat)
     assert scored(tokenizer, split) == ["blue", EOT]
     plain = tokenize([Completion("2 + 2 =", " 4")], tokenizer, max_length=64, assistant_only=True)
-    assert (
-        tokenizer.decode(plain.input_ids[0]) == "2 + 2 = 4<|endoftext|>"
-    )  # joined as TRL joins it
+    # joined as TRL joins it
+    assert tokenizer.decode(plain.input_ids[0]) == "2 + 2 = 4<|endoftext|>"
     assert (
         tokenizer.decode(
             [i for i, label in zip(plain.input_ids[0], plain.labels[0]) if label != IGNORE_INDEX]
@@ -489,7 +489,6 @@ def test_teacher_and_student_must_render_alike(tmp_path, tiny_models, capsys):
     assert (
         "row 0 of" in err and "teacher and student tokenize it differently from token 1 on" in err
     )
-    assert (
-        "the student has 'user'" in err and "the teacher 's'" in err
-    )  # 'system' is s-y-st-em to the tiny tokenizer
+    # 'system' is s-y-st-em to the tiny tokenizer
+    assert "the student has 'user'" in err and "the teacher 's'" in err
     assert not (tmp_path / "optuna.db").exists()

@@ -52,10 +52,11 @@ def test_study_errors_exit_2_one_line_each_and_write_nothing(tiny_study, tmp_pat
             "cannot load the student: no folder /nonexistent/student",
         ),
         ("data.dataset=/nonexistent/rows.jsonl", "/nonexistent/rows.jsonl"),
+        # auto finds neither conversations nor text
         (
             "data.messages_field=body",
             "data.text_field: dataset",
-        ),  # auto finds neither conversations nor text
+        ),
         ("data.train_split=train[:0]", "data.train_split"),  # empty once the split is applied
         ("search.top_k=[8, 10000000]", "search.top_k: 10000000 is above the vocabulary size"),
     ],

@@ -84,9 +84,8 @@ def test_only_answers_and_final_eos_are_scored(tokenizer):
     split = tokenize([text], tokenizer, max_length=64, assistant_only=True)
     ids, labels = split.input_ids[0], split.labels[0]
     assert scored_text(tokenizer, ids, labels).strip() == "The answer is 42.<|endoftext|>"
-    assert (
-        tokenizer.decode(ids) == text + "<|endoftext|>"
-    )  # the markers stay in what the model sees
+    # the markers stay in what the model sees
+    assert tokenizer.decode(ids) == text + "<|endoftext|>"
     assert all(label in (i, IGNORE_INDEX) for i, label in zip(ids, labels))
 
 
@@ -136,9 +135,8 @@ def test_truncation_and_rows_without_scored_tokens_are_dropped(tokenizer):
     split = tokenize(texts, tokenizer, max_length=cut, assistant_only=True)
     assert len(split) == 1 and split.dropped == 2
     assert len(split.input_ids[0]) == cut == len(split.labels[0])
-    assert (
-        split.labels[0][-1] != IGNORE_INDEX
-    )  # cut inside the answer: the last kept token is scored
+    # cut inside the answer: the last kept token is scored
+    assert split.labels[0][-1] != IGNORE_INDEX
 
 
 def test_num_scored_tokens_skips_position_zero(tokenizer):
@@ -234,9 +232,8 @@ def test_batches_hold_every_example_once_and_never_score_padding(
 def test_without_a_seed_the_split_order_is_kept(demo_split):
     batches = make_batches(demo_split, **batch_kwargs(shuffle_seed=None, group_by_length=False))
     assert torch.cat([b.example_ids for b in batches]).tolist() == list(range(len(demo_split)))
-    assert len(batches[-1].example_ids) == (
-        len(demo_split) % 8 or 8
-    )  # the last batch may be short
+    # the last batch may be short
+    assert len(batches[-1].example_ids) == (len(demo_split) % 8 or 8)
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])

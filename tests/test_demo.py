@@ -68,7 +68,7 @@ def test_answers_are_several_and_the_popular_ones_more_likely():
 
 def test_shipped_files_are_what_the_generator_writes(tmp_path):
     demo.write_demo_data(tmp_path)
-    for name in ("train.jsonl", "test.jsonl"):
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
         assert (tmp_path / name).read_text() == (SHIPPED / name).read_text(), (
             f"regenerate {SHIPPED / name}"
         )
@@ -76,11 +76,13 @@ def test_shipped_files_are_what_the_generator_writes(tmp_path):
 
 def test_held_out_rows_are_in_neither_the_corpus_nor_the_train_split(splits):
     corpus, train, test = splits
-    assert (
-        (len(train), len(test))
-        == (demo.TRAIN_ROWS, demo.TEST_ROWS)
-        == (len(shipped("train")), len(shipped("test")))
+    assert (len(train), len(test)) == (demo.TRAIN_ROWS, demo.HELD_OUT_ROWS)
+    assert (len(shipped("train")), len(shipped("validation")), len(shipped("test"))) == (
+        demo.TRAIN_ROWS,
+        demo.VALIDATION_ROWS,
+        demo.TEST_ROWS,
     )
+    assert shipped("validation") + shipped("test") == test  # held out: first half, second half
     assert len(corpus) > 19_900  # the 20,000 generated, less the few equal to a held-out row
     keys = {
         name: {json.dumps(c) for c in rows}

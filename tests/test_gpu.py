@@ -110,6 +110,5 @@ def test_no_memory_growth_across_five_trials(tiny_study, monkeypatch):
     overrides = ["--set", "train.device=cuda", "--set", "train.max_steps=8"]
     assert main(["run", str(tiny_study), "--n-trials", "5", "--no-report", *overrides]) == 0
     assert len(allocated) == 5
-    assert max(allocated[1:]) <= allocated[0] + 2**20, (
-        allocated
-    )  # what the worker keeps, nothing per trial
+    # what the worker keeps, nothing per trial
+    assert max(allocated[1:]) <= allocated[0] + 2**20, allocated

@@ -201,10 +201,11 @@ def test_a_study_on_one_gpu_or_on_the_cpu_keeps_its_workers_there(tiny_study, tw
     command = launch.worker_command(
         "s.yaml", overrides=[], n_trials=None, timeout=None, study=on_gpu1, pinned=[1, 1]
     )
+    # inside the worker its one GPU is cuda:0
     assert command[-2:] == [
         "--set",
         "train.device=cuda",
-    ]  # inside the worker its one GPU is cuda:0
+    ]
     on_cpu = load_study(tiny_study)
     assert launch.plan_devices(on_cpu, 2, None) == [None, None]
     with pytest.raises(UsageError, match="train.device: cpu"):

@@ -75,9 +75,8 @@ def test_the_student_completes_prompts_that_hold_no_answer(setup, tiny_models, m
     assert seen["prompts"] == [split.prompt(e) for e in rows]
     assert seen["kwargs"]["temperature"] == 1.0 and seen["kwargs"]["max_new_tokens"] == 6
     for e, prompt in zip(rows, seen["prompts"]):
-        assert split.answers[e] not in tokenizer.decode(
-            prompt
-        )  # the reference answer never leaks in
+        # the reference answer never leaks in
+        assert split.answers[e] not in tokenizer.decode(prompt)
         assert len(prompt) < len(split.input_ids[e])
     # The completions batch: each row is its prompt then what the student generated; only the
     # generated tokens are labels.

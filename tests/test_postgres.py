@@ -155,9 +155,8 @@ def test_the_storage_password_is_in_nothing_kdsweep_writes(swept, tmp_path):
     }
     places |= mlflow_places(swept, tmp_path / "artifacts")
     places |= optuna_places(swept)
-    places |= {
-        f"file {path}": path.read_bytes() for path in files(swept.study.parent)
-    }  # stores, reports, anything else
+    # stores, reports, anything else
+    places |= {f"file {path}": path.read_bytes() for path in files(swept.study.parent)}
     assert any(name.endswith("/study.yaml") for name in places), "the parent run has no study.yaml"
     assert any(
         name.startswith("file ") and name.endswith(f"{swept.name}.md") for name in places

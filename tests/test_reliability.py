@@ -56,9 +56,8 @@ def test_a_diverged_loss_fails_its_trial_at_once(tiny_study, monkeypatch):
     runs = [*parents, *trials.values()]
     failed = next(r for r in runs if r.data.tags.get(Tag.TRIAL) == "0")
     assert failed.info.status == "FAILED" and "step 3" in failed.data.tags[Tag.REASON]
-    assert (
-        client.get_metric_history(failed.info.run_id, "train_loss") == []
-    )  # it stopped before step 4's log
+    # it stopped before step 4's log
+    assert client.get_metric_history(failed.info.run_id, "train_loss") == []
 
 
 def test_out_of_memory_fails_with_oom_and_retries_with_half_the_batch(
@@ -307,9 +306,8 @@ def test_no_password_in_anything_written(tiny_study, tmp_path, capsys):
                 for p in local.rglob("*")
                 if p.is_file() and p.suffix in (".yaml", ".md", ".txt", ".json")
             ]
-        assert "tracking" in str(
-            optuna_study.user_attrs[StudyAttr.CONFIG]
-        )  # the URL is recorded, masked
+        # the URL is recorded, masked
+        assert "tracking" in str(optuna_study.user_attrs[StudyAttr.CONFIG])
         assert not [t for t in texts if "S3CRET" in t]
     finally:
         ui.stop_server(server)

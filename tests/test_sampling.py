@@ -77,23 +77,22 @@ def test_each_group_is_sampled_from_its_own_trials_only(study):
     baseline_views = {tuple(v) for _, v in seen[Group.baseline(0)]}
     assert all(set(v) <= {0, 1, 2} for v in baseline_views)  # only baseline trials
     search_views = [set(v) for _, v in seen[Group.SEARCH]]
-    assert search_views[-1] - {7} == set(
-        search_numbers
-    )  # trial 7 sees the sweep, not trials 0-2 nor the seed-check run (6)
-    assert (
-        seen.get(Group.SEED_CHECK, []) == []
-    )  # everything of a seed-check run is fixed: no sampler samples it
+    # trial 7 sees the sweep, not trials 0-2 nor the seed-check run (6)
+    assert search_views[-1] - {7} == set(search_numbers)
+    # everything of a seed-check run is fixed: no sampler samples it
+    assert seen.get(Group.SEED_CHECK, []) == []
 
 
 def test_a_tuned_baseline_searches_its_learning_rate_at_alpha_0(study):
     trials = baseline_trials(study.search, study.baselines)
     assert len(trials) == 3
     for params, attrs in trials:
+        # teacher-only knobs fixed: they do nothing
         assert params == {
             "alpha": 0.0,
             "temperature": 1.0,
             "top_k": 4,
-        }  # teacher-only knobs fixed: they do nothing
+        }
         assert attrs[TrialAttr.GROUP] == Group.baseline(0) and attrs[TrialAttr.BASELINE]
     optuna_study = optuna.create_study(
         sampler=GroupedSampler(lambda group: optuna.samplers.RandomSampler(seed=0))
@@ -129,9 +128,8 @@ def test_seed_check_trials_are_never_pruned_nor_compared_with():
     optuna_study.tell(rerun, 1.0)
     trial = optuna_study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     trial.report(1.0, step=1)
-    assert trial.should_prune() and inner.shown == [
-        [0, 2]
-    ]  # the seed-check run (1) is not compared with
+    # the seed-check run (1) is not compared with
+    assert trial.should_prune() and inner.shown == [[0, 2]]
 
 
 def test_hyperband_is_the_studys_pruner_so_the_sampler_sees_one_bracket(tmp_path):

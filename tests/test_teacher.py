@@ -264,9 +264,8 @@ def test_cache_command_builds_once_then_reuses(tiny_study, monkeypatch, capsys):
 def train_tokens(tiny_study: Path) -> int:
     study = load_study(tiny_study)
     tokenizer = AutoTokenizer.from_pretrained(study.teacher.name)
-    split = chat_split(
-        tokenizer, 64, seed=0, max_length=study.data.max_length
-    )  # what tiny_data's train.jsonl holds
+    # what tiny_data's train.jsonl holds
+    split = chat_split(tokenizer, 64, seed=0, max_length=study.data.max_length)
     return sum(len(ids) for ids in split.input_ids)
 
 
@@ -318,12 +317,10 @@ def test_a_finite_top_k_sweep_runs_the_teacher_once(tiny_study, monkeypatch):
 
 @pytest.mark.parametrize("overrides", [[], ["search.top_k=[4]", "train.teacher_cache=false"]])
 def test_whole_vocabulary_or_cache_off_runs_the_teacher_online(tiny_study, overrides):
-    ws = TrialRunner.prepare(
-        load_study(tiny_study, overrides), progress=SweepProgress()
-    )  # top_k [4, all] by default
+    # top_k [4, all] by default
+    ws = TrialRunner.prepare(load_study(tiny_study, overrides), progress=SweepProgress())
     assert not ws.teacher.cached and ws.teacher.loaded
-    assert ws.teacher.tokens_processed == sum(
-        b.num_tokens for b in ws.eval_set.batches
-    )  # the eval set's targets
+    # the eval set's targets
+    assert ws.teacher.tokens_processed == sum(b.num_tokens for b in ws.eval_set.batches)
     assert not teacher_cache_dir().exists()
     assert ws.topk_mass({"top_k": 4}) is None

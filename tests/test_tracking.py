@@ -78,9 +78,8 @@ def test_four_trials_complete_fail_prune_with_the_full_layout(tiny_study, monkey
     """The issue's 'done when': 4 trials, one failed, one pruned: one parent, four nested runs
     with true statuses, no RUNNING run, step-indexed metrics, params, tags, datasets, best."""
     study = load_study(tiny_study)
-    monkeypatch.setenv(
-        "MLFLOW_TRACKING_URI", study.tracking.uri
-    )  # user code's fluent runs go there too
+    # user code's fluent runs go there too
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", study.tracking.uri)
     monkeypatch.setattr(sweep, "make_pruner", lambda study: PruneTrial(2))
     user_runs = []
 
@@ -245,9 +244,8 @@ def test_save_best_keeps_only_the_best_trials_model(tiny_study, monkeypatch):
     assert trials[0].data.tags[Tag.MODEL] == "deleted: trial 1 is better"
     assert Tag.MODEL not in trials[2].data.tags
 
-    monkeypatch.setenv(
-        "MLFLOW_TRACKING_URI", client.tracking_uri
-    )  # restored after the test, unlike set_tracking_uri
+    # restored after the test, unlike set_tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     loaded = mlflow.transformers.load_model(
         f"runs:/{trials[1].info.run_id}/model", return_type="components"
     )
@@ -275,12 +273,12 @@ def test_register_as_moves_the_champion_alias_to_the_best_student(tiny_study, mo
     assert versions == {trials[0].info.run_id: "1", trials[1].info.run_id: "2"}
     champion = client.get_model_version_by_alias("tiny-student", "champion")
     assert champion.run_id == trials[1].info.run_id
+    # version 1 intact
     assert "model/MLmodel" in [
         a.path for a in client.list_artifacts(trials[0].info.run_id, "model")
-    ]  # version 1 intact
-    monkeypatch.setenv(
-        "MLFLOW_TRACKING_URI", client.tracking_uri
-    )  # restored after the test, unlike set_tracking_uri
+    ]
+    # restored after the test, unlike set_tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     loaded = mlflow.transformers.load_model(
         "models:/tiny-student@champion", return_type="components"
     )

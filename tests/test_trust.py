@@ -50,9 +50,8 @@ def test_trials_groups_and_the_seed_check(swept):
     ] * 2
     baselines, search, checks = trials[:2], trials[2:4], trials[4:]
     assert {t.user_attrs[TrialAttr.PARAMS]["alpha"] for t in baselines} == {0.0}
-    assert (
-        baselines[0].params["learning_rate"] != baselines[1].params["learning_rate"]
-    )  # tuned, not repeated
+    # tuned, not repeated
+    assert baselines[0].params["learning_rate"] != baselines[1].params["learning_rate"]
     best_distilled = min(search, key=lambda t: (t.value, t.number))
     best_plain = min(baselines, key=lambda t: (t.value, t.number))
     assert sorted(t.user_attrs[TrialAttr.SEED_CHECK_OF] for t in checks) == sorted(
@@ -87,10 +86,11 @@ def test_accuracy_and_seed_checks_in_mlflow(swept):
             key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
             for key in (Metric.EXACT_MATCH, Metric.ROUGE_L)
         }
+        # decoded at the last evaluation
         assert history == {
             Metric.EXACT_MATCH: [8],
             Metric.ROUGE_L: [8],
-        }  # decoded at the last evaluation
+        }
         assert 0.0 <= run.data.metrics[Metric.EXACT_MATCH] <= 1.0
     checks = [r for r in runs if Tag.SEED_CHECK_OF in r.data.tags]
     assert len(checks) == 2 and all(r.data.params["seed"] == "1" for r in checks)
@@ -109,10 +109,10 @@ def test_the_report_and_the_last_lines_answer_the_question(swept):
     )
     assert "best of 2 plain fine-tuning trials" in verdict and "Exact match:" in verdict
     assert "**Seed check:** over 2 seeds" in verdict
-    assert (
-        "## Seed check" in text
-        and "| trial | parameters | student_ppl by seed | mean | std | range |" in text
+    header = (
+        "| trial | parameters | student_ppl by seed | exact match by seed | mean | std | range |"
     )
+    assert "## Seed check" in text and header in text
     # The command's last lines: a short table, then where the report is.
     lines = output.strip().splitlines()
     assert lines[-1] == "report: reports/tiny.md"

@@ -40,14 +40,12 @@ DIRECT_CHECKS = 16  # conversations rendered both ways before the template is re
 class _Structure:
     """The template's text around the contents of a conversation with given roles."""
 
-    segments: tuple[
-        str, ...
-    ]  # the text before the first content, between contents, after the last
+    # the text before the first content, between contents, after the last
+    segments: tuple[str, ...]
     order: tuple[int, ...]  # the turn whose content each slot holds, in rendered order
     closes: tuple[int, ...]  # per slot: the length of its footer's end-of-turn part (0: none)
-    tail: (
-        str | None
-    )  # the text after the last added token (<|im_start|>) of the last segment, if it has one
+    # the text after the last added token (<|im_start|>) of the last segment, if it has one
+    tail: str | None
 
     def regions(
         self, text: str, turns: tuple[tuple[str, str], ...]
@@ -68,9 +66,8 @@ class _Structure:
             elif last:
                 end = len(text) - len(footer) if text.endswith(footer) else -1
             else:
-                end = (
-                    text.find(footer, position) if footer else -1
-                )  # the template changed the content
+                # the template changed the content
+                end = text.find(footer, position) if footer else -1
             if end < position:
                 return None
             regions[turn] = (position, end)
@@ -89,21 +86,20 @@ class ChatTemplate:
         self.template = template
         self.kwargs = dict(kwargs or {})
         added = tokenizer.added_tokens_decoder.values()
-        self._added = [
-            t.content for t in added
-        ]  # tokenizers split text at these before anything else
+        # tokenizers split text at these before anything else
+        self._added = [t.content for t in added]
         self._specials = [t.content for t in added if t.special]
         self._structures: dict[
             tuple[tuple[str, ...], bool], _Structure
         ] = {}  # by roles, generation prompt
         self._compiled = compiled_chat_template(template)
+        # what apply_chat_template passes
         self._variables = {
             **tokenizer.special_tokens_map,
             **self.kwargs,
-        }  # what apply_chat_template passes
-        self._direct = (
-            self._compiled is not None
-        )  # until _render_directly differs from transformers once
+        }
+        # until _render_directly differs from transformers once
+        self._direct = self._compiled is not None
         self.end_of_turn = self._end_of_turn()  # the token that closes an assistant turn, if any
         self.end_of_turn_id: int | None = (
             tokenizer.convert_tokens_to_ids(self.end_of_turn) if self.end_of_turn else None

@@ -51,9 +51,8 @@ class Conversation:
     scored_from: int = 0
     # Derived once: every rendering step reads them.
     roles: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    answers: tuple[int, ...] = field(
-        init=False, repr=False, compare=False
-    )  # the turns that are answers
+    # the turns that are answers
+    answers: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         roles = tuple(role for role, _ in self.turns)

@@ -90,9 +90,8 @@ class _Source:
     def split_names(self) -> list[str]:
         try:
             return list(datasets.load_dataset(*self.args, **self.kwargs))
-        except (
-            Exception
-        ):  # only words an error message; the error being reported is the original one
+        # only words an error message; the error being reported is the original one
+        except Exception:
             return []
 
     def _split_problem(self, split: str, *, key: str, error: ValueError) -> UsageError:

@@ -43,9 +43,8 @@ def render_text(text: str, eos: str) -> Rendered:
     to stop."""
     if not _MARKER_PATTERN.search(text):
         plain = text.strip()
-        return Rendered(
-            plain + eos, ((0, len(plain) + len(eos)),) if plain else ()
-        )  # no prompt: nothing to answer
+        # no prompt: nothing to answer
+        return Rendered(plain + eos, ((0, len(plain) + len(eos)),) if plain else ())
     rendered, spans, final = "", [], None
     for speaker, content in parse_guanaco(text):
         rendered += _MARKERS[speaker] + " "

@@ -34,9 +34,8 @@ class TokenizedSplit:
     # rows; () when not recorded), and the answer's text ("" for other rows).
     prompts: tuple[tuple[int, ...], ...] = ()
     answers: tuple[str, ...] = ()
-    stop_id: int | None = (
-        None  # the token an answer ends with: the chat template's end-of-turn, or EOS
-    )
+    # the token an answer ends with: the chat template's end-of-turn, or EOS
+    stop_id: int | None = None
 
     def __post_init__(self) -> None:
         shapes_match = len(self.input_ids) == len(self.labels) and all(
@@ -220,12 +219,10 @@ def _scored(offsets: list[tuple[int, int]], spans: tuple[tuple[int, int], ...]) 
     tokenizer adds) is never scored."""
     scored = [False] * len(offsets)
     for start, end in spans:
-        first = bisect.bisect_right(
-            offsets, start, key=_end
-        )  # the first token ending after the span starts
-        last = bisect.bisect_left(
-            offsets, end, key=_start
-        )  # the first token starting at or after its end
+        # the first token ending after the span starts
+        first = bisect.bisect_right(offsets, start, key=_end)
+        # the first token starting at or after its end
+        last = bisect.bisect_left(offsets, end, key=_start)
         for i in range(first, last):
             scored[i] = offsets[i][0] < offsets[i][1]
     return scored

@@ -156,6 +156,10 @@ class StudyRuns:
             step=best.number,
         )
 
+    def log_to_run(self, run_id: str, metrics: dict[str, float], *, step: int) -> None:
+        """Metrics on a run that may have ended (a finalist's test scores, the teacher's)."""
+        log_batch(self.client, run_id, metrics=metrics, step=step)
+
     def close(self, optuna_study: optuna.Study, *, status: str) -> None:
         """End every trial run left RUNNING by a dead worker, then the parent run, unless
         another worker is still running trials under it (the last one to close ends it)."""

@@ -158,16 +158,60 @@ class ReportData:
             if current.get(k) != v and k.split(".")[0] not in _NOT_REPRODUCED
         }
 
-    def gap_closed(self, ppl) -> float | None:
+    @property
+    def on_test(self) -> bool:
+        """Whether the verdict reads the test split: the study has one, and the best distilled
+        trial and the best baseline were scored on it (else: the validation split)."""
+        if StudyAttr.TEST_TEACHER_PPL not in self.attrs:
+            return False
+        finalists = [t for t in (self.best_distilled, self.best_plain) if t is not None]
+        return bool(finalists) and all(as_float(t.test_student_ppl) is not None for t in finalists)
+
+    def split_label(self) -> str:
+        """Where the verdict's numbers come from, as the report says it."""
+        data = self.study.data
+        if self.on_test:
+            rows = self.attrs.get(StudyAttr.TEST_ROWS)
+            return f"the test split `{data.test_split}` ({rows:,} rows, never selected on)"
+        return f"the validation split `{data.eval_split}` (the one the sweep selected on)"
+
+    def shown(self, trial, metric: str):
+        """A trial's ``student_ppl``, ``exact_match`` or ``rouge_l`` on the verdict's split."""
+        return trial[f"test_{metric}"] if self.on_test else trial[metric]
+
+    def shown_value(self, trial) -> float | None:
+        """A trial's objective on the verdict's split."""
+        if not self.on_test:
+            return trial.value
+        if self.study.objective == Metric.PPL_RATIO:
+            ppl, teacher = as_float(trial.test_student_ppl), self.shown_teacher_ppl
+            return None if ppl is None or not teacher else ppl / teacher
+        return as_float(trial[f"test_{self.study.objective}"])
+
+    @property
+    def shown_teacher_ppl(self) -> float | None:
+        key = StudyAttr.TEST_TEACHER_PPL if self.on_test else StudyAttr.TEACHER_PPL
+        return as_float(self.attrs.get(key))
+
+    def gap_closed(self, ppl, *, test: bool | None = None) -> float | None:
         """Share (in %) of the perplexity gap between the best plain fine-tuning trial and the
-        teacher that ``ppl`` closes: 0 at the baseline, 100 at the teacher, negative when worse."""
+        teacher that ``ppl`` closes: 0 at the baseline, 100 at the teacher, negative when worse.
+        On the test split or the validation split (default: the verdict's)."""
+        test = self.on_test if test is None else test
         plain = self.best_plain
-        teacher, ppl = self.teacher_ppl, as_float(ppl)
-        start = None if plain is None else as_float(plain.student_ppl)
+        key = StudyAttr.TEST_TEACHER_PPL if test else StudyAttr.TEACHER_PPL
+        teacher, ppl = as_float(self.attrs.get(key)), as_float(ppl)
+        start = (
+            None
+            if plain is None
+            else as_float(plain.test_student_ppl if test else plain.student_ppl)
+        )
         if teacher is None or start is None or ppl is None or start <= teacher:
             return None
         return 100 * (start - ppl) / (start - teacher)
 
+
+TEST_METRICS = (Metric.TEST_STUDENT_PPL, Metric.TEST_EXACT_MATCH, Metric.TEST_ROUGE_L)
 
 # Settings the reproduce command sets itself, or that do not change what a trial computes.
 _NOT_REPRODUCED = (
@@ -198,9 +242,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def collect(study: StudyConfig, optuna_study: optuna.Study) -> ReportData:
     """Read the study's trials, MLflow runs, curves and importances into one ReportData."""
     trials = optuna_study.get_trials(deepcopy=False)
-    data = ReportData(
-        study, dict(optuna_study.user_attrs), trials_frame(trials), _tracking(study, optuna_study)
-    )
+    attrs = dict(optuna_study.user_attrs)
+    data = ReportData(study, attrs, trials_frame(trials, attrs), _tracking(study, optuna_study))
     runs = _read_runs(data.tracking)
     data.trials = _merge_runs(data.trials, runs)
     data.curves = _read_curves(data)
@@ -208,9 +251,11 @@ def collect(study: StudyConfig, optuna_study: optuna.Study) -> ReportData:
     return data
 
 
-def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
-    """One row per trial: state, objective, the four parameters, final metrics, timing, reasons."""
-    rows = [_trial_row(t) for t in trials]
+def trials_frame(trials: list[FrozenTrial], study_attrs: dict | None = None) -> pd.DataFrame:
+    """One row per trial: state, objective, the parameters, final metrics (at its selected
+    checkpoint, and on the test split for a finalist), timing, reasons."""
+    attrs = study_attrs or {}
+    rows = [_trial_row(t, attrs.get(f"{StudyAttr.TEST_PREFIX}{t.number}", {})) for t in trials]
     frame = pd.DataFrame(rows, columns=list(_trial_row(None).keys()))
     # Object columns keep top_k's ints (and "all") and run ids as they are, even beside a None.
     for column in ("top_k", "mlflow_run_id"):
@@ -218,8 +263,9 @@ def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
     return frame.sort_values("number", kind="mergesort").reset_index(drop=True)
 
 
-def _trial_row(trial: FrozenTrial | None) -> dict:
+def _trial_row(trial: FrozenTrial | None, test: dict | None = None) -> dict:
     attrs = trial.user_attrs if trial else {}
+    test = test or {}
     params = attrs.get(TrialAttr.PARAMS) or (trial.params if trial else {})
     steps = sorted(trial.intermediate_values.items()) if trial else []
     return {
@@ -237,6 +283,8 @@ def _trial_row(trial: FrozenTrial | None) -> dict:
         "kl_to_teacher": attrs.get(Metric.KL_TO_TEACHER),
         "exact_match": attrs.get(Metric.EXACT_MATCH),
         "rouge_l": attrs.get(Metric.ROUGE_L),
+        "best_step": attrs.get(TrialAttr.BEST_STEP),
+        **{name: test.get(name) for name in TEST_METRICS},
         "duration_s": trial.duration.total_seconds() if trial and trial.duration else None,
         "started": trial.datetime_start if trial else None,
         "ended": trial.datetime_complete if trial else None,

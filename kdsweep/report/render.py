@@ -88,9 +88,8 @@ def render_header(data: ReportData) -> str:
     )
     durations = data.trials.duration_s.dropna()
     complete = data.ranked.duration_s.dropna()
-    train = (attrs.get(StudyAttr.CONFIG) or study.to_dict())[
-        "train"
-    ]  # what the trials ran with, --set included
+    # what the trials ran with, --set included
+    train = (attrs.get(StudyAttr.CONFIG) or study.to_dict())["train"]
     lines = [
         "## Study",
         "",
@@ -124,11 +123,17 @@ def _sizes(attrs: dict, study: StudyConfig) -> str:
         if StudyAttr.ACCURACY_ROWS in attrs
         else ""
     )
+    test = ""
+    if StudyAttr.TEST_ROWS in attrs:
+        test = (
+            f"; test {study.data.test_split}: {attrs[StudyAttr.TEST_ROWS]:,} rows, for the "
+            "verdict only"
+        )
     return (
         f"{study.data.train_split}: {attrs[StudyAttr.TRAIN_ROWS]:,} rows, "
         f"{attrs.get(StudyAttr.TRAIN_SCORED_TOKENS, 0):,} scored tokens; "
-        f"{study.data.eval_split}: {attrs[StudyAttr.EVAL_ROWS]:,} rows, "
-        f"{attrs.get(StudyAttr.EVAL_SCORED_TOKENS, 0):,} scored tokens{decoded}; "
+        f"validation {study.data.eval_split}: {attrs[StudyAttr.EVAL_ROWS]:,} rows, "
+        f"{attrs.get(StudyAttr.EVAL_SCORED_TOKENS, 0):,} scored tokens{decoded}{test}; "
         f"max length {study.data.max_length}"
     )
 
@@ -151,20 +156,19 @@ def render_no_complete(data: ReportData) -> str:
 
 
 def render_references(data: ReportData) -> str:
-    """Teacher, untrained student, best plain fine-tuning and best distilled trial, side by
-    side."""
-    attrs = data.attrs
+    """Teacher, untrained student, best plain fine-tuning and best distilled trial, side by side,
+    on the verdict's split (the untrained student on the validation split)."""
+    attrs, test = data.attrs, data.on_test
+    split = "test" if test else "validation"
+    teacher = ("TEST_TEACHER_PPL", "TEST_TEACHER_EXACT_MATCH", "TEST_TEACHER_ROUGE_L")
+    if not test:
+        teacher = ("TEACHER_PPL", "TEACHER_EXACT_MATCH", "TEACHER_ROUGE_L")
     rows = [
-        (
-            "teacher",
-            None,
-            data.teacher_ppl,
-            attrs.get(StudyAttr.TEACHER_EXACT_MATCH),
-            attrs.get(StudyAttr.TEACHER_ROUGE_L),
-        ),
+        ("teacher", None, split, *(attrs.get(getattr(StudyAttr, key)) for key in teacher)),
         (
             "untrained student",
             None,
+            "validation",
             data.untrained_ppl,
             attrs.get(StudyAttr.UNTRAINED_EXACT_MATCH),
             attrs.get(StudyAttr.UNTRAINED_ROUGE_L),
@@ -175,31 +179,55 @@ def render_references(data: ReportData) -> str:
         ("best distilled trial", data.best_distilled),
     ):
         if trial is not None:
-            rows.append((name, trial, trial.student_ppl, trial.exact_match, trial.rouge_l))
+            metrics = (data.shown(trial, m) for m in ("student_ppl", "exact_match", "rouge_l"))
+            rows.append((name, trial, split, *metrics))
+    teacher_ppl = as_float(attrs.get(getattr(StudyAttr, teacher[0])))
     frame = pd.DataFrame(
         [
             {
                 "reference": name,
                 "trial": "" if trial is None else data.trial_cell(trial),
+                "split": where,
                 "perplexity": fmt(ppl),
                 **(
                     {"exact match": pct(_percent(em)), "ROUGE-L": fmt(rouge, 3)}
                     if data.has_accuracy
                     else {}
                 ),
-                "ratio to teacher": fmt(data.ratio(ppl)),
+                "ratio to teacher": fmt(
+                    None if not teacher_ppl or ppl is None else ppl / teacher_ppl
+                ),
                 "gap closed": "" if trial is None else pct(data.gap_closed(ppl)),
+                "best step": ""
+                if trial is None or pd.isna(trial.best_step)
+                else str(int(trial.best_step)),
             }
-            for name, trial, ppl, em, rouge in rows
+            for name, trial, where, ppl, em, rouge in rows
         ]
     )
     note = (
         "Perplexity is token-weighted over the held-out answers; teacher and students are scored "
         "on the same tokens. "
         '"Gap closed" is the share of the perplexity gap between the best plain fine-tuning '
-        "trial and the teacher."
+        "trial and the teacher. Each trial is taken at its best checkpoint on the validation "
+        "split (`train.select`), its best step."
     )
-    return "\n\n".join(["## Reference points", markdown_table(frame), note])
+    return "\n\n".join(["## Reference points", markdown_table(frame), note, _baseline_steps(data)])
+
+
+def _baseline_steps(data: ReportData) -> str:
+    """Where each plain fine-tuning trial peaked: a baseline that peaks early is news (it
+    overfits its data), and it is compared at its peak, not at its last step."""
+    steps = [int(s) for s in data.plain.best_step.dropna()]
+    if not steps:
+        return ""
+    max_steps = data.study.train.max_steps
+    early = sum(s < max_steps for s in steps)
+    return (
+        f"Plain fine-tuning's {len(steps)} trial{'s' if len(steps) > 1 else ''} peaked at "
+        f"step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))} of {max_steps}"
+        + (f": {early} before the last, so it overfits its data after that." if early else ".")
+    )
 
 
 def _percent(fraction) -> float | None:
@@ -259,7 +287,8 @@ def top_table(data: ReportData) -> pd.DataFrame:
                 "student ppl": fmt(trial.student_ppl),
                 **({"exact match": pct(_percent(trial.exact_match))} if data.has_accuracy else {}),
                 "ratio to teacher": fmt(data.ratio(trial.student_ppl, trial.ppl_ratio)),
-                "gap closed": pct(data.gap_closed(trial.student_ppl)),
+                "gap closed": pct(data.gap_closed(trial.student_ppl, test=False)),
+                "best step": "" if pd.isna(trial.best_step) else str(int(trial.best_step)),
                 "duration": duration(trial.duration_s),
                 "MLflow run": f"[{trial.mlflow_run_id[:8]}]({link})" if link else "",
             }

@@ -1,9 +1,12 @@
 """The report's answer: does distillation beat plain fine-tuning, by how much, and is it real?
 
 The first lines compare the best distilled trial with the best plain fine-tuning trial (each
-the best of its own search: best against best) in perplexity and, when decoded, accuracy, with
-the share of the baseline-to-teacher perplexity gap that distillation closes. The seed check
-then says whether the winner's lead is larger than what a change of seed alone moves.
+the best of its own search, at its best checkpoint: best against best) in perplexity and, when
+decoded, accuracy, with the share of the baseline-to-teacher perplexity gap that distillation
+closes. The numbers come from the test split when the study has one (``ReportData.on_test``):
+the validation split chose the trials and their checkpoints, so its numbers are optimistic, and
+the verdict says so when it has nothing else. The seed check then says whether the winner's
+lead is larger than what a change of seed alone moves.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def _headline(data: ReportData) -> str:
             f"({data.trial_cell(distilled)}: {describe(distilled)}) reaches {objective} "
             f"{fmt(distilled.value)}."
         )
-    wins = _better(data, distilled.value, plain.value)
+    wins = _better(data, data.shown_value(distilled), data.shown_value(plain))
     lead = (
         "**Distillation beats the tuned baseline.**"
         if wins
@@ -96,40 +99,73 @@ def _headline(data: ReportData) -> str:
         _comparison(data, distilled, plain),
         _accuracy_comparison(data, distilled, plain),
         _gap(data, distilled),
+        _where(data),
+        _more_steps(data, distilled),
     ]
     return " ".join(s for s in sentences if s)
 
 
 def _comparison(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str:
     tried = len(data.plain)
+    trials = "trials" if tried > 1 else "trial"
+    ppl, baseline = data.shown(distilled, "student_ppl"), data.shown(plain, "student_ppl")
     return (
-        f"The best distilled trial ({data.trial_cell(distilled)}: {describe(distilled)}) reaches "
-        "held-out perplexity "
-        f"{fmt(distilled.student_ppl)} against {fmt(plain.student_ppl)} for the best of {tried} "
-        "plain fine-tuning "
-        f"trial{'s' if tried > 1 else ''} ({data.trial_cell(plain)}: {describe(plain)}), "
-        f"{_relative(distilled.student_ppl, plain.student_ppl)}."
+        f"On {data.split_label()}, the best distilled trial ({data.trial_cell(distilled)}: "
+        f"{describe(distilled)}{_at_step(distilled)}) reaches perplexity {fmt(ppl)} against "
+        f"{fmt(baseline)} for the best of {tried} plain fine-tuning {trials} "
+        f"({data.trial_cell(plain)}: {describe(plain)}{_at_step(plain)}), "
+        f"{_relative(ppl, baseline)}."
     )
 
 
+def _at_step(trial: pd.Series) -> str:
+    return "" if pd.isna(trial.best_step) else f"; best checkpoint at step {int(trial.best_step)}"
+
+
 def _accuracy_comparison(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str:
-    if pd.isna(distilled.exact_match) or pd.isna(plain.exact_match):
+    ours, theirs = data.shown(distilled, "exact_match"), data.shown(plain, "exact_match")
+    if pd.isna(ours) or pd.isna(theirs):
         return ""
+    rouge_ours, rouge_theirs = data.shown(distilled, "rouge_l"), data.shown(plain, "rouge_l")
     return (
-        f"Exact match: {pct(100 * distilled.exact_match)} against {pct(100 * plain.exact_match)} "
-        f"({points(100 * (distilled.exact_match - plain.exact_match))}); ROUGE-L "
-        f"{fmt(distilled.rouge_l, 3)} against "
-        f"{fmt(plain.rouge_l, 3)}."
+        f"Exact match: {pct(100 * ours)} against {pct(100 * theirs)} "
+        f"({points(100 * (ours - theirs))}); ROUGE-L {fmt(rouge_ours, 3)} against "
+        f"{fmt(rouge_theirs, 3)}."
     )
 
 
 def _gap(data: ReportData, distilled: pd.Series) -> str:
-    gap = data.gap_closed(distilled.student_ppl)
+    gap = data.gap_closed(data.shown(distilled, "student_ppl"))
     if gap is None:
         return ""
     return (
         f"It closes {pct(gap)} of the perplexity gap between that baseline and the teacher "
-        f"({fmt(data.teacher_ppl)})."
+        f"({fmt(data.shown_teacher_ppl)})."
+    )
+
+
+def _where(data: ReportData) -> str:
+    """What the numbers can be trusted for."""
+    if data.on_test:
+        return (
+            "The sweep chose the trials and their checkpoints on the validation split "
+            f"`{data.study.data.eval_split}`; these numbers are from rows it never saw."
+        )
+    return (
+        "These numbers are optimistic: they come from the split the sweep selected the trials "
+        "and their checkpoints on; give the study a `data.test_split` for a verdict on rows "
+        "nothing was chosen on."
+    )
+
+
+def _more_steps(data: ReportData, distilled: pd.Series) -> str:
+    """A best checkpoint at the last step may be a trial stopped before its best."""
+    steps = data.study.train.max_steps
+    if pd.isna(distilled.best_step) or int(distilled.best_step) < steps:
+        return ""
+    return (
+        f"The best distilled trial's best checkpoint is its last step ({steps}): it may gain from "
+        "more steps (`train.max_steps`)."
     )
 
 
@@ -152,15 +188,17 @@ def describe(trial) -> str:
 
 
 def seed_check(data: ReportData) -> pd.DataFrame:
-    """One row per configuration the seed check trained again: its objective at the study's seed
-    and each other seed,
-    their mean and spread (standard deviation and range). Empty without a seed check."""
+    """One row per configuration the seed check trained again: its objective (on the verdict's
+    split) at the study's seed and each other seed, their mean and spread (standard deviation and
+    range), and its exact match by seed when answers are decoded. Empty without a seed check."""
     checked = data.seed_check_runs[data.seed_check_runs.state == "COMPLETE"]
     rows = []
-    by_number = data.trials.set_index("number")
+    by_number = data.trials.set_index("number", drop=False)
     for number, runs in checked.groupby("seed_check_of", sort=False):
         original = by_number.loc[int(number)]
-        values = pd.Series([original.value, *runs.sort_values("seed").value], dtype=float)
+        trials = [original, *(row for _, row in runs.sort_values("seed").iterrows())]
+        values = pd.Series([data.shown_value(t) for t in trials], dtype=float)
+        matches = pd.Series([data.shown(t, "exact_match") for t in trials], dtype=float)
         rows.append(
             {
                 "number": int(number),
@@ -169,9 +207,11 @@ def seed_check(data: ReportData) -> pd.DataFrame:
                 "mean": values.mean(),
                 "std": values.std(ddof=1) if len(values) > 1 else 0.0,
                 "range": values.max() - values.min(),
+                "exact_match": list(matches),
             }
         )
-    frame = pd.DataFrame(rows, columns=["number", "plain", "values", "mean", "std", "range"])
+    columns = ["number", "plain", "values", "mean", "std", "range", "exact_match"]
+    frame = pd.DataFrame(rows, columns=columns)
     order = (
         frame["mean"].rank(ascending=data.lower_is_better, method="first") if len(frame) else []
     )
@@ -200,17 +240,35 @@ def seed_check_sentence(data: ReportData) -> str | None:
         f"over {seeds} seeds the best distilled configuration averages {fmt(winner['mean'])} "
         f"and the best plain fine-tuning {fmt(baseline['mean'])} ({data.study.objective})"
     )
+    accuracy = _accuracy_noise(winner, baseline)
     if lead > spread:
         return (
             f"{mean}: distillation's lead ({fmt(lead)}) is larger than the seed spread "
-            f"({fmt(spread)}), so the win is not noise."
+            f"({fmt(spread)}), so the win is not noise.{accuracy}"
         )
     if lead > 0:
         return (
             f"{mean}: distillation's lead ({fmt(lead)}) is within the seed spread "
-            f"({fmt(spread)}), so these seeds do not tell the two apart."
+            f"({fmt(spread)}), so these seeds do not tell the two apart.{accuracy}"
         )
-    return f"{mean}: plain fine-tuning leads by {fmt(-lead)} (seed spread {fmt(spread)})."
+    return (
+        f"{mean}: plain fine-tuning leads by {fmt(-lead)} (seed spread {fmt(spread)}).{accuracy}"
+    )
+
+
+def _accuracy_noise(winner: pd.Series, baseline: pd.Series) -> str:
+    """Whether exact match's lead, over the same seeds, is larger than its own seed spread: on a
+    few hundred rows a few points of exact match can be noise."""
+    ours, theirs = pd.Series(winner["exact_match"]), pd.Series(baseline["exact_match"])
+    if ours.isna().any() or theirs.isna().any():
+        return ""
+    lead = 100 * (ours.mean() - theirs.mean())
+    spread = 100 * max(ours.max() - ours.min(), theirs.max() - theirs.min())
+    verdict = "larger than" if abs(lead) > spread else "within"
+    return (
+        f" Exact match averages {pct(100 * ours.mean())} against {pct(100 * theirs.mean())}: its "
+        f"lead ({points(lead)}) is {verdict} its seed spread ({spread:.1f} points)."
+    )
 
 
 def render_seed_check(data: ReportData) -> str:
@@ -225,6 +283,11 @@ def render_seed_check(data: ReportData) -> str:
                 + (" (plain fine-tuning)" if row.plain else ""),
                 "parameters": describe(trials.loc[row.number]),
                 f"{data.study.objective} by seed": ", ".join(fmt(v) for v in row.values),
+                **(
+                    {"exact match by seed": ", ".join(pct(100 * v) for v in row.exact_match)}
+                    if not pd.isna(row.exact_match).any()
+                    else {}
+                ),
                 "mean": fmt(row.mean),
                 "std": fmt(row.std, 3),
                 "range": fmt(row.range, 3),
@@ -235,7 +298,7 @@ def render_seed_check(data: ReportData) -> str:
     intro = (
         f"Each configuration below trained again with {data.study.seed_check.seeds} other seed(s) "
         "(`seed_check` in the study; the first value is the sweep's own, at seed "
-        f"{data.study.train.seed}). "
+        f"{data.study.train.seed}), each at its best checkpoint, scored on {data.split_label()}. "
         "Its runs sit under the same parent run in MLflow, tagged `kdsweep.seed_check_of`, and "
         "never fed the sampler."
     )
