@@ -1,7 +1,8 @@
 """The ``kdsweep`` command: each subcommand checks its flags, then calls one library function.
 
 ``main`` is the one place that turns errors into messages and exit codes: 0 success, 2 usage or
-study-file error (one line per problem, no traceback), 1 any other failure, 130 interrupted.
+study-file error (one line per problem, no traceback), 1 any other failure, 130 interrupted,
+143 preempted (SIGTERM: the running trial checkpointed, to be resumed).
 ``KDSWEEP_DEBUG=1`` shows tracebacks. Importing this module loads neither torch nor transformers.
 """
 
@@ -12,8 +13,10 @@ import os
 import sys
 import traceback
 
+from kdsweep import preemption
 from kdsweep.config import StudyConfig
 from kdsweep.errors import StudyError, UsageError
+from kdsweep.preemption import Preempted
 from kdsweep.redact import redact
 from kdsweep.space import searched_names
 from kdsweep.study_file import load_study
@@ -27,7 +30,7 @@ def entry() -> None:
     loads weights in a thread pool) must not keep a stopped worker alive.
     """
     status = main()
-    if status == 130:
+    if status in (130, preemption.EXIT_STATUS):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
@@ -46,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"kdsweep: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        where = f"its trial checkpointed at step {exc.step}; " if exc.step is not None else ""
+        print(
+            f"kdsweep: preempted (SIGTERM): {where}the same command resumes the study",
+            file=sys.stderr,
+        )
+        return preemption.EXIT_STATUS
     except KeyboardInterrupt:
         print("kdsweep: interrupted", file=sys.stderr)
         return 130
@@ -165,6 +175,8 @@ def cmd_run(args) -> int:
     )
     if result.status == 130:
         print("kdsweep: interrupted", file=sys.stderr)
+    if result.status == preemption.EXIT_STATUS:
+        print("kdsweep: preempted (SIGTERM): the same command resumes the study", file=sys.stderr)
     if result.status == 0:
         _print_outcome(study, result.best_trial, result.report)
     return result.status

@@ -82,8 +82,12 @@ class TrainConfig:
     # best: a trial's value is its best evaluation, at its best checkpoint (the step is kept as
     # best_step; accuracy is measured there, save_best keeps it); last: its last evaluation
     select: str = "best"
-    # where finalists' best checkpoints are kept for the test split; default: under the cache
+    # where trials' resume checkpoints and finalists' best checkpoints are kept (a folder every
+    # machine sees, for many machines); default: under the cache
     checkpoint_dir: str | None = None
+    # steps between resume checkpoints; None: at each evaluation; 0: none (a preempted worker
+    # still writes one)
+    checkpoint_every: int | None = None
     eval_batch_size: int = 16
     log_every: int = 10
     seed: int = 0

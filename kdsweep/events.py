@@ -6,7 +6,7 @@ it, and the launcher's view (``launch.LaunchView``) reads them; what either prin
 only, shown as it is and never parsed::
 
     {"event": "study", "done": 3, "target": 9}                         the study opened
-    {"event": "trial_started", "trial": 4, "label": "a=0.52 ...", "steps": 500}
+    {"event": "trial_started", "trial": 4, "title": "trial 4", "label": "a=0.52 ...", "steps": 500}
     {"event": "step", "trial": 4, "step": 20, "info": "loss 1.2  40,000 tok/s"}
     {"event": "trial_finished", "trial": 4, "state": "complete", "best": "trial 3 (3.957)"}
 

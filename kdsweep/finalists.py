@@ -8,46 +8,32 @@ scores on the test split, and the teacher's, are what the verdict, the seed chec
 the headline state; a number chosen as the best of N on a split would be optimistic on it.
 
 While the sweep runs, a complete trial among its kind's contenders (by validation) keeps its
-best checkpoint on disk, one file per trial in ``checkpoint_dir``. Once the sweep is over, one
-worker scores the finalists from their checkpoints, and the teacher, then deletes the other
-checkpoints. The seed check's runs are scored as they end. Scores are kept as the study's user
-attrs (``test:<trial>``: a finished trial's attrs cannot change), on the trials' MLflow runs and,
-for the teacher, on the parent run.
+best checkpoint on disk, one file per trial in ``checkpoints.checkpoint_dir``. Once the sweep is
+over, one worker scores the finalists from their checkpoints, and the teacher, then deletes the
+other checkpoints. The seed check's runs are scored as they end. Scores are kept as the study's
+user attrs (``test:<trial>``: a finished trial's attrs cannot change), on the trials' MLflow runs
+and, for the teacher, on the parent run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
-from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from transformers import PreTrainedModel
 
-from kdsweep import models
+from kdsweep import checkpoints, models
 from kdsweep.config import StudyConfig
 from kdsweep.evaluate import score_test
 from kdsweep.mlflow.study_runs import StudyRuns
 from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
-from kdsweep.paths import cache_dir
 from kdsweep.progress import SweepProgress
 from kdsweep.recovery import worker_id
 from kdsweep.storage import group_of, ranked_trials, set_user_attr_once
 from kdsweep.trial_runner import TrialRunner
 
 POLL_SECONDS = 5.0  # how often a worker looks whether the last sweep trials have ended
-
-
-def checkpoint_dir(study: StudyConfig) -> Path:
-    """Where the study's checkpoints live: ``train.checkpoint_dir`` (a shared folder for many
-    machines), else the cache, in a folder named for the study and its storage."""
-    if study.train.checkpoint_dir:
-        return Path(study.resolve_path(study.train.checkpoint_dir))
-    store = hashlib.sha256(study.storage_url.encode()).hexdigest()[:8]
-    return cache_dir() / "checkpoints" / f"{study.name}-{store}"
 
 
 def contenders(study: StudyConfig, baseline: bool) -> int:
@@ -66,7 +52,7 @@ def keep_if_contender(
     ahead = sum(sign * t.value <= sign * value for t in same_kind)
     if ahead >= contenders(study, baseline):
         return False
-    save_checkpoint(student, checkpoint_dir(study) / f"trial-{trial.number}.pt")
+    checkpoints.write(student.state_dict(), checkpoints.best_path(study, trial.number))
     return True
 
 
@@ -110,8 +96,8 @@ def run_finals(
     if teacher_missing:
         _score_teacher(optuna_study, runner, runs)
     keep = {t.number for t in chosen}
-    for path in checkpoint_dir(study).glob("trial-*.pt"):
-        if int(path.stem.removeprefix("trial-")) not in keep:
+    for number, path in checkpoints.best_paths(study).items():
+        if number not in keep:
             path.unlink(missing_ok=True)
 
 
@@ -126,7 +112,7 @@ _TEST_METRICS = (Metric.TEST_STUDENT_PPL, Metric.TEST_EXACT_MATCH, Metric.TEST_R
 
 
 def _score_finalist(study, optuna_study, trial: FrozenTrial, runner, runs, progress) -> None:
-    path = checkpoint_dir(study) / f"trial-{trial.number}.pt"
+    path = checkpoints.best_path(study, trial.number)
     if not path.exists():
         progress.message(
             f"warning: trial {trial.number} is a finalist but its checkpoint {path} is gone; "
@@ -176,12 +162,3 @@ def _sweep_over(optuna_study: optuna.Study, deadline: float | None) -> bool:
 
 def _is_baseline(trial: FrozenTrial) -> bool:
     return bool(trial.user_attrs.get(TrialAttr.BASELINE))
-
-
-def save_checkpoint(student: PreTrainedModel, path: Path) -> None:
-    """The student's weights at ``path``, written under a temporary name and renamed: a reader
-    sees a whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.save(student.state_dict(), staging)
-    os.replace(staging, path)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from kdsweep import api, events, models
+from kdsweep import api, events, models, preemption
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
 from kdsweep.inputs import check_inputs
@@ -256,7 +256,7 @@ def _run(command: list[str], pinned: list[int | None], threads: int, view: Launc
     statuses = [
         exit_status(w.process.returncode, interrupted=stopper.signum is not None) for w in workers
     ]
-    return worst_status(statuses + ([130] if stopper.signum is not None else []))
+    return worst_status(statuses + ([stopper.status] if stopper.signum is not None else []))
 
 
 def _start(name: str, command: list[str], gpu: int | None, threads: int) -> Worker:
@@ -384,12 +384,17 @@ class _Stopper:
             return
         self.signum = signum
         self._deadline = time.monotonic() + STOP_GRACE_SECONDS
+        terminated = signum == signal.SIGTERM
+        how = "checkpoints its running trial" if terminated else "ends its running trial"
         self._notices.append(
-            f"{signal.Signals(signum).name}: stopping the workers (each ends its running trial "
-            "as INTERRUPTED); "
-            "Ctrl-C again kills them"
+            f"{signal.Signals(signum).name}: stopping the workers (each {how}); again kills them"
         )
         self.forward()
+
+    @property
+    def status(self) -> int:
+        """The launcher's own exit status once stopped: 143 for SIGTERM (preemption), else 130."""
+        return preemption.EXIT_STATUS if self.signum == signal.SIGTERM else 130
 
     def forward(self) -> None:
         if self.signum is None:
@@ -420,9 +425,9 @@ class _Stopper:
 
 # The exit statuses of the workers, worst first. A failure (1) needs the user's eyes even when the
 # others were interrupted; a usage error (2) is bad input that every worker met; an interruption
-# (130) is what the user asked for. The numeric maximum would rank 130 above 1, and a crashed
-# worker would hide behind a Ctrl-C.
-_WORST_FIRST = (1, 2, 130, 0)
+# (130) or a preemption (143) is what the user or the cluster asked for. The numeric maximum would
+# rank 130 above 1, and a crashed worker would hide behind a Ctrl-C.
+_WORST_FIRST = (1, 2, preemption.EXIT_STATUS, 130, 0)
 
 
 def exit_status(returncode: int, *, interrupted: bool) -> int:

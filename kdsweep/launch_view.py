@@ -76,7 +76,7 @@ class LaunchView:
                 name,
                 completed=0,
                 total=event.get("steps"),
-                description=f"{name} trial {event.get('trial')}",
+                description=f"{name} {event.get('title', '')}",
                 info=event.get("label", ""),
             )
         elif kind == events.TRIAL_FINISHED:

@@ -47,6 +47,8 @@ class Metric:
     ROUGE_L = "rouge_l"
     # A complete trial: the step of the checkpoint its value comes from (train.select).
     BEST_STEP = "best_step"
+    # A resumed trial: the step of the resume checkpoint it went on from (logged at that step).
+    RESUMED_STEP = "resumed_step"
     # A finalist (the best distilled and baseline configurations, the seed check's runs) on the
     # test split, once; the parent run holds the teacher's.
     TEST_STUDENT_PPL = "test_student_ppl"
@@ -132,7 +134,11 @@ class TrialAttr:
     MICRO_BATCH = "micro_batch"  # an out-of-memory retry's smaller batch ...
     GRAD_ACCUM = "grad_accum_steps"  # ... and larger accumulation (the same effective batch)
     OOM_RETRY_OF = "oom_retry_of"  # the trial that ran out of memory
-    RETRY_OF = "retry_of"  # the trial whose worker died while it ran
+    RETRY_OF = "retry_of"  # the trial whose worker died (or was preempted) while it ran
+    PREEMPTED_STEP = "preempted_step"  # a preempted trial: the step of its resume checkpoint
+    # a retry of a preempted trial: retried once more if its worker dies
+    AFTER_PREEMPTION = "after_preemption"
+    RESUMED_STEP = Metric.RESUMED_STEP  # a retry that went on from its resume checkpoint: its step
     # a seed-check trial: the trial whose configuration it trains again
     SEED_CHECK_OF = "seed_check_of"
     BEST_STEP = Metric.BEST_STEP  # the step its value (and its final metrics) come from
@@ -150,7 +156,8 @@ class Tag:
     STUDY = "kdsweep.study"
     TRIAL = "kdsweep.trial"
     TRIAL_RUN_ID = "kdsweep.trial_run_id"  # on runs that user code starts inside a trial
-    STATE = "kdsweep.state"  # the Optuna state: COMPLETE, PRUNED, FAIL, INTERRUPTED, KILLED
+    # the Optuna state (COMPLETE, PRUNED, FAIL), or why the run stopped: INTERRUPTED, PREEMPTED
+    STATE = "kdsweep.state"
     REASON = "kdsweep.reason"
     BASELINE = "kdsweep.baseline"
     # a seed-check run: the trial whose configuration it trains again
@@ -167,6 +174,8 @@ class Tag:
     BEST_VALUE = "best.value"
     BEST_PARAM_PREFIX = "best."
 
+
+SYSTEM_METRICS_PREFIX = "system/"  # MLflow's own: the samples of its system metrics monitor
 
 # MLflow artifacts.
 MODEL_ARTIFACT = "model"  # where save_best logs the student in its run

@@ -6,10 +6,17 @@ fails that trial with its reason, and the memory it held is given back before th
 out-of-memory trial can be retried with half the micro-batch (``train.oom_retry``). But when the
 same error fails ``max_consecutive_failures`` trials in a row, the sweep stops with it: a bug
 should not burn the budget.
+
+A trial writes resume checkpoints as it trains (``checkpoints``). A retry of a trial whose
+worker died or was preempted goes on from the latest one: the pruner sees the evaluations
+already made, and the retry's MLflow run gets the curves up to that step, so they read as one.
+A preempted trial (SIGTERM, ``preemption``) fails with its reason and is queued again at once;
+it does not count as a failure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import traceback
@@ -18,7 +25,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep import finalists
+from kdsweep import checkpoints, finalists, preemption
 from kdsweep.config import StudyConfig
 from kdsweep.mlflow.plugin import active_trial
 from kdsweep.mlflow.study_runs import StudyRuns
@@ -26,6 +33,7 @@ from kdsweep.mlflow.trial_run import TrialRun
 from kdsweep.models import device_uuid, release_memory
 from kdsweep.names import Group, Metric, TrialAttr
 from kdsweep.objectives import better
+from kdsweep.preemption import Preempted
 from kdsweep.progress import SweepProgress
 from kdsweep.recovery import enqueue_retry, this_worker
 from kdsweep.redact import redact
@@ -70,7 +78,10 @@ class Objective:
             # the report warns when top_k keeps little
             trial.set_user_attr(TrialAttr.TOPK_MASS, mass)
             run.log_metrics({Metric.TOPK_MASS: mass}, step=0)
-        self.progress.trial_started(trial.number, params, self.study.train.max_steps)
+        self.progress.trial_started(trial, params, self.study.train.max_steps)
+        resume = self._resume(trial, run)
+        own_checkpoint = checkpoints.resume_path(self.study, trial.number)
+        preempted = False
         seed_check = group_of(trial) == Group.SEED_CHECK
         has_test = self.runner.test_set is not None
         # The trained student, until the trial is scored: save_best logs it, and a sweep trial of
@@ -89,20 +100,79 @@ class Objective:
                     on_eval=self._on_eval(trial, run),
                     on_trained=on_trained,
                     on_test=seed_check and has_test,
+                    save_state=self._saver(own_checkpoint, run),
+                    resume=resume,
                 )
             return self._complete(trial, run, result, student=trained.pop("student", None))
         except optuna.TrialPruned as exc:
             run.end("KILLED", state="PRUNED", reason=str(exc))
             raise
+        except Preempted as exc:
+            preempted = True
+            self._preempted(trial, run, exc)
+            raise
         except KeyboardInterrupt:
-            run.end("KILLED", state="INTERRUPTED", reason="interrupted (Ctrl-C or SIGTERM)")
+            run.end("KILLED", state="INTERRUPTED", reason="interrupted (Ctrl-C)")
             raise
         except Exception as exc:
             self._fail(trial, run, exc)
             raise
         finally:
             trained.clear()
+            if not preempted:  # a preempted trial's checkpoint waits for its retry
+                checkpoints.remove(own_checkpoint)
             release_memory(self.runner.device)
+
+    def _resume(self, trial: optuna.Trial, run: TrialRun) -> checkpoints.TrainState | None:
+        """The resume checkpoint of the trial this one retries, if it wrote one: taken over as
+        this trial's own, its evaluations reported to the pruner again, and the retried run's
+        curves up to its step copied into this trial's run."""
+        retried = trial.user_attrs.get(TrialAttr.RETRY_OF)
+        if retried is None:
+            return None
+        own = checkpoints.resume_path(self.study, trial.number)
+        state = checkpoints.take_over(checkpoints.resume_path(self.study, retried), own)
+        if state is None:
+            return None
+        if state.trajectory != checkpoints.trajectory(self.study):
+            checkpoints.remove(own)
+            self.progress.message(
+                f"trial {retried}'s checkpoint was written under other study settings: its retry "
+                "starts from step 0"
+            )
+            return None
+        self.progress.message(f"resuming trial {retried} from step {state.step}")
+        trial.set_user_attr(TrialAttr.RESUMED_STEP, state.step)
+        for step, metrics in state.evaluations:
+            trial.report(metrics[self.study.objective], step)
+        earlier = trial.study.get_trials(deepcopy=False)[retried]
+        run_id = earlier.user_attrs.get(TrialAttr.MLFLOW_RUN_ID)
+        if run_id is not None:
+            self.runs.copy_history(run_id, run, until=state.step)
+        run.log_metrics({Metric.RESUMED_STEP: state.step}, step=state.step)
+        return state
+
+    def _saver(self, path, run: TrialRun):
+        """Where a trial's resume checkpoints go, marked with the settings they hold for. Its
+        curves up to the checkpoint's step are written first: a retry copies them from the run,
+        and a kill -9 must not take steps the checkpoint holds."""
+        key = checkpoints.trajectory(self.study)
+
+        def save(state: checkpoints.TrainState) -> None:
+            run.flush()
+            run.wait_sent()
+            checkpoints.save(dataclasses.replace(state, trajectory=key), path)
+
+        return save
+
+    def _preempted(self, trial: optuna.Trial, run: TrialRun, exc: Preempted) -> None:
+        """A preempted trial fails with its reason and its checkpoint's step, and is queued to
+        run again: the next worker goes on from that checkpoint."""
+        trial.set_user_attr(TrialAttr.FAIL_REASON, str(exc))
+        trial.set_user_attr(TrialAttr.PREEMPTED_STEP, exc.step)  # None: before training
+        marks = {TrialAttr.RETRY_OF: trial.number, TrialAttr.AFTER_PREEMPTION: True}
+        enqueue_retry(trial.study, trial, marks)
+        run.end("KILLED", state="PREEMPTED", reason=str(exc))
 
     def _batch(self, trial: optuna.Trial) -> tuple[int, int]:
         """(micro-batch, accumulation steps): the study's, or an out-of-memory retry's."""
@@ -200,6 +270,7 @@ class Objective:
         self.runs.record_best(best)
         self.progress.trial_finished(trial, best)
         self._stop_on_repeated_failure(trial)
+        preemption.raise_if_requested()  # asked in the trial's last step: stop before the next
 
     def _stop_on_repeated_failure(self, trial: FrozenTrial) -> None:
         """Raise RepeatedFailure when this worker's last trials all failed with the same error
@@ -207,6 +278,8 @@ class Objective:
         if trial.state != TrialState.FAIL:
             self._failures.clear()
             return
+        if TrialAttr.PREEMPTED_STEP in trial.user_attrs:
+            return  # no fault of the trial's
         reason = trial.user_attrs.get(TrialAttr.FAIL_REASON, "an unknown error")
         if reason == OOM and self.study.train.oom_retry and self._batch(trial)[0] >= 2:
             return

@@ -7,8 +7,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdsweep.events import STEP, STUDY, TRIAL_FINISHED, TRIAL_STARTED, EventWriter
+from kdsweep.names import TrialAttr
 from kdsweep.redact import redact
 from kdsweep.space import describe
+
+
+def trial_title(number: int, attrs: dict) -> str:
+    """How a trial is named: "trial 3", or, for a seed-check run, the trial it runs again."""
+    checked = attrs.get(TrialAttr.SEED_CHECK_OF)
+    if checked is None:
+        return f"trial {number}"
+    return f"seed check of trial {checked}, seed {attrs.get(TrialAttr.SEED)}"
 
 
 class SweepProgress:
@@ -48,16 +57,17 @@ class SweepProgress:
             "trials", total=target, completed=done, info="best -"
         )
 
-    def trial_started(self, number: int, params: dict, steps: int) -> None:
+    def trial_started(self, trial, params: dict, steps: int) -> None:
         text = describe(params, short=True)
-        self._trial = number
-        self._send(TRIAL_STARTED, trial=number, label=text, steps=steps)
+        title = trial_title(trial.number, trial.user_attrs)
+        self._trial = trial.number
+        self._send(TRIAL_STARTED, trial=trial.number, title=title, label=text, steps=steps)
         if not self.live:
-            self.message(f"trial {number} started: {text}")
+            self.message(f"{title} started: {text}")
             return
         if self._trial_task is not None:
             self._bars.remove_task(self._trial_task)
-        self._trial_task = self._bars.add_task(f"trial {number}", total=steps, info=text)
+        self._trial_task = self._bars.add_task(title, total=steps, info=text)
 
     def step(self, log) -> None:
         info = f"loss {log.loss:.4f}  {log.tokens_per_second:,.0f} tok/s"
@@ -74,7 +84,8 @@ class SweepProgress:
         self._send(
             TRIAL_FINISHED, trial=trial.number, state=trial.state.name.lower(), best=self._best
         )
-        self.message(f"trial {trial.number} {trial.state.name.lower()}{value}; best: {self._best}")
+        title = trial_title(trial.number, trial.user_attrs)
+        self.message(f"{title} {trial.state.name.lower()}{value}; best: {self._best}")
         if self.live and self._study_task is not None:
             self._bars.update(self._study_task, advance=1, info=f"best {self._best}")
 

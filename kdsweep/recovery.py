@@ -7,7 +7,8 @@ every RUNNING trial whose process is gone, and retries it once with the same par
 (:func:`retry_once`), so a ``kill -9`` followed by the same command resumes at once. Trials of
 workers on other hosts are left to Optuna's heartbeat, which fails them after its grace period
 and calls :func:`retry_once` too (the sweep opens its storage with it). A trial that ran out of
-memory is retried by the objective with a smaller micro-batch (:func:`enqueue_retry`).
+memory is retried by the objective with a smaller micro-batch (:func:`enqueue_retry`), and a
+preempted one (SIGTERM, ``preemption``) by the objective too, to resume from its checkpoint.
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ INHERITED_ATTRS = (
 
 def retry_once(optuna_study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue a trial whose worker died to run again with its parameters, once (a retry that dies
-    is not retried). Called for a dead worker on this host (:func:`fail_dead_trials`) and, as
-    Optuna's heartbeat callback, for one on another host.
+    is not retried, unless it was a preempted trial's: preemption is no fault of the trial's).
+    The retry goes on from the trial's resume checkpoint, if it wrote one (``objective``).
+    Called for a dead worker on this host (:func:`fail_dead_trials`) and, as Optuna's heartbeat
+    callback, for one on another host.
 
     Optuna's own ``RetryHeartbeatStaleTrialCallback`` copies the trial with the distributions its
     parameters were suggested from, and so rejects a baseline's alpha of 0, fixed outside the
     searched range; an enqueued trial takes its values as they are.
     """
-    if TrialAttr.RETRY_OF not in trial.user_attrs:
+    attrs = trial.user_attrs
+    if TrialAttr.RETRY_OF not in attrs or attrs.get(TrialAttr.AFTER_PREEMPTION):
         enqueue_retry(optuna_study, trial, {TrialAttr.RETRY_OF: trial.number})
 
 

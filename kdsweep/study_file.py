@@ -316,6 +316,9 @@ def _validate_train(train: TrainConfig) -> list[str]:
         problems.append(f"train.weight_decay: must be >= 0, got {train.weight_decay}")
     if train.max_grad_norm <= 0:
         problems.append(f"train.max_grad_norm: must be > 0, got {train.max_grad_norm}")
+    if train.checkpoint_every is not None and train.checkpoint_every < 0:
+        every = train.checkpoint_every
+        problems.append(f"train.checkpoint_every: must be >= 0 (0: no checkpoints), got {every}")
     if train.select not in SELECTIONS:
         problems.append(
             f"train.select: must be one of {', '.join(SELECTIONS)}, got {train.select!r}"

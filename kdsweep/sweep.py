@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep import references
+from kdsweep import preemption, references
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
 from kdsweep.finalists import finalists, run_finals
@@ -103,6 +103,13 @@ def run(
         )
         return RunSummary(ran=0, finished=done, target=target, best=best_trial(optuna_study))
 
+    baselines = len(baseline_trials(study.search, study.baselines))
+    if baselines and target <= baselines:
+        progress.message(
+            f"warning: the {target} trials asked for are all baselines (the study has "
+            f"{baselines}), so no distilled trial runs and the report has no verdict; ask for at "
+            f"least {baselines + 1} (--n-trials {baselines + 1})"
+        )
     runs = attach_tracking(study, optuna_study, runner, progress)
     objective = Objective(study=study, runner=runner, runs=runs, progress=progress)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -150,14 +157,18 @@ def optimize(
     """Optuna's loop: a failed trial does not stop it; the trial's state is told to the study."""
     callbacks = [objective.after_trial] + ([stop] if stop else [])
     timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-    optuna_study.optimize(
-        objective,
-        n_trials=n_trials,
-        timeout=timeout,
-        catch=(Exception,),
-        callbacks=callbacks,
-        gc_after_trial=True,
-    )
+    # Ctrl-C and SIGTERM wait for a step's or a trial's end (after_trial checks), never cutting a
+    # trial's write to the storage in half.
+    with preemption.deferred():
+        optuna_study.optimize(
+            objective,
+            n_trials=n_trials,
+            timeout=timeout,
+            catch=(Exception,),
+            callbacks=callbacks,
+            gc_after_trial=True,
+        )
+    preemption.raise_if_requested()  # asked as the last trial ended
 
 
 def sweep_count(optuna_study: optuna.Study, states) -> int:
@@ -236,13 +247,15 @@ def parent_metrics(attrs: dict) -> dict[str, float]:
 
 
 class _Interrupts:
-    """Ctrl-C and SIGTERM: the first unwinds the run (the running trial ends INTERRUPTED, the
-    parent run is closed); a second one, while that cleanup waits on MLflow, exits at once."""
+    """Ctrl-C unwinds the run: the running trial ends INTERRUPTED at its step's end, the parent
+    run is closed. SIGTERM (preemption) does the same after the trial writes its checkpoint
+    (``preemption``). A second signal of either kind, while that waits, exits at once."""
 
     def __init__(self):
         self.seen = 0
 
     def install(self):
+        preemption.reset()
         previous = {
             sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
         }
@@ -250,11 +263,16 @@ class _Interrupts:
 
     def _handle(self, signum, frame):
         self.seen += 1
+        preempted = signum == signal.SIGTERM
         if self.seen > 1:
             os.write(2, b"kdsweep: interrupted again: exiting now\n")
-            os._exit(130)
-        os.write(2, b"kdsweep: interrupted: ending the running trial (again: exit now)\n")
-        raise KeyboardInterrupt
+            os._exit(preemption.EXIT_STATUS if preempted else 130)
+        if preempted:
+            os.write(2, b"kdsweep: SIGTERM: checkpointing the running trial (again: exit now)\n")
+        else:
+            os.write(2, b"kdsweep: interrupted: ending the running trial (again: exit now)\n")
+        # A running trial stops at its step's end; outside trials this raises at once.
+        preemption.request(preemption.PREEMPTED if preempted else preemption.INTERRUPTED)
 
 
 def _past(deadline: float | None) -> bool:
@@ -268,23 +286,25 @@ def seed_check_jobs(
     optuna_study: optuna.Study, study: StudyConfig
 ) -> list[tuple[int, int]] | None:
     """(trial, seed) of every seed-check run: the best ``seed_check.top`` distilled trials and the
-    best baseline, each with ``seed_check.seeds`` other seeds. Decided once, by the first worker to
-    find the sweep over (None while sweep trials still run), and kept with the study."""
-    stored = optuna_study.user_attrs.get(StudyAttr.SEED_CHECK_JOBS)
-    if stored is not None:
-        return [tuple(job) for job in stored]
+    best baseline, each with ``seed_check.seeds`` other seeds. None while sweep trials still run.
+
+    Every worker that finds the sweep over computes the same jobs from the same trials; the
+    study keeps them. A continued study (a larger ``--n-trials``) keeps its earlier jobs and adds
+    those of its new best configurations; each job runs once (``run_seed_check`` claims it)."""
     if sweep_count(optuna_study, (TrialState.RUNNING, TrialState.WAITING)):
         return None
+    stored = [tuple(job) for job in optuna_study.user_attrs.get(StudyAttr.SEED_CHECK_JOBS, [])]
     ranked = ranked_trials(optuna_study)
     distilled = [t for t in ranked if not t.user_attrs.get(TrialAttr.BASELINE)][
         : study.seed_check.top
     ]
     baselines = [t for t in ranked if t.user_attrs.get(TrialAttr.BASELINE)][:1]
     seeds = [study.train.seed + k for k in range(1, study.seed_check.seeds + 1)]
-    jobs = [[t.number, seed] for t in distilled + baselines for seed in seeds]
-    return [
-        tuple(job) for job in set_user_attr_once(optuna_study, StudyAttr.SEED_CHECK_JOBS, jobs)
-    ]
+    wanted = [(t.number, seed) for t in distilled + baselines for seed in seeds]
+    jobs = stored + [job for job in wanted if job not in stored]
+    if jobs != stored or StudyAttr.SEED_CHECK_JOBS not in optuna_study.user_attrs:
+        optuna_study.set_user_attr(StudyAttr.SEED_CHECK_JOBS, [list(job) for job in jobs])
+    return jobs
 
 
 def finals_done(study: StudyConfig, optuna_study: optuna.Study) -> bool:
@@ -299,10 +319,11 @@ def finals_done(study: StudyConfig, optuna_study: optuna.Study) -> bool:
 
 
 def seed_check_done(optuna_study: optuna.Study, study: StudyConfig) -> bool:
+    """Whether every seed-check run the study's trials call for has been claimed."""
     if not study.seed_check.top:
         return True
+    jobs = seed_check_jobs(optuna_study, study)
     attrs = optuna_study.user_attrs  # a storage read, and a copy, each time it is asked
-    jobs = attrs.get(StudyAttr.SEED_CHECK_JOBS)
     return jobs is not None and all(_job_key(*job) in attrs for job in jobs)
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from kdsweep import preemption
+from kdsweep.checkpoints import BestCheckpoint, TrainState
 from kdsweep.config import TrainConfig
 from kdsweep.data import Batch, TokenizedSplit, collate, make_batches
 from kdsweep.generation import generate
@@ -79,40 +81,6 @@ class DistillResult:
     after: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-class BestCheckpoint:
-    """The best evaluation so far and a copy of the weights it was measured on, on the CPU (one
-    copy per running trial, made when an evaluation beats the best; the last one needs none)."""
-
-    def __init__(self, better: Callable[[dict, dict], bool]):
-        self.better = better
-        self.step = 0
-        self.metrics: dict[str, float] | None = None
-        self.state: dict[str, torch.Tensor] | None = None
-
-    def offer(self, step: int, metrics: dict[str, float], model: PreTrainedModel, *, last: bool):
-        if self.metrics is not None and not self.better(metrics, self.metrics):
-            return
-        self.step, self.metrics = step, metrics
-        self.state = None if last else _cpu_copy(model)
-
-    def restore(self, model: PreTrainedModel) -> None:
-        """Put the best weights back into ``model`` (nothing to do when the last step was best)."""
-        if self.state is not None:
-            model.load_state_dict(self.state)
-
-
-def _cpu_copy(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The model's weights on the CPU; tied weights (Qwen3's embeddings) are copied once."""
-    copies: dict[int, torch.Tensor] = {}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.data_ptr()
-        if key not in copies:
-            copies[key] = tensor.detach().to("cpu", copy=True)
-        state[name] = copies[key]
-    return state
-
-
 def distill(
     student: PreTrainedModel,
     train_split: TokenizedSplit,
@@ -126,12 +94,19 @@ def distill(
     on_eval: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
     on_policy: OnPolicy | None = None,
     better: Callable[[dict, dict], bool] | None = None,
+    save_state: Callable[[TrainState], None] | None = None,
+    resume: TrainState | None = None,
 ) -> DistillResult:
     """Train ``student`` for ``settings.train.max_steps`` optimizer steps, evaluating as it goes:
     ``evaluate(student, step)`` every ``eval_every`` steps and at the last. With
     ``settings.lmbda > 0``, ``on_policy`` makes that share of the steps on-policy. With
     ``better(a, b)`` (is evaluation ``a`` better than ``b``?), the student ends at its best
-    checkpoint, and the result holds that evaluation; without, at its last."""
+    checkpoint, and the result holds that evaluation; without, at its last.
+
+    ``save_state(state)`` receives a resume checkpoint every ``checkpoint_every`` steps (default:
+    at each evaluation), and at the step's end when the worker is preempted (``preemption``),
+    which then raises ``Preempted``; Ctrl-C raises KeyboardInterrupt there too. ``resume`` goes
+    on from such a checkpoint, exactly."""
     cfg = settings.train
     device = next(student.parameters()).device
     torch.manual_seed(cfg.seed)
@@ -144,51 +119,41 @@ def distill(
         optimizer, warmup_then_cosine(cfg.max_steps, cfg.warmup_ratio)
     )
     autocast, scaler = mixed_precision(cfg.precision, device)
-    batches = endless_batches(train_split, settings, pad_id=pad_id)
     coin = random.Random(cfg.seed)  # which steps are on-policy: seeded, apart from the data order
     window = _Window(on_policy)
     started = time.perf_counter()
     best = BestCheckpoint(better or (lambda new, old: True))  # without better: the last one
     plain = is_plain_fine_tuning(settings.alpha)  # no teacher signal to read
+    loop = _LoopState(student, optimizer, schedule, scaler, coin, window, best, on_policy)
+    start = 1 if resume is None else loop.restore(resume) + 1
+    # The data order: every epoch's is seeded, so a resumed trial skips what it already used.
+    skip = (start - 1) * cfg.grad_accum_steps
+    batches = endless_batches(train_split, settings, pad_id=pad_id, skip=skip)
+    every = cfg.eval_every if cfg.checkpoint_every is None else cfg.checkpoint_every
 
     student.train()
-    for step in range(1, cfg.max_steps + 1):
-        generating = on_policy is not None and not plain and coin.random() < settings.lmbda
-        for _ in range(cfg.grad_accum_steps):
-            batch = next(batches)
-            window.tokens += int(batch.attention_mask.sum())
-            batch = batch.to(device)
-            if generating:
-                result = on_policy.loss(student, batch, settings, vocab, autocast=autocast)
-            else:
-                targets = (
-                    teacher.targets(batch, top_k=settings.top_k) if teacher and not plain else None
-                )
+    with preemption.deferred():
+        for step in range(start, cfg.max_steps + 1):
+            _train_step(loop, batches, teacher, settings, vocab, autocast, plain=plain, step=step)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                on_log(window.flush(step, schedule.get_last_lr()[0]))
+            schedule.step()
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 with autocast():
-                    result = batch_loss(student, batch, targets, settings, vocab)
-            scaler.scale(result.loss / cfg.grad_accum_steps).backward()
-            window.add(result, cfg.grad_accum_steps)
-        # One device sync a step, so that a diverged trial stops at once rather than at its next
-        # log. The window's sum was finite before this step: it is not now only if this step's is
-        # not.
-        if not torch.isfinite(window.loss):
-            raise TrainingDiverged(f"the training loss is {float(window.loss)} at step {step}")
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        window.grad_norm += grad_norm.detach().float()
-        window.steps += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            on_log(window.flush(step, schedule.get_last_lr()[0]))
-        schedule.step()
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            with autocast():
-                metrics = evaluate(student, step)
-            student.train()
-            on_eval(step, metrics)  # a pruned trial stops here, before any copy
-            best.offer(step, metrics, student, last=step == cfg.max_steps)
+                    metrics = evaluate(student, step)
+                student.train()
+                on_eval(step, metrics)  # a pruned trial stops here, before any copy
+                loop.evaluations.append((step, metrics))
+                best.offer(step, metrics, student, last=step == cfg.max_steps)
+            if step == cfg.max_steps:
+                break  # done: a request to stop now waits for the trial's end
+            stopping = preemption.requested()
+            if stopping == preemption.INTERRUPTED:
+                raise KeyboardInterrupt  # Ctrl-C: no checkpoint, the user asked it to end
+            checkpointing = save_state is not None
+            if checkpointing and (stopping or (every and step % every == 0)):
+                save_state(loop.capture(step))
+            preemption.raise_if_requested(step if checkpointing else None)
 
     best.restore(student)
     return DistillResult(
@@ -198,6 +163,104 @@ def distill(
         peak_memory_bytes=peak_memory(device),
         best_step=best.step,
     )
+
+
+def _train_step(
+    loop: _LoopState,
+    batches: Iterator[Batch],
+    teacher: TeacherSignal | None,
+    settings: DistillSettings,
+    vocab: Vocabulary,
+    autocast: Callable,
+    *,
+    plain: bool,
+    step: int,
+) -> None:
+    """One optimizer step over ``grad_accum_steps`` micro-batches, on-policy when the coin says."""
+    cfg = settings.train
+    student, window, on_policy = loop.student, loop.window, loop.on_policy
+    device = next(student.parameters()).device
+    generating = on_policy is not None and not plain and loop.coin.random() < settings.lmbda
+    for _ in range(cfg.grad_accum_steps):
+        batch = next(batches)
+        window.tokens += int(batch.attention_mask.sum())
+        batch = batch.to(device)
+        if generating:
+            result = on_policy.loss(student, batch, settings, vocab, autocast=autocast)
+        else:
+            targets = (
+                teacher.targets(batch, top_k=settings.top_k) if teacher and not plain else None
+            )
+            with autocast():
+                result = batch_loss(student, batch, targets, settings, vocab)
+        loop.scaler.scale(result.loss / cfg.grad_accum_steps).backward()
+        window.add(result, cfg.grad_accum_steps)
+    # One device sync a step, so that a diverged trial stops at once rather than at its next
+    # log. The window's sum was finite before this step: it is not now only if this step's is not.
+    if not torch.isfinite(torch.as_tensor(window.loss)):
+        raise TrainingDiverged(f"the training loss is {float(window.loss)} at step {step}")
+    loop.scaler.unscale_(loop.optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    loop.optimizer.zero_grad(set_to_none=True)
+    window.grad_norm += grad_norm.detach().float()
+    window.steps += 1
+
+
+@dataclass
+class _LoopState:
+    """What the loop changes as it goes: all a resume checkpoint must hold to go on exactly."""
+
+    student: PreTrainedModel
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    coin: random.Random
+    window: _Window
+    best: BestCheckpoint
+    on_policy: OnPolicy | None
+    evaluations: list[tuple[int, dict[str, float]]] = dataclasses.field(default_factory=list)
+
+    def capture(self, step: int) -> TrainState:
+        """The state after ``step``. It holds the live tensors, not copies (a copy of a large
+        student's optimizer would double its memory): write it before the next step."""
+        return TrainState(
+            step=step,
+            student=self.student.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            schedule=self.schedule.state_dict(),
+            scaler=self.scaler.state_dict(),
+            torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            coin=self.coin.getstate(),
+            window=self.window.sums(),
+            evaluations=list(self.evaluations),
+            best_step=self.best.step,
+            best_metrics=self.best.metrics,
+            best_weights=self.best.state,
+            on_policy=self.on_policy.counters() if self.on_policy is not None else {},
+        )
+
+    def restore(self, state: TrainState) -> int:
+        """Go back to ``state``; returns its step."""
+        device = next(self.student.parameters()).device
+        self.student.load_state_dict(state.student)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.schedule.load_state_dict(state.schedule)
+        if state.scaler:  # empty for a disabled scaler (no fp16)
+            self.scaler.load_state_dict(state.scaler)
+        torch.set_rng_state(state.torch_rng)
+        if state.cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state.cuda_rng)
+        self.coin.setstate(state.coin)
+        self.window.restore(state.window, device)
+        self.evaluations = list(state.evaluations)
+        self.best.step, self.best.metrics = state.best_step, state.best_metrics
+        self.best.state = state.best_weights
+        if self.on_policy is not None:
+            self.on_policy.restore(state.on_policy)
+        return state.step
 
 
 def batch_loss(
@@ -266,6 +329,17 @@ class OnPolicy:
         loss = settings.alpha * divergence.loss + (1 - settings.alpha) * reference.loss
         return LossResult(loss=loss, kl=divergence.kl, ce=reference.ce)
 
+    def counters(self) -> dict:
+        return {
+            "generated_tokens": self.generated_tokens,
+            "seconds": self.seconds,
+            "batches": self.batches,
+        }
+
+    def restore(self, counters: dict) -> None:
+        for name, value in counters.items():
+            setattr(self, name, value)
+
     def complete(self, student: PreTrainedModel, batch: Batch) -> Batch | None:
         """The student's sampled completions of the batch's prompts, as a batch whose labels mark
         the generated tokens only (the prompt, and so the reference answer, is never scored)."""
@@ -296,18 +370,24 @@ class OnPolicy:
 
 
 def endless_batches(
-    split: TokenizedSplit, settings: DistillSettings, *, pad_id: int
+    split: TokenizedSplit, settings: DistillSettings, *, pad_id: int, skip: int = 0
 ) -> Iterator[Batch]:
-    """Epoch after epoch, each in its own seeded order, so every trial sees the same stream."""
+    """Epoch after epoch, each in its own seeded order, so every trial sees the same stream;
+    ``skip`` drops its first micro-batches (a resumed trial's, already trained on)."""
     epoch = 0
     while True:
-        yield from make_batches(
+        epoch_batches = make_batches(
             split,
             batch_size=settings.train.batch_size,
             pad_id=pad_id,
             shuffle_seed=settings.train.seed + epoch,
             group_by_length=settings.group_by_length,
         )
+        for batch in epoch_batches:
+            if skip:
+                skip -= 1
+                continue
+            yield batch
         epoch += 1
 
 
@@ -360,6 +440,23 @@ class _Window:
         self.loss = self.kl = self.ce = self.grad_norm = 0.0
         self.steps = 0
         self.tokens = 0
+
+    def sums(self) -> dict:
+        return {
+            "loss": self.loss,
+            "kl": self.kl,
+            "ce": self.ce,
+            "grad_norm": self.grad_norm,
+            "steps": self.steps,
+            "tokens": self.tokens,
+        }
+
+    def restore(self, sums: dict, device: torch.device) -> None:
+        for name, value in sums.items():
+            on_device = isinstance(value, torch.Tensor)
+            setattr(self, name, value.to(device) if on_device else value)
+        if self.on_policy is not None:
+            self.generation_seconds = self.on_policy.seconds
 
     def add(self, result: LossResult, accum: int) -> None:
         self.loss += result.loss.detach() / accum

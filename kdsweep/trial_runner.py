@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdsweep import models, space, train
+from kdsweep.checkpoints import TrainState
 from kdsweep.config import StudyConfig
 from kdsweep.data import Batch, TokenizedSplit, make_batches
 from kdsweep.errors import UsageError
@@ -78,6 +79,8 @@ class TrialRunner:
         on_eval,
         on_trained=None,
         on_test: bool = False,
+        save_state=None,
+        resume: TrainState | None = None,
     ) -> train.DistillResult:
         """One trial: a fresh student distilled with ``params`` (the declared search space), with
         the study's training seed or ``seed``, and its micro-batch and accumulation or ``batch``.
@@ -85,6 +88,7 @@ class TrialRunner:
         The student ends at the checkpoint ``train.select`` chooses, where accuracy is measured
         (and, with ``on_test``, the test split scored): ``DistillResult.after`` holds what was
         measured there. ``on_trained(student)``, if given, then sees it (``save_best`` saves it).
+        ``save_state`` receives its resume checkpoints; ``resume`` is one to go on from.
         """
         student = models.load_model("student", self.inputs.student, self.device)
         fixed = (
@@ -107,6 +111,8 @@ class TrialRunner:
             on_eval=on_eval,
             on_policy=self.on_policy() if settings.lmbda > 0 else None,
             better=self._better if self.study.train.select == "best" else None,
+            save_state=save_state,
+            resume=resume,
         )
         after = self.measure(student, result.final_eval, on_test=on_test)
         if on_trained is not None:

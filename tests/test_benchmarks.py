@@ -89,3 +89,15 @@ def test_the_real_configurations_are_qwen3_0_6b_and_4b():
         teacher.num_key_value_heads,
     ) == (36, 32, 8)
     assert student.tie_word_embeddings and teacher.tie_word_embeddings
+
+
+def test_checkpoints_benchmark_times_a_trial_each_way_on_a_tiny_study(
+    tiny_study, tmp_path, capsys
+):
+    checkpoints = load_script("checkpoints")
+    checkpoints.main([str(tiny_study), "--repeats", "1", "--no-qwen3", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "(so 1 resume checkpoints)" in out  # 8 steps, an evaluation every 4: one before the end
+    assert "trial without checkpoints" in out and "trial with checkpoints" in out
+    assert "of the trial (goal <= 5%" in out and "best checkpoint" in out
+    assert not list(tmp_path.glob("*.pt"))  # each written checkpoint was removed

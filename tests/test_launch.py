@@ -18,7 +18,7 @@ from kdsweep import launch
 from kdsweep.cli import main
 from kdsweep.errors import UsageError
 from kdsweep.launch_view import LaunchView
-from kdsweep.names import Tag
+from kdsweep.names import Tag, TrialAttr
 from kdsweep.paths import teacher_cache_dir
 from kdsweep.storage import load_existing_study
 from kdsweep.study_file import load_study
@@ -86,7 +86,12 @@ def test_three_workers_share_one_study_one_parent_and_one_teacher_cache(tiny_stu
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(tiny_study):
+@pytest.mark.parametrize(
+    "signum, status, state",
+    [(signal.SIGINT, 130, "INTERRUPTED"), (signal.SIGTERM, 143, "PREEMPTED")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_signal_stops_every_worker_and_leaves_nothing_running(tiny_study, signum, status, state):
     launcher = Child(
         "run",
         str(tiny_study),
@@ -107,24 +112,24 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(tiny_study):
         return len(running) == 2 and all(t.intermediate_values for t in running)
 
     wait_until(both_training, timeout=120)
-    launcher.process.send_signal(signal.SIGINT)
+    launcher.process.send_signal(signum)
     start = time.monotonic()
-    assert launcher.finish(timeout=180) == 130, launcher.output
+    assert launcher.finish(timeout=180) == status, launcher.output
     # Bounded: a worker that does not exit within the grace period is killed.
     assert time.monotonic() - start < launch.STOP_GRACE_SECONDS + 30, launcher.output
-    assert (
-        "SIGINT: stopping the workers" in launcher.output
-        and "kdsweep: interrupted" in launcher.output
-    )
+    assert f"{signal.Signals(signum).name}: stopping the workers" in launcher.output
 
     optuna_study = load_existing_study(load_study(tiny_study))
     assert "RUNNING" not in {t.state.name for t in optuna_study.get_trials()}
     _, parents, by_trial = mlflow_runs(tiny_study)
     trials = list(by_trial.values())
     assert len(trials) == 2 and {(r.info.status, r.data.tags[Tag.STATE]) for r in trials} == {
-        ("KILLED", "INTERRUPTED")
+        ("KILLED", state)
     }
     assert [p.info.status for p in parents] == ["KILLED"]
+    if signum == signal.SIGTERM:  # each worker's trial is queued again, to resume
+        waiting = optuna_study.get_trials(states=[TrialState.WAITING])
+        assert len(waiting) == 2 and all(TrialAttr.RETRY_OF in t.user_attrs for t in waiting)
 
 
 # ---------------------------------------------------------------- bad input stops the launcher
@@ -236,7 +241,7 @@ def test_the_view_shows_each_line_once_as_printed_and_counts_from_events():
     ]:
         view.line(name, line)
     for event in [
-        {"event": "trial_started", "trial": 0, "label": "a=0.5", "steps": 8},
+        {"event": "trial_started", "trial": 0, "title": "trial 0", "label": "a=0.5", "steps": 8},
         {"event": "step", "trial": 0, "step": 2, "info": "loss 1.0  10 tok/s"},
         {"event": "trial_finished", "trial": 0, "state": "complete", "best": "trial 0 (1.2345)"},
     ]:
@@ -263,15 +268,28 @@ def test_a_launched_workers_progress_sends_events_and_prints_no_steps():
     printed = io.StringIO()
     progress = SweepProgress(Console(file=printed), events=EventWriter(write_end))
     progress.study_started("tiny", done=1, target=3)
-    progress.trial_started(1, {"alpha": 0.5, "learning_rate": 1e-3}, steps=8)
+    started = SimpleNamespace(number=1, user_attrs={})
+    progress.trial_started(started, {"alpha": 0.5, "learning_rate": 1e-3}, steps=8)
     progress.step(SimpleNamespace(step=2, loss=1.5, tokens_per_second=100.0))
-    finished = SimpleNamespace(number=1, value=1.25, state=SimpleNamespace(name="COMPLETE"))
+    finished = SimpleNamespace(
+        number=1, value=1.25, state=SimpleNamespace(name="COMPLETE"), user_attrs={}
+    )
     progress.trial_finished(finished, finished)
+    rerun = SimpleNamespace(number=4, user_attrs={"seed_check_of": 1, "seed": 2})
+    progress.trial_started(rerun, {"alpha": 0.5, "learning_rate": 1e-3}, steps=8)
     progress.events._file.close()
     with os.fdopen(read_end) as pipe:
         sent = [parse(line) for line in pipe]
-    assert [e["event"] for e in sent] == ["study", "trial_started", "step", "trial_finished"]
+    assert [e["event"] for e in sent] == [
+        "study",
+        "trial_started",
+        "step",
+        "trial_finished",
+        "trial_started",
+    ]
+    assert sent[1]["title"] == "trial 1" and sent[4]["title"] == "seed check of trial 1, seed 2"
     assert sent[0] == {"event": "study", "done": 1, "target": 3}
     assert sent[2] == {"event": "step", "trial": 1, "step": 2, "info": "loss 1.5000  100 tok/s"}
     assert sent[3]["best"] == "trial 1 (1.2500)"
     assert "step 2" not in printed.getvalue() and "trial 1 complete 1.2500" in printed.getvalue()
+    assert "seed check of trial 1, seed 2 started" in printed.getvalue()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kdsweep import demo, finalists, train, trial_runner
+from kdsweep.checkpoints import checkpoint_dir
 from kdsweep.cli import main
 from kdsweep.config import TrainConfig
 from kdsweep.names import Metric, StudyAttr, TrialAttr
@@ -135,7 +136,7 @@ def test_the_test_split_is_scored_for_the_finalists_only(tiny_study, monkeypatch
         StudyAttr.TEST_TEACHER_PPL in attrs
         and Metric.TEST_EXACT_MATCH in attrs[f"test:{checks[0]}"]
     )
-    kept = sorted(p.name for p in finalists.checkpoint_dir(study).glob("*.pt"))
+    kept = sorted(p.name for p in checkpoint_dir(study).glob("*.pt"))
     assert kept == sorted(f"trial-{n}.pt" for n in originals)  # the others' were deleted
     text = write_report(study).read_text()
     assert "On the test split `test[8:]`" in text and "never selected on" in text

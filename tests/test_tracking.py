@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -342,21 +341,6 @@ def test_two_worker_processes_put_every_trial_under_one_parent(tiny_study):
 
 
 # ---------------------------------------------------------------- killed workers
-
-
-@pytest.mark.slow
-def test_sigterm_ends_the_trial_and_the_parent(tiny_study):
-    worker = start_worker(
-        tiny_study, "--set", "train.max_steps=400", "--set", "train.eval_every=400"
-    )
-    wait_for_running_trial(tiny_study, worker)
-    worker.process.send_signal(signal.SIGTERM)
-    assert worker.finish(timeout=120) == 130, worker.output
-    _, parents, trials = mlflow_runs(tiny_study)
-    assert parents[0].info.status == "KILLED"
-    assert [(r.info.status, r.data.tags[Tag.STATE]) for r in trials.values()] == [
-        ("KILLED", "INTERRUPTED")
-    ]
 
 
 @pytest.mark.slow

@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kdsweep import train
+from kdsweep import preemption, train
 from kdsweep.config import TrainConfig
 from kdsweep.data import Batch, make_batches
 from kdsweep.errors import UsageError
 from kdsweep.evaluate import prepare_eval_set, score
 from kdsweep.models import Vocabulary, shared_vocabulary
+from kdsweep.preemption import Preempted
 from kdsweep.teacher import OnlineTeacher
 
 
@@ -35,10 +36,12 @@ def settings(**overrides):
     return train.DistillSettings(**values)
 
 
-def run(setup, tiny_models, run_settings, teacher=True):
+def run(setup, tiny_models, run_settings, teacher=True, **loop_options):
     tokenizer, teacher_model, vocab, split = setup
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     logs, evals = [], []
+    also_on_log = loop_options.pop("on_log", lambda log: None)
+    also_on_eval = loop_options.pop("on_eval", lambda step, metrics: None)
     result = train.distill(
         student,
         split,
@@ -55,8 +58,9 @@ def run(setup, tiny_models, run_settings, teacher=True):
                 vocab,
             ).nll_sum
         },
-        on_log=logs.append,
-        on_eval=lambda step, metrics: evals.append((step, metrics)),
+        on_log=lambda log: (logs.append(log), also_on_log(log)),
+        on_eval=lambda step, metrics: (evals.append((step, metrics)), also_on_eval(step, metrics)),
+        **loop_options,
     )
     return result, logs, evals, student
 
@@ -80,6 +84,41 @@ def test_same_seed_same_run(setup, tiny_models):
     first = run(setup, tiny_models, settings())[1]
     second = run(setup, tiny_models, settings())[1]
     assert [log.loss for log in first] == [log.loss for log in second]
+
+
+def test_a_preempted_run_resumed_from_its_checkpoint_ends_where_the_whole_run_does(
+    setup, tiny_models
+):
+    # 12 steps cross an epoch of the data; stopping at 4 leaves a step in the log window
+    resumed = settings(
+        train={"max_steps": 12, "eval_every": 4, "log_every": 3, "checkpoint_every": 0}
+    )
+    whole, whole_logs, whole_evals, _ = run(setup, tiny_models, resumed)
+    saved = []
+
+    def stop_at_step_4(step, metrics):
+        if step == 4:
+            preemption.request(preemption.PREEMPTED)  # in the loop: waits for the step to end
+
+    try:
+        with pytest.raises(Preempted) as stopped:
+            run(setup, tiny_models, resumed, on_eval=stop_at_step_4, save_state=saved.append)
+    finally:
+        preemption.reset()
+    assert stopped.value.step == 4 and [state.step for state in saved] == [4]
+    after, logs, evals, _ = run(setup, tiny_models, resumed, resume=saved[0])
+    assert [log.step for log in logs] == [6, 9, 12]  # no step twice
+    assert [log.loss for log in logs] == [log.loss for log in whole_logs[1:]]
+    assert evals == whole_evals[1:]
+    assert after.final_eval["nll"] == pytest.approx(whole.final_eval["nll"], rel=1e-6)
+    assert after.best_step == whole.best_step
+
+
+def test_checkpoints_are_written_at_each_evaluation_by_default(setup, tiny_models):
+    saved = []
+    run(setup, tiny_models, settings(), save_state=saved.append)
+    assert [state.step for state in saved] == [3]  # not at the last step: the trial is done
+    assert [step for step, _ in saved[0].evaluations] == [3]
 
 
 def test_alpha_zero_needs_no_teacher(setup, tiny_models):

@@ -39,6 +39,7 @@ from kdsweep.names import (
     MODEL_ARTIFACT,
     RERUN_ARTIFACT,
     STUDY_ARTIFACT,
+    SYSTEM_METRICS_PREFIX,
     Metric,
     StudyAttr,
     Tag,
@@ -159,6 +160,20 @@ class StudyRuns:
     def log_to_run(self, run_id: str, metrics: dict[str, float], *, step: int) -> None:
         """Metrics on a run that may have ended (a finalist's test scores, the teacher's)."""
         log_batch(self.client, run_id, metrics=metrics, step=step)
+
+    def copy_history(self, run_id: str, into: TrialRun, *, until: int) -> None:
+        """A retried trial's curves, steps 1 to ``until`` (its resume checkpoint's), into the run
+        of the retry that goes on from there: its curves then show every step once. System
+        metrics stay with the run whose machine they sampled."""
+        for key in self.client.get_run(run_id).data.metrics:
+            if key.startswith(SYSTEM_METRICS_PREFIX):
+                continue
+            into.pending += [
+                point
+                for point in self.client.get_metric_history(run_id, key)
+                if 1 <= point.step <= until
+            ]
+        into.flush()
 
     def close(self, optuna_study: optuna.Study, *, status: str) -> None:
         """End every trial run left RUNNING by a dead worker, then the parent run, unless

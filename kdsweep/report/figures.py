@@ -15,11 +15,7 @@ import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
-from optuna.visualization.matplotlib import (
-    plot_optimization_history,
-    plot_param_importances,
-    plot_slice,
-)
+from optuna.visualization.matplotlib import plot_param_importances, plot_slice
 
 from kdsweep.compat import FilteredStudy
 from kdsweep.names import Group, Metric
@@ -105,19 +101,28 @@ def _plot_importances(optuna_study: optuna.Study, data: ReportData):
 
 
 def _plot_history(optuna_study: optuna.Study, data: ReportData):
-    ax = plot_optimization_history(
-        _without_seed_checks(optuna_study), target_name=objective_label(data.study.objective)
-    )
+    """Each complete sweep trial's value at its number, and the best so far. Drawn here, not by
+    Optuna's ``plot_optimization_history``: it indexes values by trial number, and a study whose
+    seed-check trials are left out has gaps in its numbers (an IndexError)."""
+    ranked = data.ranked.sort_values("number")
+    fig, ax = plt.subplots()
+    ax.scatter(ranked.number, ranked.value, s=18, label=objective_label(data.study.objective))
+    best = ranked.value.cummin() if data.lower_is_better else ranked.value.cummax()
+    ax.step(ranked.number, best, where="post", color="tab:red", label="best so far")
     teacher = {Metric.STUDENT_PPL: data.teacher_ppl, Metric.PPL_RATIO: 1.0}.get(
         data.study.objective
     )
     if teacher:
         ax.axhline(teacher, color="black", linestyle=":", label=f"teacher {teacher:.4g}")
-        ax.legend()
+    if data.study.objective in (Metric.STUDENT_PPL, Metric.PPL_RATIO):
+        ax.set_yscale("log")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(objective_label(data.study.objective))
+    ax.legend()
     better = "higher" if data.study.direction == MAXIMIZE else "lower"
     ax.set_title(f"Optimization history ({data.study.objective}, {better} is better)")
     _integer_ticks(ax.xaxis)  # trial numbers
-    return ax.figure
+    return fig
 
 
 def _plot_slice(optuna_study: optuna.Study, data: ReportData):
