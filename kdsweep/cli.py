@@ -137,6 +137,8 @@ def _study(args) -> StudyConfig:
 
 
 def cmd_check(args) -> int:
+    from kdsweep.status import estimate_line
+
     study = _study(args)
     searched = searched_names(study.search)
     print(
@@ -145,6 +147,7 @@ def cmd_check(args) -> int:
         f"{study.teacher.name} -> {study.student.name} on {study.data.dataset}, "
         f"searching {', '.join(searched) or 'nothing'} (fingerprint {study.fingerprint()})"
     )
+    print(f"{args.study}: {estimate_line(study)}")
     if study.data.test_split is None:
         print(
             f"{args.study}: warning: data.test_split is not set: the verdict will come from the "

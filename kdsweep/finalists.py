@@ -23,7 +23,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep import checkpoints, models
+from kdsweep import checkpoints, cost, models
 from kdsweep.config import StudyConfig
 from kdsweep.evaluate import score_test
 from kdsweep.mlflow.study_runs import StudyRuns
@@ -91,10 +91,12 @@ def run_finals(
         f"test split {study.data.test_split!r}: scoring the finalists (trials "
         f"{', '.join(str(t.number) for t in chosen)}) and the teacher, once"
     )
+    started = time.perf_counter()
     for trial in missing:
         _score_finalist(study, optuna_study, trial, runner, runs, progress)
     if teacher_missing:
         _score_teacher(optuna_study, runner, runs)
+    cost.record(optuna_study, cost.FINALS, time.perf_counter() - started)
     keep = {t.number for t in chosen}
     for number, path in checkpoints.best_paths(study).items():
         if number not in keep:

@@ -13,8 +13,11 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from kdsweep import clock
+
 
 @torch.no_grad()
+@clock.part(clock.GENERATION)  # on the trial's clock: on-policy steps and accuracy decode
 def generate(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],

@@ -36,8 +36,8 @@ class Metric:
     GRAD_NORM = "grad_norm"
     TOKENS_PER_SECOND = "tokens_per_second"
     GENERATED_TOKENS = "generated_tokens"  # on-policy: student tokens trained on, cumulative
-    GENERATION_SECONDS = "generation_seconds"  # ... and the time spent generating them
-    GENERATION_SHARE = "generation_share"  # ... as a share of the time since the previous log
+    GENERATION_SHARE = "generation_share"  # ... their generation's share of the time since the
+    # previous log
     # Every evaluation of a trial.
     STUDENT_PPL = "student_ppl"
     TEACHER_PPL = "teacher_ppl"
@@ -62,7 +62,18 @@ class Metric:
     DURATION_S = "duration_s"
     PEAK_MEMORY_MB = "peak_memory_mb"
     TOPK_MASS = "topk_mass"
+    # What a trial cost, in every state (``cost``): its wall seconds times the devices it held,
+    # and the parts of that time. Each second counts once: generation inside an evaluation
+    # (accuracy decoding) or an on-policy step is generation's.
+    DEVICE_SECONDS = "device_seconds"  # on the parent run: the study's total
+    TRAIN_SECONDS = "train_seconds"
+    EVAL_SECONDS = "eval_seconds"
+    GENERATION_SECONDS = "generation_seconds"  # on-policy completions and accuracy decoding
+    CHECKPOINT_SECONDS = "checkpoint_seconds"  # resume and best checkpoints
+    CACHED_STEP_SECONDS = "cached_step_seconds"  # a training step's mean, on the teacher cache
+    ON_POLICY_STEP_SECONDS = "on_policy_step_seconds"  # ... and on-policy, generation included
     # The parent run.
+    TEACHER_CACHE_SECONDS = "teacher_cache_seconds"  # building the teacher's top-K caches
     BEST_VALUE = "best_value"
     UNTRAINED_PPL = "student_ppl_untrained"
     TEACHER_EXACT_MATCH = "teacher_exact_match"
@@ -112,6 +123,11 @@ class StudyAttr:
     VOCAB_SIZE = "vocab_size"
     VOCAB_PADDED = "vocab_padded"
     TOPK_MASS = Metric.TOPK_MASS  # {"k": share of the teacher's mass its top-k keep}
+    # What the study cost outside its trials, in device-seconds (``cost``):
+    # cost:<part>:<id> for each worker's preparation (models, data, references) and finals,
+    # and the teacher cache's build, once.
+    COST_PREFIX = "cost:"
+    TEACHER_CACHE_SECONDS = Metric.TEACHER_CACHE_SECONDS
 
 
 class TrialAttr:
@@ -142,6 +158,7 @@ class TrialAttr:
     # a seed-check trial: the trial whose configuration it trains again
     SEED_CHECK_OF = "seed_check_of"
     BEST_STEP = Metric.BEST_STEP  # the step its value (and its final metrics) come from
+    COST = "cost"  # {device_seconds, train_seconds, ...}: what it cost, as on its run
     # A finalist's scores on the test split: Metric.TEST_STUDENT_PPL, ... under their own names.
     # A complete trial also keeps its final eval metrics (student_ppl, ...) under their Metric
     # names.

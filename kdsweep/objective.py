@@ -16,6 +16,7 @@ it does not count as a failure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -25,7 +26,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep import checkpoints, finalists, preemption
+from kdsweep import checkpoints, clock, cost, finalists, preemption
 from kdsweep.config import StudyConfig
 from kdsweep.mlflow.plugin import active_trial
 from kdsweep.mlflow.study_runs import StudyRuns
@@ -63,6 +64,7 @@ class Objective:
         self._failures: list[str] = []  # this worker's consecutive failures, as error kinds
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial_clock = clock.Clock()  # its cost, from here to the end of its training
         params = suggest(trial, self.study.search)
         seed = trial.user_attrs.get(TrialAttr.SEED, self.study.train.seed)
         batch = self._batch(trial)
@@ -91,7 +93,11 @@ class Objective:
         on_trained = (lambda student: trained.update(student=student)) if keep else None
         try:
             # tags runs that user code starts
-            with active_trial(self.study.name, trial.number, run.run_id):
+            with (
+                active_trial(self.study.name, trial.number, run.run_id),
+                clock.counting(trial_clock),
+                self._costing(trial, run, trial_clock),
+            ):
                 result = self.runner(
                     params,
                     seed=seed,
@@ -122,6 +128,17 @@ class Objective:
             if not preempted:  # a preempted trial's checkpoint waits for its retry
                 checkpoints.remove(own_checkpoint)
             release_memory(self.runner.device)
+
+    @contextlib.contextmanager
+    def _costing(self, trial: optuna.Trial, run: TrialRun, trial_clock: clock.Clock):
+        """However its training ends, the trial's cost goes on it and its run, before the run
+        ends: a pruned or failed trial's time counts too."""
+        try:
+            yield
+        finally:
+            spent = cost.trial_cost(trial_clock)
+            trial.set_user_attr(TrialAttr.COST, spent)
+            run.log_metrics(spent, step=0)  # totals, not curves
 
     def _resume(self, trial: optuna.Trial, run: TrialRun) -> checkpoints.TrainState | None:
         """The resume checkpoint of the trial this one retries, if it wrote one: taken over as

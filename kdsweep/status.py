@@ -8,7 +8,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from kdsweep import cost
 from kdsweep.config import StudyConfig
+from kdsweep.errors import UsageError
 from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
 from kdsweep.recovery import retry_of
 from kdsweep.space import columns, describe, is_plain_fine_tuning
@@ -49,6 +51,56 @@ def print_status(study: StudyConfig, console: Console | None = None) -> None:
     console.print(title, highlight=False)
     console.print(table)
     console.print(_legend(shown), highlight=False)
+    console.print(_cost_line(optuna_study, study), highlight=False)
+
+
+def _cost_line(optuna_study, study: StudyConfig) -> str:
+    spent = cost.study_cost(optuna_study, max_steps=study.train.max_steps)
+    cache = (
+        f", {100 * spent.teacher_cache / spent.total:.0f}% of it the teacher cache"
+        if spent.total and spent.teacher_cache
+        else ""
+    )
+    return (
+        f"device time: {cost.device_hours(spent.total)} ({_duration(spent.total)}) so far{cache}; "
+        "`kdsweep report` splits it"
+    )
+
+
+def estimate_line(study: StudyConfig) -> str:
+    """``kdsweep check``'s estimate of the study's device-hours, from the seconds per step that
+    its store measured; or why there is none. Reads the store, never creates it."""
+    try:
+        optuna_study = load_existing_study(study)
+    except UsageError:
+        return (
+            "estimate: none: the study has no store yet to measure a step from; "
+            "`kdsweep run` on it with `--n-trials 1` measures one"
+        )
+    measured = cost.trial_time(optuna_study)
+    if measured is None:
+        return (
+            "estimate: none: the study's store holds no complete trial that ran from step 0 to "
+            "measure a step from; `kdsweep run` on it with `--n-trials 1` measures one"
+        )
+    steps = study.train.max_steps
+    runs = study.n_trials + cost.seed_check_runs(study)
+    spent = cost.study_cost(optuna_study, max_steps=steps)
+    trial = measured.setup + steps * measured.per_step
+    total = (
+        runs * trial
+        + spent.teacher_cache
+        + spent.preparation / max(spent.preparations, 1)
+        + spent.finals
+    )
+    return (
+        f"estimate: {cost.device_hours(total)} ({_duration(total)}): {study.n_trials} trials and "
+        f"{cost.seed_check_runs(study)} seed-check runs of {steps} steps, each "
+        f"{_duration(trial)} ({measured.setup:.3g} s to set up, {1000 * measured.per_step:.3g} "
+        f"ms a step, evaluations included: the medians of the {measured.trials} complete trials "
+        "in the store), with the teacher cache and one preparation as measured, and no trial "
+        f"pruned (pruning only lowers it); {cost.device_hours(spent.total)} spent so far"
+    )
 
 
 def print_summary(study: StudyConfig, console: Console | None = None) -> None:

@@ -48,6 +48,7 @@ class StudyTeacher:
         self._online: OnlineTeacher | None = None  # the weights, while something needs them
         self._train_cache: CachedTeacher | None = None
         self._eval_cache: CachedTeacher | None = None
+        self.built_seconds = 0.0  # spent building caches in this process
 
     @classmethod
     def prepare(
@@ -76,6 +77,12 @@ class StudyTeacher:
     def train_cache(self) -> CachedTeacher | None:
         """The training tokens' cache, when the teacher runs from one."""
         return self._train_cache
+
+    @property
+    def cache_seconds(self) -> float:
+        """What building the study's caches took, whoever built them (0: no cache)."""
+        caches = (self._train_cache, self._eval_cache)
+        return sum(c.manifest.get("build_seconds", 0.0) for c in caches if c is not None)
 
     @property
     def tokens_processed(self) -> int:
@@ -161,6 +168,8 @@ class StudyTeacher:
             teacher_cache_dir(), key, k=k, write=partial(self._write, split, k=k)
         )
         verb = "built" if built else "reusing"
+        if built:
+            self.built_seconds += cache.manifest.get("build_seconds", 0.0)
         self.progress.message(
             f"teacher top-{cache.k} cache of {name!r}: {verb} {cache.folder} ({cache.rows:,} "
             "tokens)"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep import preemption, references
+from kdsweep import cost, preemption, references
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
 from kdsweep.finalists import finalists, run_finals
@@ -84,6 +84,7 @@ def run(
     progress = progress or SweepProgress()
     target = n_trials or study.n_trials
     check_storage(study.storage_url)  # a bad storage URL costs seconds, not a model load
+    preparing = time.perf_counter()
     # raises UsageError before anything is written
     runner = runner or TrialRunner.prepare(study, progress=progress)
     optuna_study = open_study(study)
@@ -111,6 +112,7 @@ def run(
             f"least {baselines + 1} (--n-trials {baselines + 1})"
         )
     runs = attach_tracking(study, optuna_study, runner, progress)
+    _record_preparation(optuna_study, runner, time.perf_counter() - preparing)
     objective = Objective(study=study, runner=runner, runs=runs, progress=progress)
     deadline = None if timeout is None else time.monotonic() + timeout
     status = "KILLED"
@@ -138,6 +140,10 @@ def run(
         status = "FAILED"  # the sweep itself broke; Ctrl-C and SIGTERM leave it KILLED
         raise
     finally:
+        spent = cost.study_cost(optuna_study, max_steps=study.train.max_steps)
+        # step: the study's trial count, so the parent run draws the cost as trials are added
+        trials = len(optuna_study.get_trials(deepcopy=False))
+        runs.log_to_run(runs.parent_run_id, _cost_metrics(spent), step=trials)
         runs.close(optuna_study, status=status)
         restore()
     finished = sweep_count(optuna_study, FINISHED_STATES)
@@ -273,6 +279,21 @@ class _Interrupts:
             os.write(2, b"kdsweep: interrupted: ending the running trial (again: exit now)\n")
         # A running trial stops at its step's end; outside trials this raises at once.
         preemption.request(preemption.PREEMPTED if preempted else preemption.INTERRUPTED)
+
+
+def _record_preparation(optuna_study: optuna.Study, runner: TrialRunner, seconds: float) -> None:
+    """This worker's preparation (models, data, references), and the teacher cache's build on
+    its own (whoever built it: this worker, another, ``kdsweep cache``)."""
+    cost.record(optuna_study, cost.PREPARATION, seconds - runner.teacher.built_seconds)
+    if runner.teacher.cached:
+        optuna_study.set_user_attr(StudyAttr.TEACHER_CACHE_SECONDS, runner.teacher.cache_seconds)
+
+
+def _cost_metrics(spent: cost.StudyCost) -> dict[str, float]:
+    return {
+        Metric.DEVICE_SECONDS: spent.total,
+        Metric.TEACHER_CACHE_SECONDS: spent.teacher_cache,
+    }
 
 
 def _past(deadline: float | None) -> bool:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kdsweep import preemption
+from kdsweep import clock, preemption
 from kdsweep.checkpoints import BestCheckpoint, TrainState
 from kdsweep.config import TrainConfig
 from kdsweep.data import Batch, TokenizedSplit, collate, make_batches
@@ -65,7 +65,6 @@ class StepLog:
     tokens_per_second: float
     # On-policy trials only (None otherwise):
     generated_tokens: int | None = None  # student-generated tokens trained on so far
-    generation_seconds: float | None = None  # time spent generating so far
     generation_share: float | None = None  # of the time since the previous log
 
 
@@ -139,12 +138,13 @@ def distill(
                 on_log(window.flush(step, schedule.get_last_lr()[0]))
             schedule.step()
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                with autocast():
+                with clock.part(clock.EVAL), autocast():
                     metrics = evaluate(student, step)
                 student.train()
                 on_eval(step, metrics)  # a pruned trial stops here, before any copy
                 loop.evaluations.append((step, metrics))
-                best.offer(step, metrics, student, last=step == cfg.max_steps)
+                with clock.part(clock.CHECKPOINT):
+                    best.offer(step, metrics, student, last=step == cfg.max_steps)
             if step == cfg.max_steps:
                 break  # done: a request to stop now waits for the trial's end
             stopping = preemption.requested()
@@ -152,7 +152,8 @@ def distill(
                 raise KeyboardInterrupt  # Ctrl-C: no checkpoint, the user asked it to end
             checkpointing = save_state is not None
             if checkpointing and (stopping or (every and step % every == 0)):
-                save_state(loop.capture(step))
+                with clock.part(clock.CHECKPOINT):
+                    save_state(loop.capture(step))
             preemption.raise_if_requested(step if checkpointing else None)
 
     best.restore(student)
@@ -181,29 +182,31 @@ def _train_step(
     student, window, on_policy = loop.student, loop.window, loop.on_policy
     device = next(student.parameters()).device
     generating = on_policy is not None and not plain and loop.coin.random() < settings.lmbda
-    for _ in range(cfg.grad_accum_steps):
-        batch = next(batches)
-        window.tokens += int(batch.attention_mask.sum())
-        batch = batch.to(device)
-        if generating:
-            result = on_policy.loss(student, batch, settings, vocab, autocast=autocast)
-        else:
-            targets = (
-                teacher.targets(batch, top_k=settings.top_k) if teacher and not plain else None
-            )
-            with autocast():
-                result = batch_loss(student, batch, targets, settings, vocab)
-        loop.scaler.scale(result.loss / cfg.grad_accum_steps).backward()
-        window.add(result, cfg.grad_accum_steps)
-    # One device sync a step, so that a diverged trial stops at once rather than at its next
-    # log. The window's sum was finite before this step: it is not now only if this step's is not.
-    if not torch.isfinite(torch.as_tensor(window.loss)):
-        raise TrainingDiverged(f"the training loss is {float(window.loss)} at step {step}")
-    loop.scaler.unscale_(loop.optimizer)  # clip the true gradients, not the scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-    loop.scaler.step(loop.optimizer)
-    loop.scaler.update()
-    loop.optimizer.zero_grad(set_to_none=True)
+    with clock.part(clock.ON_POLICY_STEP if generating else clock.CACHED_STEP):
+        for _ in range(cfg.grad_accum_steps):
+            batch = next(batches)
+            window.tokens += int(batch.attention_mask.sum())
+            batch = batch.to(device)
+            if generating:
+                result = on_policy.loss(student, batch, settings, vocab, autocast=autocast)
+            else:
+                targets = (
+                    teacher.targets(batch, top_k=settings.top_k) if teacher and not plain else None
+                )
+                with autocast():
+                    result = batch_loss(student, batch, targets, settings, vocab)
+            loop.scaler.scale(result.loss / cfg.grad_accum_steps).backward()
+            window.add(result, cfg.grad_accum_steps)
+        # One device sync a step, so that a diverged trial stops at once rather than at its next
+        # log. The window's sum was finite before this step: it is not now only if this one's is
+        # not.
+        if not torch.isfinite(torch.as_tensor(window.loss)):
+            raise TrainingDiverged(f"the training loss is {float(window.loss)} at step {step}")
+        loop.scaler.unscale_(loop.optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        loop.optimizer.zero_grad(set_to_none=True)
     window.grad_norm += grad_norm.detach().float()
     window.steps += 1
 
@@ -434,7 +437,7 @@ class _Window:
         self._reset()
         self.last_time = time.perf_counter()
         self.on_policy = on_policy
-        self.generation_seconds = 0.0  # the on-policy total at the previous log
+        self.generation_seconds = 0.0  # the on-policy generation total at the previous log
 
     def _reset(self):
         self.loss = self.kl = self.ce = self.grad_norm = 0.0
@@ -480,7 +483,6 @@ class _Window:
             log = dataclasses.replace(
                 log,
                 generated_tokens=self.on_policy.generated_tokens,
-                generation_seconds=self.on_policy.seconds,
                 generation_share=generating / max(now - self.last_time, 1e-9),
             )
             self.generation_seconds = self.on_policy.seconds

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdsweep import models, space, train
+from kdsweep import clock, models, space, train
 from kdsweep.checkpoints import TrainState
 from kdsweep.config import StudyConfig
 from kdsweep.data import Batch, TokenizedSplit, make_batches
@@ -126,6 +126,10 @@ class TrialRunner:
     def measure(self, student: PreTrainedModel, measured: dict, *, on_test: bool) -> dict:
         """What is measured at the trial's final checkpoint: accuracy on the validation split
         (unless an evaluation already did), and the test split for a finalist."""
+        with clock.part(clock.EVAL):
+            return self._measure(student, measured, on_test=on_test)
+
+    def _measure(self, student: PreTrainedModel, measured: dict, *, on_test: bool) -> dict:
         found = {}
         if self.eval_set.answers is not None and Metric.EXACT_MATCH not in measured:
             found |= accuracy(student, self.eval_set.answers)

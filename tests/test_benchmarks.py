@@ -101,3 +101,16 @@ def test_checkpoints_benchmark_times_a_trial_each_way_on_a_tiny_study(
     assert "trial without checkpoints" in out and "trial with checkpoints" in out
     assert "of the trial (goal <= 5%" in out and "best checkpoint" in out
     assert not list(tmp_path.glob("*.pt"))  # each written checkpoint was removed
+
+
+def test_pruning_benchmark_compares_each_pruner_with_none_on_a_tiny_study(tiny_study, capsys):
+    pruning = load_script("pruning")
+    pruning.main(
+        [str(tiny_study), "--seeds", "0", "--pruners", "none", "median", "--n-trials", "4"]
+        + ["--max-steps", "8", "--eval-every", "2"]
+    )
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = {line.split("|")[1].strip(): line for line in table[1:]}
+    assert set(rows) == {"none", "median"}
+    assert "1.00x" in rows["none"]
+    assert "met" in rows["median"]  # met or not met: the goal is judged, whatever the outcome

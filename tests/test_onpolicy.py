@@ -15,7 +15,7 @@ from kdsweep import models, train
 from kdsweep.cli import main
 from kdsweep.config import TrainConfig
 from kdsweep.losses import IGNORE_INDEX, distill_loss_from_hidden
-from kdsweep.names import Metric, Tag
+from kdsweep.names import Metric, Tag, TrialAttr
 from kdsweep.progress import SweepProgress
 from kdsweep.storage import load_existing_study
 from kdsweep.study_file import load_study
@@ -251,15 +251,18 @@ def test_a_sweep_searches_lmbda(tiny_study):
         assert run.data.params["lmbda"] == str(trial.params["lmbda"])
         if trial.params["lmbda"] > 0:
             assert "lmbda=1.00" in run.info.run_name
-            assert (
-                run.data.metrics[Metric.GENERATED_TOKENS] > 0
-                and Metric.GENERATION_SECONDS in run.data.metrics
-            )
+            assert run.data.metrics[Metric.GENERATED_TOKENS] > 0
+            # every step on-policy: its cost is the on-policy kind's, generation inside it
+            spent = trial.user_attrs[TrialAttr.COST]
+            assert spent[Metric.GENERATION_SECONDS] > 0
+            assert spent[Metric.ON_POLICY_STEP_SECONDS] > 0
+            assert Metric.CACHED_STEP_SECONDS not in spent
         else:
             assert (
                 Metric.GENERATED_TOKENS not in run.data.metrics
                 and "lmbda" not in run.info.run_name
             )
+            assert Metric.ON_POLICY_STEP_SECONDS not in trial.user_attrs[TrialAttr.COST]
         assert run.data.tags[Tag.STATE] == "COMPLETE"
     text = (tiny_study.parent / "reports" / "tiny.md").read_text()
     assert "**On-policy batches:** on-policy batches (lmbda > 0)" in text

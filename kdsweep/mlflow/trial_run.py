@@ -66,7 +66,6 @@ class TrialRun:
         if log.generated_tokens is not None:  # an on-policy trial
             values |= {
                 Metric.GENERATED_TOKENS: log.generated_tokens,
-                Metric.GENERATION_SECONDS: log.generation_seconds,
                 Metric.GENERATION_SHARE: log.generation_share,
             }
         self.log_metrics(values, step=log.step)

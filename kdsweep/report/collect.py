@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.config import StudyConfig
+from kdsweep.cost import StudyCost, study_cost
 from kdsweep.mlflow.links import compare_url, run_url, tracking_uri
 from kdsweep.names import Group, Metric, StudyAttr, Tag, TrialAttr
 from kdsweep.objectives import MAXIMIZE
@@ -72,6 +73,7 @@ class ReportData:
     attrs: dict  # the Optuna study's user attrs
     trials: pd.DataFrame  # one row per trial, by number (see trials_frame)
     tracking: Tracking
+    cost: StudyCost  # what the study's store says it cost
     curves: dict[int, pd.DataFrame] = field(default_factory=dict)  # trial -> student_ppl by step
     importances: Importances | None = None
 
@@ -243,7 +245,14 @@ def collect(study: StudyConfig, optuna_study: optuna.Study) -> ReportData:
     """Read the study's trials, MLflow runs, curves and importances into one ReportData."""
     trials = optuna_study.get_trials(deepcopy=False)
     attrs = dict(optuna_study.user_attrs)
-    data = ReportData(study, attrs, trials_frame(trials, attrs), _tracking(study, optuna_study))
+    max_steps = (attrs.get(StudyAttr.CONFIG) or study.to_dict())["train"]["max_steps"]  # as run
+    data = ReportData(
+        study,
+        attrs,
+        trials_frame(trials, attrs),
+        _tracking(study, optuna_study),
+        cost=study_cost(optuna_study, max_steps=max_steps),
+    )
     runs = _read_runs(data.tracking)
     data.trials = _merge_runs(data.trials, runs)
     data.curves = _read_curves(data)

@@ -16,6 +16,7 @@ from kdsweep.config import StudyConfig
 from kdsweep.names import StudyAttr
 from kdsweep.report.checks import warnings_for
 from kdsweep.report.collect import LOCAL_UI, ReportData
+from kdsweep.report.compute import render_compute
 from kdsweep.report.figures import Figure
 from kdsweep.report.text import (
     as_float,
@@ -39,6 +40,7 @@ SECTIONS = (
     "Reference points",
     "Top configurations",
     "What mattered",
+    "Compute",
     "What went wrong",
 )
 _STATE_WORDS = {
@@ -54,7 +56,7 @@ def render(data: ReportData, figures: dict[str, Figure]) -> str:
     """The whole Markdown report; a study without a complete trial gets a short one."""
     parts = [f"# kdsweep report: {data.study.name}"]
     if data.ranked.empty:
-        parts += [render_header(data), render_no_complete(data)]
+        parts += [render_header(data), render_no_complete(data), render_compute(data)]
     else:
         parts += [
             render_verdict(data),
@@ -63,6 +65,7 @@ def render(data: ReportData, figures: dict[str, Figure]) -> str:
             render_seed_check(data),
             render_top(data),
             render_what_mattered(data, figures),
+            render_compute(data),
         ]
     parts.append(render_what_went_wrong(data))
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
@@ -86,8 +89,6 @@ def render_header(data: ReportData) -> str:
         if retries
         else ""
     )
-    durations = data.trials.duration_s.dropna()
-    complete = data.ranked.duration_s.dropna()
     # what the trials ran with, --set included
     train = (attrs.get(StudyAttr.CONFIG) or study.to_dict())["train"]
     lines = [
@@ -98,12 +99,6 @@ def render_header(data: ReportData) -> str:
         f"- **Objective**: `{study.objective}` ({objective_label(study.objective)}), "
         f"{study.direction[:-1]}ed",
         f"- **Trials**: {len(trials)} ({states}); target {study.n_trials}{checks}",
-        f"- **Compute**: {duration(durations.sum())} of trial wall time in total; "
-        + (
-            f"median {duration(complete.median())} per complete trial"
-            if len(complete)
-            else "no complete trial"
-        ),
         f"- **Trials ran**: {_period(data.trials)}",
         f"- **Fixed settings** (as run): {train['max_steps']} steps of batch "
         f"{train['batch_size']} x {train['grad_accum_steps']}, "

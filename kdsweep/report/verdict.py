@@ -14,6 +14,7 @@ from __future__ import annotations
 import pandas as pd
 
 from kdsweep.report.collect import ReportData
+from kdsweep.report.compute import cost_sentence
 from kdsweep.report.text import fmt, markdown_table, params_of, pct, points
 from kdsweep.space import BY_NAME, is_plain_fine_tuning
 from kdsweep.space import describe as describe_params
@@ -101,6 +102,7 @@ def _headline(data: ReportData) -> str:
         _gap(data, distilled),
         _where(data),
         _more_steps(data, distilled),
+        cost_sentence(data),
     ]
     return " ".join(s for s in sentences if s)
 
