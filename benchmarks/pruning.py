@@ -25,46 +25,27 @@ no more than 0.5x the device-seconds.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-import optuna  # noqa: E402
+from variants import QUIET, arguments, each, run_variant  # noqa: E402
 
-import kdsweep  # noqa: E402
 from kdsweep import cost  # noqa: E402
 from kdsweep.storage import best_trial  # noqa: E402
 
 PRUNERS = ("none", "median", "hyperband")
 GOAL_RATIO = 0.5
-VARIANT = {
-    "n_trials": 24,
-    "train.max_steps": 300,
-    "train.eval_every": 50,
-    "seed_check.top": 0,
-    "data.test_split": None,
-    "eval.accuracy": False,
-}
+VARIANT = QUIET | {"n_trials": 24, "train.max_steps": 300, "train.eval_every": 50}
 
 
 def run_one(pruner: str, seed: int, folder: Path, variant: dict, study: Path) -> dict:
     """One study of ``variant`` with ``pruner`` and sampler ``seed``: its best value and cost."""
-    name = f"pruning-{pruner}-{seed}"
-    overrides = variant | {
-        "name": name,
-        "pruner.name": pruner,
-        "sampler.seed": seed,
-        "storage": f"sqlite:///{folder / name}.db",
-        "tracking.uri": f"sqlite:///{folder / name}-mlflow.db",
-        "tracking.system_metrics": False,
-    }
-    kdsweep.run_study(study, overrides=overrides, report=False)
-    optuna_study = optuna.load_study(study_name=name, storage=overrides["storage"])
+    overrides = variant | {"pruner.name": pruner, "sampler.seed": seed}
+    optuna_study = run_variant(study, f"pruning-{pruner}-{seed}", overrides, folder)
     spent = cost.study_cost(optuna_study, max_steps=variant["train.max_steps"])
     states = [t.state.name for t in optuna_study.trials]
     return {
@@ -77,11 +58,8 @@ def run_one(pruner: str, seed: int, folder: Path, variant: dict, study: Path) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", nargs="?", type=Path, default=REPO / "studies" / "demo.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = arguments(__doc__, n_trials=VARIANT["n_trials"])
     parser.add_argument("--pruners", nargs="+", default=list(PRUNERS), choices=PRUNERS)
-    parser.add_argument("--n-trials", type=int, default=VARIANT["n_trials"], help="a smoke test")
     parser.add_argument("--max-steps", type=int, default=VARIANT["train.max_steps"])
     parser.add_argument("--eval-every", type=int, default=VARIANT["train.eval_every"])
     args = parser.parse_args(argv)
@@ -90,18 +68,18 @@ def main(argv: list[str] | None = None) -> None:
         "train.max_steps": args.max_steps,
         "train.eval_every": args.eval_every,
     }
-    results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="kdsweep-pruning-") as folder:
-        for pruner in args.pruners:
-            for seed in args.seeds:
-                found = run_one(pruner, seed, Path(folder), variant, args.study)
-                results.setdefault(pruner, []).append(found)
-                print(
-                    f"{pruner:9s} seed {seed}: best {found['best']:.4f}, "
-                    f"{found['pruned']} pruned, trials {found['trials_seconds']:.0f} "
-                    f"device-s, study {found['total_seconds']:.0f} device-s",
-                    flush=True,
-                )
+
+    def run(pruner: str, seed: int, folder: Path) -> dict:
+        found = run_one(pruner, seed, folder, variant, args.study)
+        print(
+            f"{pruner:9s} seed {seed}: best {found['best']:.4f}, {found['pruned']} pruned, "
+            f"trials {found['trials_seconds']:.0f} device-s, study {found['total_seconds']:.0f} "
+            "device-s",
+            flush=True,
+        )
+        return found
+
+    results = each(args.pruners, args.seeds, run)
     print_table(results)
 
 

@@ -18,7 +18,7 @@ from kdsweep.objectives import ACCURACY_OBJECTIVES, OBJECTIVES
 from kdsweep.redact import redact_tree
 from kdsweep.space import Param, SearchConfig, finite_top_ks, may_be_positive
 
-SAMPLERS = ("tpe", "random", "grid")
+SAMPLERS = ("tpe", "gp", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "sharegpt")
@@ -132,9 +132,9 @@ class SamplerConfig:
     """How the sweep's trials are drawn. TPE's settings are explicit, so a study samples the same
     way on every Optuna version kdsweep supports (Optuna 5 changed their defaults)."""
 
-    name: str = "tpe"  # tpe, random or grid
+    name: str = "tpe"  # tpe, gp (a Gaussian process), random or grid
     seed: int | None = 0  # seeds every trial's draws (by its number), so reruns draw the same
-    n_startup_trials: int = 5  # tpe: trials drawn at random before TPE models the others
+    n_startup_trials: int = 5  # tpe, gp: trials drawn at random before the model takes over
     multivariate: bool = True  # tpe: model the parameters jointly, not one by one
     # tpe: treat running trials as bad, so parallel workers explore apart
     constant_liar: bool = True

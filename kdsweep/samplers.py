@@ -38,6 +38,10 @@ def _group_sampler(study: StudyConfig, group: str) -> optuna.samplers.BaseSample
     if group == Group.SEARCH:
         if cfg.name == "grid":
             return optuna.samplers.GridSampler(grid(study.search), seed=cfg.seed)
+        if cfg.name == "gp":
+            # Optuna's Gaussian process: for the usual kdsweep space (5-6 parameters, tens of
+            # trials); it draws parallel workers' trials apart since Optuna 4.9.
+            return optuna.samplers.GPSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials)
         if cfg.name == "tpe":
             return optuna.samplers.TPESampler(
                 seed=cfg.seed,

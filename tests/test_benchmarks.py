@@ -114,3 +114,14 @@ def test_pruning_benchmark_compares_each_pruner_with_none_on_a_tiny_study(tiny_s
     assert set(rows) == {"none", "median"}
     assert "1.00x" in rows["none"]
     assert "met" in rows["median"]  # met or not met: the goal is judged, whatever the outcome
+
+
+def test_samplers_benchmark_compares_each_sampler_with_random_on_a_tiny_study(tiny_study, capsys):
+    samplers = load_script("samplers")
+    samplers.main(
+        [str(tiny_study), "--seeds", "0", "--n-trials", "3", "--max-steps", "4"]
+        + ["--samplers", "random", "gp"]
+    )
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = {line.split("|")[1].strip(): line for line in table[1:]}
+    assert set(rows) == {"random", "gp"} and "1.00x" in rows["random"]

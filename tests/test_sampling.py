@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from kdsweep.names import Group, TrialAttr
-from kdsweep.samplers import GroupedSampler, SeedCheckAwarePruner, make_pruner
+from kdsweep.samplers import GroupedSampler, SeedCheckAwarePruner, make_pruner, make_sampler
 from kdsweep.space import baseline_trials, suggest
 from kdsweep.storage import best_trial, ranked_trials
 from kdsweep.study_file import load_study
@@ -187,3 +187,27 @@ def test_an_accuracy_objective_needs_decoded_answers(tmp_path):
         "objective: exact_match needs the answers decoded: set eval.accuracy: true" in p
         for p in info.value.problems
     )
+
+
+def test_the_gp_sampler_models_the_sweep_and_draws_the_same_twice(tmp_path):
+    """sampler.name gp: after its random start, Optuna's GPSampler draws the sweep's trials (the
+    baselines keep their random sampler), and the same study run again draws the same."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        STUDY.format(objective="student_ppl") + "sampler: {name: gp, n_startup_trials: 2}\n"
+    )
+    study = load_study(path)
+
+    def sweep() -> list[dict]:
+        sampler = make_sampler(study)
+        optuna_study = optuna.create_study(sampler=sampler)
+        for params, attrs in baseline_trials(study.search, study.baselines):
+            optuna_study.enqueue_trial(params, user_attrs=attrs)
+        for _ in range(8):  # 3 baselines, 2 random sweep trials, 3 the GP draws
+            trial = optuna_study.ask()
+            params = suggest(trial, study.search)
+            optuna_study.tell(trial, (params["alpha"] - 0.5) ** 2 + params["temperature"])
+        assert isinstance(sampler._samplers[Group.SEARCH], optuna.samplers.GPSampler)
+        return [t.params for t in optuna_study.trials]
+
+    assert sweep() == sweep()
