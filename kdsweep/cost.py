@@ -97,6 +97,11 @@ class StudyCost:
     def total(self) -> float:
         return self.teacher_cache + self.preparation + self.finals + self.trials
 
+    @property
+    def teacher_cache_percent(self) -> float | None:
+        """The teacher cache's share of the total, in percent (None: no cache)."""
+        return 100 * self.teacher_cache / self.total if self.total and self.teacher_cache else None
+
 
 def study_cost(optuna_study: optuna.Study, *, max_steps: int) -> StudyCost:
     """What the study's store says it cost so far (``max_steps``: a complete trial's steps)."""
@@ -114,10 +119,11 @@ def study_cost(optuna_study: optuna.Study, *, max_steps: int) -> StudyCost:
     sweep = [t for t in complete if group_of(t) != Group.SEED_CHECK]
     pruned = [t for t in measured if t.state == TrialState.PRUNED]
     not_run = {t.number: max(max_steps - (t.last_step or 0), 0) for t in pruned}
+    preparations = _recorded(attrs, PREPARATION)
     return StudyCost(
         teacher_cache=attrs.get(StudyAttr.TEACHER_CACHE_SECONDS, 0.0) * DEVICES_PER_TRIAL,
-        preparation=sum(_recorded(attrs, PREPARATION)),
-        preparations=len(_recorded(attrs, PREPARATION)),
+        preparation=sum(preparations),
+        preparations=len(preparations),
         finals=sum(_recorded(attrs, FINALS)),
         distilled=spent([t for t in sweep if not t.user_attrs.get(TrialAttr.BASELINE)]),
         baselines=spent([t for t in sweep if t.user_attrs.get(TrialAttr.BASELINE)]),

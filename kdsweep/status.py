@@ -56,11 +56,8 @@ def print_status(study: StudyConfig, console: Console | None = None) -> None:
 
 def _cost_line(optuna_study, study: StudyConfig) -> str:
     spent = cost.study_cost(optuna_study, max_steps=study.train.max_steps)
-    cache = (
-        f", {100 * spent.teacher_cache / spent.total:.0f}% of it the teacher cache"
-        if spent.total and spent.teacher_cache
-        else ""
-    )
+    share = spent.teacher_cache_percent
+    cache = f", {share:.0f}% of it the teacher cache" if share is not None else ""
     return (
         f"device time: {cost.device_hours(spent.total)} ({_duration(spent.total)}) so far{cache}; "
         "`kdsweep report` splits it"

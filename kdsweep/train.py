@@ -437,7 +437,7 @@ class _Window:
         self._reset()
         self.last_time = time.perf_counter()
         self.on_policy = on_policy
-        self.generation_seconds = 0.0  # the on-policy generation total at the previous log
+        self.generating_at_log = 0.0  # on-policy seconds generating, as of the previous log
 
     def _reset(self):
         self.loss = self.kl = self.ce = self.grad_norm = 0.0
@@ -459,7 +459,7 @@ class _Window:
             on_device = isinstance(value, torch.Tensor)
             setattr(self, name, value.to(device) if on_device else value)
         if self.on_policy is not None:
-            self.generation_seconds = self.on_policy.seconds
+            self.generating_at_log = self.on_policy.seconds
 
     def add(self, result: LossResult, accum: int) -> None:
         self.loss += result.loss.detach() / accum
@@ -479,13 +479,13 @@ class _Window:
             tokens_per_second=self.tokens / max(now - self.last_time, 1e-9),
         )
         if self.on_policy is not None:
-            generating = self.on_policy.seconds - self.generation_seconds
+            generating = self.on_policy.seconds - self.generating_at_log
             log = dataclasses.replace(
                 log,
                 generated_tokens=self.on_policy.generated_tokens,
                 generation_share=generating / max(now - self.last_time, 1e-9),
             )
-            self.generation_seconds = self.on_policy.seconds
+            self.generating_at_log = self.on_policy.seconds
         self._reset()
         self.last_time = now
         return log

@@ -22,11 +22,9 @@ def cost_sentence(data: ReportData) -> str:
     spent = data.cost
     if not spent.total:
         return ""
-    share = f", {pct(100 * spent.teacher_cache / spent.total)} of it the teacher cache"
-    return (
-        f"Found in {device_hours(spent.total)}"
-        f"{share if spent.teacher_cache else ''} (see Compute)."
-    )
+    share = spent.teacher_cache_percent
+    cache = f", {pct(share)} of it the teacher cache" if share is not None else ""
+    return f"Found in {device_hours(spent.total)}{cache} (see Compute)."
 
 
 def render_compute(data: ReportData) -> str:
