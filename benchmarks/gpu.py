@@ -23,6 +23,8 @@ steps; tokens/s, MFU and peak memory are measured over the last ``--steps``:
 - cached: the same loop reading the teacher's top-K from kdsweep's cache, built once beforehand
   (its build time is reported apart; the teacher is freed before training, as a sweep does).
 - ce: the same loop with alpha 0 (plain cross-entropy, no teacher): the floor for any of them.
+- lora-16: the cached loop with the student as a LoRA adapter of rank 16 on every linear layer
+  but the output layer (``student.lora``'s defaults, peft): only the adapter trains.
 - onpolicy-0.5, onpolicy-1: the cached loop with lmbda 0.5 and 1: that share of the steps has the
   student sample ``--gen-tokens`` new tokens after each row's prompt (its first quarter), with the
   KV cache, the bf16 teacher score them online, and trains on them (plus the reference CE); their
@@ -59,8 +61,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from kdsweep import train  # noqa: E402
-from kdsweep.config import TrainConfig  # noqa: E402
+from kdsweep import lora, train  # noqa: E402
+from kdsweep.config import LoraConfig, TrainConfig  # noqa: E402
 from kdsweep.data import TokenizedSplit, make_batches  # noqa: E402
 from kdsweep.losses import IGNORE_INDEX  # noqa: E402
 from kdsweep.models import Vocabulary, resolve_dtype  # noqa: E402
@@ -421,14 +423,15 @@ def run_modes(args, device: torch.device) -> dict:
             notes[mode] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
         free_memory(device)
 
-    def student() -> Qwen3ForCausalLM:
-        return build_model(student_config, device, torch.float32, seed=1)  # fp32 master weights
+    def student(rank: int = 0) -> Qwen3ForCausalLM:
+        model = build_model(student_config, device, torch.float32, seed=1)  # fp32 master weights
+        return lora.adapt(model, rank, LoraConfig())
 
     def kdsweep(
-        teacher, *, alpha: float, top_k: int | None, lmbda: float = 0.0, online=None
+        teacher, *, alpha: float, top_k: int | None, lmbda: float = 0.0, online=None, rank=0
     ) -> Callable[[], list[float]]:
         return lambda: kdsweep_run(
-            student(),
+            student(rank),
             split,
             teacher,
             args=args,
@@ -489,6 +492,12 @@ def run_modes(args, device: torch.device) -> dict:
             f"kdsweep, cached teacher top-{args.top_k}",
             student_flops,
             kdsweep(cache, alpha=ALPHA, top_k=args.top_k),
+        )
+        attempt(
+            "lora-16",
+            f"kdsweep, cached teacher top-{args.top_k}, LoRA rank 16 student",
+            student_flops,
+            kdsweep(cache, alpha=ALPHA, top_k=args.top_k, rank=16),
         )
     attempt(
         "ce",
@@ -574,7 +583,7 @@ def print_table(report: dict) -> None:
         f"{'x notebook tok/s':>17} "
         f"{'x notebook mem':>15}  what"
     )
-    for mode in ("notebook", "online", "cached", "ce", "onpolicy-0.5", "onpolicy-1"):
+    for mode in ("notebook", "online", "cached", "lora-16", "ce", "onpolicy-0.5", "onpolicy-1"):
         if mode not in results:
             print(f"{mode:9} {report['notes'].get(mode, 'not run')}")
             continue
@@ -596,6 +605,13 @@ def print_table(report: dict) -> None:
         print(
             "cached distillation step / plain CE step: "
             f"{results['cached']['step_s'] / results['ce']['step_s']:.3f}"
+        )
+    if "cached" in results and "lora-16" in results:
+        lora16, cached = results["lora-16"], results["cached"]
+        print(
+            "lora-16 / cached (full fine-tuning): peak memory "
+            f"{lora16['peak_gib'] / cached['peak_gib']:.2f}, step "
+            f"{lora16['step_s'] / cached['step_s']:.2f}"
         )
     for mode in ("onpolicy-0.5", "onpolicy-1"):
         if "cached" in results and mode in results:

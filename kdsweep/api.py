@@ -42,13 +42,13 @@ class StudySummary:
     """Where a study stands after a run: its best trial and where to find it."""
 
     study: str
-    objective: str
-    direction: str  # "minimize" or "maximize"
+    objectives: tuple[str, ...]  # the first decides the best trial
+    directions: list[str]  # each objective's: "minimize" or "maximize"
     finished: int  # finished trials the study holds (complete, pruned, failed)
     target: int
     ran: int  # trials this call ran
-    best_trial: int | None = None
-    best_value: float | None = None
+    best_trial: int | None = None  # the best feasible trial by the first objective
+    best_values: list[float] = field(default_factory=list)  # its value of each objective
     best_params: dict = field(default_factory=dict)
     best_run_id: str | None = None  # the best trial's MLflow run
     report: Path | None = None
@@ -82,13 +82,13 @@ def run_study(
     best = result.best
     return StudySummary(
         study=config.name,
-        objective=config.objective,
-        direction=config.direction,
+        objectives=config.objectives,
+        directions=config.directions,
         finished=result.finished,
         target=result.target,
         ran=result.ran,
         best_trial=None if best is None else best.number,
-        best_value=None if best is None else best.value,
+        best_values=[] if best is None else list(best.values),
         best_params={}
         if best is None
         else dict(best.user_attrs.get(TrialAttr.PARAMS, best.params)),

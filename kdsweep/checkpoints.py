@@ -6,10 +6,11 @@ checkpoint (``trial-<n>.resume.pt``, while it runs) and, for a study with a test
 finalist contender's best weights (``trial-<n>.pt``, see ``finalists``).
 
 **The resume checkpoint** (:class:`TrainState`) holds what the training loop needs to go on
-exactly: the student's weights, the optimizer's and the schedule's states, the gradient
-scaler's, torch's random state (CPU and GPU) and the on-policy coin's, the step (which also
-places the data order: every epoch's order is seeded), the log window's partial sums, the
-evaluations so far, the best checkpoint (``train.select``) and the on-policy counters. It is
+exactly: the student's trained weights (a LoRA student's adapter alone, ``lora``), the
+optimizer's and the schedule's states, the gradient scaler's, torch's random state (CPU and GPU)
+and the on-policy coin's, the step (which also places the data order: every epoch's order is
+seeded), the log window's partial sums, the evaluations so far, the best checkpoint
+(``train.select``) and the on-policy counters. It is
 written under a temporary name and renamed, so a reader sees a whole checkpoint or the previous
 one, and one trial keeps one.
 
@@ -32,14 +33,17 @@ import torch
 from transformers import PreTrainedModel
 
 from kdsweep.config import StudyConfig
-from kdsweep.paths import cache_dir
+from kdsweep.lora import load_trained_state, trained_state
+from kdsweep.paths import cache_dir, store_identity
 
 
 def checkpoint_dir(study: StudyConfig) -> Path:
     """Where the study's checkpoints live: ``train.checkpoint_dir``, else under the cache."""
     if study.train.checkpoint_dir:
         return Path(study.resolve_path(study.train.checkpoint_dir))
-    store = hashlib.sha256(study.storage_url.encode()).hexdigest()[:8]
+    # Two studies of one name in two folders (each with its own sqlite:///kdsweep.db) must not
+    # share a folder: one's finals would delete the other's checkpoints.
+    store = hashlib.sha256(store_identity(study.storage_url).encode()).hexdigest()[:8]
     return cache_dir() / "checkpoints" / f"{study.name}-{store}"
 
 
@@ -51,11 +55,10 @@ _NOT_TRAJECTORY = {"device", "threads", "checkpoint_dir", "checkpoint_every", "o
 def trajectory(study: StudyConfig) -> str:
     """A hash of what a trial's training depends on besides its parameters and seed: the
     models, the data, the evaluation and the fixed training settings."""
-    train = {k: v for k, v in study.to_dict()["train"].items() if k not in _NOT_TRAJECTORY}
-    parts = {key: study.to_dict()[key] for key in ("teacher", "student", "data", "eval")}
-    text = json.dumps(
-        parts | {"train": train, "objective": study.objective}, sort_keys=True, default=str
-    )
+    plain = study.to_dict()
+    parts = {key: plain[key] for key in ("teacher", "student", "data", "eval", "objective")}
+    train = {k: v for k, v in plain["train"].items() if k not in _NOT_TRAJECTORY}
+    text = json.dumps(parts | {"train": train}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -150,14 +153,15 @@ class BestCheckpoint:
     def restore(self, model: PreTrainedModel) -> None:
         """Put the best weights back into ``model`` (nothing to do when the last step was best)."""
         if self.state is not None:
-            model.load_state_dict(self.state)
+            load_trained_state(model, self.state)
 
 
 def _cpu_copy(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The model's weights on the CPU; tied weights (Qwen3's embeddings) are copied once."""
+    """The weights the model trains (a LoRA student's adapter alone), on the CPU; tied weights
+    (Qwen3's embeddings) are copied once."""
     copies: dict[int, torch.Tensor] = {}
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in trained_state(model).items():
         key = tensor.data_ptr()
         if key not in copies:
             copies[key] = tensor.detach().to("cpu", copy=True)

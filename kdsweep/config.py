@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "sharegpt")
 SELECTIONS = ("best", "last")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ALL_LINEAR = "all-linear"  # peft's LoRA target: every linear layer but the output layer
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,33 @@ class ModelConfig:
     name: str = ""
     revision: str | None = None
     dtype: str = "auto"  # weights dtype; "auto" is bf16 on a bf16-capable GPU, else fp32
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The LoRA adapter of trials whose search.lora_rank is above 0, built with peft."""
+
+    # the adapter's update is scaled by alpha / rank: alpha fixed, the best learning rate moves
+    # little with the rank (LoRA Without Regret, Thinking Machines, 2025)
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # all-linear (peft's: every linear layer but the output layer), or a list of module names
+    target_modules: str | tuple[str, ...] = ALL_LINEAR
+    # an adapter trains at search.learning_rate times this: LoRA's best rate is about 10 times
+    # full fine-tuning's (Tinker: 1e-3 against 1e-4)
+    learning_rate_scale: float = 10.0
+
+    def learning_rate(self, learning_rate: float, rank: int) -> float:
+        """The rate a trial trains at: ``search.learning_rate`` for full fine-tuning (rank 0),
+        times ``learning_rate_scale`` for an adapter."""
+        return learning_rate * self.learning_rate_scale if rank else learning_rate
+
+
+@dataclass(frozen=True)
+class StudentConfig(ModelConfig):
+    """The student: a model as the teacher is, and the LoRA adapter its LoRA trials train."""
+
+    lora: LoraConfig = LoraConfig()
 
 
 @dataclass(frozen=True)
@@ -158,15 +186,20 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class StudyConfig:
     name: str = ""
-    # or ppl_ratio: student perplexity / teacher perplexity (objectives.OBJECTIVES)
-    objective: str = "student_ppl"
+    # a measure, or a list of them (a multi-objective study, its first deciding the verdict);
+    # student_ppl, ppl_ratio, kl_to_teacher, exact_match, rouge_l, device_seconds, ...
+    # (objectives.OBJECTIVES), each with its direction
+    objective: str | tuple[str, ...] = "student_ppl"
+    # ceilings on measures that are better lower, e.g. {peak_memory_gb: 70, device_seconds: 3600}:
+    # the sampler learns what is feasible, the best trial and the report consider feasible ones
+    constraints: dict = field(default_factory=dict)
     n_trials: int = 10  # total finished trials the study should hold, across all runs and workers
     storage: str | None = None  # Optuna storage URL; default sqlite:///kdsweep.db here
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     tracking: TrackingConfig = TrackingConfig()
     teacher: ModelConfig = ModelConfig()
-    student: ModelConfig = ModelConfig()
+    student: StudentConfig = StudentConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -188,15 +221,36 @@ class StudyConfig:
         return self.storage or "sqlite:///kdsweep.db"
 
     @property
+    def objectives(self) -> tuple[str, ...]:
+        """Every objective, in the order the study file lists them."""
+        return (self.objective,) if isinstance(self.objective, str) else tuple(self.objective)
+
+    @property
+    def primary_objective(self) -> str:
+        """The first objective: it chooses each trial's checkpoint, the best trial, the
+        finalists and the seed check's configurations, and decides the verdict."""
+        return self.objectives[0]
+
+    @property
     def direction(self) -> str:
-        """ "minimize" or "maximize": what makes the objective better."""
-        return OBJECTIVES[self.objective]
+        """ "minimize" or "maximize": what makes the primary objective better."""
+        return OBJECTIVES[self.primary_objective]
+
+    @property
+    def directions(self) -> list[str]:
+        """Each objective's direction, as the Optuna study takes them."""
+        return [OBJECTIVES[name] for name in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def accuracy_every_eval(self) -> bool:
-        """Answers are decoded at every evaluation: asked for, or the objective is an accuracy."""
+        """Answers are decoded at every evaluation: asked for, or the primary objective is an
+        accuracy (it selects checkpoints and prunes on it)."""
         return self.eval.accuracy and (
-            self.eval.every_eval or self.objective in ACCURACY_OBJECTIVES
+            self.eval.every_eval or self.primary_objective in ACCURACY_OBJECTIVES
         )
 
     @property

@@ -150,23 +150,23 @@ class TrialTime:
     trials: int  # how many trials measured it
 
 
-def trial_time(optuna_study: optuna.Study) -> TrialTime | None:
-    """The store's measure of a trial's time (None: no complete trial that ran from step 0)."""
+def trial_time(optuna_study: optuna.Study, *, max_steps: int) -> TrialTime | None:
+    """The store's measure of a trial's time (None: no complete trial that ran from step 0;
+    ``max_steps``: a complete trial's steps, as the study ran them)."""
     measured = [
         t
         for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if TrialAttr.COST in t.user_attrs
-        and TrialAttr.RESUMED_STEP not in t.user_attrs
-        and t.last_step
+        if TrialAttr.COST in t.user_attrs and TrialAttr.RESUMED_STEP not in t.user_attrs
     ]
     if not measured:
         return None
+    # A multi-objective study reports no evaluation to Optuna: its trials have no last_step.
     loops = [(_loop_seconds(t.user_attrs[TrialAttr.COST]), t) for t in measured]
     return TrialTime(
         setup=statistics.median(
             t.user_attrs[TrialAttr.COST][Metric.DEVICE_SECONDS] - loop for loop, t in loops
         ),
-        per_step=statistics.median(loop / t.last_step for loop, t in loops),
+        per_step=statistics.median(loop / (t.last_step or max_steps) for loop, t in loops),
         trials=len(measured),
     )
 

@@ -26,11 +26,19 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsweep import checkpoints, cost, models
 from kdsweep.config import StudyConfig
 from kdsweep.evaluate import score_test
+from kdsweep.lora import load_trained_state, trained_state
 from kdsweep.mlflow.study_runs import StudyRuns
 from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
 from kdsweep.progress import SweepProgress
 from kdsweep.recovery import worker_id
-from kdsweep.storage import group_of, ranked_trials, set_user_attr_once
+from kdsweep.storage import (
+    compared_baseline,
+    group_of,
+    lora_rank,
+    primary_value,
+    ranked_trials,
+    set_user_attr_once,
+)
 from kdsweep.trial_runner import TrialRunner
 
 POLL_SECONDS = 5.0  # how often a worker looks whether the last sweep trials have ended
@@ -47,22 +55,27 @@ def keep_if_contender(
     """Keep a just-completed sweep trial's checkpoint if it is among its kind's contenders so far;
     returns whether it did. (Others may finish meanwhile: the finals delete what is left over.)"""
     baseline = bool(trial.user_attrs.get(TrialAttr.BASELINE))
-    same_kind = [t for t in ranked_trials(optuna_study) if _is_baseline(t) == baseline]
+    # Baselines contend within their student form: the verdict compares like with like.
+    same_kind = [
+        t
+        for t in ranked_trials(optuna_study)
+        if _is_baseline(t) == baseline and (not baseline or lora_rank(t) == lora_rank(trial))
+    ]
     sign = 1 if study.direction == "minimize" else -1
-    ahead = sum(sign * t.value <= sign * value for t in same_kind)
+    ahead = sum(sign * primary_value(t) <= sign * value for t in same_kind)
     if ahead >= contenders(study, baseline):
         return False
-    checkpoints.write(student.state_dict(), checkpoints.best_path(study, trial.number))
+    checkpoints.write(trained_state(student), checkpoints.best_path(study, trial.number))
     return True
 
 
 def finalists(study: StudyConfig, optuna_study: optuna.Study) -> list[FrozenTrial]:
     """The sweep's finalists, by validation: the best distilled trials the seed check covers,
-    then the best baseline."""
+    then the baseline the verdict compares with (``storage.compared_baseline``)."""
     ranked = ranked_trials(optuna_study)
     distilled = [t for t in ranked if not _is_baseline(t)][: contenders(study, baseline=False)]
-    baseline = [t for t in ranked if _is_baseline(t)][:1]
-    return distilled + baseline
+    baseline = compared_baseline(ranked)
+    return distilled + ([baseline] if baseline is not None else [])
 
 
 def run_finals(
@@ -121,8 +134,9 @@ def _score_finalist(study, optuna_study, trial: FrozenTrial, runner, runs, progr
             "it is not scored on the test split"
         )
         return
-    student = models.load_model("student", runner.inputs.student, runner.device)
-    student.load_state_dict(torch.load(path, map_location=runner.device, weights_only=True))
+    params = trial.user_attrs.get(TrialAttr.PARAMS, trial.params)
+    student = runner.new_student(params, seed=runner.study.train.seed)
+    load_trained_state(student, torch.load(path, map_location=runner.device, weights_only=True))
     scores = score_test(student, runner.test_set, runner.inputs.vocab)
     record_test_scores(optuna_study, trial.number, scores)
     run_id = trial.user_attrs.get(TrialAttr.MLFLOW_RUN_ID)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kdsweep import demo, models, space
+from kdsweep import demo, lora, models, space
 from kdsweep.config import ModelConfig, StudyConfig
 from kdsweep.data import (
     ChatTemplate,
@@ -69,6 +69,8 @@ def read_inputs(study: StudyConfig, progress: SweepProgress) -> Inputs:
     models.check_same_vocabulary(tokenizer, teacher_tokenizer)
     vocab = models.check_vocabularies(teacher, student, tokenizer)
     _check_top_k(study, vocab)
+    if space.may_be_positive(study.search, study.baselines, "lora_rank"):
+        lora.check_targets(student, study.student.lora)
     data = study.data
     splits = (data.train_split, data.eval_split) + ((data.test_split,) if data.test_split else ())
     rows = {split: _read_rows(study, split, progress) for split in dict.fromkeys(splits)}

@@ -21,6 +21,7 @@ from transformers import (
 
 from kdsweep.config import ModelConfig
 from kdsweep.errors import UsageError
+from kdsweep.lora import effective_output_weight
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = "tokenizer*"  # tokenizer.json, tokenizer_config.json, tokenizer.model
@@ -189,5 +190,6 @@ def hidden_states(
 
 
 def output_weight(model: PreTrainedModel, vocab: Vocabulary) -> torch.Tensor:
-    """The output embedding ``[V, H]`` restricted to the shared ids."""
-    return model.get_output_embeddings().weight[: vocab.size]
+    """The output embedding ``[V, H]`` restricted to the shared ids (with a LoRA adapter's update
+    when one is on it)."""
+    return effective_output_weight(model.get_output_embeddings())[: vocab.size]

@@ -60,7 +60,9 @@ class Metric:
     # The end of a complete trial.
     OBJECTIVE = "objective"
     DURATION_S = "duration_s"
-    PEAK_MEMORY_MB = "peak_memory_mb"
+    PEAK_MEMORY_GB = (
+        "peak_memory_gb"  # the training's peak: CUDA's allocator, or the process's RSS
+    )
     TOPK_MASS = "topk_mass"
     # What a trial cost, in every state (``cost``): its wall seconds times the devices it held,
     # and the parts of that time. Each second counts once: generation inside an evaluation
@@ -72,6 +74,8 @@ class Metric:
     CHECKPOINT_SECONDS = "checkpoint_seconds"  # resume and best checkpoints
     CACHED_STEP_SECONDS = "cached_step_seconds"  # a training step's mean, on the teacher cache
     ON_POLICY_STEP_SECONDS = "on_policy_step_seconds"  # ... and on-policy, generation included
+    # The student's form (search.lora_rank): the parameters the optimizer trains.
+    TRAINABLE_PARAMETERS = "trainable_parameters"
     # The parent run.
     TEACHER_CACHE_SECONDS = "teacher_cache_seconds"  # building the teacher's top-K caches
     BEST_VALUE = "best_value"
@@ -140,7 +144,8 @@ class TrialAttr:
     FAIL_REASON = "fail_reason"
     PRUNED_STEP = "pruned_step"
     DURATION_S = Metric.DURATION_S  # as on the trial's run
-    PEAK_MEMORY_MB = Metric.PEAK_MEMORY_MB
+    PEAK_MEMORY_GB = Metric.PEAK_MEMORY_GB
+    TRAINABLE_PARAMETERS = Metric.TRAINABLE_PARAMETERS  # what its student's form trains
     TOPK_MASS = Metric.TOPK_MASS
     # which sampler history a trial belongs to: "search", "baseline:<i>" or "seed_check"
     GROUP = "group"
@@ -175,6 +180,7 @@ class Tag:
     TRIAL_RUN_ID = "kdsweep.trial_run_id"  # on runs that user code starts inside a trial
     # the Optuna state (COMPLETE, PRUNED, FAIL), or why the run stopped: INTERRUPTED, PREEMPTED
     STATE = "kdsweep.state"
+    FEASIBLE = "kdsweep.feasible"  # a complete trial of a constrained study: kept every ceiling
     REASON = "kdsweep.reason"
     BASELINE = "kdsweep.baseline"
     # a seed-check run: the trial whose configuration it trains again
@@ -196,6 +202,7 @@ SYSTEM_METRICS_PREFIX = "system/"  # MLflow's own: the samples of its system met
 
 # MLflow artifacts.
 MODEL_ARTIFACT = "model"  # where save_best logs the student in its run
+ADAPTER_ARTIFACT = "adapter"  # ... and a LoRA student's peft adapter
 STUDY_ARTIFACT = "study.yaml"  # the resolved study on the parent run
 RERUN_ARTIFACT = "trial.yaml"  # on every trial run: the study that reruns that trial alone
 TRACEBACK_ARTIFACT = "traceback.txt"

@@ -33,13 +33,13 @@ from kdsweep.mlflow.study_runs import StudyRuns
 from kdsweep.mlflow.trial_run import TrialRun
 from kdsweep.models import device_uuid, release_memory
 from kdsweep.names import Group, Metric, TrialAttr
-from kdsweep.objectives import better
+from kdsweep.objectives import OUT_OF_MEMORY, better, feasible, violations
 from kdsweep.preemption import Preempted
 from kdsweep.progress import SweepProgress
 from kdsweep.recovery import enqueue_retry, this_worker
 from kdsweep.redact import redact
 from kdsweep.space import suggest
-from kdsweep.storage import best_trial, group_of
+from kdsweep.storage import best_trial, group_of, primary_value
 from kdsweep.train import TrainingDiverged
 from kdsweep.trial_runner import TrialRunner
 
@@ -63,7 +63,7 @@ class Objective:
         self.ran = 0
         self._failures: list[str] = []  # this worker's consecutive failures, as error kinds
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         trial_clock = clock.Clock()  # its cost, from here to the end of its training
         params = suggest(trial, self.study.search)
         seed = trial.user_attrs.get(TrialAttr.SEED, self.study.train.seed)
@@ -105,6 +105,7 @@ class Objective:
                     on_log=self._on_log(run),
                     on_eval=self._on_eval(trial, run),
                     on_trained=on_trained,
+                    on_built=self._on_built(trial, run),
                     on_test=seed_check and has_test,
                     save_state=self._saver(own_checkpoint, run),
                     resume=resume,
@@ -160,8 +161,9 @@ class Objective:
             return None
         self.progress.message(f"resuming trial {retried} from step {state.step}")
         trial.set_user_attr(TrialAttr.RESUMED_STEP, state.step)
-        for step, metrics in state.evaluations:
-            trial.report(metrics[self.study.objective], step)
+        if not self.study.multi_objective:  # Optuna prunes single-objective studies only
+            for step, metrics in state.evaluations:
+                trial.report(metrics[self.study.primary_objective], step)
         earlier = trial.study.get_trials(deepcopy=False)[retried]
         run_id = earlier.user_attrs.get(TrialAttr.MLFLOW_RUN_ID)
         if run_id is not None:
@@ -205,9 +207,20 @@ class Objective:
 
         return on_log
 
+    def _on_built(self, trial: optuna.Trial, run: TrialRun):
+        """What the trial's student form trains (all of it, or a LoRA adapter), on the trial and
+        its run from the start: a pruned or failed run shows it too."""
+
+        def on_built(trainable_parameters: int) -> None:
+            trial.set_user_attr(TrialAttr.TRAINABLE_PARAMETERS, trainable_parameters)
+            run.log_metrics({Metric.TRAINABLE_PARAMETERS: trainable_parameters}, step=0)
+
+        return on_built
+
     def _on_eval(self, trial: optuna.Trial, run: TrialRun):
-        objective = self.study.objective
-        prunable = group_of(trial) != Group.SEED_CHECK  # a seed check runs to its end
+        objective = self.study.primary_objective
+        # A seed check runs to its end; Optuna prunes single-objective studies only.
+        prunable = group_of(trial) != Group.SEED_CHECK and not self.study.multi_objective
 
         def on_eval(step: int, metrics: dict[str, float]) -> None:
             run.log_metrics(metrics, step=step)
@@ -215,40 +228,66 @@ class Objective:
             value = metrics[objective]
             if not math.isfinite(value):
                 raise TrainingDiverged(f"{objective} is {value} at step {step}")
+            if not prunable:
+                return
             trial.report(value, step)
-            if prunable and trial.should_prune():
+            if trial.should_prune():
                 trial.set_user_attr(TrialAttr.PRUNED_STEP, step)
                 raise optuna.TrialPruned(f"pruned at step {step}: {objective} {value:.4g}")
 
         return on_eval
 
-    def _complete(self, trial: optuna.Trial, run: TrialRun, result, *, student) -> float:
-        """A finished distillation: its results on the trial, its final metrics (and model, if
-        it is the best so far) on its run, which ends FINISHED. Returns the objective."""
-        value = result.final_eval[self.study.objective]
+    def _complete(
+        self, trial: optuna.Trial, run: TrialRun, result, *, student
+    ) -> float | list[float]:
+        """A finished distillation: its results and constraints on the trial, its final metrics
+        (and model, if it is the best feasible one so far) on its run, which ends FINISHED.
+        Returns the objective's value, or each objective's."""
+        measures = self._measures(trial, result)
+        values = [measures[name] for name in self.study.objectives]
+        value = values[0]
+        excess = violations(measures, self.study.constraints)
+        for name, over in excess.items():
+            trial.set_constraint(name, over)
         trial.set_user_attr(TrialAttr.DURATION_S, result.seconds)
-        trial.set_user_attr(TrialAttr.PEAK_MEMORY_MB, result.peak_memory_bytes / 2**20)
+        trial.set_user_attr(TrialAttr.PEAK_MEMORY_GB, measures[Metric.PEAK_MEMORY_GB])
         trial.set_user_attr(TrialAttr.BEST_STEP, result.best_step)
         for key, metric in result.final_eval.items():
             trial.set_user_attr(key, metric)
         step = result.best_step
         run.log_metrics({**result.after, Metric.BEST_STEP: step}, step=step)
         finalists.record_test_scores(trial.study, trial.number, result.after)  # a seed-check run
-        if student is not None and self.runner.test_set is not None:
+        contender = student is not None and feasible(excess)
+        if contender and self.runner.test_set is not None:
             finalists.keep_if_contender(self.study, trial.study, trial, value, student)
-        # save_best: a trial better than every complete one so far logs its student as a model.
-        best = best_trial(trial.study) if self.study.save_best and student is not None else None
+        # save_best: a feasible trial better than every complete one so far logs its student.
+        best = best_trial(trial.study) if self.study.save_best and contender else None
         saved = (
             self.study.save_best
-            and student is not None
-            and (best is None or better(self.study.direction, value, best.value))
+            and contender
+            and (best is None or better(self.study.direction, value, primary_value(best)))
         )
         if saved:
             run.log_model(student, self.runner.tokenizer)
-        run.finish(result, objective=value)
+        run.finish(result, objective=value, feasible=feasible(excess) if excess else None)
         if saved:
             self.runs.keep_best_model()
-        return value
+        return values if self.study.multi_objective else value
+
+    def _measures(self, trial: optuna.Trial, result) -> dict[str, float]:
+        """Everything a complete trial measured that an objective or a constraint may name: its
+        quality at its selected checkpoint, and its cost (``objectives``)."""
+        built = {
+            name: trial.user_attrs[name]
+            for name in (TrialAttr.TRAINABLE_PARAMETERS,)
+            if name in trial.user_attrs
+        }
+        return {
+            **result.final_eval,
+            **trial.user_attrs[TrialAttr.COST],
+            Metric.PEAK_MEMORY_GB: result.peak_memory_bytes / 1e9,
+            **built,
+        }
 
     def _fail(self, trial: optuna.Trial, run: TrialRun, exc: Exception) -> None:
         """Record why the trial failed, on it and its run; free what its frames held; retry it
@@ -260,6 +299,8 @@ class Objective:
             else redact(f"{type(exc).__name__}: {exc}".strip().splitlines()[0])[:500]
         )
         trial.set_user_attr(TrialAttr.FAIL_REASON, reason)
+        if reason == OOM:  # infeasible, so the report counts it with trials over a ceiling
+            trial.set_constraint(OUT_OF_MEMORY, 1.0)
         run.end("FAILED", state="FAIL", reason=reason, traceback=details)
         # The traceback's frames hold the trial's model, optimizer and activations: let them go.
         traceback.clear_frames(exc.__traceback__)

@@ -35,6 +35,13 @@ def sqlite_file(url: str | None) -> str | None:
     return None if path in ("", ":memory:") else path
 
 
+def store_identity(url: str) -> str:
+    """What a store URL names, the same from every folder: a SQLite file by its absolute path
+    (``sqlite:///kdsweep.db`` in two folders is two stores), a server by its URL."""
+    path = sqlite_file(url)
+    return str(Path(path).resolve()) if path else url
+
+
 def store_missing(url: str | None) -> bool:
     """A SQLite store that does not exist yet. Reading commands check this first: opening a
     SQLite URL creates the file, and a report or a status only reads."""

@@ -20,6 +20,11 @@ def trial_title(number: int, attrs: dict) -> str:
     return f"seed check of trial {checked}, seed {attrs.get(TrialAttr.SEED)}"
 
 
+def values_text(values: list[float]) -> str:
+    """A trial's objective value, or its values: "5.2119", "5.2119, 0.358"."""
+    return ", ".join(f"{v:.4f}" for v in values)
+
+
 class SweepProgress:
     """Study bar (trials done, best so far) and trial bar (step, loss, tokens/s)."""
 
@@ -78,9 +83,9 @@ class SweepProgress:
             self.message(f"  step {log.step}: {info}")
 
     def trial_finished(self, trial, best) -> None:
-        value = "" if trial.value is None else f" {trial.value:.4f}"
+        value = "" if trial.values is None else f" {values_text(trial.values)}"
         if best is not None:
-            self._best = f"trial {best.number} ({best.value:.4f})"
+            self._best = f"trial {best.number} ({values_text(best.values)})"
         self._send(
             TRIAL_FINISHED, trial=trial.number, state=trial.state.name.lower(), best=self._best
         )

@@ -20,12 +20,22 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.compat import FilteredStudy, reseed_sampler, study_id
-from kdsweep.config import StudyConfig
+from kdsweep.config import SamplerConfig, StudyConfig
 from kdsweep.names import Group
 from kdsweep.space import grid
 from kdsweep.storage import group_of
 
 # ---------------------------------------------------------------- samplers and pruner
+
+
+def sampler_settings(cfg: SamplerConfig) -> dict:
+    """The sampler's settings that act (TPE's own for TPE only), as the parent run records them."""
+    settings = {"name": cfg.name, "seed": cfg.seed}
+    if cfg.name in ("tpe", "gp"):
+        settings["n_startup_trials"] = cfg.n_startup_trials
+    if cfg.name == "tpe":
+        settings |= {"multivariate": cfg.multivariate, "constant_liar": cfg.constant_liar}
+    return settings
 
 
 def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:

@@ -68,32 +68,36 @@ class Searched:
     high: float = math.inf
     low_open: bool = False
     distillation_only: bool = False  # does nothing without a teacher signal (alpha 0)
-    integer_or_all: bool = False  # whole numbers or "all", given as a list (top_k)
+    whole: bool = False  # whole numbers (from low), given as a list of choices, not a range
+    named: str | None = None  # a word allowed besides whole numbers: top_k's "all"
     # a value that means "as before this parameter existed": not shown
     quiet_at: float | None = None
 
     def setting(self, value: Any) -> Any:
         """The value as the training loop takes it: ``top_k: all`` is None (no truncation)."""
-        if self.integer_or_all:
-            return None if value == WHOLE_VOCAB else int(value)
+        if self.whole:
+            return None if value == self.named else int(value)
         return float(value)
 
     def show(self, value: Any, *, short: bool = False) -> str:
         """The value as a run name (``short``) or a report table shows it; "" for None."""
         if value is None:
             return ""
-        if isinstance(value, str) or self.integer_or_all:
-            return str(value)
+        if isinstance(value, str):
+            return value
+        if self.whole:
+            return str(int(value))
         return format(float(value), self.run_format if short else self.table_format)
 
     def problem(self, where: str, value: Any) -> str | None:
         """Why ``value`` is not allowed, as a 'key.path: message' line; None when it is."""
-        if self.integer_or_all:
-            if value == WHOLE_VOCAB or (
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if self.whole:
+            if (self.named is not None and value == self.named) or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= self.low
             ):
                 return None
-            return f"{where}: must be an integer >= 1 or {WHOLE_VOCAB!r}, got {value!r}"
+            word = f" or {self.named!r}" if self.named else ""
+            return f"{where}: must be an integer >= {self.low:g}{word}, got {value!r}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"{where}: must be a number, got {value!r}"
         if value < self.low or (value == self.low and self.low_open):
@@ -134,7 +138,9 @@ SEARCH_SPACE: tuple[Searched, ...] = (
         title="top_k",
         run_format="",
         table_format="",
-        integer_or_all=True,
+        low=1,
+        whole=True,
+        named=WHOLE_VOCAB,
         distillation_only=True,
     ),
     Searched(
@@ -174,6 +180,17 @@ SEARCH_SPACE: tuple[Searched, ...] = (
         distillation_only=True,
         quiet_at=0.0,
     ),
+    Searched(
+        "lora_rank",
+        Param(value=0),
+        "the student's form: 0 full fine-tuning, r > 0 a LoRA adapter of rank r (student.lora)",
+        label="r",
+        title="LoRA rank",
+        run_format="",
+        table_format="",
+        whole=True,
+        quiet_at=0,
+    ),
 )
 SEARCHED = tuple(p.name for p in SEARCH_SPACE)
 BY_NAME = {p.name: p for p in SEARCH_SPACE}
@@ -187,6 +204,12 @@ SearchConfig = dataclasses.make_dataclass(
         "__doc__": "The search space: one Param per declared parameter (space.SEARCH_SPACE)."
     },
 )
+
+
+def form(lora_rank: Any) -> str:
+    """A student form in words: "full fine-tuning" (rank 0 or unknown), "LoRA rank 16"."""
+    rank = 0 if lora_rank is None or lora_rank != lora_rank else int(lora_rank)  # NaN: unknown
+    return f"LoRA rank {rank}" if rank else "full fine-tuning"
 
 
 def settings(params: dict) -> dict[str, Any]:
@@ -325,8 +348,9 @@ def _param_problems(p: Searched, param: Param, sampler: str) -> list[str]:
         if param.value is None:
             return [f"{where}: must be a value, a list of choices or {{low, high}}"]
         return _values_problems(p, [(where, param.value)])
-    if p.integer_or_all:
-        return [f"{where}: must be a list of choices (integers or {WHOLE_VOCAB}), not a range"]
+    if p.whole:
+        named = f" or {p.named}" if p.named else ""
+        return [f"{where}: must be a list of choices (integers{named}), not a range"]
     if param.low is None or param.high is None:
         return [f"{where}: a range needs both low and high"]
     problems = _values_problems(p, [(f"{where}.low", param.low), (f"{where}.high", param.high)])

@@ -12,6 +12,7 @@ from kdsweep import cost
 from kdsweep.config import StudyConfig
 from kdsweep.errors import UsageError
 from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
+from kdsweep.objectives import feasible
 from kdsweep.recovery import retry_of
 from kdsweep.space import columns, describe, is_plain_fine_tuning
 from kdsweep.storage import best_trial, group_of, load_existing_study, ranked_trials
@@ -36,21 +37,26 @@ def print_status(study: StudyConfig, console: Console | None = None) -> None:
     title = f"study {study.name!r}: {len(sweep)} trials, target {study.n_trials}"
     if len(sweep) < len(trials):
         title += f", and {len(trials) - len(sweep)} seed-check runs"
+    if infeasible := sum(not feasible(t.constraints) for t in sweep):
+        title += f"; {infeasible} infeasible (over a ceiling, or out of memory)"
     shown = columns(study.search)
-    table = _table(["#", "state", *(p.label for p in shown), study.objective, "time", "note"])
+    objectives = study.objectives
+    headers = [_SHORT.get(name, name) for name in objectives]
+    table = _table(["#", "state", *(p.label for p in shown), *headers, "time", "note"])
     for trial in trials:
         params = trial.user_attrs.get(TrialAttr.PARAMS, trial.params)
+        values = trial.values or [None] * len(objectives)
         table.add_row(
             str(trial.number),
             _STATES.get(trial.state.name, trial.state.name.lower()),
             *(_param_cell(p, params) for p in shown),
-            _number(trial.value),
+            *(_number(v) for v in values),
             _duration(trial.duration.total_seconds() if trial.duration else None),
             _note(trial, best),
         )
     console.print(title, highlight=False)
     console.print(table)
-    console.print(_legend(shown), highlight=False)
+    console.print(_legend(shown, objectives), highlight=False)
     console.print(_cost_line(optuna_study, study), highlight=False)
 
 
@@ -74,13 +80,13 @@ def estimate_line(study: StudyConfig) -> str:
             "estimate: none: the study has no store yet to measure a step from; "
             "`kdsweep run` on it with `--n-trials 1` measures one"
         )
-    measured = cost.trial_time(optuna_study)
+    steps = study.train.max_steps
+    measured = cost.trial_time(optuna_study, max_steps=steps)
     if measured is None:
         return (
             "estimate: none: the study's store holds no complete trial that ran from step 0 to "
             "measure a step from; `kdsweep run` on it with `--n-trials 1` measures one"
         )
-    steps = study.train.max_steps
     runs = study.n_trials + cost.seed_check_runs(study)
     spent = cost.study_cost(optuna_study, max_steps=steps)
     trial = measured.setup + steps * measured.per_step
@@ -118,18 +124,33 @@ def print_summary(study: StudyConfig, console: Console | None = None) -> None:
         None,
     )
     accuracy = StudyAttr.TEACHER_EXACT_MATCH in attrs
+    # the other objectives (a cost, ROUGE-L, ...), by their names
+    others = [
+        (i, name)
+        for i, name in enumerate(study.objectives)
+        if name not in (Metric.STUDENT_PPL, Metric.EXACT_MATCH)
+    ]
     table = _table(
-        ["", "perplexity", *(["exact match"] if accuracy else []), "parameters"], box_style=None
+        [
+            "",
+            "perplexity",
+            *(["exact match"] if accuracy else []),
+            *(name for _, name in others),
+            "parameters",
+        ],
+        box_style=None,
     )
     teacher = [
         _number(attrs.get(StudyAttr.TEACHER_PPL)),
         *([_percent(attrs.get(StudyAttr.TEACHER_EXACT_MATCH))] if accuracy else []),
+        *("" for _ in others),
     ]
     table.add_row("teacher", *teacher, "")
     for name, trial in (("best distilled", distilled), ("best fine-tuned", plain)):
         if trial is not None:
             metrics = [_number(trial.user_attrs.get(Metric.STUDENT_PPL))]
             metrics += [_percent(trial.user_attrs.get(Metric.EXACT_MATCH))] if accuracy else []
+            metrics += [_number(trial.values[i]) for i, _ in others]
             table.add_row(
                 f"{name}, trial {trial.number}",
                 *metrics,
@@ -161,6 +182,9 @@ def _note(trial, best) -> str:
     attrs = trial.user_attrs
     if attrs.get(TrialAttr.FAIL_REASON):
         return attrs[TrialAttr.FAIL_REASON]
+    if not feasible(trial.constraints):
+        over = (f"{name} +{value:.3g}" for name, value in trial.constraints.items() if value > 0)
+        return f"infeasible: over its ceiling by {', '.join(over)}"
     if group_of(trial) == Group.SEED_CHECK:
         return (
             f"seed check of {attrs.get(TrialAttr.SEED_CHECK_OF)}, seed {attrs.get(TrialAttr.SEED)}"
@@ -173,8 +197,26 @@ def _note(trial, best) -> str:
     return ", ".join(notes)
 
 
-def _legend(shown) -> str:
-    return "  ".join(f"{p.label} = {p.name}" for p in shown if p.label != p.name)
+# Objectives' column headers, short enough for an 80-column terminal (the legend names them).
+_SHORT = {
+    Metric.STUDENT_PPL: "ppl",
+    Metric.PPL_RATIO: "ratio",
+    Metric.KL_TO_TEACHER: "kl",
+    Metric.EXACT_MATCH: "em",
+    Metric.ROUGE_L: "rouge",
+    Metric.DEVICE_SECONDS: "dev s",
+    Metric.TRAIN_SECONDS: "train s",
+    Metric.EVAL_SECONDS: "eval s",
+    Metric.GENERATION_SECONDS: "gen s",
+    Metric.CHECKPOINT_SECONDS: "ckpt s",
+    Metric.PEAK_MEMORY_GB: "mem GB",
+    Metric.TRAINABLE_PARAMETERS: "params",
+}
+
+
+def _legend(shown, objectives) -> str:
+    names = [(p.label, p.name) for p in shown] + [(_SHORT.get(o, o), o) for o in objectives]
+    return "  ".join(f"{label} = {name}" for label, name in names if label != name)
 
 
 def _number(value) -> str:

@@ -8,6 +8,7 @@ the key path. This module imports neither torch nor transformers.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import types
 import typing
@@ -19,6 +20,7 @@ import jinja2
 import yaml
 
 from kdsweep.config import (
+    ALL_LINEAR,
     DATA_FORMATS,
     DTYPES,
     PRECISIONS,
@@ -31,8 +33,8 @@ from kdsweep.config import (
     read_chat_template,
 )
 from kdsweep.errors import StudyError
-from kdsweep.objectives import ACCURACY_OBJECTIVES, OBJECTIVES
-from kdsweep.space import Param, search_problems
+from kdsweep.objectives import ACCURACY_OBJECTIVES, CONSTRAINABLE, OBJECTIVES, QUALITY
+from kdsweep.space import Param, may_be_positive, search_problems
 
 _INVALID = object()  # what a value of the wrong type becomes while the file is read
 
@@ -187,11 +189,7 @@ def validate(study: StudyConfig) -> list[str]:
             problems.append(f"{where}: {message}")
 
     need(bool(study.name), "name", "must be set (it names the Optuna study and MLflow experiment)")
-    need(
-        study.objective in OBJECTIVES,
-        "objective",
-        f"must be one of {', '.join(OBJECTIVES)}, got {study.objective!r}",
-    )
+    problems += _validate_objectives(study)
     need(study.n_trials >= 1, "n_trials", f"must be >= 1, got {study.n_trials}")
     need(
         study.sampler.name in SAMPLERS,
@@ -225,6 +223,7 @@ def validate(study: StudyConfig) -> list[str]:
         study.data.max_length >= 2, "data.max_length", f"must be >= 2, got {study.data.max_length}"
     )
     problems += _validate_data(study)
+    problems += _validate_lora(study)
     problems += _validate_train(study.train)
     problems += _validate_eval(study)
     problems += search_problems(study.search, study.baselines, sampler=study.sampler.name)
@@ -284,15 +283,96 @@ def _validate_data(study: StudyConfig) -> list[str]:
     return []
 
 
+def _validate_objectives(study: StudyConfig) -> list[str]:
+    """The objectives: known measures, each once, the first a quality one; a multi-objective
+    study unpruned; accuracy decoded when it is asked for; constraints on known measures."""
+    names = study.objectives
+    if not names:
+        return ["objective: must name at least one measure, e.g. student_ppl"]
+    problems = [
+        f"objective: unknown measure {name!r}; use one of {', '.join(OBJECTIVES)}"
+        for name in names
+        if not (isinstance(name, str) and name in OBJECTIVES)
+    ]
+    if problems:
+        return problems + _validate_constraints(study)
+    if len(set(names)) < len(names):
+        problems.append(f"objective: lists a measure twice ({', '.join(names)}); name each once")
+    if names[0] not in QUALITY:
+        problems.append(
+            f"objective: the first objective chooses each trial's checkpoint and decides the "
+            f"verdict, so it must be a quality measure ({', '.join(QUALITY)}), not {names[0]}; "
+            "list the cost measures after it"
+        )
+    if len(names) > 1 and study.pruner.name != "none":
+        problems.append(
+            f"pruner.name: Optuna prunes on one value, and this study has {len(names)} "
+            f"objectives; set pruner.name: none (or keep one objective)"
+        )
+    for name in names:
+        if name in ACCURACY_OBJECTIVES and not study.eval.accuracy:
+            problems.append(
+                f"objective: {name} needs the answers decoded: set eval.accuracy: true"
+            )
+    return problems + _validate_constraints(study)
+
+
+def _validate_constraints(study: StudyConfig) -> list[str]:
+    problems = []
+    for name, ceiling in study.constraints.items():
+        where = f"constraints.{name}"
+        if name not in CONSTRAINABLE:
+            problems.append(
+                f"{where}: not a measure a ceiling applies to; use one of "
+                f"{', '.join(CONSTRAINABLE)} (each better lower)"
+            )
+        elif isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)):
+            problems.append(f"{where}: the ceiling must be a number, got {ceiling!r}")
+        elif ceiling < 0:
+            problems.append(
+                f"{where}: the ceiling must be >= 0 (no trial measures below 0), got {ceiling}"
+            )
+    return problems
+
+
+def _validate_lora(study: StudyConfig) -> list[str]:
+    """The adapter's settings, and peft when some trial may train one (the student's target
+    modules are checked against its layers once its config is read: ``inputs``)."""
+    lora = study.student.lora
+    problems = []
+    if lora.alpha <= 0:
+        problems.append(f"student.lora.alpha: must be > 0, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"student.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    if lora.learning_rate_scale <= 0:
+        problems.append(
+            f"student.lora.learning_rate_scale: must be > 0, got {lora.learning_rate_scale}"
+        )
+    targets = lora.target_modules
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        problems.append(
+            f"student.lora.target_modules: must be {ALL_LINEAR!r} or a list of module names, "
+            f"e.g. [q_proj, v_proj], got {targets!r}"
+        )
+    elif not targets or not all(isinstance(t, str) and t for t in targets):
+        problems.append(
+            f"student.lora.target_modules: must list module names, e.g. [q_proj, v_proj], got "
+            f"{list(targets)!r}"
+        )
+    lora_asked = may_be_positive(study.search, study.baselines, "lora_rank")
+    if lora_asked and importlib.util.find_spec("peft") is None:
+        problems.append(
+            "search.lora_rank: a rank above 0 trains a LoRA adapter, which needs peft (not "
+            'installed): pip install "kdsweep[lora]"'
+        )
+    return problems
+
+
 def _validate_eval(study: StudyConfig) -> list[str]:
     problems = []
     for name in ("max_rows", "max_new_tokens", "batch_size"):
         if (value := getattr(study.eval, name)) < 1:
             problems.append(f"eval.{name}: must be >= 1, got {value}")
-    if study.objective in ACCURACY_OBJECTIVES and not study.eval.accuracy:
-        problems.append(
-            f"objective: {study.objective} needs the answers decoded: set eval.accuracy: true"
-        )
     return problems
 
 

@@ -32,6 +32,7 @@ from kdsweep.storage import (
     FINISHED_STATES,
     best_trial,
     check_storage,
+    compared_baseline,
     group_of,
     open_storage,
     ranked_trials,
@@ -58,15 +59,16 @@ def open_study(study: StudyConfig) -> optuna.Study:
         storage=open_storage(study.storage_url, on_stale_trial=retry_once),
         sampler=make_sampler(study),
         pruner=make_pruner(study),
-        direction=study.direction,
+        directions=study.directions,
         load_if_exists=True,
     )
-    stored = optuna_study.direction.name.lower()
-    if stored != study.direction:
+    stored = [d.name.lower() for d in optuna_study.directions]
+    if stored != study.directions:
         raise UsageError(
-            f"objective: study {study.name!r} was created to {stored} its objective, but "
-            f"{study.objective} is "
-            f"{study.direction}d; keep its objective or give the study a new name"
+            f"objective: study {study.name!r} was created to {', '.join(stored)} its "
+            f"objectives, but {', '.join(study.objectives)} are to be "
+            f"{', '.join(d + 'd' for d in study.directions)}; keep its objectives or give the "
+            "study a new name"
         )
     return optuna_study
 
@@ -319,7 +321,8 @@ def seed_check_jobs(
     distilled = [t for t in ranked if not t.user_attrs.get(TrialAttr.BASELINE)][
         : study.seed_check.top
     ]
-    baselines = [t for t in ranked if t.user_attrs.get(TrialAttr.BASELINE)][:1]
+    baseline = compared_baseline(ranked)
+    baselines = [baseline] if baseline is not None else []
     seeds = [study.train.seed + k for k in range(1, study.seed_check.seeds + 1)]
     wanted = [(t.number, seed) for t in distilled + baselines for seed in seeds]
     jobs = stored + [job for job in wanted if job not in stored]

@@ -28,6 +28,7 @@ from kdsweep.checkpoints import BestCheckpoint, TrainState
 from kdsweep.config import TrainConfig
 from kdsweep.data import Batch, TokenizedSplit, collate, make_batches
 from kdsweep.generation import generate
+from kdsweep.lora import load_trained_state, trained_state
 from kdsweep.losses import IGNORE_INDEX, LossResult, distill_loss_from_hidden
 from kdsweep.models import Vocabulary, bf16_supported, hidden_states, output_weight
 from kdsweep.space import is_plain_fine_tuning
@@ -111,8 +112,10 @@ def distill(
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # Only what trains gets optimizer states: a LoRA student's adapter, not its frozen base.
+    trained = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        student.parameters(), lr=settings.learning_rate, weight_decay=cfg.weight_decay
+        trained, lr=settings.learning_rate, weight_decay=cfg.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_cosine(cfg.max_steps, cfg.warmup_ratio)
@@ -230,7 +233,7 @@ class _LoopState:
         student's optimizer would double its memory): write it before the next step."""
         return TrainState(
             step=step,
-            student=self.student.state_dict(),
+            student=trained_state(self.student),
             optimizer=self.optimizer.state_dict(),
             schedule=self.schedule.state_dict(),
             scaler=self.scaler.state_dict(),
@@ -248,7 +251,7 @@ class _LoopState:
     def restore(self, state: TrainState) -> int:
         """Go back to ``state``; returns its step."""
         device = next(self.student.parameters()).device
-        self.student.load_state_dict(state.student)
+        load_trained_state(self.student, state.student)
         self.optimizer.load_state_dict(state.optimizer)
         self.schedule.load_state_dict(state.schedule)
         if state.scaler:  # empty for a disabled scaler (no fp16)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdsweep import clock, models, space, train
+from kdsweep import clock, lora, models, space, train
 from kdsweep.checkpoints import TrainState
 from kdsweep.config import StudyConfig
 from kdsweep.data import Batch, TokenizedSplit, make_batches
@@ -78,6 +78,7 @@ class TrialRunner:
         on_log,
         on_eval,
         on_trained=None,
+        on_built=None,
         on_test: bool = False,
         save_state=None,
         resume: TrainState | None = None,
@@ -88,16 +89,24 @@ class TrialRunner:
         The student ends at the checkpoint ``train.select`` chooses, where accuracy is measured
         (and, with ``on_test``, the test split scored): ``DistillResult.after`` holds what was
         measured there. ``on_trained(student)``, if given, then sees it (``save_best`` saves it).
+        ``on_built(trainable_parameters)`` hears what the student's form trains once it is built.
         ``save_state`` receives its resume checkpoints; ``resume`` is one to go on from.
         """
-        student = models.load_model("student", self.inputs.student, self.device)
         fixed = (
             self.study.train if seed is None else dataclasses.replace(self.study.train, seed=seed)
         )
         if batch is not None:
             fixed = dataclasses.replace(fixed, batch_size=batch[0], grad_accum_steps=batch[1])
+        student = self.new_student(params, seed=fixed.seed)
+        if on_built is not None:
+            on_built(sum(p.numel() for p in student.parameters() if p.requires_grad))
+        values = space.settings(params)
+        rank = values.pop("lora_rank")
+        values["learning_rate"] = self.study.student.lora.learning_rate(
+            values["learning_rate"], rank
+        )
         settings = train.DistillSettings(
-            **space.settings(params), train=fixed, group_by_length=self.study.data.group_by_length
+            **values, train=fixed, group_by_length=self.study.data.group_by_length
         )
         result = train.distill(
             student,
@@ -119,8 +128,15 @@ class TrialRunner:
             on_trained(student)
         return dataclasses.replace(result, final_eval=result.final_eval | after, after=after)
 
+    def new_student(self, params: dict, *, seed: int) -> PreTrainedModel:
+        """A fresh student in the form ``params`` give it: whole, or with a LoRA adapter of its
+        ``lora_rank`` (whose random start is drawn from ``seed``)."""
+        student = models.load_model("student", self.inputs.student, self.device)
+        torch.manual_seed(seed)
+        return lora.adapt(student, params.get("lora_rank", 0), self.study.student.lora)
+
     def _better(self, metrics: dict, than: dict) -> bool:
-        objective = self.study.objective
+        objective = self.study.primary_objective
         return better(self.study.direction, metrics[objective], than[objective])
 
     def measure(self, student: PreTrainedModel, measured: dict, *, on_test: bool) -> dict:
@@ -184,9 +200,10 @@ def _answers(
     ends with one (accuracy is then off there: there is nothing to ask)."""
     if split.answered():
         return Answers.of(split, inputs.tokenizer, study.eval)
-    if study.objective in ACCURACY_OBJECTIVES and name == study.data.eval_split:
+    wanted = [o for o in study.objectives if o in ACCURACY_OBJECTIVES]
+    if wanted and name == study.data.eval_split:
         raise UsageError(
-            f"objective: {study.objective} needs eval rows that end with an answer, and no row of "
+            f"objective: {wanted[0]} needs eval rows that end with an answer, and no row of "
             f"{name!r} does; choose another objective or eval split"
         )
     progress.message(

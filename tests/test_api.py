@@ -59,10 +59,10 @@ def test_run_study_then_its_report_from_the_real_stores(tiny_study):
     trials = {t.number: t for t in optuna_study.get_trials()}
     best = optuna_study.best_trial
     assert (summary.finished, summary.ran, summary.target) == (3, 3, 3)
-    assert (summary.best_trial, summary.best_value) == (best.number, best.value)
+    assert (summary.best_trial, summary.best_values) == (best.number, [best.value])
     assert summary.best_params == best.user_attrs[TrialAttr.PARAMS]
     assert summary.best_run_id == best.user_attrs[TrialAttr.MLFLOW_RUN_ID]
-    assert summary.direction == "minimize" and summary.report.is_file()
+    assert summary.directions == ["minimize"] and summary.report.is_file()
 
     text = summary.report.read_text()
     client = MlflowClient(tracking_uri=study.tracking.uri)

@@ -34,6 +34,7 @@ def test_gpu_benchmark_tiny_mode_runs_every_mode_on_the_cpu(tmp_path, capsys):
         "notebook",
         "online",
         "cached",
+        "lora-16",
         "ce",
         "onpolicy-0.5",
         "onpolicy-1",
@@ -49,6 +50,18 @@ def test_gpu_benchmark_tiny_mode_runs_every_mode_on_the_cpu(tmp_path, capsys):
         "cached distillation step / plain CE step" in table and "bfloat16 teacher online" in table
     )
     assert "onpolicy-1 step / cached step" in table
+    assert "lora-16 / cached (full fine-tuning): peak memory" in table
+
+
+def test_lora_benchmark_compares_each_rank_with_full_fine_tuning(capsys):
+    lora = load_script("lora")
+    lora.main(["--layers", "1", "--vocab", "512", "--seq", "16", "--steps", "2", "--ranks", "4"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| form |")
+    full, adapter = rows[1].split("|"), rows[2].split("|")
+    assert full[1].strip() == "full fine-tuning" and full[4].strip() == "1.00"
+    assert adapter[1].strip() == "LoRA rank 4" and adapter[-2].strip().startswith(("met", "not"))
+    assert int(adapter[2].replace(",", "")) < int(full[2].replace(",", ""))
 
 
 def test_onpolicy_benchmark_times_every_share_on_a_tiny_study(tiny_study, capsys):

@@ -112,3 +112,20 @@ def test_no_memory_growth_across_five_trials(tiny_study, monkeypatch):
     assert len(allocated) == 5
     # what the worker keeps, nothing per trial
     assert max(allocated[1:]) <= allocated[0] + 2**20, allocated
+
+
+def test_a_sweep_over_the_students_form_on_cuda(tiny_study):
+    """Full fine-tuning and LoRA rank 4 in bf16 on the GPU: both complete, the adapter trains a
+    small share of the student, and the out-of-memory constraint stays unbroken."""
+    overrides = [
+        *("--set", "train.device=cuda", "--set", "train.max_steps=12"),
+        *("--set", "search.lora_rank=[0, 4]", "--set", "objective=[student_ppl, peak_memory_gb]"),
+        *("--set", "pruner.name=none"),
+    ]
+    assert main(["run", str(tiny_study), "--n-trials", "4", "--no-report", *overrides]) == 0
+    trials = finished(tiny_study, [o for o in overrides if o != "--set"])
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    counts = {t.params["lora_rank"]: t.user_attrs[TrialAttr.TRAINABLE_PARAMETERS] for t in trials}
+    if len(counts) == 2:
+        assert counts[4] < counts[0] / 2
+    assert all(0 < t.values[1] < 80 for t in trials)  # peak GB on the device

@@ -272,7 +272,7 @@ def test_a_launched_workers_progress_sends_events_and_prints_no_steps():
     progress.trial_started(started, {"alpha": 0.5, "learning_rate": 1e-3}, steps=8)
     progress.step(SimpleNamespace(step=2, loss=1.5, tokens_per_second=100.0))
     finished = SimpleNamespace(
-        number=1, value=1.25, state=SimpleNamespace(name="COMPLETE"), user_attrs={}
+        number=1, values=[1.25], state=SimpleNamespace(name="COMPLETE"), user_attrs={}
     )
     progress.trial_finished(finished, finished)
     rerun = SimpleNamespace(number=4, user_attrs={"seed_check_of": 1, "seed": 2})

@@ -143,7 +143,8 @@ def build_study(root: Path, name: str, specs: list) -> Path:
         optuna_study.enqueue_trial(params, user_attrs=baseline)
         trial = optuna_study.ask()
         suggested = suggest(trial, study.search)
-        assert suggested == params | {"beta": 0.0, "lmbda": 0.0}  # the study fixes those two at 0
+        # the study fixes those at 0 (forward KL, off-policy, full fine-tuning)
+        assert suggested == params | {"beta": 0.0, "lmbda": 0.0, "lora_rank": 0}
         run = client.create_run(
             experiment_id,
             run_name=f"trial {trial.number}",

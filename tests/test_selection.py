@@ -171,3 +171,21 @@ def test_the_demo_selects_on_validation_and_reports_on_test():
         "best",
     )
     assert demo.VALIDATION_ROWS == demo.TEST_ROWS == 500
+
+
+def test_studies_of_one_name_in_two_folders_keep_their_checkpoints_apart(tmp_path, monkeypatch):
+    """The demo run from two folders (each with its own sqlite:///kdsweep.db): one's finals must
+    not delete the other's finalists' checkpoints."""
+    study = tmp_path / "s.yaml"
+    study.write_text(
+        "name: s\nteacher: {name: t}\nstudent: {name: s}\ndata: {dataset: d}\n"
+        "storage: sqlite:///kdsweep.db\n"
+    )
+    folders = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        folders.append(checkpoint_dir(load_study(study)))
+    assert folders[0] != folders[1]
+    monkeypatch.chdir(tmp_path / "a")
+    assert checkpoint_dir(load_study(study)) == folders[0]  # and the same from the same folder

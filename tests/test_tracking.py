@@ -159,8 +159,9 @@ def test_four_trials_complete_fail_prune_with_the_full_layout(tiny_study, monkey
             assert steps(client, run, key) == [2, 4, 6, 8], key
         for key in ("student_ppl", "teacher_ppl", "ppl_ratio", "kl_to_teacher"):
             assert steps(client, run, key) == [4, 8], key
-        for key in ("objective", "peak_memory_mb", "duration_s"):
+        for key in ("objective", "peak_memory_gb", "duration_s"):
             assert steps(client, run, key) == [8], key
+        assert steps(client, run, "trainable_parameters") == [0]
         assert run.data.metrics["objective"] == pytest.approx(optuna_study.trials[number].value)
     assert steps(client, trials[2], "student_ppl") == [4]  # pruned at its first evaluation
     assert "objective" not in trials[2].data.metrics

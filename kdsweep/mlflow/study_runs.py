@@ -35,6 +35,7 @@ from kdsweep.mlflow.trial_run import (
     system_monitor,
 )
 from kdsweep.names import (
+    ADAPTER_ARTIFACT,
     CHAMPION,
     MODEL_ARTIFACT,
     RERUN_ARTIFACT,
@@ -46,8 +47,9 @@ from kdsweep.names import (
     TrialAttr,
 )
 from kdsweep.objectives import MAXIMIZE
+from kdsweep.samplers import sampler_settings
 from kdsweep.space import run_name
-from kdsweep.storage import first_use_lock, set_user_attr_once
+from kdsweep.storage import first_use_lock, primary_value, set_user_attr_once
 from kdsweep.study_file import set_key_path
 from kdsweep.version import __version__
 
@@ -137,22 +139,24 @@ class StudyRuns:
             ) from None
 
     def record_best(self, best: FrozenTrial | None) -> None:
-        """Keep the best trial so far visible on the parent run: its number, params, value and
-        run as tags, its value as the metric ``best_value`` (stepped by trial number)."""
+        """Keep the best trial so far (by the first objective, among feasible trials) visible on
+        the parent run: its number, params, value and run as tags, its value as the metric
+        ``best_value`` (stepped by trial number)."""
         if best is None or best.number == self._best_logged:
             return
         self._best_logged = best.number
         params = best.user_attrs.get(TrialAttr.PARAMS, best.params)
+        value = primary_value(best)
         tags = {
             Tag.BEST_TRIAL: best.number,
             Tag.BEST_RUN_ID: best.user_attrs.get(TrialAttr.MLFLOW_RUN_ID, ""),
-            Tag.BEST_VALUE: f"{best.value:.6g}",
+            Tag.BEST_VALUE: f"{value:.6g}",
             **{f"{Tag.BEST_PARAM_PREFIX}{k}": v for k, v in params.items()},
         }
         log_batch(
             self.client,
             self.parent_run_id,
-            metrics={Metric.BEST_VALUE: best.value},
+            metrics={Metric.BEST_VALUE: value},
             tags=tags,
             step=best.number,
         )
@@ -287,7 +291,10 @@ class StudyRuns:
             self._make_champion(best.info.run_id)
             return
         for run in saved[1:]:
-            _artifact_repository(run, self.client.tracking_uri).delete_artifacts(MODEL_ARTIFACT)
+            repository = _artifact_repository(run, self.client.tracking_uri)
+            for artifact in (MODEL_ARTIFACT, ADAPTER_ARTIFACT):
+                if self.client.list_artifacts(run.info.run_id, artifact):
+                    repository.delete_artifacts(artifact)
             note = f"deleted: trial {best.data.tags.get(Tag.TRIAL)} is better"
             self.client.set_tag(run.info.run_id, Tag.MODEL, note)
 
@@ -345,13 +352,15 @@ def fixed_settings(study: StudyConfig) -> dict:
         "max_steps": train.max_steps,
         "precision": train.precision,
         "seed": train.seed,
-        "objective": study.objective,
-        # How trials are drawn: explicit, so the same study samples the same way on every Optuna.
-        "sampler": study.sampler.name,
-        "sampler.seed": study.sampler.seed,
-        "sampler.n_startup_trials": study.sampler.n_startup_trials,
-        "sampler.multivariate": study.sampler.multivariate,
-        "sampler.constant_liar": study.sampler.constant_liar,
+        "objective": ", ".join(study.objectives),
+        **(
+            {"constraints": ", ".join(f"{k} <= {v:g}" for k, v in study.constraints.items())}
+            if study.constraints
+            else {}
+        ),
+        # How trials are drawn: explicit, so the same study samples the same way on every Optuna
+        # (the parent run's tags hold Optuna's version).
+        **{f"sampler.{key}": value for key, value in sampler_settings(study.sampler).items()},
     }
 
 

@@ -23,7 +23,8 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from kdsweep.compat import keep_gpus
-from kdsweep.names import MODEL_ARTIFACT, TRACEBACK_ARTIFACT, Metric, Tag
+from kdsweep.lora import is_adapted, merged, save_adapter
+from kdsweep.names import ADAPTER_ARTIFACT, MODEL_ARTIFACT, TRACEBACK_ARTIFACT, Metric, Tag
 from kdsweep.redact import redact
 
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
@@ -98,19 +99,23 @@ class TrialRun:
         for future in sending:
             future.result()
 
-    def finish(self, result, *, objective: float) -> None:
-        """A completed trial (``train.DistillResult``): final metrics, then FINISHED."""
+    def finish(self, result, *, objective: float, feasible: bool | None = None) -> None:
+        """A completed trial (``train.DistillResult``): final metrics, whether it kept the
+        study's constraints (None: it has none), then FINISHED."""
         final = {
             Metric.OBJECTIVE: objective,
             Metric.DURATION_S: result.seconds,
-            Metric.PEAK_MEMORY_MB: result.peak_memory_bytes / 2**20,
+            Metric.PEAK_MEMORY_GB: result.peak_memory_bytes / 1e9,
         }
         self.log_metrics(final, step=result.steps)
-        self.end("FINISHED", state="COMPLETE")
+        tags = {} if feasible is None else {Tag.FEASIBLE: feasible}
+        self.end("FINISHED", state="COMPLETE", tags=tags)
 
     def log_model(self, model, tokenizer) -> None:
         """The student as an MLflow model of the ``transformers`` flavour (weights, tokenizer,
         a text-generation signature), in this run's ``model/``, tagged ``kdsweep.model=saved``.
+        A LoRA student is also logged as its peft adapter, in ``adapter/``, and its ``model/``
+        is the student with the adapter merged in (which merges it in place: log it last).
 
         Saved by MLflow from the objects, not from a checkpoint folder: MLflow's checkpoint path
         fails with transformers 5. The requirements are pinned to what trained it, so MLflow
@@ -121,6 +126,11 @@ class TrialRun:
             for package, version in library_versions().items()
         ]
         with tempfile.TemporaryDirectory(prefix="kdsweep-model-") as folder:
+            if is_adapted(model):
+                adapter = Path(folder) / ADAPTER_ARTIFACT
+                save_adapter(model, adapter)
+                self.client.log_artifacts(self.run_id, str(adapter), ADAPTER_ARTIFACT)
+                model = merged(model)
             path = Path(folder) / MODEL_ARTIFACT
             mlflow.transformers.save_model(
                 transformers_model={"model": model, "tokenizer": tokenizer},
@@ -132,7 +142,13 @@ class TrialRun:
         self.client.set_tag(self.run_id, Tag.MODEL, "saved")
 
     def end(
-        self, status: str, *, state: str, reason: str | None = None, traceback: str | None = None
+        self,
+        status: str,
+        *,
+        state: str,
+        reason: str | None = None,
+        traceback: str | None = None,
+        tags: dict | None = None,
     ) -> None:
         """Write what is left, record the Optuna state (and why it ended) as tags, and set the
         MLflow status.
@@ -142,7 +158,7 @@ class TrialRun:
         """
         if self.monitor is not None:
             self.monitor.finish()  # its last samples go before the run ends
-        tags = {Tag.STATE: state}
+        tags = {Tag.STATE: state, **(tags or {})}
         if reason:
             tags[Tag.REASON] = reason.splitlines()[0][:500]
         if len(self.pending) > BATCH_LIMIT:

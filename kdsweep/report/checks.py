@@ -128,7 +128,7 @@ def _warn_range_edges(data: ReportData) -> list[str]:
     if best is None:
         return []
     found = []
-    for name in (p.name for p in SEARCH_SPACE if not p.integer_or_all):
+    for name in (p.name for p in SEARCH_SPACE if not p.whole):
         param = getattr(data.study.search, name)
         if param.low is None or param.high is None or param.low == param.high:
             continue

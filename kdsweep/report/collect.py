@@ -6,7 +6,6 @@ the parameter importances into one :class:`ReportData`.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,15 +13,16 @@ import optuna
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from kdsweep.config import StudyConfig
 from kdsweep.cost import StudyCost, study_cost
 from kdsweep.mlflow.links import compare_url, run_url, tracking_uri
 from kdsweep.names import Group, Metric, StudyAttr, Tag, TrialAttr
-from kdsweep.objectives import MAXIMIZE
+from kdsweep.objectives import MAXIMIZE, feasible
 from kdsweep.paths import store_missing
 from kdsweep.recovery import retry_of
+from kdsweep.report.analyses import Importances, compute_importances, pareto_front
 from kdsweep.report.text import as_float, finite
 from kdsweep.space import SEARCHED, is_plain_fine_tuning
 from kdsweep.storage import group_of
@@ -55,17 +55,6 @@ class Tracking:
 
 
 @dataclass
-class Importances:
-    """Parameter importances, or why there are none."""
-
-    values: pd.Series | None  # parameter -> importance, largest first
-    evaluator: str
-    n_trials: int
-    skipped: str | None = None
-    warnings: list[str] = field(default_factory=list)
-
-
-@dataclass
 class ReportData:
     """Everything the report shows, read once from the Optuna storage and MLflow."""
 
@@ -76,6 +65,13 @@ class ReportData:
     cost: StudyCost  # what the study's store says it cost
     curves: dict[int, pd.DataFrame] = field(default_factory=dict)  # trial -> student_ppl by step
     importances: Importances | None = None
+    front: list[int] = field(default_factory=list)  # a multi-objective study's Pareto front
+
+    @property
+    def pareto(self) -> pd.DataFrame:
+        """The Pareto front's trials, best first by the first objective."""
+        rows = self.trials.set_index("number", drop=False)
+        return rows.loc[self.front] if self.front else rows.iloc[0:0]
 
     @property
     def sweep(self) -> pd.DataFrame:
@@ -93,11 +89,17 @@ class ReportData:
 
     @property
     def ranked(self) -> pd.DataFrame:
-        """Complete sweep trials, best first; ties go to the earlier trial."""
-        complete = self.sweep[self.sweep.state == "COMPLETE"]
+        """Complete, feasible sweep trials, best first by the first objective; ties go to the
+        earlier trial."""
+        complete = self.sweep[(self.sweep.state == "COMPLETE") & self.sweep.feasible]
         return complete.sort_values(
             ["value", "number"], ascending=[self.lower_is_better, True], kind="mergesort"
         )
+
+    @property
+    def infeasible(self) -> pd.DataFrame:
+        """Sweep trials that broke a constraint: over a ceiling, or out of memory."""
+        return self.sweep[~self.sweep.feasible]
 
     @property
     def top(self) -> pd.DataFrame:
@@ -105,8 +107,18 @@ class ReportData:
 
     @property
     def plain(self) -> pd.DataFrame:
-        """Complete plain fine-tuning trials (alpha 0), best first: what distillation must beat."""
-        return self.ranked[is_plain_fine_tuning(self.ranked.alpha)]
+        """Complete plain fine-tuning trials (alpha 0), best first: what distillation must beat.
+        Like with like: those of the best distilled trial's student form, when any trained it
+        (``storage.compared_baseline``)."""
+        plain = self.ranked[is_plain_fine_tuning(self.ranked.alpha)]
+        distilled = self.best_distilled
+        alike = plain[plain.lora_rank == distilled.lora_rank] if distilled is not None else plain
+        return alike if len(alike) else plain
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether any trial trained a LoRA adapter (search.lora_rank above 0)."""
+        return bool((self.trials.lora_rank.fillna(0) > 0).any())
 
     @property
     def best_plain(self) -> pd.Series | None:
@@ -185,10 +197,11 @@ class ReportData:
         """A trial's objective on the verdict's split."""
         if not self.on_test:
             return trial.value
-        if self.study.objective == Metric.PPL_RATIO:
+        objective = self.study.primary_objective
+        if objective == Metric.PPL_RATIO:
             ppl, teacher = as_float(trial.test_student_ppl), self.shown_teacher_ppl
             return None if ppl is None or not teacher else ppl / teacher
-        return as_float(trial[f"test_{self.study.objective}"])
+        return as_float(trial.get(f"test_{objective}"))
 
     @property
     def shown_teacher_ppl(self) -> float | None:
@@ -256,7 +269,9 @@ def collect(study: StudyConfig, optuna_study: optuna.Study) -> ReportData:
     runs = _read_runs(data.tracking)
     data.trials = _merge_runs(data.trials, runs)
     data.curves = _read_curves(data)
-    data.importances = compute_importances(trials, study.direction)
+    data.importances = compute_importances(trials, study)
+    if study.multi_objective:
+        data.front = [t.number for t in pareto_front(trials, study.directions)]
     return data
 
 
@@ -266,8 +281,9 @@ def trials_frame(trials: list[FrozenTrial], study_attrs: dict | None = None) -> 
     attrs = study_attrs or {}
     rows = [_trial_row(t, attrs.get(f"{StudyAttr.TEST_PREFIX}{t.number}", {})) for t in trials]
     frame = pd.DataFrame(rows, columns=list(_trial_row(None).keys()))
-    # Object columns keep top_k's ints (and "all") and run ids as they are, even beside a None.
-    for column in ("top_k", "mlflow_run_id"):
+    # Object columns keep top_k's ints (and "all"), run ids, values and constraints as they are,
+    # even beside a None.
+    for column in ("top_k", "mlflow_run_id", "values", "constraints"):
         frame[column] = pd.Series([row[column] for row in rows], index=frame.index, dtype=object)
     return frame.sort_values("number", kind="mergesort").reset_index(drop=True)
 
@@ -277,10 +293,15 @@ def _trial_row(trial: FrozenTrial | None, test: dict | None = None) -> dict:
     test = test or {}
     params = attrs.get(TrialAttr.PARAMS) or (trial.params if trial else {})
     steps = sorted(trial.intermediate_values.items()) if trial else []
+    values = trial.values if trial and trial.values else None
+    constraints = trial.constraints if trial else {}
     return {
         "number": trial.number if trial else 0,
         "state": trial.state.name if trial else "",
-        "value": trial.value if trial else None,
+        "value": values[0] if values else None,  # the first objective's
+        "values": values,  # every objective's, in the study's order
+        "feasible": feasible(constraints),
+        "constraints": constraints,  # each one's measure minus its ceiling (0 or less: kept)
         "baseline": bool(attrs.get(TrialAttr.BASELINE, False)),
         "group": group_of(trial) if trial else Group.SEARCH,
         "seed_check_of": attrs.get(TrialAttr.SEED_CHECK_OF),
@@ -294,6 +315,9 @@ def _trial_row(trial: FrozenTrial | None, test: dict | None = None) -> dict:
         "rouge_l": attrs.get(Metric.ROUGE_L),
         "best_step": attrs.get(TrialAttr.BEST_STEP),
         **{name: test.get(name) for name in TEST_METRICS},
+        Metric.DEVICE_SECONDS: attrs.get(TrialAttr.COST, {}).get(Metric.DEVICE_SECONDS),
+        Metric.PEAK_MEMORY_GB: attrs.get(TrialAttr.PEAK_MEMORY_GB),
+        Metric.TRAINABLE_PARAMETERS: attrs.get(TrialAttr.TRAINABLE_PARAMETERS),
         "duration_s": trial.duration.total_seconds() if trial and trial.duration else None,
         "started": trial.datetime_start if trial else None,
         "ended": trial.datetime_complete if trial else None,
@@ -402,62 +426,3 @@ def _read_curves(data: ReportData) -> dict[int, pd.DataFrame]:
                 "step", kind="mergesort"
             ).drop_duplicates("step", keep="last")
     return curves
-
-
-# ---------------------------------------------------------------- parameter importances
-
-
-def compute_importances(trials: list[FrozenTrial], direction: str) -> Importances:
-    """PED-ANOVA importances (Optuna's default evaluator: deterministic, handles categorical
-    top_k) over the complete trials the sampler chose. Baselines are left out: their fixed
-    values (alpha 0) lie outside the search space and would dominate the estimate."""
-    evaluator_name = "PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator, Optuna's default)"
-    sampled = sampled_trials(trials)
-    result = Importances(None, evaluator_name, len(sampled))
-    searched = {
-        name for t in sampled for name, dist in t.distributions.items() if not dist.single()
-    }
-    if len(sampled) < 2:
-        result.skipped = (
-            "importances need at least 2 complete non-baseline trials; this study "
-            f"has {len(sampled)}"
-        )
-    elif not searched:
-        result.skipped = (
-            "no parameter is searched (every one is fixed), so there is nothing to rank"
-        )
-    if result.skipped:
-        return result
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        values = optuna.importance.get_param_importances(
-            importance_study(sampled, direction),
-            evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
-        )
-    result.values = pd.Series(values, dtype=float).rename_axis("parameter").rename("importance")
-    result.warnings = sorted({str(w.message) for w in caught if "optuna" in w.filename})
-    return result
-
-
-def sampled_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """The complete trials of the sweep's own search (baselines were fixed by hand, seed-check
-    runs repeat a configuration)."""
-    return [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE
-        and group_of(t) == Group.SEARCH
-        and not t.user_attrs.get(TrialAttr.BASELINE)
-    ]
-
-
-def importance_study(trials: list[FrozenTrial], direction: str) -> optuna.Study:
-    """An in-memory copy of the study holding only ``trials``, for the evaluators and plots."""
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line
-    try:
-        copy = optuna.create_study(direction=direction)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    copy.add_trials(trials)
-    return copy

@@ -10,20 +10,23 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
-from optuna.visualization.matplotlib import plot_param_importances, plot_slice
+from optuna.trial import TrialState
+from optuna.visualization.matplotlib import plot_param_importances, plot_pareto_front, plot_slice
 
 from kdsweep.compat import FilteredStudy
 from kdsweep.names import Group, Metric
-from kdsweep.objectives import MAXIMIZE
-from kdsweep.report.collect import ReportData, importance_study, sampled_trials
+from kdsweep.objectives import MAXIMIZE, feasible
+from kdsweep.report.analyses import sampled_trials, study_of
+from kdsweep.report.collect import ReportData
 from kdsweep.report.text import objective_label, params_short
 from kdsweep.space import is_plain_fine_tuning
-from kdsweep.storage import group_of
+from kdsweep.storage import group_of, primary_value
 
 # Fixed figure settings: the same storage gives the same PNG bytes.
 _RC = {
@@ -46,6 +49,19 @@ class Figure:
     skipped: str | None = None
 
 
+def markdown_image(figure: Figure) -> str:
+    """The figure as the report links it (relative to the report), or why it was not drawn
+    (importances say why in their own words)."""
+    if figure.path is None:
+        return (
+            f"*{figure.title}: not drawn ({figure.skipped}).*"
+            if figure.skipped and figure.name != "importances"
+            else ""
+        )
+    relative = f"{quote(figure.path.parent.name)}/{quote(figure.path.name)}"
+    return f"![{figure.title}]({relative})"
+
+
 def draw_figures(optuna_study: optuna.Study, data: ReportData, folder: Path) -> dict[str, Figure]:
     """Write the report's PNGs into ``folder``; a figure that cannot be drawn says why."""
     plans = {
@@ -54,6 +70,8 @@ def draw_figures(optuna_study: optuna.Study, data: ReportData, folder: Path) -> 
         "slice": ("Objective against each parameter", lambda: _plot_slice(optuna_study, data)),
         "curves": ("Eval perplexity of the top trials", lambda: _plot_curves(data)),
     }
+    if data.study.multi_objective:
+        plans["pareto"] = ("Pareto front", lambda: _plot_pareto(optuna_study, data))
     figures = {}
     for name, (title, plot) in plans.items():
         target = folder / f"{name}.png"
@@ -79,6 +97,8 @@ def _skip_reason(name: str, data: ReportData) -> str | None:
         return "no complete trial"
     if name == "importances" and data.importances.skipped:
         return data.importances.skipped
+    if name == "pareto" and (count := len(data.study.objectives)) > 3:
+        return f"Optuna draws the front of 2 or 3 objectives; this study has {count}"
     if name == "curves" and not data.curves:
         return f"no student_ppl history in MLflow ({data.tracking.problem or 'no run logged one'})"
     return None
@@ -87,9 +107,10 @@ def _skip_reason(name: str, data: ReportData) -> str | None:
 def _plot_importances(optuna_study: optuna.Study, data: ReportData):
     sampled = sampled_trials(optuna_study.get_trials(deepcopy=False))
     ax = plot_param_importances(
-        importance_study(sampled, data.study.direction),
+        study_of(sampled, data.study.directions),
         evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
-        target_name=objective_label(data.study.objective),
+        target=_first_objective(data),
+        target_name=objective_label(data.study.primary_objective),
     )
     ax.set_title(
         f"Parameter importances (PED-ANOVA over {len(sampled)} complete trials)", loc="left"
@@ -106,28 +127,32 @@ def _plot_history(optuna_study: optuna.Study, data: ReportData):
     seed-check trials are left out has gaps in its numbers (an IndexError)."""
     ranked = data.ranked.sort_values("number")
     fig, ax = plt.subplots()
-    ax.scatter(ranked.number, ranked.value, s=18, label=objective_label(data.study.objective))
+    ax.scatter(
+        ranked.number, ranked.value, s=18, label=objective_label(data.study.primary_objective)
+    )
     best = ranked.value.cummin() if data.lower_is_better else ranked.value.cummax()
     ax.step(ranked.number, best, where="post", color="tab:red", label="best so far")
     teacher = {Metric.STUDENT_PPL: data.teacher_ppl, Metric.PPL_RATIO: 1.0}.get(
-        data.study.objective
+        data.study.primary_objective
     )
     if teacher:
         ax.axhline(teacher, color="black", linestyle=":", label=f"teacher {teacher:.4g}")
-    if data.study.objective in (Metric.STUDENT_PPL, Metric.PPL_RATIO):
+    if data.study.primary_objective in (Metric.STUDENT_PPL, Metric.PPL_RATIO):
         ax.set_yscale("log")
     ax.set_xlabel("trial")
-    ax.set_ylabel(objective_label(data.study.objective))
+    ax.set_ylabel(objective_label(data.study.primary_objective))
     ax.legend()
     better = "higher" if data.study.direction == MAXIMIZE else "lower"
-    ax.set_title(f"Optimization history ({data.study.objective}, {better} is better)")
+    ax.set_title(f"Optimization history ({data.study.primary_objective}, {better} is better)")
     _integer_ticks(ax.xaxis)  # trial numbers
     return fig
 
 
 def _plot_slice(optuna_study: optuna.Study, data: ReportData):
     axes = plot_slice(
-        _without_seed_checks(optuna_study), target_name=objective_label(data.study.objective)
+        _feasible_sweep(optuna_study),
+        target=_first_objective(data),
+        target_name=objective_label(data.study.primary_objective),
     )
     axes = list(axes.flat) if hasattr(axes, "flat") else [axes]
     for ax in axes:
@@ -135,16 +160,44 @@ def _plot_slice(optuna_study: optuna.Study, data: ReportData):
     fig = axes[0].figure
     _integer_ticks(fig.axes[-1].yaxis)  # the colour bar of trial numbers
     fig.suptitle(
-        f"{objective_label(data.study.objective)} of each complete trial against each parameter "
-        "(darker: later trial)"
+        f"{objective_label(data.study.primary_objective)} of each complete trial against each "
+        "parameter (darker: later trial)"
     )
     fig.set_size_inches(2.6 * len(axes) + 1.5, 4.5)
     return fig
 
 
-def _without_seed_checks(optuna_study: optuna.Study) -> FilteredStudy:
-    """The study without its seed-check runs, which repeat configurations already shown."""
-    return FilteredStudy(optuna_study, lambda t: group_of(t) != Group.SEED_CHECK)
+def _feasible_sweep(optuna_study: optuna.Study) -> FilteredStudy:
+    """The study without its seed-check runs, which repeat configurations already shown, and
+    without its infeasible trials, which the best and the report leave out."""
+    return FilteredStudy(
+        optuna_study, lambda t: group_of(t) != Group.SEED_CHECK and feasible(t.constraints)
+    )
+
+
+def _first_objective(data: ReportData):
+    """What a plot of one value shows: the only objective, or the first of several (Optuna's
+    plots take a ``target`` for a multi-objective study)."""
+    return primary_value if data.study.multi_objective else None
+
+
+def _plot_pareto(optuna_study: optuna.Study, data: ReportData):
+    """Optuna's Pareto-front plot of the complete, feasible sweep trials (infeasible ones shown
+    apart), for 2 or 3 objectives."""
+    sweep = [
+        t
+        for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if group_of(t) != Group.SEED_CHECK
+    ]
+    ax = plot_pareto_front(
+        study_of(sweep, data.study.directions),
+        target_names=[objective_label(name) for name in data.study.objectives],
+    )
+    figure = ax.figure
+    ax.set_title(f"Pareto front of {len(sweep)} complete trials", loc="left")
+    figure.set_size_inches(7.0, 5.0)
+    figure.tight_layout()
+    return figure
 
 
 def _plot_curves(data: ReportData):

@@ -7,17 +7,17 @@ trial number), so generating it twice gives identical bytes.
 from __future__ import annotations
 
 import shlex
-from urllib.parse import quote
 
 import pandas as pd
 import yaml
 
 from kdsweep.config import StudyConfig
 from kdsweep.names import StudyAttr
+from kdsweep.objectives import OUT_OF_MEMORY
 from kdsweep.report.checks import warnings_for
 from kdsweep.report.collect import LOCAL_UI, ReportData
 from kdsweep.report.compute import render_compute
-from kdsweep.report.figures import Figure
+from kdsweep.report.figures import Figure, markdown_image
 from kdsweep.report.text import (
     as_float,
     cell_text,
@@ -25,11 +25,13 @@ from kdsweep.report.text import (
     fmt,
     markdown_table,
     objective_label,
-    params_short,
+    params_cell,
     pct,
+    percent_of,
     plain_value,
     set_text,
 )
+from kdsweep.report.tradeoffs import other_objectives, render_forms, render_pareto
 from kdsweep.report.verdict import describe, render_seed_check, render_verdict
 from kdsweep.space import columns, is_plain_fine_tuning
 from kdsweep.version import __version__
@@ -64,6 +66,8 @@ def render(data: ReportData, figures: dict[str, Figure]) -> str:
             render_references(data),
             render_seed_check(data),
             render_top(data),
+            render_forms(data),
+            render_pareto(data, figures),
             render_what_mattered(data, figures),
             render_compute(data),
         ]
@@ -89,6 +93,8 @@ def render_header(data: ReportData) -> str:
         if retries
         else ""
     )
+    if infeasible := len(data.infeasible):
+        checks += f"; {infeasible} infeasible (over a ceiling, or out of memory), not ranked"
     # what the trials ran with, --set included
     train = (attrs.get(StudyAttr.CONFIG) or study.to_dict())["train"]
     lines = [
@@ -96,8 +102,8 @@ def render_header(data: ReportData) -> str:
         "",
         f"- **Teacher**: `{study.teacher.name}`; **student**: `{study.student.name}`",
         f"- **Dataset**: `{study.data.dataset}` ({_sizes(attrs, study)})",
-        f"- **Objective**: `{study.objective}` ({objective_label(study.objective)}), "
-        f"{study.direction[:-1]}ed",
+        f"- **{'Objectives' if study.multi_objective else 'Objective'}**: {_objectives(study)}"
+        + _constraints(study),
         f"- **Trials**: {len(trials)} ({states}); target {study.n_trials}{checks}",
         f"- **Trials ran**: {_period(data.trials)}",
         f"- **Fixed settings** (as run): {train['max_steps']} steps of batch "
@@ -108,6 +114,29 @@ def render_header(data: ReportData) -> str:
         f"**kdsweep** {__version__}",
     ]
     return "\n".join(lines)
+
+
+def _objectives(study: StudyConfig) -> str:
+    """`student_ppl` (student perplexity), minimized; several: each, and which one decides."""
+    each = ", ".join(
+        f"`{name}` ({objective_label(name)}), {direction[:-1]}ed"
+        if objective_label(name) != name
+        else f"`{name}`, {direction[:-1]}ed"
+        for name, direction in zip(study.objectives, study.directions)
+    )
+    if not study.multi_objective:
+        return each
+    return (
+        f"{each}; the first chooses each trial's checkpoint, the best trial and the verdict, "
+        "and the [Pareto front](#pareto-front) shows the trade-off"
+    )
+
+
+def _constraints(study: StudyConfig) -> str:
+    if not study.constraints:
+        return ""
+    ceilings = ", ".join(f"`{name}` <= {ceiling:g}" for name, ceiling in study.constraints.items())
+    return f"\n- **Constraints**: {ceilings}; only trials within them are ranked"
 
 
 def _sizes(attrs: dict, study: StudyConfig) -> str:
@@ -185,7 +214,7 @@ def render_references(data: ReportData) -> str:
                 "split": where,
                 "perplexity": fmt(ppl),
                 **(
-                    {"exact match": pct(_percent(em)), "ROUGE-L": fmt(rouge, 3)}
+                    {"exact match": pct(percent_of(em)), "ROUGE-L": fmt(rouge, 3)}
                     if data.has_accuracy
                     else {}
                 ),
@@ -225,17 +254,19 @@ def _baseline_steps(data: ReportData) -> str:
     )
 
 
-def _percent(fraction) -> float | None:
-    value = as_float(fraction)
-    return None if value is None else 100 * value
-
-
 def render_top(data: ReportData) -> str:
     frame = top_table(data)
     best = data.ranked.iloc[0]
     intro = (
-        f"The {len(frame)} best of {len(data.ranked)} complete trials by `{data.study.objective}`."
+        f"The {len(frame)} best of {len(data.ranked)} complete"
+        f"{' feasible' if data.study.constraints else ''} trials by "
+        f"`{data.study.primary_objective}`."
     )
+    if len(data.infeasible):
+        intro += (
+            f" {len(data.infeasible)} infeasible trial(s) are left out (see "
+            "[What went wrong](#what-went-wrong))."
+        )
     if is_plain_fine_tuning(data.top.alpha).any():
         intro += (
             " Parameters that need a teacher do nothing at alpha 0: plain fine-tuning rows "
@@ -253,7 +284,7 @@ def render_top(data: ReportData) -> str:
             f"{data.study_file}` serves it on {LOCAL_UI}."
         )
     parts += [
-        f"**Best configuration** (trial {best.number}, {data.study.objective} "
+        f"**Best configuration** (trial {best.number}, {data.study.primary_objective} "
         f"{fmt(best.value)}): {describe(best)}. "
         "Its parameters, ready to paste into a study file:",
         "```yaml\n" + best_config_yaml(data, best) + "```",
@@ -280,7 +311,12 @@ def top_table(data: ReportData) -> pd.DataFrame:
                     for p in columns(data.study.search)
                 },
                 "student ppl": fmt(trial.student_ppl),
-                **({"exact match": pct(_percent(trial.exact_match))} if data.has_accuracy else {}),
+                **(
+                    {"exact match": pct(percent_of(trial.exact_match))}
+                    if data.has_accuracy
+                    else {}
+                ),
+                **{name: fmt(trial.values[i]) for i, name in other_objectives(data)},
                 "ratio to teacher": fmt(data.ratio(trial.student_ppl, trial.ppl_ratio)),
                 "gap closed": pct(data.gap_closed(trial.student_ppl, test=False)),
                 "best step": "" if pd.isna(trial.best_step) else str(int(trial.best_step)),
@@ -323,27 +359,16 @@ def render_what_mattered(data: ReportData, figures: dict[str, Figure]) -> str:
             "the importances sum to 1 and say which parameters the best trials concentrate on.",
             markdown_table(frame),
         ]
-    parts.append(_image(figures["importances"]))
-    parts += ["### Optimization history", _image(figures["history"])]
-    parts += ["### Objective against each parameter", _image(figures["slice"])]
+    parts.append(markdown_image(figures["importances"]))
+    parts += ["### Optimization history", markdown_image(figures["history"])]
+    parts += ["### Objective against each parameter", markdown_image(figures["slice"])]
     parts += [
         "### Eval curves",
         "Eval perplexity of the top trials (solid) and the best plain fine-tuning trial (dashed) "
         "at every evaluation, with the teacher's perplexity on the same tokens (dotted).",
-        _image(figures["curves"]),
+        markdown_image(figures["curves"]),
     ]
     return "\n\n".join(p for p in parts if p)
-
-
-def _image(figure: Figure) -> str:
-    if figure.path is None:
-        return (
-            f"*{figure.title}: not drawn ({figure.skipped}).*"
-            if figure.skipped and figure.name != "importances"
-            else ""
-        )
-    relative = f"{quote(figure.path.parent.name)}/{quote(figure.path.name)}"
-    return f"![{figure.title}]({relative})"
 
 
 def render_what_went_wrong(data: ReportData) -> str:
@@ -351,6 +376,7 @@ def render_what_went_wrong(data: ReportData) -> str:
     for title, frame in (
         ("Failed trials", failed_table(data)),
         ("Pruned trials", pruned_table(data)),
+        ("Infeasible trials", infeasible_table(data)),
     ):
         if len(frame):
             parts += [f"### {title}", markdown_table(frame)]
@@ -375,7 +401,7 @@ def failed_table(data: ReportData) -> pd.DataFrame:
         rows.append(
             {
                 "trial": str(t.number),
-                "parameters": _params_cell(t),
+                "parameters": params_cell(t),
                 "reason": cell_text(_fail_reason(t) + retried),
             }
         )
@@ -389,6 +415,31 @@ def _fail_reason(trial) -> str:
     return "no reason recorded (its worker may have died; the heartbeat marks such trials failed)"
 
 
+def infeasible_table(data: ReportData) -> pd.DataFrame:
+    """Trials that broke a constraint: which, and by how much (out of memory: a failure too)."""
+    ceilings = data.study.constraints
+    rows = []
+    for t in data.infeasible.itertuples():
+        broken = [
+            "out of memory"
+            if name == OUT_OF_MEMORY
+            else f"{name} {fmt(over + ceilings[name])} > {fmt(ceilings[name])}"
+            if name in ceilings
+            else f"{name} over its ceiling by {fmt(over)}"
+            for name, over in t.constraints.items()
+            if over > 0
+        ]
+        rows.append(
+            {
+                "trial": str(t.number),
+                "state": _STATE_WORDS.get(t.state, t.state.lower()),
+                "parameters": params_cell(t),
+                "over": "; ".join(broken),
+            }
+        )
+    return pd.DataFrame(rows, columns=["trial", "state", "parameters", "over"])
+
+
 def pruned_table(data: ReportData) -> pd.DataFrame:
     pruned = data.trials[data.trials.state == "PRUNED"]
     rows = []
@@ -397,9 +448,9 @@ def pruned_table(data: ReportData) -> pd.DataFrame:
         rows.append(
             {
                 "trial": str(t.number),
-                "parameters": _params_cell(t),
+                "parameters": params_cell(t),
                 "pruned at step": step,
-                f"last {data.study.objective}": fmt(t.last_reported),
+                f"last {data.study.primary_objective}": fmt(t.last_reported),
                 "reason": cell_text(
                     t.run_reason if isinstance(t.run_reason, str) else "below the pruner's bar"
                 ),
@@ -411,13 +462,7 @@ def pruned_table(data: ReportData) -> pd.DataFrame:
             "trial",
             "parameters",
             "pruned at step",
-            f"last {data.study.objective}",
+            f"last {data.study.primary_objective}",
             "reason",
         ],
     )
-
-
-def _params_cell(trial) -> str:
-    if as_float(trial.alpha) is None:
-        return ""
-    return params_short(trial)

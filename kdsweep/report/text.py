@@ -95,3 +95,16 @@ def objective_label(objective: str) -> str:
         Metric.PPL_RATIO: "student / teacher perplexity",
     }
     return words.get(objective, objective)
+
+
+def percent_of(fraction) -> float | None:
+    """A fraction (exact match 0.31) as a percentage (31.0), or None."""
+    value = as_float(fraction)
+    return None if value is None else 100 * value
+
+
+def params_cell(trial) -> str:
+    """A trial row's parameters in run-name form, or "" when it has none recorded."""
+    if as_float(trial.alpha) is None:
+        return ""
+    return params_short(trial)

@@ -16,7 +16,7 @@ import pandas as pd
 from kdsweep.report.collect import ReportData
 from kdsweep.report.compute import cost_sentence
 from kdsweep.report.text import fmt, markdown_table, params_of, pct, points
-from kdsweep.space import BY_NAME, is_plain_fine_tuning
+from kdsweep.space import BY_NAME, form, is_plain_fine_tuning
 from kdsweep.space import describe as describe_params
 
 
@@ -75,7 +75,7 @@ def _choice(data: ReportData, p) -> str | None:
 
 def _headline(data: ReportData) -> str:
     plain, distilled = data.best_plain, data.best_distilled
-    objective = data.study.objective
+    objective = data.study.primary_objective
     if distilled is None:
         return (
             "**No distilled trial has completed**, so nothing says yet whether distillation "
@@ -98,6 +98,7 @@ def _headline(data: ReportData) -> str:
     sentences = [
         lead,
         _comparison(data, distilled, plain),
+        _forms(data, distilled, plain),
         _accuracy_comparison(data, distilled, plain),
         _gap(data, distilled),
         _where(data),
@@ -117,6 +118,20 @@ def _comparison(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str
         f"{fmt(baseline)} for the best of {tried} plain fine-tuning {trials} "
         f"({data.trial_cell(plain)}: {describe(plain)}{_at_step(plain)}), "
         f"{_relative(ppl, baseline)}."
+    )
+
+
+def _forms(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str:
+    """Whether the two train the same student form (a study that tries LoRA says it)."""
+    if not data.has_lora:
+        return ""
+    ours, theirs = form(distilled.lora_rank), form(plain.lora_rank)
+    if ours == theirs:
+        return f"Like with like: both are {ours}."
+    return (
+        f"The forms differ: the distilled trial is {ours}, the baseline {theirs}, since no "
+        f"baseline trained {ours} (add one: `baselines: [{{alpha: 0, lora_rank: "
+        f"{int(distilled.lora_rank or 0)}, trials: 3}}]`)."
     )
 
 
@@ -240,7 +255,7 @@ def seed_check_sentence(data: ReportData) -> str | None:
     spread = max(winner["range"], baseline["range"])
     mean = (
         f"over {seeds} seeds the best distilled configuration averages {fmt(winner['mean'])} "
-        f"and the best plain fine-tuning {fmt(baseline['mean'])} ({data.study.objective})"
+        f"and the best plain fine-tuning {fmt(baseline['mean'])} ({data.study.primary_objective})"
     )
     accuracy = _accuracy_noise(winner, baseline)
     if lead > spread:
@@ -284,7 +299,7 @@ def render_seed_check(data: ReportData) -> str:
                 "trial": data.trial_cell(trials.loc[row.number])
                 + (" (plain fine-tuning)" if row.plain else ""),
                 "parameters": describe(trials.loc[row.number]),
-                f"{data.study.objective} by seed": ", ".join(fmt(v) for v in row.values),
+                f"{data.study.primary_objective} by seed": ", ".join(fmt(v) for v in row.values),
                 **(
                     {"exact match by seed": ", ".join(pct(100 * v) for v in row.exact_match)}
                     if not pd.isna(row.exact_match).any()

@@ -1,0 +1,105 @@
+"""What Optuna computes over the study's trials for the report: parameter importances over the
+trials the sampler chose, and a multi-objective study's Pareto front, each on an in-memory copy
+of the study that holds just the trials it is about."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsweep.config import StudyConfig
+from kdsweep.names import Group, TrialAttr
+from kdsweep.objectives import MINIMIZE, feasible
+from kdsweep.storage import group_of, primary_value
+
+
+@dataclass
+class Importances:
+    """Parameter importances, or why there are none."""
+
+    values: pd.Series | None  # parameter -> importance, largest first
+    evaluator: str
+    n_trials: int
+    skipped: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def compute_importances(trials: list[FrozenTrial], study: StudyConfig) -> Importances:
+    """PED-ANOVA importances (Optuna's default evaluator: deterministic, handles categorical
+    top_k) for the first objective, over the complete, feasible trials the sampler chose.
+    Baselines are left out: their fixed values (alpha 0) lie outside the search space and would
+    dominate the estimate."""
+    evaluator_name = "PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator, Optuna's default)"
+    sampled = sampled_trials(trials)
+    result = Importances(None, evaluator_name, len(sampled))
+    searched = {
+        name for t in sampled for name, dist in t.distributions.items() if not dist.single()
+    }
+    if len(sampled) < 2:
+        result.skipped = (
+            "importances need at least 2 complete non-baseline trials; this study "
+            f"has {len(sampled)}"
+        )
+    elif not searched:
+        result.skipped = (
+            "no parameter is searched (every one is fixed), so there is nothing to rank"
+        )
+    if result.skipped:
+        return result
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = optuna.importance.get_param_importances(
+            study_of(sampled, study.directions),
+            evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
+            target=primary_value if study.multi_objective else None,
+        )
+    result.values = pd.Series(values, dtype=float).rename_axis("parameter").rename("importance")
+    result.warnings = sorted({str(w.message) for w in caught if "optuna" in w.filename})
+    return result
+
+
+def sampled_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The complete, feasible trials of the sweep's own search (baselines were fixed by hand,
+    seed-check runs repeat a configuration)."""
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and group_of(t) == Group.SEARCH
+        and not t.user_attrs.get(TrialAttr.BASELINE)
+        and feasible(t.constraints)
+    ]
+
+
+def study_of(trials: list[FrozenTrial], directions: list[str]) -> optuna.Study:
+    """An in-memory copy of the study holding only ``trials``, for the evaluators, the plots and
+    the Pareto front."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line
+    try:
+        copy = optuna.create_study(directions=directions)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    copy.add_trials(trials)
+    return copy
+
+
+def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
+    """The complete, feasible sweep trials (baselines included) that no other beats in every
+    objective, by the first objective: Optuna's ``best_trials`` of a multi-objective study."""
+    sweep = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and group_of(t) != Group.SEED_CHECK
+        and feasible(t.constraints)
+    ]
+    if not sweep:
+        return []
+    front = study_of(sweep, directions).best_trials
+    sign = 1 if directions[0] == MINIMIZE else -1
+    return sorted(front, key=lambda t: (sign * primary_value(t), t.number))
