@@ -141,11 +141,14 @@ def cmd_check(args) -> int:
 
     study = _study(args)
     searched = searched_names(study.search)
+    ceilings = ", ".join(f"{name} <= {value:g}" for name, value in study.constraints.items())
+    ceilings = f" under {ceilings}" if ceilings else ""
     print(
         f"{args.study}: ok: study {study.name!r}, {study.n_trials} trials of "
         f"{study.train.max_steps} steps, "
         f"{study.teacher.name} -> {study.student.name} on {study.data.dataset}, "
-        f"searching {', '.join(searched) or 'nothing'} (fingerprint {study.fingerprint()})"
+        f"searching {', '.join(searched) or 'nothing'}, optimizing "
+        f"{', '.join(study.objectives)}{ceilings} (fingerprint {study.fingerprint()})"
     )
     print(f"{args.study}: {estimate_line(study)}")
     if study.data.test_split is None:

@@ -12,9 +12,11 @@ peft is imported only when a trial asks for an adapter (it is an extra: ``kdswee
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
+from torch.nn import Linear
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from kdsweep.config import ALL_LINEAR, LoraConfig, ModelConfig
@@ -41,13 +43,17 @@ def adapt(student: PreTrainedModel, rank: int, settings: LoraConfig) -> PreTrain
         target_modules=_targets(settings),
         task_type=peft.TaskType.CAUSAL_LM,
     )
-    return peft.get_peft_model(student, config)
+    with warnings.catch_warnings():
+        # An adapter on a tied output layer adapts the output alone, as intended; ``merged``
+        # unties the two before merging, so peft's warning about it does not apply.
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*", category=UserWarning)
+        return peft.get_peft_model(student, config)
 
 
 def effective_output_weight(layer: torch.nn.Module) -> torch.Tensor:
     """The output layer's weight as the forward pass uses it: with an adapter on it (a study that
     targets ``lm_head``), the frozen weight plus the adapter's update, which trains through it."""
-    if not hasattr(layer, "get_delta_weight"):  # a plain layer, or one the adapter leaves alone
+    if not _has_adapter(layer):
         return layer.weight
     return layer.weight + sum(layer.get_delta_weight(name) for name in layer.active_adapters)
 
@@ -75,9 +81,27 @@ def save_adapter(model: PreTrainedModel, folder: Path) -> None:
 
 
 def merged(model: PreTrainedModel) -> PreTrainedModel:
-    """The student with its adapter merged into its weights: a plain transformers model. The
-    adapted model is merged in place, so use it no more."""
-    return model.merge_and_unload() if is_adapted(model) else model
+    """The student with its adapter merged into its weights: a plain transformers model that
+    computes what the adapted one does. The adapted model is merged in place: use it no more.
+
+    A student that ties its output layer to its input embeddings (Qwen3-0.6B, the demo's) and
+    carries an adapter on either computes with two different matrices; merged into the one
+    tensor they share, the update would reach both. So they are untied first: the output layer
+    gets a copy of its own, and the config says so (``tie_word_embeddings: false``)."""
+    if not is_adapted(model):
+        return model
+    student = model.get_base_model()
+    layers = (student.get_input_embeddings(), student.get_output_embeddings())
+    config = student.config.get_text_config()
+    if getattr(config, "tie_word_embeddings", False) and any(map(_has_adapter, layers)):
+        output = getattr(layers[1], "base_layer", layers[1])
+        output.weight = torch.nn.Parameter(output.weight.detach().clone())
+        config.tie_word_embeddings = student.config.tie_word_embeddings = False
+    return model.merge_and_unload()
+
+
+def _has_adapter(layer: torch.nn.Module) -> bool:
+    return hasattr(layer, "base_layer")  # peft wraps an adapted layer around the original
 
 
 def check_targets(student: ModelConfig, settings: LoraConfig) -> None:
@@ -92,9 +116,8 @@ def check_targets(student: ModelConfig, settings: LoraConfig) -> None:
     names = [name for name, _ in skeleton.named_modules()]
     for target in targets:
         if not any(name == target or name.endswith(f".{target}") for name in names):
-            linear = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if _is_linear(m)}
-            )
+            modules = skeleton.named_modules()
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, Linear)})
             raise UsageError(
                 f"student.lora.target_modules: the student ({type(skeleton).__name__}) has no "
                 f"module named {target!r}; its linear layers are {', '.join(linear)} (or "
@@ -105,7 +128,3 @@ def check_targets(student: ModelConfig, settings: LoraConfig) -> None:
 def _targets(settings: LoraConfig) -> str | list[str]:
     targets = settings.target_modules
     return targets if isinstance(targets, str) else list(targets)
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear)

@@ -257,7 +257,8 @@ class Objective:
         step = result.best_step
         run.log_metrics({**result.after, Metric.BEST_STEP: step}, step=step)
         finalists.record_test_scores(trial.study, trial.number, result.after)  # a seed-check run
-        contender = student is not None and feasible(excess)
+        kept = feasible(excess)  # every ceiling (none: a study without constraints)
+        contender = student is not None and kept
         if contender and self.runner.test_set is not None:
             finalists.keep_if_contender(self.study, trial.study, trial, value, student)
         # save_best: a feasible trial better than every complete one so far logs its student.
@@ -269,7 +270,7 @@ class Objective:
         )
         if saved:
             run.log_model(student, self.runner.tokenizer)
-        run.finish(result, objective=value, feasible=feasible(excess) if excess else None)
+        run.finish(result, objective=value, feasible=kept if excess else None)
         if saved:
             self.runs.keep_best_model()
         return values if self.study.multi_objective else value
@@ -277,17 +278,16 @@ class Objective:
     def _measures(self, trial: optuna.Trial, result) -> dict[str, float]:
         """Everything a complete trial measured that an objective or a constraint may name: its
         quality at its selected checkpoint, and its cost (``objectives``)."""
-        built = {
-            name: trial.user_attrs[name]
-            for name in (TrialAttr.TRAINABLE_PARAMETERS,)
-            if name in trial.user_attrs
-        }
-        return {
+        measures = {
             **result.final_eval,
             **trial.user_attrs[TrialAttr.COST],
             Metric.PEAK_MEMORY_GB: result.peak_memory_bytes / 1e9,
-            **built,
         }
+        if TrialAttr.TRAINABLE_PARAMETERS in trial.user_attrs:  # set once the student is built
+            measures[Metric.TRAINABLE_PARAMETERS] = trial.user_attrs[
+                TrialAttr.TRAINABLE_PARAMETERS
+            ]
+        return measures
 
     def _fail(self, trial: optuna.Trial, run: TrialRun, exc: Exception) -> None:
         """Record why the trial failed, on it and its run; free what its frames held; retry it

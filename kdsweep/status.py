@@ -182,9 +182,6 @@ def _note(trial, best) -> str:
     attrs = trial.user_attrs
     if attrs.get(TrialAttr.FAIL_REASON):
         return attrs[TrialAttr.FAIL_REASON]
-    if not feasible(trial.constraints):
-        over = (f"{name} +{value:.3g}" for name, value in trial.constraints.items() if value > 0)
-        return f"infeasible: over its ceiling by {', '.join(over)}"
     if group_of(trial) == Group.SEED_CHECK:
         return (
             f"seed check of {attrs.get(TrialAttr.SEED_CHECK_OF)}, seed {attrs.get(TrialAttr.SEED)}"
@@ -194,6 +191,8 @@ def _note(trial, best) -> str:
         notes.append("baseline")
     if (retried := retry_of(trial)) is not None:
         notes.append(f"retry of {retried}")  # the failed trial says why
+    if over := [_SHORT.get(name, name) for name, value in trial.constraints.items() if value > 0]:
+        notes.append(f"over {', '.join(over)}")  # infeasible: not ranked
     return ", ".join(notes)
 
 

@@ -289,3 +289,19 @@ def test_on_policy_steps_train_a_lora_student(tiny_study):
     client, _, runs = mlflow_runs(tiny_study, overrides=sets)
     generated = client.get_metric_history(runs[0].info.run_id, Metric.GENERATED_TOKENS)
     assert generated and generated[-1].value > 0
+
+
+def test_a_merged_student_computes_what_the_adapted_one_does(tiny_setup):
+    """With an adapter on the output layer of a student that ties it to its input embeddings,
+    merging unties the two: the merged model's logits are the adapted model's."""
+    student = _student(tiny_setup, 4, target_modules=("q_proj", "lm_head"))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        adapted = student(input_ids=ids).logits
+        plain = lora.merged(student)
+        assert not hasattr(plain, "peft_config") and not plain.config.tie_word_embeddings
+        torch.testing.assert_close(plain(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)

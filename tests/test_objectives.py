@@ -38,7 +38,8 @@ def _front(trials, directions) -> set[int]:
     [["student_ppl", "exact_match"], ["student_ppl", "exact_match", "device_seconds"]],
 )
 def test_a_multi_objective_study_runs_to_its_report_and_pareto_front(tiny_study, objectives):
-    overrides = {"n_trials": 4, "objective": objectives, **ACCURACY}
+    # A baseline too: its alpha 0 lies outside the searched range, and the front takes it in.
+    overrides = {"n_trials": 4, "objective": objectives, "baselines": [{"alpha": 0.0}], **ACCURACY}
     summary = api.run_study(tiny_study, overrides=overrides)
     study = api.load(tiny_study, overrides)
     stored = load_existing_study(study)

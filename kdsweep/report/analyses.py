@@ -11,9 +11,10 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsweep.compat import FilteredStudy
 from kdsweep.config import StudyConfig
 from kdsweep.names import Group, TrialAttr
-from kdsweep.objectives import MINIMIZE, feasible
+from kdsweep.objectives import feasible
 from kdsweep.storage import group_of, primary_value
 
 
@@ -88,18 +89,19 @@ def study_of(trials: list[FrozenTrial], directions: list[str]) -> optuna.Study:
     return copy
 
 
-def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
-    """The complete, feasible sweep trials (baselines included) that no other beats in every
-    objective, by the first objective: Optuna's ``best_trials`` of a multi-objective study."""
-    sweep = [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE
-        and group_of(t) != Group.SEED_CHECK
-        and feasible(t.constraints)
-    ]
-    if not sweep:
-        return []
-    front = study_of(sweep, directions).best_trials
-    sign = 1 if directions[0] == MINIMIZE else -1
+def pareto_front(optuna_study: optuna.Study) -> list[FrozenTrial]:
+    """The complete, feasible sweep trials (baselines included) that no other matches in every
+    objective and beats in one (Optuna's ``best_trials``), by the first objective. Read through a
+    view of the study, not a copy: a copy would reject the baselines' alpha 0, which lies outside
+    the searched range."""
+    front = complete_sweep(optuna_study).best_trials  # infeasible ones left out by Optuna
+    sign = 1 if optuna_study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
     return sorted(front, key=lambda t: (sign * primary_value(t), t.number))
+
+
+def complete_sweep(optuna_study: optuna.Study) -> FilteredStudy:
+    """The study as its complete sweep trials (baselines included, seed-check runs not)."""
+    return FilteredStudy(
+        optuna_study,
+        lambda t: t.state == TrialState.COMPLETE and group_of(t) != Group.SEED_CHECK,
+    )

@@ -271,7 +271,7 @@ def collect(study: StudyConfig, optuna_study: optuna.Study) -> ReportData:
     data.curves = _read_curves(data)
     data.importances = compute_importances(trials, study)
     if study.multi_objective:
-        data.front = [t.number for t in pareto_front(trials, study.directions)]
+        data.front = [t.number for t in pareto_front(optuna_study)]
     return data
 
 

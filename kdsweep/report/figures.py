@@ -16,13 +16,12 @@ import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
-from optuna.trial import TrialState
 from optuna.visualization.matplotlib import plot_param_importances, plot_pareto_front, plot_slice
 
 from kdsweep.compat import FilteredStudy
 from kdsweep.names import Group, Metric
 from kdsweep.objectives import MAXIMIZE, feasible
-from kdsweep.report.analyses import sampled_trials, study_of
+from kdsweep.report.analyses import complete_sweep, sampled_trials, study_of
 from kdsweep.report.collect import ReportData
 from kdsweep.report.text import objective_label, params_short
 from kdsweep.space import is_plain_fine_tuning
@@ -184,17 +183,14 @@ def _first_objective(data: ReportData):
 def _plot_pareto(optuna_study: optuna.Study, data: ReportData):
     """Optuna's Pareto-front plot of the complete, feasible sweep trials (infeasible ones shown
     apart), for 2 or 3 objectives."""
-    sweep = [
-        t
-        for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if group_of(t) != Group.SEED_CHECK
-    ]
+    sweep = complete_sweep(optuna_study)
     ax = plot_pareto_front(
-        study_of(sweep, data.study.directions),
-        target_names=[objective_label(name) for name in data.study.objectives],
+        sweep, target_names=[objective_label(name) for name in data.study.objectives]
     )
     figure = ax.figure
-    ax.set_title(f"Pareto front of {len(sweep)} complete trials", loc="left")
+    count = len(sweep.get_trials(deepcopy=False))
+    # replaces Optuna's own title ("Pareto-front Plot"); "Best Trial" in its legend: the front
+    ax.set_title(f"Pareto front of {count} complete trials")
     figure.set_size_inches(7.0, 5.0)
     figure.tight_layout()
     return figure

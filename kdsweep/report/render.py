@@ -24,6 +24,7 @@ from kdsweep.report.text import (
     duration,
     fmt,
     markdown_table,
+    measure_text,
     objective_label,
     params_cell,
     pct,
@@ -316,7 +317,9 @@ def top_table(data: ReportData) -> pd.DataFrame:
                     if data.has_accuracy
                     else {}
                 ),
-                **{name: fmt(trial.values[i]) for i, name in other_objectives(data)},
+                **{
+                    name: measure_text(name, trial.values[i]) for i, name in other_objectives(data)
+                },
                 "ratio to teacher": fmt(data.ratio(trial.student_ppl, trial.ppl_ratio)),
                 "gap closed": pct(data.gap_closed(trial.student_ppl, test=False)),
                 "best step": "" if pd.isna(trial.best_step) else str(int(trial.best_step)),
@@ -423,7 +426,8 @@ def infeasible_table(data: ReportData) -> pd.DataFrame:
         broken = [
             "out of memory"
             if name == OUT_OF_MEMORY
-            else f"{name} {fmt(over + ceilings[name])} > {fmt(ceilings[name])}"
+            else f"{name} {measure_text(name, over + ceilings[name])} > "
+            f"{measure_text(name, ceilings[name])}"
             if name in ceilings
             else f"{name} over its ceiling by {fmt(over)}"
             for name, over in t.constraints.items()

@@ -108,3 +108,12 @@ def params_cell(trial) -> str:
     if as_float(trial.alpha) is None:
         return ""
     return params_short(trial)
+
+
+def measure_text(name: str, value) -> str:
+    """A measure as tables show it: a parameter count in full (78,080), anything else in 4
+    significant digits."""
+    number = as_float(value)
+    if number is not None and name == Metric.TRAINABLE_PARAMETERS:
+        return f"{int(number):,}"
+    return fmt(number)

@@ -8,7 +8,15 @@ import pandas as pd
 from kdsweep.names import Metric
 from kdsweep.report.collect import ReportData
 from kdsweep.report.figures import Figure, markdown_image
-from kdsweep.report.text import as_float, fmt, markdown_table, params_cell, pct, percent_of
+from kdsweep.report.text import (
+    as_float,
+    fmt,
+    markdown_table,
+    measure_text,
+    params_cell,
+    pct,
+    percent_of,
+)
 from kdsweep.space import form, is_plain_fine_tuning
 
 
@@ -42,7 +50,9 @@ def render_forms(data: ReportData) -> str:
                     {"exact match": pct(percent_of(best.exact_match))} if data.has_accuracy else {}
                 ),
                 "learning rate (trained at)": f"{_trained_rate(data, best):.2e}",
-                "trainable parameters": _count(best.trainable_parameters),
+                "trainable parameters": measure_text(
+                    Metric.TRAINABLE_PARAMETERS, best.trainable_parameters
+                ),
             }
         )
     scale = data.study.student.lora.learning_rate_scale
@@ -82,11 +92,6 @@ def _trained_rate(data: ReportData, trial) -> float:
     return data.study.student.lora.learning_rate(trial.learning_rate, int(trial["rank"]))
 
 
-def _count(value) -> str:
-    number = as_float(value)
-    return "" if number is None else f"{int(number):,}"
-
-
 def render_pareto(data: ReportData, figures: dict[str, Figure]) -> str:
     """A multi-objective study's trade-off: the trials no other beats in every objective."""
     if not data.study.multi_objective:
@@ -98,7 +103,7 @@ def render_pareto(data: ReportData, figures: dict[str, Figure]) -> str:
             "trial": data.trial_cell(trial) + (" (baseline)" if trial.baseline else ""),
             "parameters": params_cell(trial),
             **{
-                f"{name} ({direction[:3]})": fmt(value)
+                f"{name} ({direction[:3]})": measure_text(name, value)
                 for name, direction, value in zip(
                     objectives, data.study.directions, trial["values"]
                 )
@@ -109,7 +114,8 @@ def render_pareto(data: ReportData, figures: dict[str, Figure]) -> str:
     complete = len(data.ranked)
     intro = (
         f"{len(front)} of the {complete} complete{' feasible' if data.study.constraints else ''} "
-        "trials (baselines included) are on the Pareto front: no other trial is as good in every "
+        f"trials (baselines included) {'is' if len(front) == 1 else 'are'} on the Pareto front: "
+        "no other trial is as good in every "
         f"objective and better in one ({', '.join(objectives)}; min: minimized, max: "
         "maximized). Sorted by the first objective, which the verdict uses."
     )
