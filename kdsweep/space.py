@@ -280,7 +280,9 @@ def may_be_positive(search: Any, baselines: tuple[dict, ...], name: str) -> bool
     """Whether some trial may take ``name`` above 0 (a range, a choice or a baseline)."""
     param: Param = getattr(search, name)
     values = param.values or [param.high]  # a range has no values: its top
-    return any(v > 0 for v in values) or any(b.get(name, 0) > 0 for b in baselines)
+    values += [b.get(name) for b in baselines if isinstance(b, dict)]
+    # Values of the wrong type are the study file's checks to report, not a reason to fail here.
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
 
 
 def grid(search: Any) -> dict[str, list]:

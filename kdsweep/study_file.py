@@ -354,7 +354,9 @@ def _validate_lora(study: StudyConfig) -> list[str]:
             f"student.lora.target_modules: must be {ALL_LINEAR!r} or a list of module names, "
             f"e.g. [q_proj, v_proj], got {targets!r}"
         )
-    elif not targets or not all(isinstance(t, str) and t for t in targets):
+    elif not isinstance(targets, str) and not (
+        targets and all(isinstance(t, str) and t for t in targets)
+    ):
         problems.append(
             f"student.lora.target_modules: must list module names, e.g. [q_proj, v_proj], got "
             f"{list(targets)!r}"

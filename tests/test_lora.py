@@ -235,6 +235,8 @@ def test_a_lora_winner_is_saved_as_its_adapter_and_a_merged_model(tiny_study, tm
     ("setting", "message"),
     [
         ("search.lora_rank=[0, -4]", "search.lora_rank.choices[1]: must be an integer >= 0"),
+        ("search.lora_rank=[x, 4]", "search.lora_rank.choices[0]: must be an integer >= 0"),
+        ("student.lora.target_modules=[]", "student.lora.target_modules: must list module names"),
         ("search.lora_rank={low: 0, high: 8}", "search.lora_rank: must be a list of choices"),
         ("student.lora.dropout=1.5", "student.lora.dropout: must be in [0, 1)"),
         (

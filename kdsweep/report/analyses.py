@@ -1,6 +1,6 @@
 """What Optuna computes over the study's trials for the report: parameter importances over the
-trials the sampler chose, and a multi-objective study's Pareto front, each on an in-memory copy
-of the study that holds just the trials it is about."""
+trials the sampler chose (on an in-memory copy of the study holding just those), and a
+multi-objective study's Pareto front (on a view of the study showing its complete sweep)."""
 
 from __future__ import annotations
 
