@@ -15,7 +15,13 @@ from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
 from kdsweep.objectives import feasible
 from kdsweep.recovery import retry_of
 from kdsweep.space import columns, describe, is_plain_fine_tuning
-from kdsweep.storage import best_trial, group_of, load_existing_study, ranked_trials
+from kdsweep.storage import (
+    best_trial,
+    compared_baseline,
+    group_of,
+    load_existing_study,
+    ranked_trials,
+)
 
 _STATES = {
     "COMPLETE": "done",
@@ -107,7 +113,8 @@ def estimate_line(study: StudyConfig) -> str:
 
 
 def print_summary(study: StudyConfig, console: Console | None = None) -> None:
-    """The answer in a few lines: teacher, best distilled trial and best plain fine-tuning."""
+    """The answer in a few lines: teacher, best distilled trial and the baseline the verdict
+    compares it with (the best plain fine-tuning of its student form, ``compared_baseline``)."""
     console = console or Console()
     optuna_study = load_existing_study(study)
     attrs = optuna_study.user_attrs
@@ -115,14 +122,7 @@ def print_summary(study: StudyConfig, console: Console | None = None) -> None:
     distilled = next(
         (t for t in ranked if t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha") != 0), None
     )
-    plain = next(
-        (
-            t
-            for t in ranked
-            if is_plain_fine_tuning(t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha"))
-        ),
-        None,
-    )
+    plain = compared_baseline(ranked)
     accuracy = StudyAttr.TEACHER_EXACT_MATCH in attrs
     # the other objectives (a cost, ROUGE-L, ...), by their names
     others = [

@@ -18,7 +18,7 @@ from kdsweep.cli import main
 from kdsweep.config import LoraConfig, TrainConfig
 from kdsweep.models import hidden_states, output_weight
 from kdsweep.names import ADAPTER_ARTIFACT, MODEL_ARTIFACT, Metric, Tag, TrialAttr
-from kdsweep.storage import load_existing_study
+from kdsweep.storage import compared_baseline, load_existing_study, ranked_trials
 from kdsweep.study_file import load_study
 
 from conftest import mlflow_runs, written
@@ -171,14 +171,18 @@ BASELINES = ["baselines=[{alpha: 0.0, lora_rank: 0}, {alpha: 0.0, lora_rank: 4}]
 SPLITS = ["data.train_split=train", "data.eval_split=test[:8]", "data.test_split=test[8:]"]
 
 
-def test_a_sweep_over_the_students_form_runs_to_its_report(tiny_study):
+def test_a_sweep_over_the_students_form_runs_to_its_report(tiny_study, capsys):
     """Full fine-tuning and LoRA rank 4 in one study, a baseline of each form: every run logs its
     rank and what it trains, the teacher cache serves both forms, and the report shows the form
     in every table, each form's best learning rate, and a like-with-like verdict."""
     sets = [*LORA, *BASELINES, *SPLITS, "search.top_k=[4]", "seed_check.top=1"]
     assert main(["run", str(tiny_study), *(a for s in sets for a in ("--set", s))]) == 0
     study = load_study(tiny_study, sets)
-    trials = load_existing_study(study).trials
+    stored = load_existing_study(study)
+    trials = stored.trials
+    # The closing summary names the baseline the verdict compares with: of the winner's form.
+    compared = compared_baseline(ranked_trials(stored))
+    assert f"best fine-tuned, trial {compared.number} " in capsys.readouterr().out
     ranks = {t.number: t.user_attrs[TrialAttr.PARAMS]["lora_rank"] for t in trials}
     assert {0, 4} <= set(ranks.values())
     counts = {t.number: t.user_attrs[TrialAttr.TRAINABLE_PARAMETERS] for t in trials}
@@ -198,8 +202,7 @@ def test_a_sweep_over_the_students_form_runs_to_its_report(tiny_study):
     assert "learning rate (trained at)" in forms
     assert re.search(r"Like with like: both are (full fine-tuning|LoRA rank 4)\.", report)
     # The finalists were scored on the test split from their kept (adapter) checkpoints.
-    stored = load_existing_study(study).user_attrs
-    assert sum(key.startswith("test:") for key in stored) >= 2
+    assert sum(key.startswith("test:") for key in stored.user_attrs) >= 2
 
 
 def test_a_lora_winner_is_saved_as_its_adapter_and_a_merged_model(tiny_study, tmp_path):
