@@ -41,12 +41,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from kdsweep import checkpoints, models  # noqa: E402
+from kdsweep.distill import checkpoints, models  # noqa: E402
 from kdsweep.paths import cache_dir  # noqa: E402
+from kdsweep.prepare.trial_runner import TrialRunner  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
-from kdsweep.space import SEARCH_SPACE, WHOLE_VOCAB, neutral  # noqa: E402
-from kdsweep.study_file import load_study  # noqa: E402
-from kdsweep.trial_runner import TrialRunner  # noqa: E402
+from kdsweep.study.reader import load_study  # noqa: E402
+from kdsweep.study.space import SEARCH_SPACE, WHOLE_VOCAB, neutral  # noqa: E402
 
 GOAL = 0.05
 

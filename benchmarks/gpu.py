@@ -61,13 +61,13 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from kdsweep import lora, train  # noqa: E402
-from kdsweep.config import LoraConfig, TrainConfig  # noqa: E402
 from kdsweep.data import TokenizedSplit, make_batches  # noqa: E402
+from kdsweep.distill import lora, train  # noqa: E402
+from kdsweep.distill.models import Vocabulary, resolve_dtype  # noqa: E402
+from kdsweep.distill.targets import OnlineTeacher  # noqa: E402
 from kdsweep.losses import IGNORE_INDEX  # noqa: E402
-from kdsweep.models import Vocabulary, resolve_dtype  # noqa: E402
-from kdsweep.teacher import OnlineTeacher  # noqa: E402
-from kdsweep.teacher_cache import CachedTeacher, CacheKey, open_or_build, write_cache  # noqa: E402
+from kdsweep.prepare.teacher_cache import CachedTeacher, CacheKey, open_or_build, write_cache  # noqa: E402
+from kdsweep.study.config import LoraConfig, TrainConfig  # noqa: E402
 
 ALPHA, TEMPERATURE = 0.5, 2.0
 ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}

@@ -110,11 +110,12 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     from kdsweep import sweep
-    from kdsweep.study_file import load_study
+    from kdsweep.study.reader import load_study
+    from kdsweep.sweep.objective import Objective
 
     timers = Timers()
     timers.wrap_client(MlflowClient)
-    timers.wrap_objective(sweep.Objective)
+    timers.wrap_objective(Objective)
     with tempfile.TemporaryDirectory(prefix="kdsweep-logging-") as folder:
         uri = args.tracking_uri or f"sqlite:///{folder}/mlflow.db"
         stores = [

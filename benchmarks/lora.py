@@ -37,9 +37,9 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from gpu import build_model, kdsweep_run, peak_bytes, qwen3_0_6b, synthetic_split  # noqa: E402
 
-from kdsweep import lora  # noqa: E402
-from kdsweep.config import LoraConfig  # noqa: E402
-from kdsweep.models import Vocabulary  # noqa: E402
+from kdsweep.distill import lora  # noqa: E402
+from kdsweep.distill.models import Vocabulary  # noqa: E402
+from kdsweep.study.config import LoraConfig  # noqa: E402
 
 GOAL = 0.5
 

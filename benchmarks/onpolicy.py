@@ -35,11 +35,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from kdsweep import models, train  # noqa: E402
+from kdsweep.distill import models, train  # noqa: E402
+from kdsweep.prepare.trial_runner import TrialRunner  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
-from kdsweep.space import BY_NAME, WHOLE_VOCAB, neutral  # noqa: E402
-from kdsweep.study_file import load_study  # noqa: E402
-from kdsweep.trial_runner import TrialRunner  # noqa: E402
+from kdsweep.study.reader import load_study  # noqa: E402
+from kdsweep.study.space import BY_NAME, WHOLE_VOCAB, neutral  # noqa: E402
 
 LMBDAS = (0.0, 0.5, 1.0)
 

@@ -34,8 +34,8 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from variants import QUIET, arguments, each, run_variant  # noqa: E402
 
-from kdsweep import cost  # noqa: E402
-from kdsweep.storage import best_trial  # noqa: E402
+from kdsweep.store import cost  # noqa: E402
+from kdsweep.store.storage import best_trial  # noqa: E402
 
 PRUNERS = ("none", "median", "hyperband")
 GOAL_RATIO = 0.5

@@ -26,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from variants import QUIET, arguments, each, run_variant  # noqa: E402
 
-from kdsweep.storage import ranked_trials  # noqa: E402
+from kdsweep.store.storage import ranked_trials  # noqa: E402
 
 SAMPLERS = ("random", "tpe", "gp")
 VARIANT = QUIET | {"n_trials": 12, "sampler.n_startup_trials": 3}

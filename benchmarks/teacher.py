@@ -44,10 +44,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from kdsweep import demo, models, sweep, train  # noqa: E402
+from kdsweep import sweep  # noqa: E402
+from kdsweep.distill import models, train  # noqa: E402
+from kdsweep.prepare import demo  # noqa: E402
+from kdsweep.prepare.trial_runner import TrialRunner  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
-from kdsweep.study_file import load_study  # noqa: E402
-from kdsweep.trial_runner import TrialRunner  # noqa: E402
+from kdsweep.study.reader import load_study  # noqa: E402
 
 STEP_RATIO_TARGET = 1.10
 TOP_KS = "[8, 16, 32]"

@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kdsweep import demo  # noqa: E402
 from kdsweep.data import ChatTemplate, Conversation, tokenize  # noqa: E402
+from kdsweep.prepare import demo  # noqa: E402
 
 GOAL = 0.5
 

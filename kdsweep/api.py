@@ -28,11 +28,11 @@ import transformers
 import yaml
 
 from kdsweep import sweep
-from kdsweep.config import StudyConfig
 from kdsweep.names import TrialAttr
 from kdsweep.progress import SweepProgress
 from kdsweep.report import write_report as write_markdown_report
-from kdsweep.study_file import load_study
+from kdsweep.study.config import StudyConfig
+from kdsweep.study.reader import load_study
 
 StudyLike = str | Path | StudyConfig
 
@@ -65,7 +65,7 @@ def run_study(
     """Run (or continue) a study until it holds ``n_trials`` finished trials, as ``kdsweep run``.
 
     Args:
-        study: A study file, or a loaded :class:`~kdsweep.config.StudyConfig`.
+        study: A study file, or a loaded :class:`~kdsweep.study.config.StudyConfig`.
         n_trials: The total of finished trials the study should hold (default: the study's).
         timeout: Start no new trial after this many seconds.
         overrides: Study fields to override, by key path: ``{"train.max_steps": 50}``.

@@ -13,13 +13,13 @@ import os
 import sys
 import traceback
 
-from kdsweep import preemption
-from kdsweep.config import StudyConfig
+from kdsweep.distill import preemption
+from kdsweep.distill.preemption import Preempted
 from kdsweep.errors import StudyError, UsageError
-from kdsweep.preemption import Preempted
 from kdsweep.redact import redact
-from kdsweep.space import searched_names
-from kdsweep.study_file import load_study
+from kdsweep.study.config import StudyConfig
+from kdsweep.study.reader import load_study
+from kdsweep.study.space import searched_names
 from kdsweep.version import __version__
 
 
@@ -137,7 +137,7 @@ def _study(args) -> StudyConfig:
 
 
 def cmd_check(args) -> int:
-    from kdsweep.status import estimate_line
+    from kdsweep.report.status import estimate_line
 
     study = _study(args)
     searched = searched_names(study.search)
@@ -202,7 +202,7 @@ def _run_here(study: StudyConfig, args) -> int:
 
 
 def _print_outcome(study: StudyConfig, best_trial: int | None, report) -> None:
-    from kdsweep.status import print_summary
+    from kdsweep.report.status import print_summary
 
     if best_trial is not None:
         print_summary(study)
@@ -232,20 +232,20 @@ def cmd_report(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from kdsweep.status import print_status
+    from kdsweep.report.status import print_status
 
     print_status(_study(args))
     return 0
 
 
 def cmd_ui(args) -> int:
-    from kdsweep.ui import serve
+    from kdsweep.mlflow.ui import serve
 
     return serve(_study(args), port=args.port)
 
 
 def cmd_cache(args) -> int:
-    from kdsweep.study_teacher import build_cache
+    from kdsweep.prepare.teacher import build_cache
 
     path = build_cache(_study(args))
     print(f"teacher cache: {path}")

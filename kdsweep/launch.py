@@ -12,8 +12,9 @@ have all ended well.
 **One view.** Each worker's printed lines are shown once, as they are, prefixed ``[w0]``,
 ``[w1]``, ...: they are for people, and a worker's error (a traceback, a ``kdsweep:`` line) always
 reaches the user. What the view counts and draws comes from the worker's events instead, JSON
-lines on a pipe of its own (``events``): its study, trials and steps. A launched worker prints no
-per-step lines; on a terminal its steps move its progress bar, under a bar of the study's trials.
+lines on a pipe of its own (``progress``): its study, trials, phases and steps. A launched worker
+prints no per-step lines; on a terminal its steps move its progress bar, under a bar of the
+study's trials.
 
 **Signals.** The workers run in their own session, so a terminal's Ctrl-C reaches the launcher
 only, which forwards exactly one SIGINT (or SIGTERM) to each: a worker that got two could be
@@ -38,13 +39,14 @@ from pathlib import Path
 
 import torch
 
-from kdsweep import api, events, models, preemption
-from kdsweep.config import StudyConfig
+from kdsweep import api
+from kdsweep.distill import models, preemption
 from kdsweep.errors import UsageError
-from kdsweep.inputs import check_inputs
-from kdsweep.launch_view import LaunchView
-from kdsweep.storage import FINISHED_STATES, best_trial, check_storage, load_existing_study
-from kdsweep.study_teacher import build_cache
+from kdsweep.prepare.inputs import check_inputs
+from kdsweep.prepare.teacher import build_cache
+from kdsweep.progress import EVENTS_FD, LaunchView, parse_event
+from kdsweep.store.storage import FINISHED_STATES, best_trial, check_storage, load_existing_study
+from kdsweep.study.config import StudyConfig
 
 # set in a worker: its name (w0, w1, ...); it leaves the summary to the launcher
 WORKER_ENV = "KDSWEEP_WORKER"
@@ -264,7 +266,7 @@ def _start(name: str, command: list[str], gpu: int | None, threads: int) -> Work
     try:
         process = subprocess.Popen(
             command,
-            env={**worker_env(name, gpu, threads), events.EVENTS_FD: str(write_end)},
+            env={**worker_env(name, gpu, threads), EVENTS_FD: str(write_end)},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -313,7 +315,7 @@ def _follow(workers: list[Worker], view: LaunchView, stopper: _Stopper) -> None:
             if line is None:
                 open_streams -= 1
             elif is_event:
-                if (event := events.parse(line)) is not None:
+                if (event := parse_event(line)) is not None:
                     view.event(worker.name, event)
             else:
                 view.line(worker.name, line)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kdsweep import demo
+from kdsweep.prepare import demo
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 def isolate(patch: pytest.MonkeyPatch, root: Path) -> None:
@@ -108,7 +110,7 @@ def tiny_setup(tiny_models):
     conversations)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdsweep.models import shared_vocabulary
+    from kdsweep.distill.models import shared_vocabulary
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
     teacher = (
@@ -141,7 +143,7 @@ def mlflow_runs(study_path: Path, *, uri: str | None = None, overrides: list[str
     from mlflow.tracking import MlflowClient
 
     from kdsweep.names import Tag
-    from kdsweep.study_file import load_study
+    from kdsweep.study.reader import load_study
 
     study = load_study(study_path, list(overrides))
     client = MlflowClient(tracking_uri=uri or study.tracking.uri)
@@ -236,9 +238,9 @@ def run_replaced(
     run raises (a KeyboardInterrupt, the sweep's RepeatedFailure)."""
     from kdsweep import sweep
     from kdsweep.api import quiet_libraries
+    from kdsweep.prepare.trial_runner import TrialRunner
     from kdsweep.progress import SweepProgress
-    from kdsweep.study_file import load_study
-    from kdsweep.trial_runner import TrialRunner
+    from kdsweep.study.reader import load_study
 
     study = load_study(study_path, list(overrides))
     quiet_libraries()
@@ -252,7 +254,7 @@ def run_replaced(
 
 def child_env() -> dict[str, str]:
     """The environment a ``python -m kdsweep`` child needs to import this checkout."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(ROOT)
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),

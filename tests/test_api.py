@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 import kdsweep
 from kdsweep.errors import StudyError
 from kdsweep.names import REPORT_ARTIFACTS, Metric, StudyAttr, Tag, TrialAttr
-from kdsweep.storage import load_existing_study
-from kdsweep.study_file import load_study
+from kdsweep.store.storage import load_existing_study
+from kdsweep.study.reader import load_study
 
 
 def table_rows(text: str, heading: str) -> list[dict[str, str]]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def load_script(name: str):

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kdsweep.cli import main
-from kdsweep.study_file import load_study
+from kdsweep.study.reader import load_study
 
 from conftest import written
 
@@ -144,7 +144,7 @@ def test_bad_flags_exit_2():
 
 def test_help_does_not_import_torch():
     code = (
-        "import sys, kdsweep.cli, kdsweep.config; assert 'torch' not in sys.modules and "
+        "import sys, kdsweep.cli, kdsweep.study.config; assert 'torch' not in sys.modules and "
         "'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,10 +9,11 @@ import re
 import typing
 from pathlib import Path
 
-from kdsweep.config import StudyConfig
-from kdsweep.space import SEARCH_SPACE, Param
+from kdsweep.study.config import StudyConfig
+from kdsweep.study.space import SEARCH_SPACE, Param
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 STUDY_FILE_DOC = DOCS / "study-file.md"
@@ -25,9 +26,10 @@ _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
 def config_keys(cls: type = StudyConfig, prefix: str = "") -> set[str]:
-    """Every key a study file may hold, as a dotted path: the dataclass fields of kdsweep.config,
-    nested configs walked recursively; a search parameter (a Param) is one key, ``search.<name>``,
-    whose forms (range, choices, value) docs/study-file.md describes in prose."""
+    """Every key a study file may hold, as a dotted path: the dataclass fields of
+    kdsweep.study.config, nested configs walked recursively; a search parameter (a Param) is one
+    key, ``search.<name>``, whose forms (range, choices, value) docs/study-file.md describes in
+    prose."""
     keys = set()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -77,7 +79,9 @@ def test_study_file_doc_lists_every_key_and_only_real_ones():
     if missing := sorted(real - set(documented)):
         problems.append(f"lacks a table row for these study keys: {', '.join(missing)}")
     if unknown := sorted(set(documented) - real):
-        problems.append(f"documents keys that kdsweep.config does not have: {', '.join(unknown)}")
+        problems.append(
+            f"documents keys that kdsweep.study.config does not have: {', '.join(unknown)}"
+        )
     if duplicated := sorted({k for k in documented if documented.count(k) > 1}):
         problems.append(f"documents these keys more than once: {', '.join(duplicated)}")
     assert not problems, "docs/study-file.md " + "; and ".join(problems)

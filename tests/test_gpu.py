@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdsweep import objective
 from kdsweep.cli import main
 from kdsweep.names import TrialAttr
-from kdsweep.storage import load_existing_study
-from kdsweep.study_file import load_study
+from kdsweep.store.storage import load_existing_study
+from kdsweep.study.reader import load_study
+from kdsweep.sweep import objective
 
 from conftest import Child
 

@@ -17,11 +17,11 @@ from rich.console import Console
 from kdsweep import launch
 from kdsweep.cli import main
 from kdsweep.errors import UsageError
-from kdsweep.launch_view import LaunchView
 from kdsweep.names import Tag, TrialAttr
 from kdsweep.paths import teacher_cache_dir
-from kdsweep.storage import load_existing_study
-from kdsweep.study_file import load_study
+from kdsweep.progress import EventWriter, LaunchView, SweepProgress, parse_event
+from kdsweep.store.storage import load_existing_study
+from kdsweep.study.reader import load_study
 
 from conftest import Child, mlflow_runs, wait_until, written
 
@@ -257,29 +257,26 @@ def test_the_view_shows_each_line_once_as_printed_and_counts_from_events():
 
 
 def test_a_launched_workers_progress_sends_events_and_prints_no_steps():
-    """The protocol between a worker and its launcher: JSON lines on a pipe (kdsweep.events)."""
+    """The protocol between a worker and its launcher: JSON lines on a pipe (kdsweep.progress)."""
     import os
     from types import SimpleNamespace
-
-    from kdsweep.events import EventWriter, parse
-    from kdsweep.progress import SweepProgress
 
     read_end, write_end = os.pipe()
     printed = io.StringIO()
     progress = SweepProgress(Console(file=printed), events=EventWriter(write_end))
     progress.study_started("tiny", done=1, target=3)
     started = SimpleNamespace(number=1, user_attrs={})
-    progress.trial_started(started, {"alpha": 0.5, "learning_rate": 1e-3}, steps=8)
+    progress.trial_started(started, "a=0.50 lr=1.0e-03", steps=8)
     progress.step(SimpleNamespace(step=2, loss=1.5, tokens_per_second=100.0))
     finished = SimpleNamespace(
         number=1, values=[1.25], state=SimpleNamespace(name="COMPLETE"), user_attrs={}
     )
     progress.trial_finished(finished, finished)
     rerun = SimpleNamespace(number=4, user_attrs={"seed_check_of": 1, "seed": 2})
-    progress.trial_started(rerun, {"alpha": 0.5, "learning_rate": 1e-3}, steps=8)
+    progress.trial_started(rerun, "a=0.50 lr=1.0e-03", steps=8)
     progress.events._file.close()
     with os.fdopen(read_end) as pipe:
-        sent = [parse(line) for line in pipe]
+        sent = [parse_event(line) for line in pipe]
     assert [e["event"] for e in sent] == [
         "study",
         "trial_started",

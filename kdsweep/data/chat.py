@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from kdsweep.compat import compiled_chat_template
-from kdsweep.config import DataConfig, read_chat_template
+from kdsweep.compat.transformers import compiled_chat_template
 from kdsweep.data.formats import ASSISTANT, SYSTEM, USER, Conversation
 from kdsweep.data.rendered import Rendered, RowError
 from kdsweep.data.sources import one_line
 from kdsweep.errors import UsageError
+from kdsweep.study.config import DataConfig, read_chat_template
 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # a placeholder is _OPEN + turn number + _CLOSE
 PROMPT_CHECKS = (

@@ -22,10 +22,10 @@ from typing import Any
 
 import datasets
 
-from kdsweep.config import DATA_FORMATS, DataConfig
 from kdsweep.data.rendered import RowError
 from kdsweep.data.sources import split_key
 from kdsweep.errors import UsageError
+from kdsweep.study.config import DATA_FORMATS, DataConfig
 
 AUTO, TEXT, MESSAGES, PROMPT_COMPLETION, SHAREGPT = DATA_FORMATS
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"

@@ -12,8 +12,8 @@ from typing import Any
 
 import datasets
 
-from kdsweep.config import DataConfig
 from kdsweep.errors import UsageError
+from kdsweep.study.config import DataConfig
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _NOT_FOUND = "was found neither as a local file or folder nor on the Hugging Face hub"

@@ -15,8 +15,8 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from kdsweep.compat import dataset_entity
-from kdsweep.config import StudyConfig
+from kdsweep.compat.mlflow import dataset_entity
+from kdsweep.study.config import StudyConfig
 
 
 def dataset_inputs(study: StudyConfig, train_split, eval_set) -> list[DatasetInput]:

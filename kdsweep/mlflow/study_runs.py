@@ -21,8 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.compat import fail_stale_trials
-from kdsweep.config import StudyConfig
+from kdsweep.compat.optuna import fail_stale_trials
 from kdsweep.errors import UsageError
 from kdsweep.mlflow.dataset_inputs import dataset_inputs
 from kdsweep.mlflow.links import resolved_tracking_uri
@@ -46,11 +45,11 @@ from kdsweep.names import (
     Tag,
     TrialAttr,
 )
-from kdsweep.objectives import MAXIMIZE
-from kdsweep.samplers import sampler_settings
-from kdsweep.space import run_name
-from kdsweep.storage import first_use_lock, primary_value, set_user_attr_once
-from kdsweep.study_file import set_key_path
+from kdsweep.store.storage import first_use_lock, primary_value, set_user_attr_once
+from kdsweep.study.config import StudyConfig
+from kdsweep.study.measures import MAXIMIZE
+from kdsweep.study.reader import set_key_path
+from kdsweep.study.space import run_name
 from kdsweep.version import __version__
 
 # MLflow 3's UI tells model-training experiments from GenAI ones by this tag (where its
@@ -360,7 +359,7 @@ def fixed_settings(study: StudyConfig) -> dict:
         ),
         # How trials are drawn: explicit, so the same study samples the same way on every Optuna
         # (the parent run's tags hold Optuna's version).
-        **{f"sampler.{key}": value for key, value in sampler_settings(study.sampler).items()},
+        **{f"sampler.{key}": value for key, value in study.sampler.acting().items()},
     }
 
 

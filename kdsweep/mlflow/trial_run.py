@@ -22,8 +22,8 @@ from mlflow.entities import RunTag
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
-from kdsweep.compat import keep_gpus
-from kdsweep.lora import is_adapted, merged, save_adapter
+from kdsweep.compat.mlflow import keep_gpus
+from kdsweep.distill.lora import is_adapted, merged, save_adapter
 from kdsweep.names import ADAPTER_ARTIFACT, MODEL_ARTIFACT, TRACEBACK_ARTIFACT, Metric, Tag
 from kdsweep.redact import redact
 

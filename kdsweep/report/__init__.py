@@ -19,13 +19,13 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from kdsweep.config import StudyConfig
 from kdsweep.names import REPORT_ARTIFACTS
 from kdsweep.redact import redact
 from kdsweep.report.collect import ReportData, collect, mlflow_client
 from kdsweep.report.figures import Figure, draw_figures
 from kdsweep.report.render import SECTIONS, render
-from kdsweep.storage import load_existing_study
+from kdsweep.store.storage import load_existing_study
+from kdsweep.study.config import StudyConfig
 
 __all__ = ["SECTIONS", "Figure", "ReportData", "collect", "draw_figures", "render", "write_report"]
 

@@ -11,11 +11,11 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.compat import FilteredStudy
-from kdsweep.config import StudyConfig
+from kdsweep.compat.optuna import FilteredStudy
 from kdsweep.names import Group, TrialAttr
-from kdsweep.objectives import feasible
-from kdsweep.storage import group_of, primary_value
+from kdsweep.store.storage import group_of, primary_value
+from kdsweep.study.config import StudyConfig
+from kdsweep.study.measures import feasible
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pandas as pd
 from kdsweep.names import StudyAttr
 from kdsweep.report.collect import ReportData
 from kdsweep.report.text import as_float, cell_text, finite, fmt, set_text
-from kdsweep.space import SEARCH_SPACE, WHOLE_VOCAB
+from kdsweep.study.space import SEARCH_SPACE, WHOLE_VOCAB
 
 TOPK_MASS_WARN = (
     0.90  # a top-k that keeps less of the teacher's probability mass is worth a warning

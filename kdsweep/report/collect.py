@@ -15,17 +15,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
-from kdsweep.config import StudyConfig
-from kdsweep.cost import StudyCost, study_cost
 from kdsweep.mlflow.links import compare_url, run_url, tracking_uri
 from kdsweep.names import Group, Metric, StudyAttr, Tag, TrialAttr
-from kdsweep.objectives import MAXIMIZE, feasible
 from kdsweep.paths import store_missing
-from kdsweep.recovery import retry_of
 from kdsweep.report.analyses import Importances, compute_importances, pareto_front
 from kdsweep.report.text import as_float, finite
-from kdsweep.space import SEARCHED, is_plain_fine_tuning
-from kdsweep.storage import group_of
+from kdsweep.store.cost import StudyCost, study_cost
+from kdsweep.store.recovery import retry_of
+from kdsweep.store.storage import group_of
+from kdsweep.study.config import StudyConfig
+from kdsweep.study.measures import MAXIMIZE, feasible
+from kdsweep.study.space import SEARCHED, is_plain_fine_tuning
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `kdsweep ui` serves a local tracking store
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from kdsweep import cost
-from kdsweep.cost import DEVICES_PER_TRIAL, StudyCost
 from kdsweep.names import Group
 from kdsweep.report.collect import ReportData
 from kdsweep.report.text import duration, fmt, markdown_table, pct
+from kdsweep.store import cost
+from kdsweep.store.cost import StudyCost
 
 
 def device_hours(seconds: float) -> str:
@@ -60,7 +60,8 @@ def render_compute(data: ReportData) -> str:
     lines = [
         "## Compute",
         "",
-        f"Device-hours are wall hours times the devices held ({DEVICES_PER_TRIAL} per trial); "
+        "Device-hours are wall hours times the devices held (one per trial: its worker's GPU, or "
+        f"the CPU); "
         f"{device_hours(spent.total)} in all.",
         "",
         markdown_table(pd.DataFrame(table)),

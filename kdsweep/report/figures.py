@@ -18,14 +18,14 @@ import pandas as pd
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 from optuna.visualization.matplotlib import plot_param_importances, plot_pareto_front, plot_slice
 
-from kdsweep.compat import FilteredStudy
+from kdsweep.compat.optuna import FilteredStudy
 from kdsweep.names import Group, Metric
-from kdsweep.objectives import MAXIMIZE, feasible
 from kdsweep.report.analyses import complete_sweep, sampled_trials, study_of
 from kdsweep.report.collect import ReportData
 from kdsweep.report.text import objective_label, params_short
-from kdsweep.space import is_plain_fine_tuning
-from kdsweep.storage import group_of, primary_value
+from kdsweep.store.storage import group_of, primary_value
+from kdsweep.study.measures import MAXIMIZE, feasible
+from kdsweep.study.space import is_plain_fine_tuning
 
 # Fixed figure settings: the same storage gives the same PNG bytes.
 _RC = {

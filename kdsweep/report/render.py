@@ -11,9 +11,7 @@ import shlex
 import pandas as pd
 import yaml
 
-from kdsweep.config import StudyConfig
 from kdsweep.names import StudyAttr
-from kdsweep.objectives import OUT_OF_MEMORY
 from kdsweep.report.checks import warnings_for
 from kdsweep.report.collect import LOCAL_UI, ReportData
 from kdsweep.report.compute import render_compute
@@ -34,7 +32,9 @@ from kdsweep.report.text import (
 )
 from kdsweep.report.tradeoffs import other_objectives, render_forms, render_pareto
 from kdsweep.report.verdict import describe, render_seed_check, render_verdict
-from kdsweep.space import columns, is_plain_fine_tuning
+from kdsweep.study.config import StudyConfig
+from kdsweep.study.measures import OUT_OF_MEMORY
+from kdsweep.study.space import columns, is_plain_fine_tuning
 from kdsweep.version import __version__
 
 SECTIONS = (

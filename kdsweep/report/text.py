@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from kdsweep.names import Metric
-from kdsweep.space import SEARCH_SPACE, describe
+from kdsweep.study.space import SEARCH_SPACE, describe
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

@@ -17,7 +17,7 @@ from kdsweep.report.text import (
     pct,
     percent_of,
 )
-from kdsweep.space import form, is_plain_fine_tuning
+from kdsweep.study.space import form, is_plain_fine_tuning
 
 
 def other_objectives(data: ReportData) -> list[tuple[int, str]]:

@@ -16,8 +16,8 @@ import pandas as pd
 from kdsweep.report.collect import ReportData
 from kdsweep.report.compute import cost_sentence
 from kdsweep.report.text import fmt, markdown_table, params_of, pct, points
-from kdsweep.space import BY_NAME, form, is_plain_fine_tuning
-from kdsweep.space import describe as describe_params
+from kdsweep.study.space import BY_NAME, form, is_plain_fine_tuning
+from kdsweep.study.space import describe as describe_params
 
 
 def render_verdict(data: ReportData) -> str:

@@ -1,0 +1,195 @@
+"""Loading the teacher and the student, choosing device and dtype, checking their vocabularies.
+
+Models are named by where they load from: a hub id or a local folder (``ModelConfig.name``
+already located by ``inputs``, which also builds the demo's models).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from kdsweep.distill.lora import effective_output_weight
+from kdsweep.errors import UsageError
+from kdsweep.study.config import ModelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TOKENIZER_FILES = "tokenizer*"  # tokenizer.json, tokenizer_config.json, tokenizer.model
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed tensors' memory back: models just dropped would otherwise stay in the CUDA
+    allocator's cache, out of reach of the next trial."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"train.device is {name!r} but no CUDA GPU is visible; set train.device: auto or cpu"
+        )
+    return device
+
+
+def device_uuid(device: torch.device) -> str | None:
+    """A GPU's UUID, which names it the same way for CUDA and NVML; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dtype:
+    """Weights dtype. "auto": a frozen teacher in bf16 on a bf16 GPU; a trained student in fp32
+    (autocast provides the bf16 math while the optimizer keeps fp32 master weights)."""
+    if name == "auto":
+        return torch.bfloat16 if frozen and bf16_supported(device) else torch.float32
+    return _DTYPES[name]
+
+
+def load_tokenizer(role: str, spec: ModelConfig) -> PreTrainedTokenizerBase:
+    """A model's tokenizer. The student's renders and tokenizes the data; the teacher's must agree
+    with it (``check_same_vocabulary``, and the rows themselves: ``inputs``)."""
+    folder = Path(spec.name)
+    if folder.is_dir() and not any(folder.glob(_TOKENIZER_FILES)):
+        # transformers would make an empty tokenizer of the model's type instead.
+        raise UsageError(
+            f"cannot load the {role}'s tokenizer: {folder} has no tokenizer files "
+            "(tokenizer.json, tokenizer_config.json); "
+            "save the tokenizer beside the model (tokenizer.save_pretrained)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.name, revision=spec.revision)
+    except (OSError, ValueError) as exc:
+        raise _missing(role, spec.name, exc) from exc
+    if tokenizer.pad_token_id is None:
+        # Padding is masked by the attention mask, never by id, so any id does as the pad.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_same_vocabulary(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase
+) -> None:
+    """Every id the student's tokenizer knows must mean the same token to the teacher's: the
+    teacher's logits are read by the student's ids. (The rows are compared too, once rendered:
+    the same vocabulary can still split text differently.)"""
+    theirs = teacher.get_vocab()
+    for token, index in sorted(student.get_vocab().items(), key=lambda item: item[1]):
+        if theirs.get(token) != index:
+            other = teacher.convert_ids_to_tokens(index) if index < len(teacher) else None
+            raise UsageError(
+                f"teacher and student tokenizers differ: id {index} is {token!r} for the student "
+                "but "
+                f"{'missing' if other is None else repr(other)} for the teacher "
+                f"({len(student):,} and {len(teacher):,} tokens); "
+                "distill between models that share one tokenizer (the same family)"
+            )
+
+
+def load_model(role: str, spec: ModelConfig, device: torch.device) -> PreTrainedModel:
+    """Load the teacher (frozen, eval mode) or a fresh student, on ``device``."""
+    dtype = resolve_dtype(spec.dtype, device, frozen=role == "teacher")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.name, revision=spec.revision, dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise _missing(role, spec.name, exc) from exc
+    model.to(device)
+    if role == "teacher":
+        model.eval().requires_grad_(False)
+    return model
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The ids both models score: the tokenizer's, when the embeddings only add padding rows."""
+
+    size: int
+    teacher_rows: int
+    student_rows: int
+
+    @property
+    def padded(self) -> bool:
+        return self.teacher_rows != self.size or self.student_rows != self.size
+
+
+def shared_vocabulary(
+    tokenizer: PreTrainedTokenizerBase, teacher_rows: int, student_rows: int
+) -> Vocabulary:
+    """Check that teacher and student can be compared token by token.
+
+    Qwen3-4B and Qwen3-0.6B both pad their 151,669 tokens to 151,936 embedding rows (Qwen2.5-0.5B
+    and 7B pad theirs to 151,936 and 152,064); the padding rows are never targets, so scoring on
+    the tokenizer's ids loses nothing.
+    """
+    size = len(tokenizer)
+    for role, rows in (("teacher", teacher_rows), ("student", student_rows)):
+        if rows < size:
+            raise UsageError(
+                f"the {role} has {rows} embedding rows but the student's tokenizer has {size} "
+                "tokens: "
+                "teacher and student must share one tokenizer; pick models of the same family"
+            )
+    return Vocabulary(size=size, teacher_rows=teacher_rows, student_rows=student_rows)
+
+
+def embedding_rows(location: str, revision: str | None) -> int:
+    """The vocabulary size from the config alone, so a mismatch shows before any weights load."""
+    config = AutoConfig.from_pretrained(location, revision=revision)
+    return getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+
+
+def check_vocabularies(
+    teacher: ModelConfig, student: ModelConfig, tokenizer: PreTrainedTokenizerBase
+) -> Vocabulary:
+    rows = {}
+    for role, spec in (("teacher", teacher), ("student", student)):
+        try:
+            rows[role] = embedding_rows(spec.name, spec.revision)
+        except (OSError, ValueError) as exc:
+            raise _missing(role, spec.name, exc) from exc
+    return shared_vocabulary(tokenizer, rows["teacher"], rows["student"])
+
+
+def _missing(role: str, location: str, exc: Exception) -> UsageError:
+    fix = f"set {role}.name to a model folder or a reachable hub id"
+    if location.startswith(("/", ".", "~")) and not Path(location).expanduser().exists():
+        return UsageError(f"cannot load the {role}: no folder {location}; {fix}")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UsageError(f"cannot load the {role} from {location!r}: {reason}; {fix}")
+
+
+def hidden_states(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The last hidden states ``[B, S, H]``: the losses apply the output layer chunk by chunk,
+    so the ``[B, S, V]`` logits are never built."""
+    return model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask
+    ).last_hidden_state
+
+
+def output_weight(model: PreTrainedModel, vocab: Vocabulary) -> torch.Tensor:
+    """The output embedding ``[V, H]`` restricted to the shared ids (with a LoRA adapter's update
+    when one is on it)."""
+    return effective_output_weight(model.get_output_embeddings())[: vocab.size]

@@ -1,0 +1,240 @@
+"""What a terminal shows of a study: ``kdsweep status``'s trial table, and the short summary
+that ends ``kdsweep run``. Both read the Optuna storage only, and fit an 80-column terminal or a
+pipe: short headers (a legend names them), short values, long notes wrapped, never cut."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from kdsweep.errors import UsageError
+from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
+from kdsweep.store import cost
+from kdsweep.store.recovery import retry_of
+from kdsweep.store.storage import (
+    best_trial,
+    compared_baseline,
+    group_of,
+    load_existing_study,
+    ranked_trials,
+)
+from kdsweep.study.config import StudyConfig
+from kdsweep.study.measures import feasible
+from kdsweep.study.space import columns, describe, is_plain_fine_tuning
+
+_STATES = {
+    "COMPLETE": "done",
+    "PRUNED": "pruned",
+    "FAIL": "failed",
+    "RUNNING": "running",
+    "WAITING": "waiting",
+}
+
+
+def print_status(study: StudyConfig, console: Console | None = None) -> None:
+    """Every trial: its state, parameters, objective, duration and a note (baseline, best, seed
+    check, or why it failed)."""
+    console = console or Console()
+    optuna_study = load_existing_study(study)
+    trials = optuna_study.get_trials(deepcopy=False)
+    best = best_trial(optuna_study)
+    sweep = [t for t in trials if group_of(t) != Group.SEED_CHECK]
+    title = f"study {study.name!r}: {len(sweep)} trials, target {study.n_trials}"
+    if len(sweep) < len(trials):
+        title += f", and {len(trials) - len(sweep)} seed-check runs"
+    if infeasible := sum(not feasible(t.constraints) for t in sweep):
+        title += f"; {infeasible} infeasible (over a ceiling, or out of memory)"
+    shown = columns(study.search)
+    objectives = study.objectives
+    headers = [_SHORT.get(name, name) for name in objectives]
+    table = _table(["#", "state", *(p.label for p in shown), *headers, "time", "note"])
+    for trial in trials:
+        params = trial.user_attrs.get(TrialAttr.PARAMS, trial.params)
+        values = trial.values or [None] * len(objectives)
+        table.add_row(
+            str(trial.number),
+            _STATES.get(trial.state.name, trial.state.name.lower()),
+            *(_param_cell(p, params) for p in shown),
+            *(_number(v) for v in values),
+            _duration(trial.duration.total_seconds() if trial.duration else None),
+            _note(trial, best),
+        )
+    console.print(title, highlight=False)
+    console.print(table)
+    console.print(_legend(shown, objectives), highlight=False)
+    console.print(_cost_line(optuna_study, study), highlight=False)
+
+
+def _cost_line(optuna_study, study: StudyConfig) -> str:
+    spent = cost.study_cost(optuna_study, max_steps=study.train.max_steps)
+    share = spent.teacher_cache_percent
+    cache = f", {share:.0f}% of it the teacher cache" if share is not None else ""
+    return (
+        f"device time: {cost.device_hours(spent.total)} ({_duration(spent.total)}) so far{cache}; "
+        "`kdsweep report` splits it"
+    )
+
+
+def estimate_line(study: StudyConfig) -> str:
+    """``kdsweep check``'s estimate of the study's device-hours, from the seconds per step that
+    its store measured; or why there is none. Reads the store, never creates it."""
+    try:
+        optuna_study = load_existing_study(study)
+    except UsageError:
+        return (
+            "estimate: none: the study has no store yet to measure a step from; "
+            "`kdsweep run` on it with `--n-trials 1` measures one"
+        )
+    steps = study.train.max_steps
+    measured = cost.trial_time(optuna_study, max_steps=steps)
+    if measured is None:
+        return (
+            "estimate: none: the study's store holds no complete trial that ran from step 0 to "
+            "measure a step from; `kdsweep run` on it with `--n-trials 1` measures one"
+        )
+    runs = study.n_trials + cost.seed_check_runs(study)
+    spent = cost.study_cost(optuna_study, max_steps=steps)
+    trial = measured.setup + steps * measured.per_step
+    total = (
+        runs * trial
+        + spent.teacher_cache
+        + spent.preparation / max(spent.preparations, 1)
+        + spent.finals
+    )
+    return (
+        f"estimate: {cost.device_hours(total)} ({_duration(total)}): {study.n_trials} trials and "
+        f"{cost.seed_check_runs(study)} seed-check runs of {steps} steps, each "
+        f"{_duration(trial)} ({measured.setup:.3g} s to set up, {1000 * measured.per_step:.3g} "
+        f"ms a step, evaluations included: the medians of the {measured.trials} complete trials "
+        "in the store), with the teacher cache and one preparation as measured, and no trial "
+        f"pruned (pruning only lowers it); {cost.device_hours(spent.total)} spent so far"
+    )
+
+
+def print_summary(study: StudyConfig, console: Console | None = None) -> None:
+    """The answer in a few lines: teacher, best distilled trial and the baseline the verdict
+    compares it with (the best plain fine-tuning of its student form, ``compared_baseline``)."""
+    console = console or Console()
+    optuna_study = load_existing_study(study)
+    attrs = optuna_study.user_attrs
+    ranked = ranked_trials(optuna_study)
+    distilled = next(
+        (t for t in ranked if t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha") != 0), None
+    )
+    plain = compared_baseline(ranked)
+    accuracy = StudyAttr.TEACHER_EXACT_MATCH in attrs
+    # the other objectives (a cost, ROUGE-L, ...), by their names
+    others = [
+        (i, name)
+        for i, name in enumerate(study.objectives)
+        if name not in (Metric.STUDENT_PPL, Metric.EXACT_MATCH)
+    ]
+    table = _table(
+        [
+            "",
+            "perplexity",
+            *(["exact match"] if accuracy else []),
+            *(name for _, name in others),
+            "parameters",
+        ],
+        box_style=None,
+    )
+    teacher = [
+        _number(attrs.get(StudyAttr.TEACHER_PPL)),
+        *([_percent(attrs.get(StudyAttr.TEACHER_EXACT_MATCH))] if accuracy else []),
+        *("" for _ in others),
+    ]
+    table.add_row("teacher", *teacher, "")
+    for name, trial in (("best distilled", distilled), ("best fine-tuned", plain)):
+        if trial is not None:
+            metrics = [_number(trial.user_attrs.get(Metric.STUDENT_PPL))]
+            metrics += [_percent(trial.user_attrs.get(Metric.EXACT_MATCH))] if accuracy else []
+            metrics += [_number(trial.values[i]) for i, _ in others]
+            table.add_row(
+                f"{name}, trial {trial.number}",
+                *metrics,
+                describe(trial.user_attrs.get(TrialAttr.PARAMS, {}), short=True),
+            )
+    console.print(table)
+
+
+def _table(columns: list[str], *, box_style=box.SIMPLE_HEAD) -> Table:
+    table = Table(box=box_style, pad_edge=False, show_edge=False)
+    for i, column in enumerate(columns):
+        last = i == len(columns) - 1
+        table.add_column(
+            column,
+            no_wrap=not last,
+            overflow="fold",
+            justify="left" if last or i == 0 else "right",
+        )
+    return table
+
+
+def _param_cell(p, params: dict) -> str:
+    if p.distillation_only and is_plain_fine_tuning(params.get("alpha")):
+        return ""
+    return p.show(params.get(p.name), short=True) if p.name in params else "-"
+
+
+def _note(trial, best) -> str:
+    attrs = trial.user_attrs
+    if attrs.get(TrialAttr.FAIL_REASON):
+        return attrs[TrialAttr.FAIL_REASON]
+    if group_of(trial) == Group.SEED_CHECK:
+        return (
+            f"seed check of {attrs.get(TrialAttr.SEED_CHECK_OF)}, seed {attrs.get(TrialAttr.SEED)}"
+        )
+    notes = ["best"] if best is not None and trial.number == best.number else []
+    if attrs.get(TrialAttr.BASELINE):
+        notes.append("baseline")
+    if (retried := retry_of(trial)) is not None:
+        notes.append(f"retry of {retried}")  # the failed trial says why
+    if over := [_SHORT.get(name, name) for name, value in trial.constraints.items() if value > 0]:
+        notes.append(f"over {', '.join(over)}")  # infeasible: not ranked
+    return ", ".join(notes)
+
+
+# Objectives' column headers, short enough for an 80-column terminal (the legend names them).
+_SHORT = {
+    Metric.STUDENT_PPL: "ppl",
+    Metric.PPL_RATIO: "ratio",
+    Metric.KL_TO_TEACHER: "kl",
+    Metric.EXACT_MATCH: "em",
+    Metric.ROUGE_L: "rouge",
+    Metric.DEVICE_SECONDS: "dev s",
+    Metric.TRAIN_SECONDS: "train s",
+    Metric.EVAL_SECONDS: "eval s",
+    Metric.GENERATION_SECONDS: "gen s",
+    Metric.CHECKPOINT_SECONDS: "ckpt s",
+    Metric.PEAK_MEMORY_GB: "mem GB",
+    Metric.TRAINABLE_PARAMETERS: "params",
+}
+
+
+def _legend(shown, objectives) -> str:
+    names = [(p.label, p.name) for p in shown] + [(_SHORT.get(o, o), o) for o in objectives]
+    return "  ".join(f"{label} = {name}" for label, name in names if label != name)
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _duration(seconds: float | None) -> str:
+    """45s, 3m05s, 2h10m: never a fraction of a minute."""
+    if seconds is None:
+        return "-"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

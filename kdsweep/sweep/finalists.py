@@ -1,0 +1,181 @@
+"""The finalists: the configurations the verdict is measured on, scored once on the test split.
+
+A study with ``data.test_split`` keeps what the sweep selects on (pruning, the sampler, each
+trial's best checkpoint, the best trial: all on the validation split, ``data.eval_split``) apart
+from what it reports. Its finalists are the configurations the seed check trains again (the
+``seed_check.top`` best distilled trials, at least the best one) and the best baseline. Their
+scores on the test split, and the teacher's, are what the verdict, the seed check's table and
+the headline state; a number chosen as the best of N on a split would be optimistic on it.
+
+While the sweep runs, a complete trial among its kind's contenders (by validation) keeps its
+best checkpoint on disk, one file per trial in ``checkpoints.checkpoint_dir``. Once the sweep is
+over, one worker scores the finalists from their checkpoints, and the teacher, then deletes the
+other checkpoints. The seed check's runs are scored as they end. Scores are kept as the study's
+user attrs (``test:<trial>``: a finished trial's attrs cannot change), on the trials' MLflow runs
+and, for the teacher, on the parent run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsweep.distill import checkpoints, models
+from kdsweep.distill.evaluate import score_test
+from kdsweep.distill.lora import load_trained_state, trained_state
+from kdsweep.mlflow.study_runs import StudyRuns
+from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
+from kdsweep.prepare.trial_runner import TrialRunner
+from kdsweep.progress import SweepProgress
+from kdsweep.store import cost
+from kdsweep.store.recovery import worker_id
+from kdsweep.store.storage import (
+    compared_baseline,
+    group_of,
+    lora_rank,
+    primary_value,
+    ranked_trials,
+    set_user_attr_once,
+)
+from kdsweep.study.config import StudyConfig
+
+POLL_SECONDS = 5.0  # how often a worker looks whether the last sweep trials have ended
+
+
+def contenders(study: StudyConfig, baseline: bool) -> int:
+    """How many of a kind are finalists: the seed check's distilled configurations, a baseline."""
+    return 1 if baseline else max(1, study.seed_check.top)
+
+
+def keep_if_contender(
+    study: StudyConfig, optuna_study: optuna.Study, trial: optuna.Trial, value: float, student
+) -> bool:
+    """Keep a just-completed sweep trial's checkpoint if it is among its kind's contenders so far;
+    returns whether it did. (Others may finish meanwhile: the finals delete what is left over.)"""
+    baseline = bool(trial.user_attrs.get(TrialAttr.BASELINE))
+    # Baselines contend within their student form: the verdict compares like with like.
+    same_kind = [
+        t
+        for t in ranked_trials(optuna_study)
+        if _is_baseline(t) == baseline and (not baseline or lora_rank(t) == lora_rank(trial))
+    ]
+    sign = 1 if study.direction == "minimize" else -1
+    ahead = sum(sign * primary_value(t) <= sign * value for t in same_kind)
+    if ahead >= contenders(study, baseline):
+        return False
+    checkpoints.write(trained_state(student), checkpoints.best_path(study, trial.number))
+    return True
+
+
+def finalists(study: StudyConfig, optuna_study: optuna.Study) -> list[FrozenTrial]:
+    """The sweep's finalists, by validation: the best distilled trials the seed check covers,
+    then the baseline the verdict compares with (``storage.compared_baseline``)."""
+    ranked = ranked_trials(optuna_study)
+    distilled = [t for t in ranked if not _is_baseline(t)][: contenders(study, baseline=False)]
+    baseline = compared_baseline(ranked)
+    return distilled + ([baseline] if baseline is not None else [])
+
+
+def run_finals(
+    study: StudyConfig,
+    optuna_study: optuna.Study,
+    runner: TrialRunner,
+    runs: StudyRuns,
+    progress: SweepProgress,
+    *,
+    deadline: float | None,
+) -> None:
+    """Once the sweep's trials have ended: score the finalists not scored yet, and the teacher,
+    on the test split (one worker does it), then delete the other checkpoints."""
+    if runner.test_set is None or not _sweep_over(optuna_study, deadline):
+        return
+    chosen = finalists(study, optuna_study)
+    attrs = optuna_study.user_attrs
+    missing = [t for t in chosen if f"{StudyAttr.TEST_PREFIX}{t.number}" not in attrs]
+    teacher_missing = StudyAttr.TEST_TEACHER_PPL not in attrs
+    if not missing and not teacher_missing:
+        return
+    claim = f"{StudyAttr.FINALS_PREFIX}{','.join(str(t.number) for t in chosen)}"
+    if set_user_attr_once(optuna_study, claim, worker_id()) != worker_id():
+        return  # another worker scores them
+    progress.message(
+        f"test split {study.data.test_split!r}: scoring the finalists (trials "
+        f"{', '.join(str(t.number) for t in chosen)}) and the teacher, once"
+    )
+    started = time.perf_counter()
+    for trial in missing:
+        _score_finalist(study, optuna_study, trial, runner, runs, progress)
+    if teacher_missing:
+        _score_teacher(optuna_study, runner, runs)
+    cost.record(optuna_study, cost.FINALS, time.perf_counter() - started)
+    keep = {t.number for t in chosen}
+    for number, path in checkpoints.best_paths(study).items():
+        if number not in keep:
+            path.unlink(missing_ok=True)
+
+
+def record_test_scores(optuna_study: optuna.Study, number: int, metrics: dict) -> None:
+    """A trial's test scores, as the study's user attr ``test:<trial>``."""
+    scores = {k: v for k, v in metrics.items() if k in _TEST_METRICS}
+    if scores:
+        optuna_study.set_user_attr(f"{StudyAttr.TEST_PREFIX}{number}", scores)
+
+
+_TEST_METRICS = (Metric.TEST_STUDENT_PPL, Metric.TEST_EXACT_MATCH, Metric.TEST_ROUGE_L)
+
+
+def _score_finalist(study, optuna_study, trial: FrozenTrial, runner, runs, progress) -> None:
+    path = checkpoints.best_path(study, trial.number)
+    if not path.exists():
+        progress.message(
+            f"warning: trial {trial.number} is a finalist but its checkpoint {path} is gone; "
+            "it is not scored on the test split"
+        )
+        return
+    params = trial.user_attrs.get(TrialAttr.PARAMS, trial.params)
+    student = runner.new_student(params, seed=runner.study.train.seed)
+    load_trained_state(student, torch.load(path, map_location=runner.device, weights_only=True))
+    scores = score_test(student, runner.test_set, runner.inputs.vocab)
+    record_test_scores(optuna_study, trial.number, scores)
+    run_id = trial.user_attrs.get(TrialAttr.MLFLOW_RUN_ID)
+    if run_id:
+        runs.log_to_run(run_id, scores, step=trial.user_attrs.get(TrialAttr.BEST_STEP, 0))
+    del student
+    models.release_memory(runner.device)
+
+
+def _score_teacher(optuna_study: optuna.Study, runner: TrialRunner, runs: StudyRuns) -> None:
+    teacher = runner.teacher.online("score it on the test split").model
+    scores = score_test(teacher, runner.test_set, runner.inputs.vocab)
+    runner.teacher.release()
+    named = {
+        StudyAttr.TEST_TEACHER_PPL: scores[Metric.TEST_STUDENT_PPL],
+        StudyAttr.TEST_ROWS: runner.test_set.rows,
+    }
+    if Metric.TEST_EXACT_MATCH in scores:
+        named[StudyAttr.TEST_TEACHER_EXACT_MATCH] = scores[Metric.TEST_EXACT_MATCH]
+        named[StudyAttr.TEST_TEACHER_ROUGE_L] = scores[Metric.TEST_ROUGE_L]
+        named[StudyAttr.TEST_ACCURACY_ROWS] = len(runner.test_set.answers.prompts)
+    for key, value in named.items():
+        optuna_study.set_user_attr(key, value)
+    runs.log_to_run(runs.parent_run_id, {k: float(v) for k, v in named.items()}, step=0)
+
+
+def _sweep_over(optuna_study: optuna.Study, deadline: float | None) -> bool:
+    """Wait until no sweep trial is running or waiting (other workers' last trials)."""
+    unfinished = (TrialState.RUNNING, TrialState.WAITING)
+    while any(
+        group_of(t) != Group.SEED_CHECK
+        for t in optuna_study.get_trials(deepcopy=False, states=unfinished)
+    ):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+def _is_baseline(trial: FrozenTrial) -> bool:
+    return bool(trial.user_attrs.get(TrialAttr.BASELINE))

@@ -1,0 +1,297 @@
+"""The training loop and evaluation on tiny models: schedule, precision, callbacks, perplexity."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kdsweep.data import Batch, make_batches
+from kdsweep.distill import preemption, train
+from kdsweep.distill.evaluate import prepare_eval_set, score
+from kdsweep.distill.models import Vocabulary, shared_vocabulary
+from kdsweep.distill.preemption import Preempted
+from kdsweep.distill.targets import OnlineTeacher
+from kdsweep.errors import UsageError
+from kdsweep.study.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_setup):
+    return tiny_setup
+
+
+def settings(**overrides):
+    cfg = dict(
+        max_steps=6, batch_size=8, eval_every=3, log_every=2, warmup_ratio=0.0, device="cpu"
+    )
+    cfg.update(overrides.pop("train", {}))
+    values = dict(
+        alpha=0.5, temperature=2.0, top_k=None, learning_rate=1e-2, train=TrainConfig(**cfg)
+    )
+    values.update(overrides)
+    return train.DistillSettings(**values)
+
+
+def run(setup, tiny_models, run_settings, teacher=True, **loop_options):
+    tokenizer, teacher_model, vocab, split = setup
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    logs, evals = [], []
+    also_on_log = loop_options.pop("on_log", lambda log: None)
+    also_on_eval = loop_options.pop("on_eval", lambda step, metrics: None)
+    result = train.distill(
+        student,
+        split,
+        OnlineTeacher(teacher_model, vocab) if teacher else None,
+        run_settings,
+        vocab=vocab,
+        pad_id=tokenizer.pad_token_id,
+        evaluate=lambda model, step: {
+            "nll": score(
+                model,
+                make_batches(
+                    split, batch_size=16, pad_id=0, shuffle_seed=None, group_by_length=False
+                ),
+                vocab,
+            ).nll_sum
+        },
+        on_log=lambda log: (logs.append(log), also_on_log(log)),
+        on_eval=lambda step, metrics: (evals.append((step, metrics)), also_on_eval(step, metrics)),
+        **loop_options,
+    )
+    return result, logs, evals, student
+
+
+def test_distill_logs_evaluates_and_learns(setup, tiny_models):
+    result, logs, evals, _ = run(
+        setup, tiny_models, settings(learning_rate=3e-2, train={"max_steps": 12, "eval_every": 6})
+    )
+    assert [log.step for log in logs] == [2, 4, 6, 8, 10, 12]
+    assert [step for step, _ in evals] == [6, 12]
+    assert all(
+        math.isfinite(log.loss) and log.kl >= 0 and log.ce > 0 and log.grad_norm > 0
+        for log in logs
+    )
+    assert logs[0].loss == pytest.approx(0.5 * logs[0].kl + 0.5 * logs[0].ce, rel=1e-5)
+    assert logs[-1].ce < logs[0].ce  # it learns
+    assert result.steps == 12 and result.peak_memory_bytes > 0
+
+
+def test_same_seed_same_run(setup, tiny_models):
+    first = run(setup, tiny_models, settings())[1]
+    second = run(setup, tiny_models, settings())[1]
+    assert [log.loss for log in first] == [log.loss for log in second]
+
+
+def test_a_preempted_run_resumed_from_its_checkpoint_ends_where_the_whole_run_does(
+    setup, tiny_models
+):
+    # 12 steps cross an epoch of the data; stopping at 4 leaves a step in the log window
+    resumed = settings(
+        train={"max_steps": 12, "eval_every": 4, "log_every": 3, "checkpoint_every": 0}
+    )
+    whole, whole_logs, whole_evals, _ = run(setup, tiny_models, resumed)
+    saved = []
+
+    def stop_at_step_4(step, metrics):
+        if step == 4:
+            preemption.request(preemption.PREEMPTED)  # in the loop: waits for the step to end
+
+    try:
+        with pytest.raises(Preempted) as stopped:
+            run(setup, tiny_models, resumed, on_eval=stop_at_step_4, save_state=saved.append)
+    finally:
+        preemption.reset()
+    assert stopped.value.step == 4 and [state.step for state in saved] == [4]
+    after, logs, evals, _ = run(setup, tiny_models, resumed, resume=saved[0])
+    assert [log.step for log in logs] == [6, 9, 12]  # no step twice
+    assert [log.loss for log in logs] == [log.loss for log in whole_logs[1:]]
+    assert evals == whole_evals[1:]
+    assert after.final_eval["nll"] == pytest.approx(whole.final_eval["nll"], rel=1e-6)
+    assert after.best_step == whole.best_step
+
+
+def test_checkpoints_are_written_at_each_evaluation_by_default(setup, tiny_models):
+    saved = []
+    run(setup, tiny_models, settings(), save_state=saved.append)
+    assert [state.step for state in saved] == [3]  # not at the last step: the trial is done
+    assert [step for step, _ in saved[0].evaluations] == [3]
+
+
+def test_alpha_zero_needs_no_teacher(setup, tiny_models):
+    _, logs, _, _ = run(setup, tiny_models, settings(alpha=0.0), teacher=False)
+    assert all(log.kl == 0 and log.loss == pytest.approx(log.ce) for log in logs)
+
+
+def test_top_k_distills_the_teachers_renormalised_top_entries(setup, tiny_models):
+    """The first step's logged KL is T^2 KL(top-4 teacher renormalised || student) on its batch,
+    computed here in float64 from the two models' full logits."""
+    tokenizer, teacher_model, vocab, split = setup
+    run_settings = settings(
+        top_k=4, temperature=2.0, train={"log_every": 1, "max_steps": 1, "eval_every": 1}
+    )
+    batch = next(train.endless_batches(split, run_settings, pad_id=tokenizer.pad_token_id))
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    with torch.no_grad():
+        kept = batch.labels[:, 1:] != -100
+        logits = {
+            name: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            .logits[:, :-1][kept][:, : vocab.size]
+            .double()
+            for name, model in (("student", student), ("teacher", teacher_model))
+        }
+    top = logits["teacher"].topk(4, dim=-1)
+    p_t = torch.softmax(top.values / 2.0, dim=-1)
+    log_q = torch.log_softmax(logits["student"] / 2.0, dim=-1).gather(-1, top.indices)
+    expected = 4.0 * (p_t * (p_t.log() - log_q)).sum(-1).mean()
+
+    _, logs, _, _ = run(setup, tiny_models, run_settings)
+    assert logs[0].kl == pytest.approx(float(expected), rel=1e-4)
+    full = run(setup, tiny_models, dataclasses.replace(run_settings, top_k=None))[1]
+    # truncation changes what is distilled
+    assert full[0].kl != pytest.approx(logs[0].kl, rel=1e-3)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_the_trials_beta_is_the_divergence_the_loop_minimizes(setup, tiny_models, beta):
+    """The first step's logged KL is T^2 times the generalized JSD at the trial's beta (1: reverse
+    KL), computed here in float64 from the two models' full logits."""
+    tokenizer, teacher_model, vocab, split = setup
+    run_settings = settings(
+        beta=beta, temperature=2.0, train={"log_every": 1, "max_steps": 1, "eval_every": 1}
+    )
+    batch = next(train.endless_batches(split, run_settings, pad_id=tokenizer.pad_token_id))
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    with torch.no_grad():
+        kept = batch.labels[:, 1:] != -100
+        log_q, log_p = (
+            torch.log_softmax(
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                .logits[:, :-1][kept][:, : vocab.size]
+                .double()
+                / 2.0,
+                -1,
+            )
+            for model in (student, teacher_model)
+        )
+
+    def kl(log_a, log_b):
+        return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+    if beta == 1.0:
+        divergence = kl(log_q, log_p)
+    else:
+        log_m = torch.logsumexp(
+            torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0
+        )
+        divergence = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+    _, logs, _, _ = run(setup, tiny_models, run_settings)
+    assert logs[0].kl == pytest.approx(4.0 * float(divergence.mean()), rel=1e-4)
+
+
+def test_gradient_accumulation_counts_micro_batches(setup, tiny_models):
+    _, logs, _, _ = run(
+        setup, tiny_models, settings(train={"grad_accum_steps": 2, "batch_size": 4})
+    )
+    assert len(logs) == 3 and all(math.isfinite(log.loss) for log in logs)
+
+
+def test_callback_can_stop_the_run(setup, tiny_models):
+    class Pruned(Exception):
+        pass
+
+    def stop(step, metrics):
+        raise Pruned
+
+    tokenizer, teacher_model, vocab, split = setup
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    with pytest.raises(Pruned):
+        train.distill(
+            student,
+            split,
+            None,
+            settings(alpha=0.0),
+            vocab=vocab,
+            pad_id=0,
+            evaluate=lambda m, step: {},
+            on_eval=stop,
+        )
+
+
+def test_warmup_then_cosine():
+    factor = train.warmup_then_cosine(100, 0.1)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(100) == pytest.approx(0.1)
+    assert all(factor(s) >= factor(s + 1) for s in range(10, 100))
+    assert train.warmup_then_cosine(10, 0.0)(0) == pytest.approx(1.0)
+
+
+def test_mixed_precision_choices():
+    cpu = torch.device("cpu")
+    autocast, scaler = train.mixed_precision("auto", cpu)
+    assert not scaler.is_enabled()
+    with autocast():
+        assert torch.ones(2, 2).dtype == torch.float32  # auto on a CPU: full fp32
+    autocast, scaler = train.mixed_precision("bf16", cpu)
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not scaler.is_enabled()  # bf16 needs no loss scaling
+
+
+def test_perplexity_is_token_weighted():
+    """Two rows of 1 and 3 scored tokens: exp(total NLL / 4), not the mean of per-row
+    perplexities."""
+    vocab = Vocabulary(size=5, teacher_rows=5, student_rows=5)
+
+    class Fixed(torch.nn.Module):
+        # Predicts the same distribution everywhere: p(token 1) = 0.5, p(token 2) = 0.125.
+        def __init__(self):
+            super().__init__()
+            self.training = False
+            self.out = torch.nn.Linear(1, 5, bias=False)
+            with torch.no_grad():
+                self.out.weight.copy_(
+                    torch.log(torch.tensor([[0.125], [0.5], [0.125], [0.125], [0.125]]))
+                )
+
+        def get_decoder(self):
+            return lambda input_ids, attention_mask: type(
+                "Out", (), {"last_hidden_state": torch.ones(*input_ids.shape, 1)}
+            )
+
+        def get_output_embeddings(self):
+            return self.out
+
+    batch = Batch(
+        input_ids=torch.tensor([[3, 1, 0, 0], [3, 2, 2, 2]]),
+        attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]),
+        labels=torch.tensor([[-100, 1, -100, -100], [-100, 2, 2, 2]]),
+        example_ids=torch.tensor([0, 1]),
+    )
+    scores = score(Fixed(), [batch], vocab)
+    assert scores.tokens == 4
+    expected = math.exp((-math.log(0.5) - 3 * math.log(0.125)) / 4)
+    assert scores.perplexity == pytest.approx(expected, rel=1e-6)
+
+
+def test_teacher_eval_set_scores_teacher_on_the_same_tokens(setup):
+    tokenizer, teacher_model, vocab, split = setup
+    batches = make_batches(split, batch_size=8, pad_id=0, shuffle_seed=None, group_by_length=True)
+    eval_set = prepare_eval_set(OnlineTeacher(teacher_model, vocab), batches, chunk_tokens=64)
+    assert eval_set.num_tokens == split.num_scored_tokens
+    assert eval_set.teacher_ppl == pytest.approx(score(teacher_model, batches, vocab).perplexity)
+    assert (
+        sum(len(t.logits if t.logits is not None else t.values) for t in eval_set.teacher_targets)
+        == split.num_scored_tokens
+    )
+
+
+def test_vocabulary_padding_rows_are_allowed_but_not_fewer_rows(setup):
+    tokenizer = setup[0]
+    vocab = shared_vocabulary(tokenizer, len(tokenizer), len(tokenizer) + 64)
+    assert vocab.size == len(tokenizer) and vocab.padded
+    with pytest.raises(UsageError, match="share one tokenizer"):
+        shared_vocabulary(tokenizer, len(tokenizer) - 1, len(tokenizer))
