@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from kdsweep.distill import checkpoints, models  # noqa: E402
+from kdsweep.distill import checkpoints, models, train  # noqa: E402
 from kdsweep.paths import cache_dir  # noqa: E402
 from kdsweep.prepare.trial_runner import TrialRunner  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
@@ -58,23 +58,24 @@ def demo_params(study) -> dict:
     return params | {"alpha": 0.5, "temperature": 2.0, "top_k": min(top_ks or [WHOLE_VOCAB])}
 
 
+class Saving(train.TrialHooks):
+    """A trial's resume checkpoints written to ``folder`` (None: none), each timed."""
+
+    def __init__(self, folder: Path | None):
+        self.folder, self.checkpointing, self.saved = folder, folder is not None, []
+
+    def checkpoint(self, state) -> None:
+        started = time.perf_counter()
+        checkpoints.save(state, self.folder / "trial.resume.pt")
+        self.saved.append((state.step, time.perf_counter() - started))
+
+
 def timed_trial(runner: TrialRunner, params: dict, folder: Path | None) -> tuple[float, list]:
     """Seconds of one trial, and the states it saved (written to ``folder``; None: none)."""
-    saved = []
-
-    def save(state):
-        started = time.perf_counter()
-        checkpoints.save(state, folder / "trial.resume.pt")
-        saved.append((state.step, time.perf_counter() - started))
-
+    hooks = Saving(folder)
     started = time.perf_counter()
-    runner(
-        params,
-        on_log=lambda log: None,
-        on_eval=lambda step, metrics: None,
-        save_state=save if folder is not None else None,
-    )
-    return time.perf_counter() - started, saved
+    runner(params, hooks)
+    return time.perf_counter() - started, hooks.saved
 
 
 def write_once(state: checkpoints.TrainState, folder: Path) -> tuple[float, int]:

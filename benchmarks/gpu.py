@@ -63,10 +63,16 @@ from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 from kdsweep.data import TokenizedSplit, make_batches  # noqa: E402
 from kdsweep.distill import lora, train  # noqa: E402
+from kdsweep.distill.loss import DistillSettings  # noqa: E402
 from kdsweep.distill.models import Vocabulary, resolve_dtype  # noqa: E402
 from kdsweep.distill.targets import OnlineTeacher  # noqa: E402
 from kdsweep.losses import IGNORE_INDEX  # noqa: E402
-from kdsweep.prepare.teacher_cache import CachedTeacher, CacheKey, open_or_build, write_cache  # noqa: E402
+from kdsweep.prepare.teacher_cache import (  # noqa: E402
+    CachedTeacher,
+    CacheKey,
+    open_or_build,
+    write_cache,
+)
 from kdsweep.study.config import LoraConfig, TrainConfig  # noqa: E402
 
 ALPHA, TEMPERATURE = 0.5, 2.0
@@ -185,7 +191,10 @@ def synthetic_split(rows: int, seq: int, vocab: int, *, seed: int = 0) -> Tokeni
         input_ids.append(ids)
         labels.append((IGNORE_INDEX,) * prompt + ids[prompt:])
     prompts = tuple(ids[:prompt] for ids in input_ids)
-    return TokenizedSplit(tuple(input_ids), tuple(labels), prompts=prompts, answers=("",) * rows)
+    # No end-of-turn in a random vocabulary: generation runs to its cap (stop_id is out of range).
+    return TokenizedSplit(
+        tuple(input_ids), tuple(labels), prompts=prompts, answers=("",) * rows, stop_id=vocab
+    )
 
 
 def build_model(
@@ -283,6 +292,35 @@ def notebook_run(
 # kdsweep's loop
 
 
+@dataclass(frozen=True)
+class CacheBesideTeacher:
+    """The cache for off-policy steps, the teacher online for on-policy ones: what a study's
+    teacher serves a trial that searches lmbda."""
+
+    cache: CachedTeacher
+    teacher: OnlineTeacher
+
+    def targets(self, batch, *, top_k: int | None):
+        return self.cache.targets(batch, top_k=top_k)
+
+    def online(self, why: str = "") -> OnlineTeacher:
+        return self.teacher
+
+
+class Clocked(train.TrialHooks):
+    """The time after each step (every step is logged), the peak memory counted from the end of
+    the warmup."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup, self.times = device, warmup, []
+
+    def logged(self, log) -> None:
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        if len(self.times) == self.warmup and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
 def kdsweep_run(
     student,
     split,
@@ -294,10 +332,9 @@ def kdsweep_run(
     device: torch.device,
     vocab,
     lmbda: float = 0.0,
-    online: OnlineTeacher | None = None,
 ) -> list[float]:
     """``train.distill`` for warmup + steps optimizer steps; returns the time after each step.
-    With ``lmbda`` > 0 that share of the steps is on-policy, scored by ``online``."""
+    With ``lmbda`` > 0 that share of the steps is on-policy, scored by ``teacher.online()``."""
     total = args.warmup + args.steps
     config = TrainConfig(
         max_steps=total,
@@ -308,8 +345,11 @@ def kdsweep_run(
         precision=args.precision,
         device=device.type,
         loss_chunk_tokens=args.chunk_tokens,
+        select="last",
+        generation_temperature=1.0,
+        generation_max_new_tokens=args.gen_tokens,
     )
-    settings = train.DistillSettings(
+    settings = DistillSettings(
         alpha=alpha,
         temperature=TEMPERATURE,
         top_k=top_k,
@@ -318,37 +358,10 @@ def kdsweep_run(
         group_by_length=False,
         lmbda=lmbda,
     )
-    on_policy = None
-    if lmbda > 0:
-        # no EOS in a random vocabulary: every row runs to the cap
-        on_policy = train.OnPolicy(
-            online,
-            split,
-            temperature=1.0,
-            max_new_tokens=args.gen_tokens,
-            pad_id=0,
-            eos_id=vocab.size,
-        )
-    clock = []
-
-    def on_log(log) -> None:
-        synchronize(device)
-        clock.append(time.perf_counter())
-        if len(clock) == args.warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    train.distill(
-        student,
-        split,
-        teacher,
-        settings,
-        vocab=vocab,
-        pad_id=0,
-        evaluate=lambda model, step: {},
-        on_log=on_log,
-        on_policy=on_policy,
-    )
-    return clock
+    hooks = Clocked(device, args.warmup)
+    data = train.TrainingData(split, vocab, 0, lambda model, step: {})
+    train.distill(student, settings, data, teacher, hooks)
+    return hooks.times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +441,7 @@ def run_modes(args, device: torch.device) -> dict:
         return lora.adapt(model, rank, LoraConfig())
 
     def kdsweep(
-        teacher, *, alpha: float, top_k: int | None, lmbda: float = 0.0, online=None, rank=0
+        teacher, *, alpha: float, top_k: int | None, lmbda: float = 0.0, rank=0
     ) -> Callable[[], list[float]]:
         return lambda: kdsweep_run(
             student(rank),
@@ -440,7 +453,6 @@ def run_modes(args, device: torch.device) -> dict:
             device=device,
             vocab=vocab,
             lmbda=lmbda,
-            online=online,
         )
 
     teacher = (
@@ -478,11 +490,10 @@ def run_modes(args, device: torch.device) -> dict:
                 "tokens",
                 0.0,
                 kdsweep(
-                    cache,
+                    CacheBesideTeacher(cache, OnlineTeacher(teacher, vocab)),
                     alpha=ALPHA,
                     top_k=args.top_k,
                     lmbda=lmbda,
-                    online=OnlineTeacher(teacher, vocab),
                 ),
             )
         teacher = None  # a sweep reading the cache holds no teacher

@@ -56,7 +56,12 @@ def one_form(args) -> dict:
     vocab = Vocabulary(config.vocab_size, config.vocab_size, config.vocab_size)
     # The GPU benchmark's loop: its first step warms up allocators and kernels, untimed.
     loop = SimpleNamespace(
-        warmup=1, steps=args.steps - 1, batch=args.batch, precision="auto", chunk_tokens=None
+        warmup=1,
+        steps=args.steps - 1,
+        batch=args.batch,
+        precision="auto",
+        chunk_tokens=None,
+        gen_tokens=1,  # no on-policy step
     )
     split = synthetic_split(args.batch * args.steps, args.seq, config.vocab_size)
     clock = kdsweep_run(

@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from kdsweep.distill import models, train  # noqa: E402
+from kdsweep.distill import clock, models, train  # noqa: E402
+from kdsweep.distill.loss import DistillSettings  # noqa: E402
 from kdsweep.prepare.trial_runner import TrialRunner  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
 from kdsweep.study.reader import load_study  # noqa: E402
@@ -44,27 +45,27 @@ from kdsweep.study.space import BY_NAME, WHOLE_VOCAB, neutral  # noqa: E402
 LMBDAS = (0.0, 0.5, 1.0)
 
 
-def time_steps(ws, settings: train.DistillSettings, on_policy: train.OnPolicy | None) -> dict:
-    """Train a fresh student; wall and CPU seconds per step, and the on-policy counters."""
+class LastLog(train.TrialHooks):
+    def logged(self, log) -> None:
+        self.last = log
+
+
+def time_steps(ws, settings: DistillSettings) -> dict:
+    """Train a fresh student; wall and CPU seconds per step, the seconds spent generating and
+    the on-policy steps (the trial's clock), and the tokens generated."""
     student = models.load_model("student", ws.inputs.student, ws.device)
+    data = dataclasses.replace(ws.training_data, evaluate=lambda model, step: {})
+    hooks, trial_clock = LastLog(), clock.Clock()
     wall, cpu = time.perf_counter(), time.process_time()
-    train.distill(
-        student,
-        ws.inputs.train_split,
-        ws.teacher,
-        settings,
-        vocab=ws.inputs.vocab,
-        pad_id=ws.tokenizer.pad_token_id,
-        evaluate=lambda model, step: {},
-        on_policy=on_policy,
-    )
+    with clock.counting(trial_clock):
+        train.distill(student, settings, data, ws.teacher, hooks)
     steps = settings.train.max_steps
     return {
         "wall": (time.perf_counter() - wall) / steps,
         "cpu": (time.process_time() - cpu) / steps,
-        "generating": on_policy.seconds if on_policy else 0.0,
-        "generated": on_policy.generated_tokens if on_policy else 0,
-        "batches": on_policy.batches if on_policy else 0,
+        "generating": trial_clock.own[clock.GENERATION],
+        "generated": hooks.last.generated_tokens or 0,
+        "on-policy steps": trial_clock.count[clock.ON_POLICY_STEP],
         "total": time.perf_counter() - wall,
     }
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     study = load_study(args.study, [*args.overrides, *on_policy_study])
     ws = TrialRunner.prepare(study, progress=SweepProgress(Console(stderr=True)))
     top_k = min(study.search.top_k.values, key=lambda k: math.inf if k == WHOLE_VOCAB else k)
-    base = train.DistillSettings(
+    base = DistillSettings(
         alpha=0.5,
         temperature=2.0,
         top_k=BY_NAME["top_k"].setting(top_k),
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     results = {}
     for lmbda in LMBDAS:
-        on_policy = ws.on_policy() if lmbda > 0 else None
-        results[lmbda] = time_steps(ws, dataclasses.replace(base, lmbda=lmbda), on_policy)
+        results[lmbda] = time_steps(ws, dataclasses.replace(base, lmbda=lmbda))
 
     print(
         f"\n{study.name}: {args.steps} steps of batch {study.train.batch_size} x "
@@ -122,15 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{'lmbda':>6} {'ms/step (wall)':>15} {'ms/step (CPU)':>14} {'x cached (CPU)':>15} "
         f"{'generating':>11} "
-        f"{'on-policy batches':>18} {'tokens/batch':>13}"
+        f"{'on-policy steps':>16} {'tokens/step':>12}"
     )
     cached = results[0.0]
     for lmbda, r in results.items():
-        per_batch = f"{r['generated'] / r['batches']:.0f}" if r["batches"] else "-"
+        steps = r["on-policy steps"]
+        per_step = f"{r['generated'] / steps:.0f}" if steps else "-"
         print(
             f"{lmbda:6.1f} {1e3 * r['wall']:15.1f} {1e3 * r['cpu']:14.1f} "
             f"{r['cpu'] / cached['cpu']:15.2f} "
-            f"{r['generating'] / r['total']:10.0%} {r['batches']:18} {per_batch:>13}"
+            f"{r['generating'] / r['total']:10.0%} {steps:16} {per_step:>12}"
         )
 
 

@@ -35,7 +35,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from variants import QUIET, arguments, each, run_variant  # noqa: E402
 
 from kdsweep.store import cost  # noqa: E402
-from kdsweep.store.storage import best_trial  # noqa: E402
+from kdsweep.store.trials import Trials  # noqa: E402
 
 PRUNERS = ("none", "median", "hyperband")
 GOAL_RATIO = 0.5
@@ -49,7 +49,7 @@ def run_one(pruner: str, seed: int, folder: Path, variant: dict, study: Path) ->
     spent = cost.study_cost(optuna_study, max_steps=variant["train.max_steps"])
     states = [t.state.name for t in optuna_study.trials]
     return {
-        "best": best_trial(optuna_study).value,
+        "best": Trials.of(optuna_study).best.value,
         "trials_seconds": spent.trials,
         "total_seconds": spent.total,
         "pruned": states.count("PRUNED"),

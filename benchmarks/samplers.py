@@ -26,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from variants import QUIET, arguments, each, run_variant  # noqa: E402
 
-from kdsweep.store.storage import ranked_trials  # noqa: E402
+from kdsweep.store.trials import Trials  # noqa: E402
 
 SAMPLERS = ("random", "tpe", "gp")
 VARIANT = QUIET | {"n_trials": 12, "sampler.n_startup_trials": 3}
@@ -36,7 +36,7 @@ def best_distilled(sampler: str, seed: int, folder: Path, variant: dict, study: 
     """The best distilled trial's value of one study drawn by ``sampler`` with ``seed``."""
     overrides = variant | {"sampler.name": sampler, "sampler.seed": seed}
     optuna_study = run_variant(study, f"samplers-{sampler}-{seed}", overrides, folder)
-    distilled = [t for t in ranked_trials(optuna_study) if not t.user_attrs.get("baseline")]
+    distilled = Trials.of(optuna_study).distilled
     return distilled[0].value
 
 

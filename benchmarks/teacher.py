@@ -46,6 +46,7 @@ from rich.console import Console  # noqa: E402
 
 from kdsweep import sweep  # noqa: E402
 from kdsweep.distill import models, train  # noqa: E402
+from kdsweep.distill.loss import DistillSettings, batch_loss  # noqa: E402
 from kdsweep.prepare import demo  # noqa: E402
 from kdsweep.prepare.trial_runner import TrialRunner  # noqa: E402
 from kdsweep.progress import SweepProgress  # noqa: E402
@@ -98,8 +99,8 @@ def step_times(ws: TrialRunner, *, reps: int, top_k: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     base = dict(temperature=2.0, top_k=top_k, learning_rate=1e-3, train=ws.study.train)
     settings = {
-        "ce": train.DistillSettings(alpha=0.0, **base),
-        "cached": train.DistillSettings(alpha=0.5, **base),
+        "ce": DistillSettings(alpha=0.0, **base),
+        "cached": DistillSettings(alpha=0.5, **base),
     }
     batches = train.endless_batches(
         ws.inputs.train_split, settings["ce"], pad_id=ws.tokenizer.pad_token_id
@@ -122,10 +123,10 @@ def step_times(ws: TrialRunner, *, reps: int, top_k: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def one_step(student, optimizer, batch, teacher, settings: train.DistillSettings, vocab) -> None:
+def one_step(student, optimizer, batch, teacher, settings: DistillSettings, vocab) -> None:
     """What ``train.distill`` does per step (fp32 on the CPU: no autocast, no scaler)."""
     targets = teacher.targets(batch, top_k=settings.top_k) if teacher is not None else None
-    result = train.batch_loss(student, batch, targets, settings, vocab)
+    result = batch_loss(student, batch, targets, settings, vocab)
     result.loss.backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), settings.train.max_grad_norm)
     optimizer.step()

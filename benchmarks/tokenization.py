@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     conversations = demo.generate_conversations(args.rows, seed=0)
     tokenizer = demo.build_tokenizer(conversations[:2000])
     chat_rows = [Conversation(tuple((m["role"], m["content"]) for m in c)) for c in conversations]
-    text_rows = [demo.guanaco_text(c) for c in conversations]
+    markers = {"user": "### Human: ", "assistant": "### Assistant: "}  # guanaco's
+    text_rows = ["".join(markers[m["role"]] + m["content"] for m in c) for c in conversations]
     chat = ChatTemplate(tokenizer, tokenizer.chat_template)
     paths = {
         "text (guanaco markers)": (text_rows, None, False),

@@ -15,11 +15,11 @@ problem), :class:`kdsweep.errors.UsageError` for other bad input (a missing mode
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -28,30 +28,13 @@ import transformers
 import yaml
 
 from kdsweep import sweep
-from kdsweep.names import TrialAttr
 from kdsweep.progress import SweepProgress
 from kdsweep.report import write_report as write_markdown_report
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.reader import load_study
+from kdsweep.sweep import StudySummary
 
 StudyLike = str | Path | StudyConfig
-
-
-@dataclass(frozen=True)
-class StudySummary:
-    """Where a study stands after a run: its best trial and where to find it."""
-
-    study: str
-    objectives: tuple[str, ...]  # the first decides the best trial
-    directions: list[str]  # each objective's: "minimize" or "maximize"
-    finished: int  # finished trials the study holds (complete, pruned, failed)
-    target: int
-    ran: int  # trials this call ran
-    best_trial: int | None = None  # the best feasible trial by the first objective
-    best_values: list[float] = field(default_factory=list)  # its value of each objective
-    best_params: dict = field(default_factory=dict)
-    best_run_id: str | None = None  # the best trial's MLflow run
-    report: Path | None = None
 
 
 def run_study(
@@ -78,23 +61,9 @@ def run_study(
         result = sweep.run(config, n_trials=n_trials, timeout=timeout, progress=progress)
     finally:
         progress.close()
-    report_path = write_markdown_report(config) if report and result.finished else None
-    best = result.best
-    return StudySummary(
-        study=config.name,
-        objectives=config.objectives,
-        directions=config.directions,
-        finished=result.finished,
-        target=result.target,
-        ran=result.ran,
-        best_trial=None if best is None else best.number,
-        best_values=[] if best is None else list(best.values),
-        best_params={}
-        if best is None
-        else dict(best.user_attrs.get(TrialAttr.PARAMS, best.params)),
-        best_run_id=None if best is None else best.user_attrs.get(TrialAttr.MLFLOW_RUN_ID),
-        report=report_path,
-    )
+    if report and result.finished:
+        result = dataclasses.replace(result, report=write_markdown_report(config))
+    return result
 
 
 def write_report(

@@ -169,7 +169,7 @@ def cmd_run(args) -> int:
         return _run_here(study, args)
     from kdsweep import launch  # torch, transformers, Optuna and MLflow load here
 
-    result = launch.run_workers(
+    status, summary = launch.run_workers(
         study,
         args.study,
         workers=workers,
@@ -179,13 +179,13 @@ def cmd_run(args) -> int:
         timeout=args.timeout,
         report=not args.no_report,
     )
-    if result.status == 130:
+    if status == 130:
         print("kdsweep: interrupted", file=sys.stderr)
-    if result.status == preemption.EXIT_STATUS:
+    if status == preemption.EXIT_STATUS:
         print("kdsweep: preempted (SIGTERM): the same command resumes the study", file=sys.stderr)
-    if result.status == 0:
-        _print_outcome(study, result.best_trial, result.report)
-    return result.status
+    if summary is not None:
+        _print_outcome(study, summary)
+    return status
 
 
 def _run_here(study: StudyConfig, args) -> int:
@@ -197,17 +197,18 @@ def _run_here(study: StudyConfig, args) -> int:
         study, n_trials=args.n_trials, timeout=args.timeout, report=not args.no_report
     )
     if not launched:
-        _print_outcome(study, summary.best_trial, summary.report)
+        _print_outcome(study, summary)
     return 0
 
 
-def _print_outcome(study: StudyConfig, best_trial: int | None, report) -> None:
+def _print_outcome(study: StudyConfig, summary) -> None:
+    """The answer in a few lines, and where the report is (``summary``: a ``StudySummary``)."""
     from kdsweep.report.status import print_summary
 
-    if best_trial is not None:
+    if summary.best_trial is not None:
         print_summary(study)
-    if report is not None:
-        print(f"report: {report}")
+    if summary.report is not None:
+        print(f"report: {summary.report}")
 
 
 def _devices(text: str | None) -> list[int] | None:

@@ -26,6 +26,7 @@ kills them at once (their trials are then ended by the study's next run, as a lo
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 import queue
@@ -35,7 +36,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -45,21 +45,15 @@ from kdsweep.errors import UsageError
 from kdsweep.prepare.inputs import check_inputs
 from kdsweep.prepare.teacher import build_cache
 from kdsweep.progress import EVENTS_FD, LaunchView, parse_event
-from kdsweep.store.storage import FINISHED_STATES, best_trial, check_storage, load_existing_study
+from kdsweep.store.storage import check_storage, load_existing_study
 from kdsweep.study.config import StudyConfig
+from kdsweep.sweep import StudySummary
 
 # set in a worker: its name (w0, w1, ...); it leaves the summary to the launcher
 WORKER_ENV = "KDSWEEP_WORKER"
 STOP_GRACE_SECONDS = 60.0  # after Ctrl-C, how long workers may take to close their trials
 DRAIN_SECONDS = 5.0  # after the last worker exits, how long its last lines may take to arrive
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-@dataclass(frozen=True)
-class LaunchSummary:
-    status: int  # the launcher's exit status: the worst of the workers' (see worst_status)
-    best_trial: int | None = None
-    report: Path | None = None
 
 
 def run_workers(
@@ -72,9 +66,11 @@ def run_workers(
     n_trials: int | None,
     timeout: float | None,
     report: bool,
-) -> LaunchSummary:
+) -> tuple[int, StudySummary | None]:
     """Prepare what the workers share, run ``workers`` processes on the study until they have
-    all ended, then write the report (when every worker ended well and ``report`` is set)."""
+    all ended, then write the report (when every worker ended well and ``report`` is set).
+    Returns the launcher's exit status (the worst of the workers', ``worst_status``) and, when
+    every worker ended well, where the study stands."""
     api.quiet_libraries()
     pinned = plan_devices(study, workers, devices)
     if pinned[0] is not None:
@@ -100,8 +96,8 @@ def run_workers(
     finally:
         view.close()
     if status != 0:
-        return LaunchSummary(status)
-    return _outcome(study, report=report)
+        return status, None
+    return 0, _outcome(study, target=n_trials or study.n_trials, report=report)
 
 
 # ---------------------------------------------------------------- before the workers
@@ -448,11 +444,10 @@ def worst_status(statuses: list[int]) -> int:
 # ---------------------------------------------------------------- after them
 
 
-def _outcome(study: StudyConfig, *, report: bool) -> LaunchSummary:
-    """The report, written once by the launcher (as a single ``kdsweep run`` writes it: when the
-    study holds a finished trial), and the best trial, for the summary."""
-    optuna_study = load_existing_study(study)
-    best = best_trial(optuna_study)
-    finished = optuna_study.get_trials(deepcopy=False, states=FINISHED_STATES)
-    path = api.write_report(study) if report and finished else None
-    return LaunchSummary(0, best_trial=None if best is None else best.number, report=path)
+def _outcome(study: StudyConfig, *, target: int, report: bool) -> StudySummary:
+    """Where the study stands, with its report written once by the launcher (as a single
+    ``kdsweep run`` writes it: when the study holds a finished trial)."""
+    summary = StudySummary.read(study, load_existing_study(study), target=target)
+    if report and summary.finished:
+        summary = dataclasses.replace(summary, report=api.write_report(study))
+    return summary

@@ -162,7 +162,38 @@ def demo_tokenizer():
 
 def guanaco_rows(n: int, *, seed: int) -> list[str]:
     """``n`` demo conversations as guanaco text rows (``### Human: ...### Assistant: ...``)."""
-    return [demo.guanaco_text(c) for c in demo.generate_conversations(n, seed=seed)]
+    markers = {"user": "### Human: ", "assistant": "### Assistant: "}
+    return [
+        "".join(markers[m["role"]] + m["content"] for m in messages)
+        for messages in demo.generate_conversations(n, seed=seed)
+    ]
+
+
+class Recorded:
+    """A trial's hooks (``distill.train.TrialHooks``) that keep what the loop tells them: its
+    logs, evaluations and resume checkpoints (``checkpointing``), and may stop it (``on_eval``
+    raising)."""
+
+    def __init__(self, *, resume=None, checkpointing: bool = False, on_eval=None):
+        self.resume, self.checkpointing, self.scores_test = resume, checkpointing, False
+        self.logs, self.evals, self.states, self.built_with = [], [], [], None
+        self._on_eval = on_eval or (lambda step, metrics: None)
+
+    def built(self, trainable_parameters: int) -> None:
+        self.built_with = trainable_parameters
+
+    def logged(self, log) -> None:
+        self.logs.append(log)
+
+    def evaluated(self, step: int, metrics: dict) -> None:
+        self.evals.append((step, metrics))
+        self._on_eval(step, metrics)
+
+    def checkpoint(self, state) -> None:
+        self.states.append(state)
+
+    def trained(self, student) -> None:
+        pass
 
 
 @pytest.fixture
@@ -226,8 +257,8 @@ class ReplacedTraining:
     def __getattr__(self, name: str):
         return getattr(self._runner, name)
 
-    def __call__(self, params: dict, **kwargs):
-        return self._train(self._runner, params, **kwargs)
+    def __call__(self, params: dict, hooks=None, **kwargs):
+        return self._train(self._runner, params, hooks=hooks, **kwargs)
 
 
 def run_replaced(

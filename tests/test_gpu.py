@@ -10,6 +10,7 @@ import torch
 from kdsweep.cli import main
 from kdsweep.names import TrialAttr
 from kdsweep.store.storage import load_existing_study
+from kdsweep.study.measures import OUT_OF_MEMORY
 from kdsweep.study.reader import load_study
 from kdsweep.sweep import objective
 
@@ -66,7 +67,8 @@ def test_two_workers_share_one_device(tiny_study):
 
 def test_out_of_memory_is_retried_with_half_the_micro_batch(tiny_study, monkeypatch):
     """The process may use a sliver of the GPU, so a batch of 64 long rows cannot fit: the trial
-    fails with reason oom and its retry halves the micro-batch and doubles the accumulation."""
+    fails with reason out_of_memory and its retry halves the micro-batch and doubles the
+    accumulation."""
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(64 * 2**20 / total)  # 64 MiB
@@ -91,7 +93,8 @@ def test_out_of_memory_is_retried_with_half_the_micro_batch(tiny_study, monkeypa
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     trials = finished(tiny_study)
-    assert trials[0].state.name == "FAIL" and trials[0].user_attrs[TrialAttr.FAIL_REASON] == "oom"
+    assert trials[0].state.name == "FAIL"
+    assert trials[0].user_attrs[TrialAttr.FAIL_REASON] == OUT_OF_MEMORY
     assert (
         trials[1].user_attrs[TrialAttr.MICRO_BATCH],
         trials[1].user_attrs[TrialAttr.GRAD_ACCUM],

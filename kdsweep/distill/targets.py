@@ -3,8 +3,8 @@
 A trial distills from a *teacher signal* (:class:`TeacherSignal`): for the scored positions of a
 batch (row-major, as ``scored_positions`` selects them), either the teacher's logits over the
 shared vocabulary or its K largest logits and their ids. :class:`OnlineTeacher` runs the frozen
-model; ``teacher_cache.CachedTeacher`` reads what it wrote once; ``study_teacher.StudyTeacher``
-chooses between them for a study.
+model; ``prepare.teacher_cache.CachedTeacher`` reads what it wrote once;
+``prepare.teacher.StudyTeacher`` chooses between them for a study.
 """
 
 from __future__ import annotations
@@ -39,12 +39,14 @@ class TeacherTargets:
 
 
 class TeacherSignal(Protocol):
-    """What a trial distills from: ``OnlineTeacher`` or ``CachedTeacher``."""
-
-    tokens_processed: int  # real tokens the teacher ran on for it (0 when read from a cache)
+    """What a trial distills from: ``OnlineTeacher``, or the study's teacher
+    (``prepare.teacher.StudyTeacher``), which reads its cache when it has one."""
 
     def targets(self, batch: Batch, *, top_k: int | None) -> TeacherTargets:
         """The teacher's logits (top_k None: all of them) at the batch's scored positions."""
+
+    def online(self, why: str = "") -> OnlineTeacher:
+        """The teacher run online: on-policy steps score tokens no cache holds."""
 
 
 def scored_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,9 @@ class OnlineTeacher:
         self.model = model
         self.vocab = vocab
         self.tokens_processed = 0  # real (unpadded) tokens the teacher has run on
+
+    def online(self, why: str = "") -> OnlineTeacher:
+        return self
 
     @torch.no_grad()
     def targets(self, batch: Batch, *, top_k: int | None) -> TeacherTargets:

@@ -1,12 +1,11 @@
 """One distillation run: the training loop, its optimizer, schedule and mixed precision.
 
-It knows nothing of Optuna or MLflow: it takes resolved settings, prepared data, a teacher signal
-and callbacks. A callback may raise (a pruned trial) to stop the run.
-
-On-policy steps (GKD; TRL's ``lmbda``): with probability ``lmbda`` an optimizer step trains on
-the student's own completions of its rows' prompts, which the teacher scores online; the
-divergence is taken on the generated tokens only, while the cross-entropy keeps the rows'
-reference answers. The other steps read the teacher signal as usual (the cache, typically).
+It knows nothing of Optuna or MLflow. It takes resolved settings (``loss.DistillSettings``), the
+data with its evaluation (:class:`TrainingData`), the teacher's targets and one object for the
+trial's surroundings (:class:`TrialHooks`): what it hears as it trains (its logs, each
+evaluation, which a hook may answer by raising to stop a pruned trial, its resume checkpoints)
+and what it is handed (a checkpoint to resume from). Steps are on-policy with probability
+``lmbda`` (``on_policy``).
 """
 
 from __future__ import annotations
@@ -23,15 +22,16 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kdsweep.data import Batch, TokenizedSplit, collate, make_batches
+from kdsweep.data import Batch, TokenizedSplit, make_batches
 from kdsweep.distill import clock, preemption
 from kdsweep.distill.checkpoints import BestCheckpoint, TrainState
-from kdsweep.distill.generation import generate
 from kdsweep.distill.lora import load_trained_state, trained_state
-from kdsweep.distill.models import Vocabulary, bf16_supported, hidden_states, output_weight
-from kdsweep.distill.targets import OnlineTeacher, TeacherSignal, TeacherTargets, scored_positions
-from kdsweep.losses import IGNORE_INDEX, LossResult, distill_loss_from_hidden
-from kdsweep.study.config import TrainConfig
+from kdsweep.distill.loss import DistillSettings, batch_loss
+from kdsweep.distill.models import Vocabulary, bf16_supported
+from kdsweep.distill.on_policy import OnPolicy
+from kdsweep.distill.targets import TeacherSignal
+from kdsweep.losses import LossResult
+from kdsweep.study.measures import better
 from kdsweep.study.space import is_plain_fine_tuning
 
 
@@ -40,17 +40,14 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass(frozen=True)
-class DistillSettings:
-    """Everything one run needs to know: the sampled hyperparameters and the fixed settings."""
+class TrainingData:
+    """What a run reads: the training rows, the vocabulary both models score, the pad id, and
+    the evaluation of a student at a step (the validation split's metrics)."""
 
-    alpha: float
-    temperature: float
-    top_k: int | None  # None: the teacher's whole vocabulary
-    learning_rate: float
-    train: TrainConfig
-    beta: float = 0.0  # the divergence: 0 forward KL, 1 reverse KL (generalized JSD between)
-    lmbda: float = 0.0  # the share of steps on the student's own generations (on-policy)
-    group_by_length: bool = True
+    split: TokenizedSplit
+    vocab: Vocabulary
+    pad_id: int
+    evaluate: Callable[[PreTrainedModel, int], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -81,83 +78,89 @@ class DistillResult:
     after: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+class TrialHooks:
+    """A trial's surroundings, as its training sees them: here, none (a run on its own). The
+    sweep's objective gives each trial hooks of its own: they log to MLflow, report evaluations
+    to the pruner, write resume checkpoints and hand over the one to resume from."""
+
+    resume: TrainState | None = None  # a resume checkpoint to go on from, exactly
+    checkpointing: bool = False  # whether ``checkpoint`` keeps resume checkpoints
+    scores_test: bool = False  # the test split is scored at the trial's final checkpoint
+
+    def built(self, trainable_parameters: int) -> None:
+        """The student is built in its form: this many parameters train."""
+
+    def logged(self, log: StepLog) -> None:
+        """Every ``log_every`` steps and at the last."""
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+        """Every ``eval_every`` steps and at the last; raise to stop the run (pruned)."""
+
+    def checkpoint(self, state: TrainState) -> None:
+        """A resume checkpoint: every ``checkpoint_every`` steps (default: at each evaluation),
+        and at the step's end when the worker is preempted."""
+
+    def trained(self, student: PreTrainedModel) -> None:
+        """The student at its final checkpoint, once everything there is measured."""
+
+
 def distill(
     student: PreTrainedModel,
-    train_split: TokenizedSplit,
-    teacher: TeacherSignal | None,
     settings: DistillSettings,
-    *,
-    vocab: Vocabulary,
-    pad_id: int,
-    evaluate: Callable[[PreTrainedModel, int], dict[str, float]],
-    on_log: Callable[[StepLog], None] = lambda log: None,
-    on_eval: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
-    on_policy: OnPolicy | None = None,
-    better: Callable[[dict, dict], bool] | None = None,
-    save_state: Callable[[TrainState], None] | None = None,
-    resume: TrainState | None = None,
+    data: TrainingData,
+    teacher: TeacherSignal | None,
+    hooks: TrialHooks | None = None,
 ) -> DistillResult:
-    """Train ``student`` for ``settings.train.max_steps`` optimizer steps, evaluating as it goes:
-    ``evaluate(student, step)`` every ``eval_every`` steps and at the last. With
-    ``settings.lmbda > 0``, ``on_policy`` makes that share of the steps on-policy. With
-    ``better(a, b)`` (is evaluation ``a`` better than ``b``?), the student ends at its best
-    checkpoint, and the result holds that evaluation; without, at its last.
-
-    ``save_state(state)`` receives a resume checkpoint every ``checkpoint_every`` steps (default:
-    at each evaluation), and at the step's end when the worker is preempted (``preemption``),
-    which then raises ``Preempted``; Ctrl-C raises KeyboardInterrupt there too. ``resume`` goes
-    on from such a checkpoint, exactly."""
+    """Train ``student`` for ``settings.train.max_steps`` optimizer steps, evaluating as it goes
+    (every ``eval_every`` steps and at the last). With ``train.select: best`` the student ends at
+    its best checkpoint by ``settings.objective``, and the result holds that evaluation; else at
+    its last. A preempted worker (``preemption``) checkpoints at the step's end and raises
+    ``Preempted``; Ctrl-C raises KeyboardInterrupt there. ``hooks.resume`` goes on from a
+    checkpoint, exactly."""
+    hooks = hooks or TrialHooks()
     cfg = settings.train
     device = next(student.parameters()).device
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # Only what trains gets optimizer states: a LoRA student's adapter, not its frozen base.
-    trained = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trained, lr=settings.learning_rate, weight_decay=cfg.weight_decay
-    )
+    optimizer = adamw(student, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_cosine(cfg.max_steps, cfg.warmup_ratio)
     )
     autocast, scaler = mixed_precision(cfg.precision, device)
     coin = random.Random(cfg.seed)  # which steps are on-policy: seeded, apart from the data order
+    plain = is_plain_fine_tuning(settings.alpha)  # no teacher signal to read
+    on_policy = _on_policy(settings, data, teacher) if settings.lmbda > 0 and not plain else None
     window = _Window(on_policy)
     started = time.perf_counter()
-    best = BestCheckpoint(better or (lambda new, old: True))  # without better: the last one
-    plain = is_plain_fine_tuning(settings.alpha)  # no teacher signal to read
+    best = BestCheckpoint(_selection(settings))
     loop = _LoopState(student, optimizer, schedule, scaler, coin, window, best, on_policy)
-    start = 1 if resume is None else loop.restore(resume) + 1
+    start = 1 if hooks.resume is None else loop.restore(hooks.resume) + 1
     # The data order: every epoch's is seeded, so a resumed trial skips what it already used.
     skip = (start - 1) * cfg.grad_accum_steps
-    batches = endless_batches(train_split, settings, pad_id=pad_id, skip=skip)
+    batches = endless_batches(data.split, settings, pad_id=data.pad_id, skip=skip)
     every = cfg.eval_every if cfg.checkpoint_every is None else cfg.checkpoint_every
 
     student.train()
     with preemption.deferred():
         for step in range(start, cfg.max_steps + 1):
-            _train_step(loop, batches, teacher, settings, vocab, autocast, plain=plain, step=step)
+            _train_step(
+                loop, batches, teacher, settings, data.vocab, autocast, plain=plain, step=step
+            )
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                on_log(window.flush(step, schedule.get_last_lr()[0]))
+                hooks.logged(window.flush(step, schedule.get_last_lr()[0]))
             schedule.step()
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                with clock.part(clock.EVAL), autocast():
-                    metrics = evaluate(student, step)
-                student.train()
-                on_eval(step, metrics)  # a pruned trial stops here, before any copy
-                loop.evaluations.append((step, metrics))
-                with clock.part(clock.CHECKPOINT):
-                    best.offer(step, metrics, student, last=step == cfg.max_steps)
+                _evaluate(loop, data, hooks, autocast, step=step, last=step == cfg.max_steps)
             if step == cfg.max_steps:
                 break  # done: a request to stop now waits for the trial's end
             stopping = preemption.requested()
             if stopping == preemption.INTERRUPTED:
                 raise KeyboardInterrupt  # Ctrl-C: no checkpoint, the user asked it to end
-            checkpointing = save_state is not None
-            if checkpointing and (stopping or (every and step % every == 0)):
+            if hooks.checkpointing and (stopping or (every and step % every == 0)):
                 with clock.part(clock.CHECKPOINT):
-                    save_state(loop.capture(step))
-            preemption.raise_if_requested(step if checkpointing else None)
+                    hooks.checkpoint(loop.capture(step))
+            preemption.raise_if_requested(step if hooks.checkpointing else None)
 
     best.restore(student)
     return DistillResult(
@@ -166,6 +169,48 @@ def distill(
         seconds=time.perf_counter() - started,
         peak_memory_bytes=peak_memory(device),
         best_step=best.step,
+    )
+
+
+def _evaluate(loop: _LoopState, data: TrainingData, hooks: TrialHooks, autocast, *, step, last):
+    """An evaluation at ``step``: heard by the hooks (a pruned trial stops there, before any
+    copy), kept for a resume, offered as the best checkpoint."""
+    with clock.part(clock.EVAL), autocast():
+        metrics = data.evaluate(loop.student, step)
+    loop.student.train()
+    hooks.evaluated(step, metrics)
+    loop.evaluations.append((step, metrics))
+    with clock.part(clock.CHECKPOINT):
+        loop.best.offer(step, metrics, loop.student, last=last)
+
+
+def _selection(settings: DistillSettings) -> Callable[[dict, dict], bool]:
+    """Whether an evaluation replaces the best so far: better by the objective (``select:
+    best``), or always (``select: last``)."""
+    if settings.train.select != "best":
+        return lambda new, old: True
+    name = settings.objective
+    return lambda new, old: better(name, new[name], old[name])
+
+
+def _on_policy(settings: DistillSettings, data: TrainingData, teacher) -> OnPolicy:
+    """What the trial's on-policy steps need: the teacher run online, the prompts, sampling."""
+    cfg = settings.train
+    return OnPolicy(
+        teacher.online("score on-policy completions"),
+        data.split,
+        temperature=cfg.generation_temperature,
+        max_new_tokens=cfg.generation_max_new_tokens,
+        pad_id=data.pad_id,
+        eos_id=data.split.stop_id,
+    )
+
+
+def adamw(student: PreTrainedModel, settings: DistillSettings) -> torch.optim.Optimizer:
+    """AdamW over what trains: a LoRA student's adapter, not its frozen base, gets states."""
+    trained = [p for p in student.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        trained, lr=settings.learning_rate, weight_decay=settings.train.weight_decay
     )
 
 
@@ -184,7 +229,7 @@ def _train_step(
     cfg = settings.train
     student, window, on_policy = loop.student, loop.window, loop.on_policy
     device = next(student.parameters()).device
-    generating = on_policy is not None and not plain and loop.coin.random() < settings.lmbda
+    generating = on_policy is not None and loop.coin.random() < settings.lmbda
     with clock.part(clock.ON_POLICY_STEP if generating else clock.CACHED_STEP):
         for _ in range(cfg.grad_accum_steps):
             batch = next(batches)
@@ -267,112 +312,6 @@ class _LoopState:
         if self.on_policy is not None:
             self.on_policy.restore(state.on_policy)
         return state.step
-
-
-def batch_loss(
-    student: PreTrainedModel,
-    batch: Batch,
-    targets: TeacherTargets | None,
-    settings: DistillSettings,
-    vocab: Vocabulary,
-) -> LossResult:
-    """The distillation loss of one batch, computed on its scored positions only."""
-    kept = scored_positions(batch.labels)
-    hidden = hidden_states(student, batch.input_ids, batch.attention_mask)[:, :-1][kept]
-    teacher = targets.as_loss_kwargs() if targets is not None else {}
-    return distill_loss_from_hidden(
-        hidden,
-        output_weight(student, vocab),
-        batch.labels[:, 1:][kept],
-        **teacher,
-        alpha=settings.alpha if targets is not None else 0.0,
-        temperature=settings.temperature,
-        beta=settings.beta,
-        chunk_tokens=settings.train.loss_chunk_tokens,
-    )
-
-
-@dataclass
-class OnPolicy:
-    """What an on-policy step needs: the teacher run online (its cache holds only the dataset's
-    tokens), the training rows' prompts, and how the student samples its completions."""
-
-    teacher: OnlineTeacher  # scores generated tokens: they are new, no cache holds them
-    split: TokenizedSplit  # the training rows, whose prompts the student completes
-    temperature: float
-    max_new_tokens: int
-    pad_id: int
-    eos_id: int
-    generated_tokens: int = 0  # student tokens trained on, so far
-    seconds: float = 0.0  # spent generating, so far
-    batches: int = 0  # micro-batches completed by the student, so far
-
-    def loss(
-        self,
-        student: PreTrainedModel,
-        batch: Batch,
-        settings: DistillSettings,
-        vocab: Vocabulary,
-        *,
-        autocast,
-    ) -> LossResult:
-        """``alpha * D(teacher || student on its own completions) + (1 - alpha) * CE(references)``.
-
-        Rows without a final answer (no prompt to complete) take part in the cross-entropy only;
-        a micro-batch of such rows has no divergence term, and its CE keeps its weight.
-        """
-        with autocast():
-            # CE on the dataset's answers
-            reference = batch_loss(student, batch, None, settings, vocab)
-        completions = self.complete(student, batch)
-        if completions is None:
-            return dataclasses.replace(reference, loss=(1 - settings.alpha) * reference.loss)
-        targets = self.teacher.targets(completions, top_k=settings.top_k)
-        with autocast():
-            divergence = batch_loss(
-                student, completions, targets, dataclasses.replace(settings, alpha=1.0), vocab
-            )
-        loss = settings.alpha * divergence.loss + (1 - settings.alpha) * reference.loss
-        return LossResult(loss=loss, kl=divergence.kl, ce=reference.ce)
-
-    def counters(self) -> dict:
-        return {
-            "generated_tokens": self.generated_tokens,
-            "seconds": self.seconds,
-            "batches": self.batches,
-        }
-
-    def restore(self, counters: dict) -> None:
-        for name, value in counters.items():
-            setattr(self, name, value)
-
-    def complete(self, student: PreTrainedModel, batch: Batch) -> Batch | None:
-        """The student's sampled completions of the batch's prompts, as a batch whose labels mark
-        the generated tokens only (the prompt, and so the reference answer, is never scored)."""
-        prompts = [prompt for e in batch.example_ids.tolist() if (prompt := self.split.prompt(e))]
-        if not prompts:
-            return None
-        started = time.perf_counter()
-        generated = generate(
-            student,
-            prompts,
-            pad_id=self.pad_id,
-            eos_id=self.eos_id,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=len(prompts),
-            temperature=self.temperature,
-            vocab_size=self.teacher.vocab.size,
-        )
-        self.seconds += time.perf_counter() - started
-        self.generated_tokens += sum(map(len, generated))
-        self.batches += 1
-        split = TokenizedSplit(
-            tuple(tuple(p) + tuple(g) for p, g in zip(prompts, generated)),
-            tuple((IGNORE_INDEX,) * len(p) + tuple(g) for p, g in zip(prompts, generated)),
-        )
-        return collate(split, list(range(len(prompts))), pad_id=self.pad_id).to(
-            batch.input_ids.device
-        )
 
 
 def endless_batches(

@@ -22,36 +22,26 @@ taken over the kept positions (label != -100)::
 ``D`` is TRL's generalized Jensen-Shannon divergence (``generalized_jsd_loss``). As there, the
 family is discontinuous at its ends: the mixture form tends to 0 as beta goes to 0 or 1.
 
-A truncated teacher, and ``tail``
----------------------------------
+A truncated teacher
+-------------------
 
 With ``top_k`` (or the sparse form's K ids), the teacher is known on a set ``S`` of ids only, while
-the student has mass everywhere. The ``tail`` argument says what stands for the rest:
+the student has mass everywhere. The teacher is then ``P_S``, its kept entries renormalised over
+``S``, zero elsewhere; the student keeps its whole distribution ``Q``.
 
-- ``tail="renormalize"`` (the default): the teacher is ``P_S``, its kept entries renormalised over
-  ``S``, zero elsewhere; the student keeps its whole distribution ``Q``.
+- beta = 0: ``sum_S P_S * log(P_S / Q)``, ``log Q`` over the whole vocabulary: the contract
+  kdsweep always had.
+- 0 < beta < 1: exact for ``(P_S, Q)``. Off ``S``, ``M = (1 - beta) * Q``: the teacher adds
+  nothing there, and the student's mass there, ``Q_rest``, adds
+  ``(1 - beta) * Q_rest * log(1 / (1 - beta))``, which is exact for one bucket.
+- beta = 1: ``KL(Q || P_S)`` would be infinite wherever ``Q`` has mass off ``S``, so the student
+  is renormalised over ``S`` too: ``KL(Q_S || P_S)``. Its mass off ``S`` then gets no gradient
+  from the divergence (the cross-entropy still sees it).
 
-  - beta = 0: ``sum_S P_S * log(P_S / Q)``, ``log Q`` over the whole vocabulary: the contract
-    kdsweep always had.
-  - 0 < beta < 1: exact for ``(P_S, Q)``. Off ``S``, ``M = (1 - beta) * Q``: the teacher adds
-    nothing there, and the student's mass there, ``Q_rest``, adds
-    ``(1 - beta) * Q_rest * log(1 / (1 - beta))``, which is exact for one bucket.
-  - beta = 1: ``KL(Q || P_S)`` would be infinite wherever ``Q`` has mass off ``S``, so the student
-    is renormalised over ``S`` too: ``KL(Q_S || P_S)``. Its mass off ``S`` then gets no gradient
-    from the divergence (the cross-entropy still sees it).
-
-- ``tail="bucket"``: both distributions over the K ids plus one "rest of the vocabulary" bucket,
-  nothing renormalised: the teacher's true ``P(v)`` on ``S`` and ``P_rest = 1 - P(S)``, the
-  student's ``Q(v)`` on ``S`` and ``Q_rest = 1 - Q(S)`` (summed where it lies, so that a small one
-  keeps its digits). Every beta compares the same two (K + 1)-entry distributions. ``P_rest``
-  needs the teacher's normaliser: the dense forms compute it from ``teacher_logits``; the sparse
-  forms need ``teacher_logsumexp``, ``logsumexp(z_t / T)`` over the whole vocabulary at the loss
-  temperature.
-
-Both equal the whole-vocabulary result when ``S`` is the whole vocabulary (``top_k >= V``, or K = V
-ids). Zero probabilities never reach a log as 0: an empty tail, and a teacher's 0 in a reverse KL
-(a logit of -inf, such as a masked vocabulary entry), count as the smallest normal fp32
-(``log = -87.3``), so such a KL is large, not infinite.
+This equals the whole-vocabulary result when ``S`` is the whole vocabulary (``top_k >= V``, or
+K = V ids). Zero probabilities never reach a log as 0: an empty tail (``Q_rest = 0``),
+and a teacher's 0 in a reverse KL (a logit of -inf, such as a masked vocabulary entry), count as
+the smallest normal fp32 (``log = -87.3``), so such a KL is large, not infinite.
 
 How it is computed, and why
 ---------------------------

@@ -9,7 +9,7 @@ from torch import Tensor
 from kdsweep.losses._checks import Options
 from kdsweep.losses._chunks import LossResult, chunked_loss
 from kdsweep.losses._students import HiddenStudent, LogitsStudent
-from kdsweep.losses._teacher import Tail, TeacherInputs
+from kdsweep.losses._teacher import TeacherInputs
 
 
 def distill_loss(
@@ -21,7 +21,6 @@ def distill_loss(
     temperature: float,
     top_k: int | None = None,
     beta: float = 0.0,
-    tail: Tail = "renormalize",
     chunk_tokens: int | None = None,
 ) -> LossResult:
     """Distillation loss from student and teacher logits.
@@ -33,16 +32,13 @@ def distill_loss(
         labels: ``[...]`` target ids; -100 marks a position ignored by both terms.
         alpha: Weight of the divergence term, in [0, 1].
         temperature: Softens both distributions in the divergence term; > 0.
-        top_k: Keep the teacher's ``top_k`` largest logits only (see ``tail``); None, or
-            ``top_k >= V``, uses the whole vocabulary.
+        top_k: Keep the teacher's ``top_k`` largest logits only, renormalised over them (the
+            student too at ``beta == 1``, where its mass elsewhere would make the divergence
+            infinite; details in the `kdsweep.losses` docstring); None, or ``top_k >= V``, uses
+            the whole vocabulary.
         beta: The divergence, TRL's generalized JSD: 0 is KL(teacher || student), 1 is
             KL(student || teacher), in between ``beta * KL(P || M) + (1 - beta) * KL(Q || M)``
             with ``M = beta * P + (1 - beta) * Q``.
-        tail: With ``top_k``, what stands for the rest of the vocabulary. ``"renormalize"``: the
-            teacher renormalised over its top-k, the student over the whole vocabulary (over
-            the top-k too at ``beta == 1``, where the student's mass elsewhere would make the
-            divergence infinite). ``"bucket"``: both over the top-k plus one bucket holding
-            their true mass elsewhere. Details in the `kdsweep.losses` docstring.
         chunk_tokens: Positions per chunk; None sizes chunks so that their fp32 ``[chunk, V]``
             temporaries fit in 136 MiB on a CPU (58 positions at V = 151,936 with a full teacher
             and forward KL) and 512 MiB on a GPU.
@@ -61,7 +57,7 @@ def distill_loss(
         >>> result = distill_loss(student, teacher, labels, alpha=0.5, temperature=2.0, top_k=5)
         >>> result.loss.backward()
     """
-    options = Options(alpha, temperature, beta, tail, top_k, chunk_tokens)
+    options = Options(alpha, temperature, beta, top_k, chunk_tokens)
     teacher = TeacherInputs(logits=teacher_logits)
     return chunked_loss(LogitsStudent, (student_logits,), labels, teacher, options)
 
@@ -75,13 +71,12 @@ def distill_loss_sparse(
     alpha: float,
     temperature: float,
     beta: float = 0.0,
-    tail: Tail = "renormalize",
-    teacher_logsumexp: Tensor | None = None,
     chunk_tokens: int | None = None,
 ) -> LossResult:
     """Distillation loss from student logits and the teacher's top-K logits (e.g. from a cache).
 
-    Equals `distill_loss` with ``top_k=K`` given the same K values and ids.
+    Equals `distill_loss` with ``top_k=K`` given the same K values and ids: the teacher is
+    renormalised over them.
 
     Args:
         student_logits: ``[..., V]`` student logits, any float dtype.
@@ -89,23 +84,16 @@ def distill_loss_sparse(
         teacher_indices: ``[..., K]`` their vocabulary ids, int64 or int32.
         labels: ``[...]`` target ids; -100 marks a position ignored by both terms.
         alpha, temperature, beta: As in `distill_loss`.
-        tail: ``"renormalize"`` or ``"bucket"``, as in `distill_loss`: the K entries
-            renormalised, or the K entries plus one bucket with the teacher's true mass outside
-            them, which needs ``teacher_logsumexp``.
-        teacher_logsumexp: ``[...]`` ``logsumexp(teacher_logits / temperature)`` over the whole
-            vocabulary, any float dtype, at the loss temperature (a cache's log-normaliser of
-            the raw logits is it at ``temperature == 1``). Used by ``tail="bucket"`` only.
         chunk_tokens: As in `distill_loss`.
 
     Returns:
         The loss and its terms.
 
     Raises:
-        ValueError: On bad shapes or settings, naming every problem at once, among them
-            ``tail="bucket"`` without ``teacher_logsumexp``.
+        ValueError: On bad shapes or settings, naming every problem at once.
     """
-    options = Options(alpha, temperature, beta, tail, None, chunk_tokens)
-    teacher = TeacherInputs(None, teacher_values, teacher_indices, teacher_logsumexp)
+    options = Options(alpha, temperature, beta, None, chunk_tokens)
+    teacher = TeacherInputs(None, teacher_values, teacher_indices)
     return chunked_loss(LogitsStudent, (student_logits,), labels, teacher, options)
 
 
@@ -118,11 +106,9 @@ def distill_loss_from_hidden(
     top_k: int | None = None,
     teacher_values: Tensor | None = None,
     teacher_indices: Tensor | None = None,
-    teacher_logsumexp: Tensor | None = None,
     alpha: float,
     temperature: float,
     beta: float = 0.0,
-    tail: Tail = "renormalize",
     chunk_tokens: int | None = None,
 ) -> LossResult:
     """Distillation loss from the student's hidden states, never holding its full logits.
@@ -130,8 +116,7 @@ def distill_loss_from_hidden(
     Student logits are ``hidden @ weight.T``, made one block of positions at a time in fp32, and
     the gradients w.r.t. ``hidden`` and ``weight`` are accumulated in the same pass. Give the
     teacher as ``teacher_logits`` (optionally with ``top_k``) or as ``teacher_values`` with
-    ``teacher_indices`` (and ``teacher_logsumexp`` for ``tail="bucket"``), or not at all when
-    ``alpha == 0``.
+    ``teacher_indices``, or not at all when ``alpha == 0``.
 
     Args:
         hidden: ``[..., H]`` the student's last hidden states, any float dtype.
@@ -139,10 +124,8 @@ def distill_loss_from_hidden(
         labels: ``[...]`` target ids; -100 marks a position ignored by both terms.
         teacher_logits: ``[..., V]`` raw teacher logits.
         top_k: With ``teacher_logits``, keep its top_k largest only, as in `distill_loss`.
-        teacher_values, teacher_indices, teacher_logsumexp: As in `distill_loss_sparse`.
+        teacher_values, teacher_indices: As in `distill_loss_sparse`.
         alpha, temperature, beta: As in `distill_loss`.
-        tail: With a truncated teacher (``top_k`` or top-K values), ``"renormalize"`` or
-            ``"bucket"``, as in `distill_loss`.
         chunk_tokens: Positions per block, whose logits, then their gradient, are one fp32
             ``[block, V]`` buffer; None fits it in 192 MiB on a CPU (331 positions at
             V = 151,936) and 1 GiB on a GPU. Each block reads the weight three times (logits,
@@ -157,6 +140,6 @@ def distill_loss_from_hidden(
     Raises:
         ValueError: On bad shapes or settings, naming every problem at once.
     """
-    options = Options(alpha, temperature, beta, tail, top_k, chunk_tokens)
-    teacher = TeacherInputs(teacher_logits, teacher_values, teacher_indices, teacher_logsumexp)
+    options = Options(alpha, temperature, beta, top_k, chunk_tokens)
+    teacher = TeacherInputs(teacher_logits, teacher_values, teacher_indices)
     return chunked_loss(HiddenStudent, (hidden, weight), labels, teacher, options)

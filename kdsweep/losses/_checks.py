@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import get_args
 
 import torch
 from torch import Tensor
 
-from kdsweep.losses._teacher import Tail, TeacherInputs
+from kdsweep.losses._teacher import TeacherInputs
 
 
 @dataclass(frozen=True)
@@ -19,7 +18,6 @@ class Options:
     alpha: float
     temperature: float
     beta: float = 0.0
-    tail: Tail = "renormalize"
     top_k: int | None = None
     chunk_tokens: int | None = None
 
@@ -76,8 +74,6 @@ def _options_problems(options: Options) -> list[str]:
         problems.append(
             f"beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {options.beta}"
         )
-    if options.tail not in get_args(Tail):
-        problems.append(f"tail must be one of {get_args(Tail)}, got {options.tail!r}")
     if options.top_k is not None and options.top_k < 1:
         problems.append(f"top_k must be >= 1 or None (whole vocabulary), got {options.top_k}")
     if options.chunk_tokens is not None and options.chunk_tokens < 1:
@@ -111,11 +107,6 @@ def _teacher_problems(
     sparse = teacher.values is not None or teacher.indices is not None
     if teacher.logits is not None and sparse:
         return ["give teacher_logits or teacher_values + teacher_indices, not both"]
-    if teacher.logsumexp is not None and not sparse:
-        return [
-            "teacher_logsumexp goes with teacher_values + teacher_indices (a top-K teacher); "
-            "from teacher_logits the loss computes it"
-        ]
     if teacher.logits is None and not sparse:
         return (
             []
@@ -138,7 +129,7 @@ def _teacher_problems(
 def _sparse_teacher_problems(
     options: Options, logits_shape: tuple[int, ...], teacher: TeacherInputs
 ) -> list[str]:
-    values, indices, logsumexp = teacher.values, teacher.indices, teacher.logsumexp
+    values, indices = teacher.values, teacher.indices
     if values is None or indices is None:
         return ["teacher_values and teacher_indices go together: give both"]
     problems = []
@@ -156,20 +147,6 @@ def _sparse_teacher_problems(
         problems.append(f"teacher_values must be floats, got {values.dtype}")
     if indices.dtype not in (torch.int64, torch.int32):
         problems.append(f"teacher_indices must be int64 or int32, got {indices.dtype}")
-    if logsumexp is None and options.tail == "bucket":
-        problems.append(
-            "tail='bucket' needs the teacher's mass outside its top-K: pass "
-            "teacher_logsumexp, logsumexp(teacher_logits / temperature) over the "
-            f"whole vocabulary, shape {tuple(logits_shape[:-1])}"
-        )
-    elif logsumexp is not None and (
-        tuple(logsumexp.shape) != tuple(logits_shape[:-1]) or not logsumexp.is_floating_point()
-    ):
-        problems.append(
-            f"teacher_logsumexp must be a float tensor of shape "
-            f"{tuple(logits_shape[:-1])}, got {logsumexp.dtype} "
-            f"{tuple(logsumexp.shape)}"
-        )
     return problems
 
 

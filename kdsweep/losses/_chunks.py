@@ -64,7 +64,7 @@ def chunked_loss(
     weight = inputs[1] if student_kind is HiddenStudent else None
     check_arguments(inputs[0], weight, labels, teacher_inputs, options)
     vocab = student_kind.vocab(*inputs)
-    teacher = Teacher.build(teacher_inputs, top_k=options.top_k, tail=options.tail, vocab=vocab)
+    teacher = Teacher.build(teacher_inputs, top_k=options.top_k, vocab=vocab)
     block, chunk = chunk_sizes(
         student_kind,
         teacher,
@@ -113,9 +113,7 @@ def live_temporaries(teacher: Teacher | None, beta: float) -> int:
     """How many fp32 ``[chunk, V]`` tensors a chunk holds at once, its logits among them (a
     teacher's ``[chunk, V]`` copies are freed before the student's log-probs exist).
     """
-    if teacher is None or (
-        not teacher.whole_vocabulary and teacher.tail == "renormalize" and beta == 1.0
-    ):
+    if teacher is None or (not teacher.whole_vocabulary and beta == 1.0):
         return 2  # the logits; their log-softmax, which becomes the gradient
     if not teacher.whole_vocabulary:
         return 3  # + the student's tempered log-probs, which become its probabilities

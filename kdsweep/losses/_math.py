@@ -38,16 +38,13 @@ class TeacherChunk:
     """The teacher at one chunk of ``c`` positions, at the loss temperature.
 
     Attributes:
-        log_p: ``[c, V]`` fp32 log-probs (``support`` None), or ``[c, K]`` on ``support``:
-            renormalised over it (``log_rest`` None), or the true ones (bucket tail).
+        log_p: ``[c, V]`` fp32 log-probs (``support`` None), or ``[c, K]`` on ``support``,
+            renormalised over it: the teacher has no mass off it.
         support: ``[c, K]`` int64 vocabulary ids, or None for the whole vocabulary.
-        log_rest: ``[c, 1]`` log of the teacher's mass off ``support``, floored at `LOG_TINY`
-            (bucket tail), or None (renormalised: the teacher has no mass there).
     """
 
     log_p: Tensor
     support: Tensor | None
-    log_rest: Tensor | None
 
 
 def chunk_terms(
@@ -122,7 +119,7 @@ def _divergence(
     logits: Tensor, teacher: TeacherChunk, *, beta: float, temperature: float
 ) -> _Divergence:
     """The divergence of one chunk; ``logits`` ``[c, V]`` and the teacher's tensors are spent."""
-    if teacher.log_rest is None and teacher.support is not None and beta == 1.0:
+    if teacher.support is not None and beta == 1.0:
         return _renormalized_reverse_kl(logits, teacher, temperature=temperature)
     # The same op as the teacher's, so that a student equal to the teacher gives exactly 0.
     log_q = torch.log_softmax(logits.div_(temperature), dim=-1)  # [c, V]
@@ -148,23 +145,22 @@ def _renormalized_reverse_kl(
 def _truncated(
     log_q: Tensor, teacher: TeacherChunk, *, beta: float
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | float]:
-    """The divergence against a teacher known on ``K`` ids (``_Divergence``'s fields but the
-    support), whose tail is renormalised away (beta < 1) or a bucket of its own.
+    """The divergence against a teacher renormalised over ``K`` ids (``_Divergence``'s fields
+    but the support), beta < 1: the whole student against the teacher, which is 0 off its ids.
     """
     support = teacher.support
     log_q_kept = log_q.gather(-1, support)  # [c, K]
     q = log_q.exp_()  # [c, V]
-    if teacher.log_rest is None and beta == 0.0:
+    if beta == 0.0:
         # The teacher has no mass off S, where forward KL then has no terms: no rest bucket.
         jsd = _jsd(teacher.log_p, log_q_kept, beta=beta)
         return jsd.value, jsd.w, q, -jsd.total
-    # One bucket for the rest of the vocabulary; the student's mass there is summed where it is,
-    # not taken as 1 - Q(S), so that a small tail keeps its digits.
+    # One bucket for the rest of the vocabulary, where the teacher has nothing; the student's
+    # mass there is summed where it is, not taken as 1 - Q(S), so that a small tail keeps its
+    # digits.
     q_off = q.scatter_(-1, support, 0.0)
     log_q_rest = q_off.sum(-1, keepdim=True).clamp_(min=TINY).log_()
-    log_p_rest = teacher.log_rest
-    if log_p_rest is None:  # renormalised: the teacher has nothing there
-        log_p_rest = torch.full_like(log_q_rest, -math.inf)
+    log_p_rest = torch.full_like(log_q_rest, -math.inf)
     log_p = torch.cat([teacher.log_p, log_p_rest], dim=-1)  # [c, K + 1]
     jsd = _jsd(log_p, torch.cat([log_q_kept, log_q_rest], dim=-1), beta=beta)
     w, w_rest = jsd.w[:, :-1], jsd.w[:, -1:]

@@ -45,7 +45,8 @@ from kdsweep.names import (
     Tag,
     TrialAttr,
 )
-from kdsweep.store.storage import first_use_lock, primary_value, set_user_attr_once
+from kdsweep.store.storage import first_use_lock, set_user_attr_once
+from kdsweep.store.trials import is_baseline, params_of, primary_value
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.measures import MAXIMIZE
 from kdsweep.study.reader import set_key_path
@@ -144,7 +145,7 @@ class StudyRuns:
         if best is None or best.number == self._best_logged:
             return
         self._best_logged = best.number
-        params = best.user_attrs.get(TrialAttr.PARAMS, best.params)
+        params = params_of(best)
         value = primary_value(best)
         tags = {
             Tag.BEST_TRIAL: best.number,
@@ -235,7 +236,7 @@ class StudyRuns:
             Tag.PARENT: self.parent_run_id,
             Tag.TRIAL: trial.number,
             Tag.STATE: "RUNNING",
-            Tag.BASELINE: bool(trial.user_attrs.get(TrialAttr.BASELINE, False)),
+            Tag.BASELINE: is_baseline(trial),
             Tag.HOST: socket.gethostname(),
             Tag.DEVICE: device,
             **({Tag.SEED_CHECK_OF: checked} if checked is not None else {}),

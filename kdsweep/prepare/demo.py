@@ -185,12 +185,6 @@ def generate_conversations(n: int, *, seed: int) -> list[Messages]:
     return conversations
 
 
-def guanaco_text(messages: Messages) -> str:
-    """The conversation as a guanaco text row: ``### Human: ...### Assistant: ...``."""
-    markers = {"user": "### Human: ", "assistant": "### Assistant: "}
-    return "".join(markers[m["role"]] + m["content"] for m in messages)
-
-
 def chatml(messages: Messages) -> str:
     """The conversation as :data:`CHAT_TEMPLATE` renders it."""
     return "".join(f"{TURN_START}{m['role']}\n{m['content']}{TURN_END}\n" for m in messages)

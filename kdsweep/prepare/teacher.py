@@ -69,11 +69,6 @@ class StudyTeacher:
         return self._train_cache is not None
 
     @property
-    def loaded(self) -> bool:
-        """Whether the teacher's weights are in memory."""
-        return self._online is not None
-
-    @property
     def train_cache(self) -> CachedTeacher | None:
         """The training tokens' cache, when the teacher runs from one."""
         return self._train_cache

@@ -17,7 +17,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdsweep.data import Batch, TokenizedSplit, make_batches
 from kdsweep.distill import clock, lora, models, train
-from kdsweep.distill.checkpoints import TrainState
 from kdsweep.distill.evaluate import (
     Answers,
     EvalSet,
@@ -26,6 +25,7 @@ from kdsweep.distill.evaluate import (
     evaluate_student,
     score_test,
 )
+from kdsweep.distill.loss import DistillSettings
 from kdsweep.errors import UsageError
 from kdsweep.names import Metric
 from kdsweep.prepare.inputs import Inputs, read_inputs
@@ -33,7 +33,7 @@ from kdsweep.prepare.teacher import StudyTeacher
 from kdsweep.progress import SweepProgress
 from kdsweep.study import space
 from kdsweep.study.config import StudyConfig
-from kdsweep.study.measures import ACCURACY_OBJECTIVES, better
+from kdsweep.study.measures import ACCURACY_MEASURES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,61 +80,55 @@ class TrialRunner:
     def __call__(
         self,
         params: dict,
+        hooks: train.TrialHooks | None = None,
         *,
         seed: int | None = None,
         batch: tuple[int, int] | None = None,
-        on_log,
-        on_eval,
-        on_trained=None,
-        on_built=None,
-        on_test: bool = False,
-        save_state=None,
-        resume: TrainState | None = None,
     ) -> train.DistillResult:
         """One trial: a fresh student distilled with ``params`` (the declared search space), with
-        the study's training seed or ``seed``, and its micro-batch and accumulation or ``batch``.
+        the study's training seed or ``seed``, and its micro-batch and accumulation or ``batch``
+        (an out-of-memory retry's).
 
         The student ends at the checkpoint ``train.select`` chooses, where accuracy is measured
-        (and, with ``on_test``, the test split scored): ``DistillResult.after`` holds what was
-        measured there. ``on_trained(student)``, if given, then sees it (``save_best`` saves it).
-        ``on_built(trainable_parameters)`` hears what the student's form trains once it is built.
-        ``save_state`` receives its resume checkpoints; ``resume`` is one to go on from.
+        (and, with ``hooks.scores_test``, the test split scored): ``DistillResult.after`` holds
+        what was measured there. ``hooks`` hear the trial as it trains (``train.TrialHooks``).
         """
-        fixed = (
-            self.study.train if seed is None else dataclasses.replace(self.study.train, seed=seed)
-        )
+        hooks = hooks or train.TrialHooks()
+        settings = self.settings(params, seed=seed, batch=batch)
+        student = self.new_student(params, seed=settings.train.seed)
+        hooks.built(sum(p.numel() for p in student.parameters() if p.requires_grad))
+        result = train.distill(student, settings, self.training_data, self.teacher, hooks)
+        after = self.measure(student, result.final_eval, on_test=hooks.scores_test)
+        hooks.trained(student)
+        return dataclasses.replace(result, final_eval=result.final_eval | after, after=after)
+
+    def settings(
+        self, params: dict, *, seed: int | None = None, batch: tuple[int, int] | None = None
+    ) -> DistillSettings:
+        """What a trial with ``params`` trains with: its parameters as the loop takes them (a
+        LoRA trial's learning rate scaled), the study's fixed settings, and its seed and batch."""
+        fixed = self.study.train
+        if seed is not None:
+            fixed = dataclasses.replace(fixed, seed=seed)
         if batch is not None:
             fixed = dataclasses.replace(fixed, batch_size=batch[0], grad_accum_steps=batch[1])
-        student = self.new_student(params, seed=fixed.seed)
-        if on_built is not None:
-            on_built(sum(p.numel() for p in student.parameters() if p.requires_grad))
         values = space.settings(params)
         rank = values.pop("lora_rank")
         values["learning_rate"] = self.study.student.lora.learning_rate(
             values["learning_rate"], rank
         )
-        settings = train.DistillSettings(
-            **values, train=fixed, group_by_length=self.study.data.group_by_length
+        return DistillSettings(
+            **values,
+            train=fixed,
+            group_by_length=self.study.data.group_by_length,
+            objective=self.study.primary_objective,
         )
-        result = train.distill(
-            student,
-            self.inputs.train_split,
-            self.teacher,
-            settings,
-            vocab=self.inputs.vocab,
-            pad_id=self.tokenizer.pad_token_id,
-            evaluate=self.evaluate,
-            on_log=on_log,
-            on_eval=on_eval,
-            on_policy=self.on_policy() if settings.lmbda > 0 else None,
-            better=self._better if self.study.train.select == "best" else None,
-            save_state=save_state,
-            resume=resume,
+
+    @property
+    def training_data(self) -> train.TrainingData:
+        return train.TrainingData(
+            self.inputs.train_split, self.inputs.vocab, self.tokenizer.pad_token_id, self.evaluate
         )
-        after = self.measure(student, result.final_eval, on_test=on_test)
-        if on_trained is not None:
-            on_trained(student)
-        return dataclasses.replace(result, final_eval=result.final_eval | after, after=after)
 
     def new_student(self, params: dict, *, seed: int) -> PreTrainedModel:
         """A fresh student in the form ``params`` give it: whole, or with a LoRA adapter of its
@@ -142,10 +136,6 @@ class TrialRunner:
         student = models.load_model("student", self.inputs.student, self.device)
         torch.manual_seed(seed)
         return lora.adapt(student, params.get("lora_rank", 0), self.study.student.lora)
-
-    def _better(self, metrics: dict, than: dict) -> bool:
-        objective = self.study.primary_objective
-        return better(self.study.direction, metrics[objective], than[objective])
 
     def measure(self, student: PreTrainedModel, measured: dict, *, on_test: bool) -> dict:
         """What is measured at the trial's final checkpoint: accuracy on the validation split
@@ -160,18 +150,6 @@ class TrialRunner:
         if on_test and self.test_set is not None:
             found |= score_test(student, self.test_set, self.inputs.vocab)
         return found
-
-    def on_policy(self) -> train.OnPolicy:
-        """What a trial's on-policy steps need: the teacher run online, the prompts, sampling."""
-        cfg = self.study.train
-        return train.OnPolicy(
-            self.teacher.online("score on-policy completions"),
-            self.inputs.train_split,
-            temperature=cfg.generation_temperature,
-            max_new_tokens=cfg.generation_max_new_tokens,
-            pad_id=self.tokenizer.pad_token_id,
-            eos_id=self.inputs.train_split.stop_id,
-        )
 
     def evaluate(self, student: PreTrainedModel, step: int) -> dict[str, float]:
         """A trial's evaluation at ``step`` on the validation split; accuracy too when the study
@@ -208,7 +186,7 @@ def _answers(
     ends with one (accuracy is then off there: there is nothing to ask)."""
     if split.answered():
         return Answers.of(split, inputs.tokenizer, study.eval)
-    wanted = [o for o in study.objectives if o in ACCURACY_OBJECTIVES]
+    wanted = [o for o in study.objectives if o in ACCURACY_MEASURES]
     if wanted and name == study.data.eval_split:
         raise UsageError(
             f"objective: {wanted[0]} needs eval rows that end with an answer, and no row of "

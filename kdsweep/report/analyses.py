@@ -12,8 +12,8 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.compat.optuna import FilteredStudy
-from kdsweep.names import Group, TrialAttr
-from kdsweep.store.storage import group_of, primary_value
+from kdsweep.names import Group
+from kdsweep.store.trials import Trials, group_of, is_baseline, is_seed_check, primary_value
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.measures import feasible
 
@@ -71,7 +71,7 @@ def sampled_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
         for t in trials
         if t.state == TrialState.COMPLETE
         and group_of(t) == Group.SEARCH
-        and not t.user_attrs.get(TrialAttr.BASELINE)
+        and not is_baseline(t)
         and feasible(t.constraints)
     ]
 
@@ -95,13 +95,12 @@ def pareto_front(optuna_study: optuna.Study) -> list[FrozenTrial]:
     view of the study, not a copy: a copy would reject the baselines' alpha 0, which lies outside
     the searched range."""
     front = complete_sweep(optuna_study).best_trials  # infeasible ones left out by Optuna
-    sign = 1 if optuna_study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
-    return sorted(front, key=lambda t: (sign * primary_value(t), t.number))
+    return Trials(front, optuna_study.directions).ranked
 
 
 def complete_sweep(optuna_study: optuna.Study) -> FilteredStudy:
     """The study as its complete sweep trials (baselines included, seed-check runs not)."""
     return FilteredStudy(
         optuna_study,
-        lambda t: t.state == TrialState.COMPLETE and group_of(t) != Group.SEED_CHECK,
+        lambda t: t.state == TrialState.COMPLETE and not is_seed_check(t),
     )

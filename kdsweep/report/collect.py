@@ -21,10 +21,9 @@ from kdsweep.paths import store_missing
 from kdsweep.report.analyses import Importances, compute_importances, pareto_front
 from kdsweep.report.text import as_float, finite
 from kdsweep.store.cost import StudyCost, study_cost
-from kdsweep.store.recovery import retry_of
-from kdsweep.store.storage import group_of
+from kdsweep.store.trials import Trials, group_of, is_baseline, params_of, retry_of
 from kdsweep.study.config import StudyConfig
-from kdsweep.study.measures import MAXIMIZE, feasible
+from kdsweep.study.measures import TEST_METRICS, feasible
 from kdsweep.study.space import SEARCHED, is_plain_fine_tuning
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `kdsweep ui` serves a local tracking store
@@ -60,6 +59,7 @@ class ReportData:
 
     study: StudyConfig
     attrs: dict  # the Optuna study's user attrs
+    view: Trials  # which trial is what (baselines, ranked, ...), as every part reads it
     trials: pd.DataFrame  # one row per trial, by number (see trials_frame)
     tracking: Tracking
     cost: StudyCost  # what the study's store says it cost
@@ -85,16 +85,17 @@ class ReportData:
 
     @property
     def lower_is_better(self) -> bool:
-        return self.study.direction != MAXIMIZE
+        return self.view.minimize
+
+    def rows(self, trials: list[FrozenTrial]) -> pd.DataFrame:
+        """The rows of ``trials``, in their order."""
+        position = {number: i for i, number in enumerate(self.trials.number)}
+        return self.trials.iloc[[position[t.number] for t in trials]]
 
     @property
     def ranked(self) -> pd.DataFrame:
-        """Complete, feasible sweep trials, best first by the first objective; ties go to the
-        earlier trial."""
-        complete = self.sweep[(self.sweep.state == "COMPLETE") & self.sweep.feasible]
-        return complete.sort_values(
-            ["value", "number"], ascending=[self.lower_is_better, True], kind="mergesort"
-        )
+        """Complete, feasible sweep trials, best first by the first objective (``Trials``)."""
+        return self.rows(self.view.ranked)
 
     @property
     def infeasible(self) -> pd.DataFrame:
@@ -106,14 +107,18 @@ class ReportData:
         return self.ranked.head(self.study.report_top_n)
 
     @property
-    def plain(self) -> pd.DataFrame:
-        """Complete plain fine-tuning trials (alpha 0), best first: what distillation must beat.
-        Like with like: those of the best distilled trial's student form, when any trained it
-        (``storage.compared_baseline``)."""
-        plain = self.ranked[is_plain_fine_tuning(self.ranked.alpha)]
-        distilled = self.best_distilled
-        alike = plain[plain.lora_rank == distilled.lora_rank] if distilled is not None else plain
-        return alike if len(alike) else plain
+    def baselines(self) -> pd.DataFrame:
+        """The baselines the verdict compares with, best first: what distillation must beat
+        (``Trials.compared_baselines``: those of the best distilled trial's student form)."""
+        return self.rows(self.view.compared_baselines)
+
+    @property
+    def baseline_kind(self) -> str:
+        """What the baselines are, in words: "plain fine-tuning" when every one trained at
+        alpha 0, else "baseline" (distillation at settings the study fixed, say)."""
+        baselines = self.rows(self.view.baselines)
+        plain = len(baselines) and is_plain_fine_tuning(baselines.alpha).all()
+        return "plain fine-tuning" if plain else "baseline"
 
     @property
     def has_lora(self) -> bool:
@@ -121,13 +126,17 @@ class ReportData:
         return bool((self.trials.lora_rank.fillna(0) > 0).any())
 
     @property
-    def best_plain(self) -> pd.Series | None:
-        return self.plain.iloc[0] if len(self.plain) else None
+    def best_baseline(self) -> pd.Series | None:
+        return self.baselines.iloc[0] if len(self.baselines) else None
+
+    @property
+    def distilled(self) -> pd.DataFrame:
+        """Ranked trials of the sweep's own search (not baselines), best first."""
+        return self.rows(self.view.distilled)
 
     @property
     def best_distilled(self) -> pd.Series | None:
-        distilled = self.ranked[~is_plain_fine_tuning(self.ranked.alpha)]
-        return distilled.iloc[0] if len(distilled) else None
+        return self.distilled.iloc[0] if len(self.distilled) else None
 
     @property
     def teacher_ppl(self) -> float | None:
@@ -178,7 +187,7 @@ class ReportData:
         trial and the best baseline were scored on it (else: the validation split)."""
         if StudyAttr.TEST_TEACHER_PPL not in self.attrs:
             return False
-        finalists = [t for t in (self.best_distilled, self.best_plain) if t is not None]
+        finalists = [t for t in (self.best_distilled, self.best_baseline) if t is not None]
         return bool(finalists) and all(as_float(t.test_student_ppl) is not None for t in finalists)
 
     def split_label(self) -> str:
@@ -209,24 +218,22 @@ class ReportData:
         return as_float(self.attrs.get(key))
 
     def gap_closed(self, ppl, *, test: bool | None = None) -> float | None:
-        """Share (in %) of the perplexity gap between the best plain fine-tuning trial and the
+        """Share (in %) of the perplexity gap between the best baseline trial and the
         teacher that ``ppl`` closes: 0 at the baseline, 100 at the teacher, negative when worse.
         On the test split or the validation split (default: the verdict's)."""
         test = self.on_test if test is None else test
-        plain = self.best_plain
+        baseline = self.best_baseline
         key = StudyAttr.TEST_TEACHER_PPL if test else StudyAttr.TEACHER_PPL
         teacher, ppl = as_float(self.attrs.get(key)), as_float(ppl)
         start = (
             None
-            if plain is None
-            else as_float(plain.test_student_ppl if test else plain.student_ppl)
+            if baseline is None
+            else as_float(baseline.test_student_ppl if test else baseline.student_ppl)
         )
         if teacher is None or start is None or ppl is None or start <= teacher:
             return None
         return 100 * (start - ppl) / (start - teacher)
 
-
-TEST_METRICS = (Metric.TEST_STUDENT_PPL, Metric.TEST_EXACT_MATCH, Metric.TEST_ROUGE_L)
 
 # Settings the reproduce command sets itself, or that do not change what a trial computes.
 _NOT_REPRODUCED = (
@@ -262,6 +269,7 @@ def collect(study: StudyConfig, optuna_study: optuna.Study) -> ReportData:
     data = ReportData(
         study,
         attrs,
+        Trials(trials, optuna_study.directions),
         trials_frame(trials, attrs),
         _tracking(study, optuna_study),
         cost=study_cost(optuna_study, max_steps=max_steps),
@@ -291,7 +299,7 @@ def trials_frame(trials: list[FrozenTrial], study_attrs: dict | None = None) -> 
 def _trial_row(trial: FrozenTrial | None, test: dict | None = None) -> dict:
     attrs = trial.user_attrs if trial else {}
     test = test or {}
-    params = attrs.get(TrialAttr.PARAMS) or (trial.params if trial else {})
+    params = params_of(trial) if trial else {}
     steps = sorted(trial.intermediate_values.items()) if trial else []
     values = trial.values if trial and trial.values else None
     constraints = trial.constraints if trial else {}
@@ -302,7 +310,7 @@ def _trial_row(trial: FrozenTrial | None, test: dict | None = None) -> dict:
         "values": values,  # every objective's, in the study's order
         "feasible": feasible(constraints),
         "constraints": constraints,  # each one's measure minus its ceiling (0 or less: kept)
-        "baseline": bool(attrs.get(TrialAttr.BASELINE, False)),
+        "baseline": is_baseline(trial) if trial else False,
         "group": group_of(trial) if trial else Group.SEARCH,
         "seed_check_of": attrs.get(TrialAttr.SEED_CHECK_OF),
         "retry_of": retry_of(trial) if trial else None,
@@ -406,13 +414,14 @@ def _merge_runs(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_curves(data: ReportData) -> dict[int, pd.DataFrame]:
-    """student_ppl by eval step for the top trials and the best plain baseline."""
+    """student_ppl by eval step for the top trials and the best baseline."""
     if data.tracking.problem:
         return {}
     client = mlflow_client(data.tracking)
     wanted = list(data.top.itertuples())
-    if (plain := data.best_plain) is not None and plain.number not in data.top.number.values:
-        wanted.append(plain)
+    baseline = data.best_baseline
+    if baseline is not None and baseline.number not in data.top.number.values:
+        wanted.append(baseline)
     curves = {}
     for trial in wanted:
         if not isinstance(trial.mlflow_run_id, str):

@@ -19,13 +19,12 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullForm
 from optuna.visualization.matplotlib import plot_param_importances, plot_pareto_front, plot_slice
 
 from kdsweep.compat.optuna import FilteredStudy
-from kdsweep.names import Group, Metric
+from kdsweep.names import Metric
 from kdsweep.report.analyses import complete_sweep, sampled_trials, study_of
 from kdsweep.report.collect import ReportData
 from kdsweep.report.text import objective_label, params_short
-from kdsweep.store.storage import group_of, primary_value
+from kdsweep.store.trials import is_seed_check, primary_value
 from kdsweep.study.measures import MAXIMIZE, feasible
-from kdsweep.study.space import is_plain_fine_tuning
 
 # Fixed figure settings: the same storage gives the same PNG bytes.
 _RC = {
@@ -169,9 +168,7 @@ def _plot_slice(optuna_study: optuna.Study, data: ReportData):
 def _feasible_sweep(optuna_study: optuna.Study) -> FilteredStudy:
     """The study without its seed-check runs, which repeat configurations already shown, and
     without its infeasible trials, which the best and the report leave out."""
-    return FilteredStudy(
-        optuna_study, lambda t: group_of(t) != Group.SEED_CHECK and feasible(t.constraints)
-    )
+    return FilteredStudy(optuna_study, lambda t: not is_seed_check(t) and feasible(t.constraints))
 
 
 def _first_objective(data: ReportData):
@@ -204,17 +201,15 @@ def _plot_curves(data: ReportData):
         data.curves.items(), key=lambda item: (ranks.get(item[0], 10**9), item[0])
     ):
         trial = trials.loc[number]
-        plain = is_plain_fine_tuning(trial.alpha)
+        baseline = bool(trial.baseline)
         rank = f"#{ranks[number]} " if number in ranks else ""
-        label = (
-            f"{rank}trial {number}{' (plain fine-tuning)' if plain else ''}: {params_short(trial)}"
-        )
+        label = f"{rank}trial {number}{' (baseline)' if baseline else ''}: {params_short(trial)}"
         ax.plot(
             points.step,
             points.student_ppl,
             marker="o",
             markersize=3,
-            linestyle="--" if plain else "-",
+            linestyle="--" if baseline else "-",
             label=label,
         )
     if data.teacher_ppl:
@@ -230,7 +225,7 @@ def _plot_curves(data: ReportData):
     ax.set(
         xlabel="training step",
         ylabel=ylabel,
-        title="Eval perplexity: top trials against plain fine-tuning",
+        title="Eval perplexity: top trials against the best baseline",
     )
     ax.legend(fontsize=8)
     fig.tight_layout()

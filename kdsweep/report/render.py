@@ -181,7 +181,7 @@ def render_no_complete(data: ReportData) -> str:
 
 
 def render_references(data: ReportData) -> str:
-    """Teacher, untrained student, best plain fine-tuning and best distilled trial, side by side,
+    """Teacher, untrained student, best baseline and best distilled trial, side by side,
     on the verdict's split (the untrained student on the validation split)."""
     attrs, test = data.attrs, data.on_test
     split = "test" if test else "validation"
@@ -200,7 +200,7 @@ def render_references(data: ReportData) -> str:
         ),
     ]
     for name, trial in (
-        ("best plain fine-tuning (alpha 0)", data.best_plain),
+        (_best_baseline_label(data), data.best_baseline),
         ("best distilled trial", data.best_distilled),
     ):
         if trial is not None:
@@ -233,23 +233,29 @@ def render_references(data: ReportData) -> str:
     note = (
         "Perplexity is token-weighted over the held-out answers; teacher and students are scored "
         "on the same tokens. "
-        '"Gap closed" is the share of the perplexity gap between the best plain fine-tuning '
-        "trial and the teacher. Each trial is taken at its best checkpoint on the validation "
+        '"Gap closed" is the share of the perplexity gap between the best baseline trial and '
+        "the teacher. Each trial is taken at its best checkpoint on the validation "
         "split (`train.select`), its best step."
     )
     return "\n\n".join(["## Reference points", markdown_table(frame), note, _baseline_steps(data)])
 
 
+def _best_baseline_label(data: ReportData) -> str:
+    if data.baseline_kind == "plain fine-tuning":
+        return "best plain fine-tuning (alpha 0)"
+    return "best baseline"
+
+
 def _baseline_steps(data: ReportData) -> str:
-    """Where each plain fine-tuning trial peaked: a baseline that peaks early is news (it
+    """Where each compared baseline trial peaked: a baseline that peaks early is news (it
     overfits its data), and it is compared at its peak, not at its last step."""
-    steps = [int(s) for s in data.plain.best_step.dropna()]
+    steps = [int(s) for s in data.baselines.best_step.dropna()]
     if not steps:
         return ""
     max_steps = data.study.train.max_steps
     early = sum(s < max_steps for s in steps)
     return (
-        f"Plain fine-tuning's {len(steps)} trial{'s' if len(steps) > 1 else ''} peaked at "
+        f"The baseline's {len(steps)} trial{'s' if len(steps) > 1 else ''} peaked at "
         f"step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))} of {max_steps}"
         + (f": {early} before the last, so it overfits its data after that." if early else ".")
     )
@@ -367,7 +373,7 @@ def render_what_mattered(data: ReportData, figures: dict[str, Figure]) -> str:
     parts += ["### Objective against each parameter", markdown_image(figures["slice"])]
     parts += [
         "### Eval curves",
-        "Eval perplexity of the top trials (solid) and the best plain fine-tuning trial (dashed) "
+        "Eval perplexity of the top trials (solid) and the best baseline trial (dashed) "
         "at every evaluation, with the teacher's perplexity on the same tokens (dotted).",
         markdown_image(figures["curves"]),
     ]

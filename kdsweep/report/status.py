@@ -9,18 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 from kdsweep.errors import UsageError
-from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
+from kdsweep.names import Metric, StudyAttr, TrialAttr
 from kdsweep.store import cost
-from kdsweep.store.recovery import retry_of
-from kdsweep.store.storage import (
-    best_trial,
-    compared_baseline,
-    group_of,
-    load_existing_study,
-    ranked_trials,
-)
+from kdsweep.store.storage import load_existing_study
+from kdsweep.store.trials import Trials, is_baseline, is_seed_check, params_of, retry_of
 from kdsweep.study.config import StudyConfig
-from kdsweep.study.measures import feasible
+from kdsweep.study.measures import BY_NAME, feasible
 from kdsweep.study.space import columns, describe, is_plain_fine_tuning
 
 _STATES = {
@@ -37,9 +31,9 @@ def print_status(study: StudyConfig, console: Console | None = None) -> None:
     check, or why it failed)."""
     console = console or Console()
     optuna_study = load_existing_study(study)
-    trials = optuna_study.get_trials(deepcopy=False)
-    best = best_trial(optuna_study)
-    sweep = [t for t in trials if group_of(t) != Group.SEED_CHECK]
+    view = Trials.of(optuna_study)
+    trials, best = view.all, view.best
+    sweep = [t for t in trials if not is_seed_check(t)]
     title = f"study {study.name!r}: {len(sweep)} trials, target {study.n_trials}"
     if len(sweep) < len(trials):
         title += f", and {len(trials) - len(sweep)} seed-check runs"
@@ -47,10 +41,10 @@ def print_status(study: StudyConfig, console: Console | None = None) -> None:
         title += f"; {infeasible} infeasible (over a ceiling, or out of memory)"
     shown = columns(study.search)
     objectives = study.objectives
-    headers = [_SHORT.get(name, name) for name in objectives]
+    headers = [BY_NAME[name].short for name in objectives]
     table = _table(["#", "state", *(p.label for p in shown), *headers, "time", "note"])
     for trial in trials:
-        params = trial.user_attrs.get(TrialAttr.PARAMS, trial.params)
+        params = params_of(trial)
         values = trial.values or [None] * len(objectives)
         table.add_row(
             str(trial.number),
@@ -114,15 +108,12 @@ def estimate_line(study: StudyConfig) -> str:
 
 def print_summary(study: StudyConfig, console: Console | None = None) -> None:
     """The answer in a few lines: teacher, best distilled trial and the baseline the verdict
-    compares it with (the best plain fine-tuning of its student form, ``compared_baseline``)."""
+    compares it with (the best baseline of its student form, ``Trials.compared_baseline``)."""
     console = console or Console()
     optuna_study = load_existing_study(study)
     attrs = optuna_study.user_attrs
-    ranked = ranked_trials(optuna_study)
-    distilled = next(
-        (t for t in ranked if t.user_attrs.get(TrialAttr.PARAMS, {}).get("alpha") != 0), None
-    )
-    plain = compared_baseline(ranked)
+    view = Trials.of(optuna_study)
+    distilled, baseline = view.best_distilled, view.compared_baseline
     accuracy = StudyAttr.TEACHER_EXACT_MATCH in attrs
     # the other objectives (a cost, ROUGE-L, ...), by their names
     others = [
@@ -146,7 +137,7 @@ def print_summary(study: StudyConfig, console: Console | None = None) -> None:
         *("" for _ in others),
     ]
     table.add_row("teacher", *teacher, "")
-    for name, trial in (("best distilled", distilled), ("best fine-tuned", plain)):
+    for name, trial in (("best distilled", distilled), ("best baseline", baseline)):
         if trial is not None:
             metrics = [_number(trial.user_attrs.get(Metric.STUDENT_PPL))]
             metrics += [_percent(trial.user_attrs.get(Metric.EXACT_MATCH))] if accuracy else []
@@ -154,7 +145,7 @@ def print_summary(study: StudyConfig, console: Console | None = None) -> None:
             table.add_row(
                 f"{name}, trial {trial.number}",
                 *metrics,
-                describe(trial.user_attrs.get(TrialAttr.PARAMS, {}), short=True),
+                describe(params_of(trial), short=True),
             )
     console.print(table)
 
@@ -182,39 +173,27 @@ def _note(trial, best) -> str:
     attrs = trial.user_attrs
     if attrs.get(TrialAttr.FAIL_REASON):
         return attrs[TrialAttr.FAIL_REASON]
-    if group_of(trial) == Group.SEED_CHECK:
+    if is_seed_check(trial):
         return (
             f"seed check of {attrs.get(TrialAttr.SEED_CHECK_OF)}, seed {attrs.get(TrialAttr.SEED)}"
         )
     notes = ["best"] if best is not None and trial.number == best.number else []
-    if attrs.get(TrialAttr.BASELINE):
+    if is_baseline(trial):
         notes.append("baseline")
     if (retried := retry_of(trial)) is not None:
         notes.append(f"retry of {retried}")  # the failed trial says why
-    if over := [_SHORT.get(name, name) for name, value in trial.constraints.items() if value > 0]:
+    if over := [_short(name) for name, value in trial.constraints.items() if value > 0]:
         notes.append(f"over {', '.join(over)}")  # infeasible: not ranked
     return ", ".join(notes)
 
 
-# Objectives' column headers, short enough for an 80-column terminal (the legend names them).
-_SHORT = {
-    Metric.STUDENT_PPL: "ppl",
-    Metric.PPL_RATIO: "ratio",
-    Metric.KL_TO_TEACHER: "kl",
-    Metric.EXACT_MATCH: "em",
-    Metric.ROUGE_L: "rouge",
-    Metric.DEVICE_SECONDS: "dev s",
-    Metric.TRAIN_SECONDS: "train s",
-    Metric.EVAL_SECONDS: "eval s",
-    Metric.GENERATION_SECONDS: "gen s",
-    Metric.CHECKPOINT_SECONDS: "ckpt s",
-    Metric.PEAK_MEMORY_GB: "mem GB",
-    Metric.TRAINABLE_PARAMETERS: "params",
-}
+def _short(name: str) -> str:
+    """A constraint's measure as the table's headers name it (out of memory by its own name)."""
+    return BY_NAME[name].short if name in BY_NAME else name
 
 
 def _legend(shown, objectives) -> str:
-    names = [(p.label, p.name) for p in shown] + [(_SHORT.get(o, o), o) for o in objectives]
+    names = [(p.label, p.name) for p in shown] + [(BY_NAME[o].short, o) for o in objectives]
     return "  ".join(f"{label} = {name}" for label, name in names if label != name)
 
 

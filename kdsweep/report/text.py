@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 
-from kdsweep.names import Metric
+from kdsweep.study.measures import BY_NAME
 from kdsweep.study.space import SEARCH_SPACE, describe
 
 
@@ -90,11 +90,7 @@ def params_short(trial) -> str:
 
 def objective_label(objective: str) -> str:
     """The objective in words, for axis labels."""
-    words = {
-        Metric.STUDENT_PPL: "student perplexity",
-        Metric.PPL_RATIO: "student / teacher perplexity",
-    }
-    return words.get(objective, objective)
+    return BY_NAME[objective].label
 
 
 def percent_of(fraction) -> float | None:
@@ -111,9 +107,6 @@ def params_cell(trial) -> str:
 
 
 def measure_text(name: str, value) -> str:
-    """A measure as tables show it: a parameter count in full (78,080), anything else in 4
-    significant digits."""
+    """A measure as tables show it (``Measure.show``); "" when there is none."""
     number = as_float(value)
-    if number is not None and name == Metric.TRAINABLE_PARAMETERS:
-        return f"{int(number):,}"
-    return fmt(number)
+    return "" if number is None else BY_NAME[name].show(number)

@@ -17,7 +17,7 @@ from kdsweep.report.text import (
     pct,
     percent_of,
 )
-from kdsweep.study.space import form, is_plain_fine_tuning
+from kdsweep.study.space import form
 
 
 def other_objectives(data: ReportData) -> list[tuple[int, str]]:
@@ -35,14 +35,12 @@ def render_forms(data: ReportData) -> str:
         return ""
     ranked = data.ranked.assign(rank=data.ranked.lora_rank.fillna(0).astype(int))
     rows = []
-    for (rank, plain), trials in ranked.groupby(
-        ["rank", is_plain_fine_tuning(ranked.alpha)], sort=True
-    ):
+    for (rank, baseline), trials in ranked.groupby(["rank", "baseline"], sort=True):
         best = trials.iloc[0]
         rows.append(
             {
                 "form": form(rank),
-                "kind": "plain fine-tuning" if plain else "distilled",
+                "kind": "baseline" if baseline else "distilled",
                 "trials": str(len(trials)),
                 "best trial": data.trial_cell(best),
                 "student ppl": fmt(best.student_ppl),
@@ -68,7 +66,7 @@ def render_forms(data: ReportData) -> str:
 
 
 def _full_against_lora(data: ReportData, ranked: pd.DataFrame) -> str:
-    distilled = ranked[~is_plain_fine_tuning(ranked.alpha)]
+    distilled = ranked[~ranked.baseline]
     full, lora = distilled[distilled["rank"] == 0], distilled[distilled["rank"] > 0]
     if full.empty or lora.empty:
         tried = "LoRA" if full.empty else "full fine-tuning"

@@ -1,12 +1,13 @@
-"""The report's answer: does distillation beat plain fine-tuning, by how much, and is it real?
+"""The report's answer: does distillation beat the tuned baseline, by how much, and is it real?
 
-The first lines compare the best distilled trial with the best plain fine-tuning trial (each
-the best of its own search, at its best checkpoint: best against best) in perplexity and, when
-decoded, accuracy, with the share of the baseline-to-teacher perplexity gap that distillation
-closes. The numbers come from the test split when the study has one (``ReportData.on_test``):
-the validation split chose the trials and their checkpoints, so its numbers are optimistic, and
-the verdict says so when it has nothing else. The seed check then says whether the winner's
-lead is larger than what a change of seed alone moves.
+The first lines compare the best distilled trial with the best baseline trial (plain
+fine-tuning, when the study's baselines fix alpha 0), each the best of its own search at its
+best checkpoint (best against best), in perplexity and, when decoded, accuracy, with the share
+of the baseline-to-teacher perplexity gap that distillation closes. The numbers come from the
+test split when the study has one (``ReportData.on_test``): the validation split chose the
+trials and their checkpoints, so its numbers are optimistic, and the verdict says so when it has
+nothing else. The seed check then says whether the winner's lead is larger than what a change
+of seed alone moves.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pandas as pd
 from kdsweep.report.collect import ReportData
 from kdsweep.report.compute import cost_sentence
 from kdsweep.report.text import fmt, markdown_table, params_of, pct, points
-from kdsweep.study.space import BY_NAME, form, is_plain_fine_tuning
+from kdsweep.study.space import BY_NAME, form
 from kdsweep.study.space import describe as describe_params
 
 
@@ -44,7 +45,7 @@ def _choice(data: ReportData, p) -> str | None:
     """Best distilled trial with ``p`` away from its quiet value against the best at it."""
     if getattr(data.study.search, p.name).is_fixed:
         return None
-    distilled = data.ranked[~is_plain_fine_tuning(data.ranked.alpha)]
+    distilled = data.distilled
     on, off = (
         distilled[distilled[p.name] != p.quiet_at],
         distilled[distilled[p.name] == p.quiet_at],
@@ -57,7 +58,7 @@ def _choice(data: ReportData, p) -> str | None:
             "the two."
         )
     best_on, best_off = on.iloc[0], off.iloc[0]
-    wins = _better(data, best_on.value, best_off.value)
+    wins = data.view.better(best_on.value, best_off.value)
     accuracy = ""
     if not pd.isna(best_on.exact_match) and not pd.isna(best_off.exact_match):
         accuracy = (
@@ -74,32 +75,32 @@ def _choice(data: ReportData, p) -> str | None:
 
 
 def _headline(data: ReportData) -> str:
-    plain, distilled = data.best_plain, data.best_distilled
+    baseline, distilled = data.best_baseline, data.best_distilled
     objective = data.study.primary_objective
     if distilled is None:
         return (
             "**No distilled trial has completed**, so nothing says yet whether distillation "
             f"helps on this {objective}."
         )
-    if plain is None:
+    if baseline is None:
         return (
-            "**No plain fine-tuning baseline ran**, so nothing says whether distillation beats "
-            "it: add "
+            "**No baseline ran**, so nothing says whether distillation beats plain fine-tuning: "
+            "add "
             f"`baselines: [{{alpha: 0, trials: 3}}]` to the study. The best distilled trial "
             f"({data.trial_cell(distilled)}: {describe(distilled)}) reaches {objective} "
             f"{fmt(distilled.value)}."
         )
-    wins = _better(data, data.shown_value(distilled), data.shown_value(plain))
+    wins = data.view.better(data.shown_value(distilled), data.shown_value(baseline))
     lead = (
         "**Distillation beats the tuned baseline.**"
         if wins
-        else "**Plain fine-tuning wins: distillation does not beat it.**"
+        else f"**{data.baseline_kind.capitalize()} wins: distillation does not beat it.**"
     )
     sentences = [
         lead,
-        _comparison(data, distilled, plain),
-        _forms(data, distilled, plain),
-        _accuracy_comparison(data, distilled, plain),
+        _comparison(data, distilled, baseline),
+        _forms(data, distilled, baseline),
+        _accuracy_comparison(data, distilled, baseline),
         _gap(data, distilled),
         _where(data),
         _more_steps(data, distilled),
@@ -108,24 +109,24 @@ def _headline(data: ReportData) -> str:
     return " ".join(s for s in sentences if s)
 
 
-def _comparison(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str:
-    tried = len(data.plain)
+def _comparison(data: ReportData, distilled: pd.Series, baseline: pd.Series) -> str:
+    tried = len(data.baselines)
     trials = "trials" if tried > 1 else "trial"
-    ppl, baseline = data.shown(distilled, "student_ppl"), data.shown(plain, "student_ppl")
+    ppl, theirs = data.shown(distilled, "student_ppl"), data.shown(baseline, "student_ppl")
     return (
         f"On {data.split_label()}, the best distilled trial ({data.trial_cell(distilled)}: "
         f"{describe(distilled)}{_at_step(distilled)}) reaches perplexity {fmt(ppl)} against "
-        f"{fmt(baseline)} for the best of {tried} plain fine-tuning {trials} "
-        f"({data.trial_cell(plain)}: {describe(plain)}{_at_step(plain)}), "
-        f"{_relative(ppl, baseline)}."
+        f"{fmt(theirs)} for the best of {tried} {data.baseline_kind} {trials} "
+        f"({data.trial_cell(baseline)}: {describe(baseline)}{_at_step(baseline)}), "
+        f"{_relative(ppl, theirs)}."
     )
 
 
-def _forms(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str:
+def _forms(data: ReportData, distilled: pd.Series, baseline: pd.Series) -> str:
     """Whether the two train the same student form (a study that tries LoRA says it)."""
     if not data.has_lora:
         return ""
-    ours, theirs = form(distilled.lora_rank), form(plain.lora_rank)
+    ours, theirs = form(distilled.lora_rank), form(baseline.lora_rank)
     if ours == theirs:
         return f"Like with like: both are {ours}."
     return (
@@ -139,11 +140,11 @@ def _at_step(trial: pd.Series) -> str:
     return "" if pd.isna(trial.best_step) else f"; best checkpoint at step {int(trial.best_step)}"
 
 
-def _accuracy_comparison(data: ReportData, distilled: pd.Series, plain: pd.Series) -> str:
-    ours, theirs = data.shown(distilled, "exact_match"), data.shown(plain, "exact_match")
+def _accuracy_comparison(data: ReportData, distilled: pd.Series, baseline: pd.Series) -> str:
+    ours, theirs = data.shown(distilled, "exact_match"), data.shown(baseline, "exact_match")
     if pd.isna(ours) or pd.isna(theirs):
         return ""
-    rouge_ours, rouge_theirs = data.shown(distilled, "rouge_l"), data.shown(plain, "rouge_l")
+    rouge_ours, rouge_theirs = data.shown(distilled, "rouge_l"), data.shown(baseline, "rouge_l")
     return (
         f"Exact match: {pct(100 * ours)} against {pct(100 * theirs)} "
         f"({points(100 * (ours - theirs))}); ROUGE-L {fmt(rouge_ours, 3)} against "
@@ -191,10 +192,6 @@ def _relative(ppl: float, baseline: float) -> str:
     return f"{pct(abs(change))} {'lower' if change < 0 else 'higher'}"
 
 
-def _better(data: ReportData, value: float, than: float) -> bool:
-    return value < than if data.lower_is_better else value > than
-
-
 def describe(trial) -> str:
     """The parameters that mattered, as a reader wants them: at alpha 0 only the learning rate
     (and whatever else acts without a teacher)."""
@@ -219,7 +216,7 @@ def seed_check(data: ReportData) -> pd.DataFrame:
         rows.append(
             {
                 "number": int(number),
-                "plain": is_plain_fine_tuning(original.alpha),
+                "baseline": bool(original.baseline),
                 "values": list(values),
                 "mean": values.mean(),
                 "std": values.std(ddof=1) if len(values) > 1 else 0.0,
@@ -227,7 +224,7 @@ def seed_check(data: ReportData) -> pd.DataFrame:
                 "exact_match": list(matches),
             }
         )
-    columns = ["number", "plain", "values", "mean", "std", "range", "exact_match"]
+    columns = ["number", "baseline", "values", "mean", "std", "range", "exact_match"]
     frame = pd.DataFrame(rows, columns=columns)
     order = (
         frame["mean"].rank(ascending=data.lower_is_better, method="first") if len(frame) else []
@@ -243,21 +240,22 @@ def seed_check_sentence(data: ReportData) -> str | None:
     """Whether the best distilled configuration's lead over the best baseline, averaged over
     seeds, is larger than the seed spread (the larger range of the two across seeds)."""
     check = seed_check(data)
-    plain, distilled = data.best_plain, data.best_distilled
-    if check.empty or plain is None or distilled is None:
+    baseline, distilled = data.best_baseline, data.best_distilled
+    if check.empty or baseline is None or distilled is None:
         return None
     rows = check.set_index("number")
-    if distilled.number not in rows.index or plain.number not in rows.index:
+    if distilled.number not in rows.index or baseline.number not in rows.index:
         return None
-    winner, baseline = rows.loc[distilled.number], rows.loc[plain.number]
+    winner, compared = rows.loc[distilled.number], rows.loc[baseline.number]
     seeds = len(winner["values"])
-    lead = (baseline["mean"] - winner["mean"]) * (1 if data.lower_is_better else -1)
-    spread = max(winner["range"], baseline["range"])
+    lead = (compared["mean"] - winner["mean"]) * (1 if data.lower_is_better else -1)
+    spread = max(winner["range"], compared["range"])
     mean = (
         f"over {seeds} seeds the best distilled configuration averages {fmt(winner['mean'])} "
-        f"and the best plain fine-tuning {fmt(baseline['mean'])} ({data.study.primary_objective})"
+        f"and the best {data.baseline_kind} {fmt(compared['mean'])} "
+        f"({data.study.primary_objective})"
     )
-    accuracy = _accuracy_noise(winner, baseline)
+    accuracy = _accuracy_noise(winner, compared)
     if lead > spread:
         return (
             f"{mean}: distillation's lead ({fmt(lead)}) is larger than the seed spread "
@@ -268,9 +266,8 @@ def seed_check_sentence(data: ReportData) -> str | None:
             f"{mean}: distillation's lead ({fmt(lead)}) is within the seed spread "
             f"({fmt(spread)}), so these seeds do not tell the two apart.{accuracy}"
         )
-    return (
-        f"{mean}: plain fine-tuning leads by {fmt(-lead)} (seed spread {fmt(spread)}).{accuracy}"
-    )
+    leads = f"{data.baseline_kind} leads by {fmt(-lead)} (seed spread {fmt(spread)})"
+    return f"{mean}: {leads}.{accuracy}"
 
 
 def _accuracy_noise(winner: pd.Series, baseline: pd.Series) -> str:
@@ -297,7 +294,7 @@ def render_seed_check(data: ReportData) -> str:
         [
             {
                 "trial": data.trial_cell(trials.loc[row.number])
-                + (" (plain fine-tuning)" if row.plain else ""),
+                + (" (baseline)" if row.baseline else ""),
                 "parameters": describe(trials.loc[row.number]),
                 f"{data.study.primary_objective} by seed": ", ".join(fmt(v) for v in row.values),
                 **(

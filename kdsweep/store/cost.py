@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
-from kdsweep.store.storage import group_of
+from kdsweep.names import Metric, StudyAttr, TrialAttr
+from kdsweep.store.trials import is_baseline, is_seed_check
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.space import baseline_trials
 
@@ -91,8 +91,8 @@ def study_cost(optuna_study: optuna.Study, *, max_steps: int) -> StudyCost:
     def spent(group: list[FrozenTrial]) -> float:
         return sum(costs[t.number][Metric.DEVICE_SECONDS] for t in group)
 
-    seed_check = [t for t in complete if group_of(t) == Group.SEED_CHECK]
-    sweep = [t for t in complete if group_of(t) != Group.SEED_CHECK]
+    seed_check = [t for t in complete if is_seed_check(t)]
+    sweep = [t for t in complete if not is_seed_check(t)]
     pruned = [t for t in measured if t.state == TrialState.PRUNED]
     not_run = {t.number: max(max_steps - (t.last_step or 0), 0) for t in pruned}
     preparations = _recorded(attrs, PREPARATION)
@@ -101,8 +101,8 @@ def study_cost(optuna_study: optuna.Study, *, max_steps: int) -> StudyCost:
         preparation=sum(preparations),
         preparations=len(preparations),
         finals=sum(_recorded(attrs, FINALS)),
-        distilled=spent([t for t in sweep if not t.user_attrs.get(TrialAttr.BASELINE)]),
-        baselines=spent([t for t in sweep if t.user_attrs.get(TrialAttr.BASELINE)]),
+        distilled=spent([t for t in sweep if not is_baseline(t)]),
+        baselines=spent([t for t in sweep if is_baseline(t)]),
         seed_check=spent(seed_check),
         pruned_or_failed=spent([t for t in measured if t.state != TrialState.COMPLETE]),
         unmeasured=len(ended) - len(measured),

@@ -62,17 +62,6 @@ def enqueue_retry(
     optuna_study.enqueue_trial(trial.params, user_attrs=attrs | marks)
 
 
-def retry_of(trial: FrozenTrial) -> int | None:
-    """The trial that ``trial`` runs again: one whose worker died, or that ran out of memory."""
-    return trial.user_attrs.get(TrialAttr.RETRY_OF, trial.user_attrs.get(TrialAttr.OOM_RETRY_OF))
-
-
-def retried(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of the trials that a later trial retries: a dead worker's or one out of memory.
-    They count no longer."""
-    return {retry_of(t) for t in trials} - {None}
-
-
 def worker_id() -> str:
     """This process, as a compare-and-set claim names it: host and process id."""
     return f"{socket.gethostname()}:{os.getpid()}"

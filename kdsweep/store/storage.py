@@ -15,17 +15,14 @@ from pathlib import Path
 import optuna
 import sqlalchemy
 from filelock import FileLock
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from kdsweep.compat.optuna import insert_user_attr_once
 from kdsweep.errors import UsageError
-from kdsweep.names import Group, TrialAttr
 from kdsweep.paths import sqlite_file, store_missing
 from kdsweep.redact import redact
 from kdsweep.study.config import StudyConfig
-from kdsweep.study.measures import feasible
 
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = (
     120  # a RUNNING trial whose worker was silent this long is failed by the next worker
@@ -214,43 +211,3 @@ def set_user_attr_once(optuna_study: optuna.Study, key: str, value) -> object:
         return stored
     insert_user_attr_once(optuna_study, key, value)
     return optuna_study.user_attrs[key]
-
-
-def group_of(trial: FrozenTrial | optuna.Trial) -> str:
-    """The trial's group: the sweep's, a baseline's or the seed check's (``names.Group``)."""
-    return trial.user_attrs.get(TrialAttr.GROUP, Group.SEARCH)
-
-
-def primary_value(trial: FrozenTrial) -> float:
-    """The trial's value of the study's first objective (its only one, or the one that decides)."""
-    return trial.values[0]
-
-
-def ranked_trials(optuna_study: optuna.Study) -> list[FrozenTrial]:
-    """The complete, feasible trials of the sweep (baselines included, seed-check runs not),
-    best first by the first objective, in its direction; ties go to the earlier trial."""
-    complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    sign = 1 if optuna_study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
-    return sorted(
-        (t for t in complete if group_of(t) != Group.SEED_CHECK and feasible(t.constraints)),
-        key=lambda t: (sign * primary_value(t), t.number),
-    )
-
-
-def lora_rank(trial: FrozenTrial) -> int:
-    """The trial's student form: its LoRA rank, 0 for full fine-tuning."""
-    return trial.user_attrs.get(TrialAttr.PARAMS, trial.params).get("lora_rank", 0)
-
-
-def compared_baseline(ranked: list[FrozenTrial]) -> FrozenTrial | None:
-    """The baseline the verdict compares with (of ``ranked_trials``): the best one that trained
-    the best distilled trial's student form, like with like; the best of all when none did."""
-    baselines = [t for t in ranked if t.user_attrs.get(TrialAttr.BASELINE)]
-    distilled = [t for t in ranked if not t.user_attrs.get(TrialAttr.BASELINE)]
-    alike = [t for t in baselines if distilled and lora_rank(t) == lora_rank(distilled[0])]
-    return (alike or baselines or [None])[0]
-
-
-def best_trial(optuna_study: optuna.Study) -> FrozenTrial | None:
-    ranked = ranked_trials(optuna_study)
-    return ranked[0] if ranked else None

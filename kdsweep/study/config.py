@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kdsweep.redact import redact_tree
-from kdsweep.study.measures import ACCURACY_OBJECTIVES, OBJECTIVES
+from kdsweep.study.measures import BY_NAME
 from kdsweep.study.space import Param, SearchConfig, finite_top_ks, may_be_positive
 
 SAMPLERS = ("tpe", "gp", "random", "grid")
@@ -197,7 +197,7 @@ class StudyConfig:
     name: str = ""
     # a measure, or a list of them (a multi-objective study, its first deciding the verdict);
     # student_ppl, ppl_ratio, kl_to_teacher, exact_match, rouge_l, device_seconds, ...
-    # (objectives.OBJECTIVES), each with its direction
+    # (measures.MEASURES), each with its direction
     objective: str | tuple[str, ...] = "student_ppl"
     # ceilings on measures that are better lower, e.g. {peak_memory_gb: 70, device_seconds: 3600}:
     # the sampler learns what is feasible, the best trial and the report consider feasible ones
@@ -224,6 +224,7 @@ class StudyConfig:
     register_as: str | None = None
     report_top_n: int = 5
     base_dir: str = field(default=".", metadata={"internal": True})  # folder of the study file
+    source: str = field(default="STUDY.yaml", metadata={"internal": True})  # the file as given
 
     @property
     def storage_url(self) -> str:
@@ -243,12 +244,12 @@ class StudyConfig:
     @property
     def direction(self) -> str:
         """ "minimize" or "maximize": what makes the primary objective better."""
-        return OBJECTIVES[self.primary_objective]
+        return BY_NAME[self.primary_objective].direction
 
     @property
     def directions(self) -> list[str]:
         """Each objective's direction, as the Optuna study takes them."""
-        return [OBJECTIVES[name] for name in self.objectives]
+        return [BY_NAME[name].direction for name in self.objectives]
 
     @property
     def multi_objective(self) -> bool:
@@ -259,7 +260,7 @@ class StudyConfig:
         """Answers are decoded at every evaluation: asked for, or the primary objective is an
         accuracy (it selects checkpoints and prunes on it)."""
         return self.eval.accuracy and (
-            self.eval.every_eval or self.primary_objective in ACCURACY_OBJECTIVES
+            self.eval.every_eval or BY_NAME[self.primary_objective].accuracy
         )
 
     @property
@@ -300,7 +301,9 @@ class StudyConfig:
     def to_dict(self) -> dict:
         """The resolved study as plain data, for recording: passwords in URLs are masked."""
         data = redact_tree(_to_plain(self))
-        data.pop("base_dir")
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                data.pop(f.name)
         return data
 
     def fingerprint(self) -> str:

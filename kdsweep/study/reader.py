@@ -33,7 +33,12 @@ from kdsweep.study.config import (
     TrainConfig,
     read_chat_template,
 )
-from kdsweep.study.measures import ACCURACY_OBJECTIVES, CONSTRAINABLE, OBJECTIVES, QUALITY
+from kdsweep.study.measures import (
+    ACCURACY_MEASURES,
+    CONSTRAINABLE,
+    OBJECTIVES,
+    QUALITY_MEASURES,
+)
 from kdsweep.study.space import Param, may_be_positive, search_problems
 
 _INVALID = object()  # what a value of the wrong type becomes while the file is read
@@ -77,6 +82,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     for item in overrides:
         _apply_override(raw, item, problems)
     raw["base_dir"] = str(path.parent)
+    raw["source"] = str(path)
     study = _build(StudyConfig, raw, "", problems)
     problems += validate(study)
     if problems:
@@ -118,7 +124,8 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            allowed = ", ".join(sorted(k for k in known if k != "base_dir"))
+            internal = {f.name for f in dataclasses.fields(cls) if f.metadata.get("internal")}
+            allowed = ", ".join(sorted(known - internal))
             problems.append(f"{_join(where, key)}: unknown key (allowed: {allowed})")
     values = {}
     for name in known & raw.keys():
@@ -298,11 +305,11 @@ def _validate_objectives(study: StudyConfig) -> list[str]:
         return problems + _validate_constraints(study)
     if len(set(names)) < len(names):
         problems.append(f"objective: lists a measure twice ({', '.join(names)}); name each once")
-    if names[0] not in QUALITY:
+    if names[0] not in QUALITY_MEASURES:
         problems.append(
-            f"objective: the first objective chooses each trial's checkpoint and decides the "
-            f"verdict, so it must be a quality measure ({', '.join(QUALITY)}), not {names[0]}; "
-            "list the cost measures after it"
+            "objective: the first objective chooses each trial's checkpoint and decides the "
+            f"verdict, so it must be a quality measure ({', '.join(QUALITY_MEASURES)}), not "
+            f"{names[0]}; list the cost measures after it"
         )
     if len(names) > 1 and study.pruner.name != "none":
         problems.append(
@@ -310,7 +317,7 @@ def _validate_objectives(study: StudyConfig) -> list[str]:
             f"objectives; set pruner.name: none (or keep one objective)"
         )
     for name in names:
-        if name in ACCURACY_OBJECTIVES and not study.eval.accuracy:
+        if name in ACCURACY_MEASURES and not study.eval.accuracy:
             problems.append(
                 f"objective: {name} needs the answers decoded: set eval.accuracy: true"
             )

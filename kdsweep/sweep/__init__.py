@@ -2,6 +2,6 @@
 and the pruner (``samplers``), the finalists scored on the test split (``finalists``) and the
 seed check (``seed_check``)."""
 
-from kdsweep.sweep.study import RunSummary, open_study, run
+from kdsweep.sweep.study import StudySummary, open_study, run
 
-__all__ = ["RunSummary", "open_study", "run"]
+__all__ = ["StudySummary", "open_study", "run"]

@@ -21,78 +21,58 @@ import time
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from kdsweep.distill import checkpoints, models
 from kdsweep.distill.evaluate import score_test
 from kdsweep.distill.lora import load_trained_state, trained_state
 from kdsweep.mlflow.study_runs import StudyRuns
-from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
+from kdsweep.names import Metric, StudyAttr, TrialAttr
 from kdsweep.prepare.trial_runner import TrialRunner
 from kdsweep.progress import SweepProgress
 from kdsweep.store import cost
 from kdsweep.store.recovery import worker_id
-from kdsweep.store.storage import (
-    compared_baseline,
-    group_of,
-    lora_rank,
-    primary_value,
-    ranked_trials,
-    set_user_attr_once,
-)
+from kdsweep.store.storage import set_user_attr_once
+from kdsweep.store.trials import Trials, params_of
 from kdsweep.study.config import StudyConfig
-
-POLL_SECONDS = 5.0  # how often a worker looks whether the last sweep trials have ended
-
-
-def contenders(study: StudyConfig, baseline: bool) -> int:
-    """How many of a kind are finalists: the seed check's distilled configurations, a baseline."""
-    return 1 if baseline else max(1, study.seed_check.top)
+from kdsweep.study.measures import TEST_METRICS
 
 
 def keep_if_contender(
     study: StudyConfig, optuna_study: optuna.Study, trial: optuna.Trial, value: float, student
 ) -> bool:
-    """Keep a just-completed sweep trial's checkpoint if it is among its kind's contenders so far;
-    returns whether it did. (Others may finish meanwhile: the finals delete what is left over.)"""
-    baseline = bool(trial.user_attrs.get(TrialAttr.BASELINE))
-    # Baselines contend within their student form: the verdict compares like with like.
-    same_kind = [
-        t
-        for t in ranked_trials(optuna_study)
-        if _is_baseline(t) == baseline and (not baseline or lora_rank(t) == lora_rank(trial))
-    ]
-    sign = 1 if study.direction == "minimize" else -1
-    ahead = sum(sign * primary_value(t) <= sign * value for t in same_kind)
-    if ahead >= contenders(study, baseline):
+    """Keep a just-completed sweep trial's checkpoint if it is among its kind's contenders so far
+    (``Trials.contends``); returns whether it did. (Others may finish meanwhile: the finals delete
+    what is left over.)"""
+    if not Trials.of(optuna_study).contends(trial, value, study.seed_check.top):
         return False
     checkpoints.write(trained_state(student), checkpoints.best_path(study, trial.number))
     return True
 
 
-def finalists(study: StudyConfig, optuna_study: optuna.Study) -> list[FrozenTrial]:
-    """The sweep's finalists, by validation: the best distilled trials the seed check covers,
-    then the baseline the verdict compares with (``storage.compared_baseline``)."""
-    ranked = ranked_trials(optuna_study)
-    distilled = [t for t in ranked if not _is_baseline(t)][: contenders(study, baseline=False)]
-    baseline = compared_baseline(ranked)
-    return distilled + ([baseline] if baseline is not None else [])
+def finals_done(study: StudyConfig, optuna_study: optuna.Study) -> bool:
+    """Whether every finalist and the teacher have test scores (or the study has no test split)."""
+    if study.data.test_split is None:
+        return True
+    attrs = optuna_study.user_attrs
+    chosen = Trials.of(optuna_study).finalists(study.seed_check.top)
+    scored = all(f"{StudyAttr.TEST_PREFIX}{t.number}" in attrs for t in chosen)
+    return scored and StudyAttr.TEST_TEACHER_PPL in attrs
 
 
 def run_finals(
     study: StudyConfig,
     optuna_study: optuna.Study,
+    trials: Trials,
     runner: TrialRunner,
     runs: StudyRuns,
     progress: SweepProgress,
-    *,
-    deadline: float | None,
 ) -> None:
-    """Once the sweep's trials have ended: score the finalists not scored yet, and the teacher,
-    on the test split (one worker does it), then delete the other checkpoints."""
-    if runner.test_set is None or not _sweep_over(optuna_study, deadline):
+    """Once the sweep's ``trials`` have ended: score the finalists not scored yet, and the
+    teacher, on the test split (one worker does it), then delete the other checkpoints."""
+    if runner.test_set is None:
         return
-    chosen = finalists(study, optuna_study)
+    chosen = trials.finalists(study.seed_check.top)
     attrs = optuna_study.user_attrs
     missing = [t for t in chosen if f"{StudyAttr.TEST_PREFIX}{t.number}" not in attrs]
     teacher_missing = StudyAttr.TEST_TEACHER_PPL not in attrs
@@ -119,12 +99,9 @@ def run_finals(
 
 def record_test_scores(optuna_study: optuna.Study, number: int, metrics: dict) -> None:
     """A trial's test scores, as the study's user attr ``test:<trial>``."""
-    scores = {k: v for k, v in metrics.items() if k in _TEST_METRICS}
+    scores = {k: v for k, v in metrics.items() if k in TEST_METRICS}
     if scores:
         optuna_study.set_user_attr(f"{StudyAttr.TEST_PREFIX}{number}", scores)
-
-
-_TEST_METRICS = (Metric.TEST_STUDENT_PPL, Metric.TEST_EXACT_MATCH, Metric.TEST_ROUGE_L)
 
 
 def _score_finalist(study, optuna_study, trial: FrozenTrial, runner, runs, progress) -> None:
@@ -135,7 +112,7 @@ def _score_finalist(study, optuna_study, trial: FrozenTrial, runner, runs, progr
             "it is not scored on the test split"
         )
         return
-    params = trial.user_attrs.get(TrialAttr.PARAMS, trial.params)
+    params = params_of(trial)
     student = runner.new_student(params, seed=runner.study.train.seed)
     load_trained_state(student, torch.load(path, map_location=runner.device, weights_only=True))
     scores = score_test(student, runner.test_set, runner.inputs.vocab)
@@ -162,20 +139,3 @@ def _score_teacher(optuna_study: optuna.Study, runner: TrialRunner, runs: StudyR
     for key, value in named.items():
         optuna_study.set_user_attr(key, value)
     runs.log_to_run(runs.parent_run_id, {k: float(v) for k, v in named.items()}, step=0)
-
-
-def _sweep_over(optuna_study: optuna.Study, deadline: float | None) -> bool:
-    """Wait until no sweep trial is running or waiting (other workers' last trials)."""
-    unfinished = (TrialState.RUNNING, TrialState.WAITING)
-    while any(
-        group_of(t) != Group.SEED_CHECK
-        for t in optuna_study.get_trials(deepcopy=False, states=unfinished)
-    ):
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL_SECONDS)
-    return True
-
-
-def _is_baseline(trial: FrozenTrial) -> bool:
-    return bool(trial.user_attrs.get(TrialAttr.BASELINE))

@@ -20,31 +20,30 @@ import contextlib
 import dataclasses
 import math
 import re
+import time
 import traceback
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.distill import checkpoints, clock, preemption
+from kdsweep.distill import checkpoints, clock, preemption, train
 from kdsweep.distill.models import device_uuid, release_memory
 from kdsweep.distill.preemption import Preempted
 from kdsweep.distill.train import TrainingDiverged
 from kdsweep.mlflow.plugin import active_trial
 from kdsweep.mlflow.study_runs import StudyRuns
 from kdsweep.mlflow.trial_run import TrialRun
-from kdsweep.names import Group, Metric, TrialAttr
+from kdsweep.names import Metric, TrialAttr
 from kdsweep.prepare.trial_runner import TrialRunner
 from kdsweep.progress import SweepProgress
 from kdsweep.redact import redact
 from kdsweep.store.recovery import enqueue_retry, this_worker
-from kdsweep.store.storage import best_trial, group_of, primary_value
+from kdsweep.store.trials import Trials, is_seed_check, primary_value
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.measures import OUT_OF_MEMORY, better, feasible, violations
 from kdsweep.study.space import describe, suggest
 from kdsweep.sweep import finalists
-
-OOM = "oom"  # the reason of a trial that ran out of memory
 
 
 class RepeatedFailure(RuntimeError):
@@ -68,7 +67,6 @@ class Objective:
         trial_clock = clock.Clock()  # its cost, from here to the end of its training
         params = suggest(trial, self.study.search)
         seed = trial.user_attrs.get(TrialAttr.SEED, self.study.train.seed)
-        batch = self._batch(trial)
         trial.set_user_attr(TrialAttr.PARAMS, params)
         trial.set_user_attr(TrialAttr.WORKER, this_worker())
         device = self.runner.device
@@ -84,16 +82,20 @@ class Objective:
         self.progress.trial_started(
             trial, describe(params, short=True), self.study.train.max_steps
         )
-        resume = self._resume(trial, run)
-        own_checkpoint = checkpoints.resume_path(self.study, trial.number)
-        preempted = False
-        seed_check = group_of(trial) == Group.SEED_CHECK
+        seed_check = is_seed_check(trial)
         has_test = self.runner.test_set is not None
-        # The trained student, until the trial is scored: save_best logs it, and a sweep trial of
-        # a study with a test split may keep it as a finalist (a seed-check run is scored at once).
-        trained = {}
-        keep = not seed_check and (self.study.save_best or has_test)
-        on_trained = (lambda student: trained.update(student=student)) if keep else None
+        hooks = SweepHooks(
+            self.study,
+            trial,
+            run,
+            self.progress,
+            resume=self._resume(trial, run),
+            # save_best logs the trained student, and a sweep trial of a study with a test split
+            # may keep it as a finalist (a seed-check run is scored at once)
+            keep_student=not seed_check and (self.study.save_best or has_test),
+            scores_test=seed_check and has_test,
+        )
+        preempted = False
         try:
             # tags runs that user code starts
             with (
@@ -101,19 +103,8 @@ class Objective:
                 clock.counting(trial_clock),
                 self._costing(trial, run, trial_clock),
             ):
-                result = self.runner(
-                    params,
-                    seed=seed,
-                    batch=batch,
-                    on_log=self._on_log(run),
-                    on_eval=self._on_eval(trial, run),
-                    on_trained=on_trained,
-                    on_built=self._on_built(trial, run),
-                    on_test=seed_check and has_test,
-                    save_state=self._saver(own_checkpoint, run),
-                    resume=resume,
-                )
-            return self._complete(trial, run, result, student=trained.pop("student", None))
+                result = self.runner(params, hooks, seed=seed, batch=self._batch(trial))
+            return self._complete(trial, run, result, student=hooks.student)
         except optuna.TrialPruned as exc:
             run.end("KILLED", state="PRUNED", reason=str(exc))
             raise
@@ -128,9 +119,9 @@ class Objective:
             self._fail(trial, run, exc)
             raise
         finally:
-            trained.clear()
+            hooks.student = None
             if not preempted:  # a preempted trial's checkpoint waits for its retry
-                checkpoints.remove(own_checkpoint)
+                checkpoints.remove(hooks.path)
             release_memory(self.runner.device)
 
     @contextlib.contextmanager
@@ -174,19 +165,6 @@ class Objective:
         run.log_metrics({Metric.RESUMED_STEP: state.step}, step=state.step)
         return state
 
-    def _saver(self, path, run: TrialRun):
-        """Where a trial's resume checkpoints go, marked with the settings they hold for. Its
-        curves up to the checkpoint's step are written first: a retry copies them from the run,
-        and a kill -9 must not take steps the checkpoint holds."""
-        key = checkpoints.trajectory(self.study)
-
-        def save(state: checkpoints.TrainState) -> None:
-            run.flush()
-            run.wait_sent()
-            checkpoints.save(dataclasses.replace(state, trajectory=key), path)
-
-        return save
-
     def _preempted(self, trial: optuna.Trial, run: TrialRun, exc: Preempted) -> None:
         """A preempted trial fails with its reason and its checkpoint's step, and is queued to
         run again: the next worker goes on from that checkpoint."""
@@ -202,43 +180,6 @@ class Objective:
         return trial.user_attrs.get(TrialAttr.MICRO_BATCH, train.batch_size), trial.user_attrs.get(
             TrialAttr.GRAD_ACCUM, train.grad_accum_steps
         )
-
-    def _on_log(self, run: TrialRun):
-        def on_log(log) -> None:
-            run.log_step(log)
-            self.progress.step(log)
-
-        return on_log
-
-    def _on_built(self, trial: optuna.Trial, run: TrialRun):
-        """What the trial's student form trains (all of it, or a LoRA adapter), on the trial and
-        its run from the start: a pruned or failed run shows it too."""
-
-        def on_built(trainable_parameters: int) -> None:
-            trial.set_user_attr(TrialAttr.TRAINABLE_PARAMETERS, trainable_parameters)
-            run.log_metrics({Metric.TRAINABLE_PARAMETERS: trainable_parameters}, step=0)
-
-        return on_built
-
-    def _on_eval(self, trial: optuna.Trial, run: TrialRun):
-        objective = self.study.primary_objective
-        # A seed check runs to its end; Optuna prunes single-objective studies only.
-        prunable = group_of(trial) != Group.SEED_CHECK and not self.study.multi_objective
-
-        def on_eval(step: int, metrics: dict[str, float]) -> None:
-            run.log_metrics(metrics, step=step)
-            run.flush()
-            value = metrics[objective]
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"{objective} is {value} at step {step}")
-            if not prunable:
-                return
-            trial.report(value, step)
-            if trial.should_prune():
-                trial.set_user_attr(TrialAttr.PRUNED_STEP, step)
-                raise optuna.TrialPruned(f"pruned at step {step}: {objective} {value:.4g}")
-
-        return on_eval
 
     def _complete(
         self, trial: optuna.Trial, run: TrialRun, result, *, student
@@ -265,11 +206,11 @@ class Objective:
         if contender and self.runner.test_set is not None:
             finalists.keep_if_contender(self.study, trial.study, trial, value, student)
         # save_best: a feasible trial better than every complete one so far logs its student.
-        best = best_trial(trial.study) if self.study.save_best and contender else None
+        best = Trials.of(trial.study).best if self.study.save_best and contender else None
         saved = (
             self.study.save_best
             and contender
-            and (best is None or better(self.study.direction, value, primary_value(best)))
+            and (best is None or better(self.study.primary_objective, value, primary_value(best)))
         )
         if saved:
             run.log_model(student, self.runner.tokenizer)
@@ -297,17 +238,17 @@ class Objective:
         with a smaller micro-batch if it ran out of memory and the study asks."""
         details = redact(traceback.format_exc())
         reason = (
-            OOM
+            OUT_OF_MEMORY
             if out_of_memory(exc)
             else redact(f"{type(exc).__name__}: {exc}".strip().splitlines()[0])[:500]
         )
         trial.set_user_attr(TrialAttr.FAIL_REASON, reason)
-        if reason == OOM:  # infeasible, so the report counts it with trials over a ceiling
+        if reason == OUT_OF_MEMORY:  # infeasible: the report counts it with trials over a ceiling
             trial.set_constraint(OUT_OF_MEMORY, 1.0)
         run.end("FAILED", state="FAIL", reason=reason, traceback=details)
         # The traceback's frames hold the trial's model, optimizer and activations: let them go.
         traceback.clear_frames(exc.__traceback__)
-        if reason == OOM and self.study.train.oom_retry:
+        if reason == OUT_OF_MEMORY and self.study.train.oom_retry:
             self._retry_smaller(trial)
 
     def _retry_smaller(self, trial: optuna.Trial) -> None:
@@ -327,7 +268,7 @@ class Objective:
 
     def after_trial(self, optuna_study: optuna.Study, trial: FrozenTrial) -> None:
         self.ran += 1
-        best = best_trial(optuna_study)
+        best = Trials.of(optuna_study).best
         self.runs.record_best(best)
         self.progress.trial_finished(trial, best)
         self._stop_on_repeated_failure(trial)
@@ -342,7 +283,7 @@ class Objective:
         if TrialAttr.PREEMPTED_STEP in trial.user_attrs:
             return  # no fault of the trial's
         reason = trial.user_attrs.get(TrialAttr.FAIL_REASON, "an unknown error")
-        if reason == OOM and self.study.train.oom_retry and self._batch(trial)[0] >= 2:
+        if reason == OUT_OF_MEMORY and self.study.train.oom_retry and self._batch(trial)[0] >= 2:
             return
         self._failures.append(reason)
         limit = self.study.max_consecutive_failures
@@ -355,6 +296,69 @@ class Objective:
             )
 
 
+class SweepHooks(train.TrialHooks):
+    """One trial's surroundings as its training hears them: its logs and evaluations go to its
+    MLflow run and the progress view, each evaluation to the pruner (which may stop it), its
+    resume checkpoints to disk (after its curves: a kill -9 must not take steps the checkpoint
+    holds), and the trained student is kept until the trial is scored."""
+
+    def __init__(
+        self,
+        study: StudyConfig,
+        trial: optuna.Trial,
+        run: TrialRun,
+        progress: SweepProgress,
+        *,
+        resume: checkpoints.TrainState | None,
+        keep_student: bool,
+        scores_test: bool,
+    ):
+        self.study, self.trial, self.run, self.progress = study, trial, run, progress
+        self.resume = resume
+        self.scores_test = scores_test
+        self.checkpointing = True
+        self.path = checkpoints.resume_path(study, trial.number)
+        self.keep_student = keep_student
+        self.student = None  # the trained student, when kept
+        # A seed check runs to its end; Optuna prunes single-objective studies only.
+        self.prunable = not is_seed_check(trial) and not study.multi_objective
+
+    def built(self, trainable_parameters: int) -> None:
+        """What the student's form trains (all of it, or a LoRA adapter), on the trial and its
+        run from the start: a pruned or failed run shows it too."""
+        self.trial.set_user_attr(TrialAttr.TRAINABLE_PARAMETERS, trainable_parameters)
+        self.run.log_metrics({Metric.TRAINABLE_PARAMETERS: trainable_parameters}, step=0)
+
+    def logged(self, log) -> None:
+        self.run.log_step(log)
+        self.progress.step(log)
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log_metrics(metrics, step=step)
+        self.run.flush()
+        objective = self.study.primary_objective
+        value = metrics[objective]
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"{objective} is {value} at step {step}")
+        if not self.prunable:
+            return
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            self.trial.set_user_attr(TrialAttr.PRUNED_STEP, step)
+            raise optuna.TrialPruned(f"pruned at step {step}: {objective} {value:.4g}")
+
+    def checkpoint(self, state: checkpoints.TrainState) -> None:
+        """A resume checkpoint, marked with the settings it holds for."""
+        self.run.flush()
+        self.run.wait_sent()
+        key = checkpoints.trajectory(self.study)
+        checkpoints.save(dataclasses.replace(state, trajectory=key), self.path)
+
+    def trained(self, student) -> None:
+        if self.keep_student:
+            self.student = student
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """CUDA's out-of-memory error, or the CPU allocator's."""
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
@@ -363,3 +367,28 @@ def out_of_memory(exc: BaseException) -> bool:
 def _kind(reason: str) -> str:
     """An error with its numbers blanked: "loss is nan at step 3" and "... at step 7" are one."""
     return re.sub(r"\d+(\.\d+)?", "#", reason)
+
+
+def optimize(
+    optuna_study: optuna.Study,
+    objective: Objective,
+    *,
+    n_trials: int | None = None,
+    deadline: float | None,
+    stop=None,
+) -> None:
+    """Optuna's loop: a failed trial does not stop it; the trial's state is told to the study."""
+    callbacks = [objective.after_trial] + ([stop] if stop else [])
+    timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    # Ctrl-C and SIGTERM wait for a step's or a trial's end (after_trial checks), never cutting a
+    # trial's write to the storage in half.
+    with preemption.deferred():
+        optuna_study.optimize(
+            objective,
+            n_trials=n_trials,
+            timeout=timeout,
+            catch=(Exception,),
+            callbacks=callbacks,
+            gc_after_trial=True,
+        )
+    preemption.raise_if_requested()  # asked as the last trial ended

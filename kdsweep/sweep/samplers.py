@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.compat.optuna import FilteredStudy, reseed_sampler, study_id
 from kdsweep.names import Group
-from kdsweep.store.storage import group_of
+from kdsweep.store.trials import group_of, is_seed_check
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.space import grid
 
@@ -148,9 +148,9 @@ class SeedCheckAwarePruner(optuna.pruners.BasePruner):
         self._views: dict[int, FilteredStudy] = {}
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        if group_of(trial) == Group.SEED_CHECK:
+        if is_seed_check(trial):
             return False
         key = study_id(study)
         if key not in self._views:
-            self._views[key] = FilteredStudy(study, lambda t: group_of(t) != Group.SEED_CHECK)
+            self._views[key] = FilteredStudy(study, lambda t: not is_seed_check(t))
         return self._pruner.prune(self._views[key], trial)

@@ -12,45 +12,69 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsweep.compat.optuna import fail_stale_trials
 from kdsweep.distill import preemption
 from kdsweep.errors import UsageError
 from kdsweep.mlflow.study_runs import StudyRuns
-from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
+from kdsweep.names import Metric, StudyAttr, TrialAttr
 from kdsweep.prepare import references
 from kdsweep.prepare.trial_runner import TrialRunner
 from kdsweep.progress import SweepProgress
 from kdsweep.store import cost
-from kdsweep.store.recovery import fail_dead_trials, retried, retry_once, worker_id
-from kdsweep.store.storage import (
-    FINISHED_STATES,
-    best_trial,
-    check_storage,
-    compared_baseline,
-    group_of,
-    open_storage,
-    ranked_trials,
-    set_user_attr_once,
-)
+from kdsweep.store.recovery import fail_dead_trials, retry_once, worker_id
+from kdsweep.store.storage import check_storage, open_storage, set_user_attr_once
+from kdsweep.store.trials import FINISHED_STATES, Trials, is_baseline, params_of
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.space import baseline_trials
-from kdsweep.sweep.finalists import finalists, run_finals
-from kdsweep.sweep.objective import Objective
+from kdsweep.sweep.finalists import finals_done, run_finals
+from kdsweep.sweep.objective import Objective, optimize
 from kdsweep.sweep.samplers import make_pruner, make_sampler
+from kdsweep.sweep.seed_check import run_seed_check, seed_check_done
 
-SEED_CHECK_POLL_SECONDS = 5.0  # how often a worker looks whether the last sweep trials have ended
+POLL_SECONDS = 5.0  # how often a worker looks whether other workers' last trials have ended
 
 
 @dataclass(frozen=True)
-class RunSummary:
-    ran: int  # trials this call ran, seed-check trials included
-    finished: int  # finished sweep trials the study holds (seed-check trials not counted)
+class StudySummary:
+    """Where a study stands after a run: its best trial and where to find it."""
+
+    study: str
+    objectives: tuple[str, ...]  # the first decides the best trial
+    directions: list[str]  # each objective's: "minimize" or "maximize"
+    finished: int  # finished sweep trials the study holds (complete, pruned, failed)
     target: int
-    best: FrozenTrial | None
+    ran: int = 0  # trials this call ran, seed-check runs included
+    best_trial: int | None = None  # the best feasible trial by the first objective
+    best_values: list[float] = field(default_factory=list)  # its value of each objective
+    best_params: dict = field(default_factory=dict)
+    best_run_id: str | None = None  # the best trial's MLflow run
+    report: Path | None = None  # written after the run, by ``kdsweep run`` and ``run_study``
+
+    @classmethod
+    def read(
+        cls, study: StudyConfig, optuna_study: optuna.Study, *, target: int, ran: int = 0
+    ) -> StudySummary:
+        """The summary the study's store gives now."""
+        trials = Trials.of(optuna_study)
+        best = trials.best
+        return cls(
+            study=study.name,
+            objectives=study.objectives,
+            directions=study.directions,
+            finished=trials.count(FINISHED_STATES),
+            target=target,
+            ran=ran,
+            best_trial=None if best is None else best.number,
+            best_values=[] if best is None else list(best.values),
+            best_params={} if best is None else dict(params_of(best)),
+            best_run_id=None if best is None else best.user_attrs.get(TrialAttr.MLFLOW_RUN_ID),
+        )
 
 
 def open_study(study: StudyConfig) -> optuna.Study:
@@ -82,9 +106,10 @@ def run(
     timeout: float | None = None,
     progress: SweepProgress | None = None,
     runner: TrialRunner | None = None,
-) -> RunSummary:
+) -> StudySummary:
     """Run trials until the study holds ``n_trials`` finished ones (or ``timeout`` passes), then
-    the seed check. ``runner`` trains each trial (default: ``TrialRunner.prepare(study)``)."""
+    the finals and the seed check. ``runner`` trains each trial (default:
+    ``TrialRunner.prepare(study)``)."""
     progress = progress or SweepProgress()
     target = n_trials or study.n_trials
     check_storage(study.storage_url)  # a bad storage URL costs seconds, not a model load
@@ -96,25 +121,18 @@ def run(
         progress.message(
             f"trial {trial.number} failed: {reason}; it is retried once with the same parameters"
         )
-    done = sweep_count(optuna_study, FINISHED_STATES)
+    done = Trials.of(optuna_study).count(FINISHED_STATES)
     if (
         done >= target
-        and seed_check_done(optuna_study, study)
         and finals_done(study, optuna_study)
+        and seed_check_done(optuna_study, study)
     ):
         progress.message(
             f"study {study.name!r} already holds {done} finished trials (target {target}): "
             "nothing to do"
         )
-        return RunSummary(ran=0, finished=done, target=target, best=best_trial(optuna_study))
-
-    baselines = len(baseline_trials(study.search, study.baselines))
-    if baselines and target <= baselines:
-        progress.message(
-            f"warning: the {target} trials asked for are all baselines (the study has "
-            f"{baselines}), so no distilled trial runs and the report has no verdict; ask for at "
-            f"least {baselines + 1} (--n-trials {baselines + 1})"
-        )
+        return StudySummary.read(study, optuna_study, target=target)
+    _warn_all_baselines(study, target, progress)
     runs = attach_tracking(study, optuna_study, runner, progress)
     _record_preparation(optuna_study, runner, time.perf_counter() - preparing)
     objective = Objective(study=study, runner=runner, runs=runs, progress=progress)
@@ -126,19 +144,13 @@ def run(
         if done < target:
             enqueue_baselines(optuna_study, study)
             # No trial count of Optuna's own: retries (a dead worker's, an out-of-memory one)
-            # replace
-            # the trials they retry, and the study stops when it holds its target.
-            optimize(
-                optuna_study,
-                objective,
-                n_trials=None,
-                deadline=deadline,
-                stop=_StopAtTarget(target),
-            )
-        if not _past(deadline):
-            run_finals(study, optuna_study, runner, runs, progress, deadline=deadline)
-        if study.seed_check.top and not _past(deadline):
-            run_seed_check(optuna_study, study, objective, progress, deadline=deadline)
+            # replace the trials they retry, and the study stops when it holds its target.
+            optimize(optuna_study, objective, deadline=deadline, stop=_StopAtTarget(target))
+        trials = sweep_ended(optuna_study, deadline)
+        if trials is not None and not _queued_left(study, trials, progress):
+            run_finals(study, optuna_study, trials, runner, runs, progress)
+            if study.seed_check.top:
+                run_seed_check(optuna_study, study, objective, progress, deadline=deadline)
         status = "FINISHED"
     except Exception:
         status = "FAILED"  # the sweep itself broke; Ctrl-C and SIGTERM leave it KILLED
@@ -150,46 +162,46 @@ def run(
         runs.log_to_run(runs.parent_run_id, _cost_metrics(spent), step=trials)
         runs.close(optuna_study, status=status)
         restore()
-    finished = sweep_count(optuna_study, FINISHED_STATES)
-    return RunSummary(
-        ran=objective.ran, finished=finished, target=target, best=best_trial(optuna_study)
+    return StudySummary.read(study, optuna_study, target=target, ran=objective.ran)
+
+
+def sweep_ended(optuna_study: optuna.Study, deadline: float | None) -> Trials | None:
+    """The study's trials once no sweep trial is running (other workers' last ones), or None when
+    ``deadline`` passes first. Trials that are queued and not running are not waited for: no
+    worker may be left to run them (``_queued_left``). A worker that died while it ran one is
+    found by Optuna's heartbeat, which fails its trial after the storage's grace period."""
+    while (trials := Trials.of(optuna_study)).running:
+        if _past(deadline):
+            return None
+        time.sleep(POLL_SECONDS)
+        fail_stale_trials(optuna_study)
+    return trials
+
+
+def _queued_left(study: StudyConfig, trials: Trials, progress: SweepProgress) -> bool:
+    """Whether sweep trials are queued with no worker left to run them (a run asked for fewer
+    trials than the baselines): the finals and the seed check wait for them, and the line says
+    the command that runs them."""
+    queued = trials.queued
+    if not queued:
+        return False
+    names = ", ".join(f"{t.number}{' (a baseline)' if is_baseline(t) else ''}" for t in queued)
+    total = trials.count(FINISHED_STATES) + len(queued)
+    progress.message(
+        f"trials {names} are queued and no worker runs them, so the finals and the seed check "
+        f"wait: `kdsweep run {study.source} --n-trials {total}` runs them (and the rest)"
     )
+    return True
 
 
-def optimize(
-    optuna_study: optuna.Study,
-    objective: Objective,
-    *,
-    n_trials: int | None,
-    deadline: float | None,
-    stop=None,
-) -> None:
-    """Optuna's loop: a failed trial does not stop it; the trial's state is told to the study."""
-    callbacks = [objective.after_trial] + ([stop] if stop else [])
-    timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-    # Ctrl-C and SIGTERM wait for a step's or a trial's end (after_trial checks), never cutting a
-    # trial's write to the storage in half.
-    with preemption.deferred():
-        optuna_study.optimize(
-            objective,
-            n_trials=n_trials,
-            timeout=timeout,
-            catch=(Exception,),
-            callbacks=callbacks,
-            gc_after_trial=True,
+def _warn_all_baselines(study: StudyConfig, target: int, progress: SweepProgress) -> None:
+    baselines = len(baseline_trials(study.search, study.baselines))
+    if baselines and target <= baselines:
+        progress.message(
+            f"warning: the {target} trials asked for are all baselines (the study has "
+            f"{baselines}), so no distilled trial runs and the report has no verdict; ask for at "
+            f"least {baselines + 1} (--n-trials {baselines + 1})"
         )
-    preemption.raise_if_requested()  # asked as the last trial ended
-
-
-def sweep_count(optuna_study: optuna.Study, states) -> int:
-    """Trials of the sweep (baselines included; seed-check trials and trials a retry replaces
-    not) in ``states``."""
-    trials = optuna_study.get_trials(deepcopy=False)
-    replaced = retried(trials)
-    return sum(
-        t.state in states and group_of(t) != Group.SEED_CHECK and t.number not in replaced
-        for t in trials
-    )
 
 
 class _StopAtTarget:
@@ -200,7 +212,8 @@ class _StopAtTarget:
         self.target = target
 
     def __call__(self, optuna_study: optuna.Study, trial: FrozenTrial) -> None:
-        if sweep_count(optuna_study, (*FINISHED_STATES, TrialState.RUNNING)) >= self.target:
+        running = (*FINISHED_STATES, TrialState.RUNNING)
+        if Trials.of(optuna_study).count(running) >= self.target:
             optuna_study.stop()
 
 
@@ -302,92 +315,3 @@ def _cost_metrics(spent: cost.StudyCost) -> dict[str, float]:
 
 def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
-
-
-# ---------------------------------------------------------------- the seed check
-
-
-def seed_check_jobs(
-    optuna_study: optuna.Study, study: StudyConfig
-) -> list[tuple[int, int]] | None:
-    """(trial, seed) of every seed-check run: the best ``seed_check.top`` distilled trials and the
-    best baseline, each with ``seed_check.seeds`` other seeds. None while sweep trials still run.
-
-    Every worker that finds the sweep over computes the same jobs from the same trials; the
-    study keeps them. A continued study (a larger ``--n-trials``) keeps its earlier jobs and adds
-    those of its new best configurations; each job runs once (``run_seed_check`` claims it)."""
-    if sweep_count(optuna_study, (TrialState.RUNNING, TrialState.WAITING)):
-        return None
-    stored = [tuple(job) for job in optuna_study.user_attrs.get(StudyAttr.SEED_CHECK_JOBS, [])]
-    ranked = ranked_trials(optuna_study)
-    distilled = [t for t in ranked if not t.user_attrs.get(TrialAttr.BASELINE)][
-        : study.seed_check.top
-    ]
-    baseline = compared_baseline(ranked)
-    baselines = [baseline] if baseline is not None else []
-    seeds = [study.train.seed + k for k in range(1, study.seed_check.seeds + 1)]
-    wanted = [(t.number, seed) for t in distilled + baselines for seed in seeds]
-    jobs = stored + [job for job in wanted if job not in stored]
-    if jobs != stored or StudyAttr.SEED_CHECK_JOBS not in optuna_study.user_attrs:
-        optuna_study.set_user_attr(StudyAttr.SEED_CHECK_JOBS, [list(job) for job in jobs])
-    return jobs
-
-
-def finals_done(study: StudyConfig, optuna_study: optuna.Study) -> bool:
-    """Whether every finalist and the teacher have test scores (or the study has no test split)."""
-    if study.data.test_split is None:
-        return True
-    attrs = optuna_study.user_attrs
-    scored = all(
-        f"{StudyAttr.TEST_PREFIX}{t.number}" in attrs for t in finalists(study, optuna_study)
-    )
-    return scored and StudyAttr.TEST_TEACHER_PPL in attrs
-
-
-def seed_check_done(optuna_study: optuna.Study, study: StudyConfig) -> bool:
-    """Whether every seed-check run the study's trials call for has been claimed."""
-    if not study.seed_check.top:
-        return True
-    jobs = seed_check_jobs(optuna_study, study)
-    attrs = optuna_study.user_attrs  # a storage read, and a copy, each time it is asked
-    return jobs is not None and all(_job_key(*job) in attrs for job in jobs)
-
-
-def run_seed_check(
-    optuna_study: optuna.Study,
-    study: StudyConfig,
-    objective: Objective,
-    progress: SweepProgress,
-    *,
-    deadline: float | None,
-) -> None:
-    """Run the seed-check trials, each once across all workers: a worker claims a job (a
-    compare-and-set on the study), enqueues it with every parameter fixed, and runs one trial."""
-    while (jobs := seed_check_jobs(optuna_study, study)) is None:
-        if _past(deadline):
-            return
-        time.sleep(SEED_CHECK_POLL_SECONDS)  # the last sweep trials of other workers are running
-    if jobs:
-        progress.message(
-            f"seed check: {len(jobs)} runs of the best configurations with other seeds"
-        )
-    trials = {t.number: t for t in optuna_study.get_trials(deepcopy=False)}
-    for number, seed in jobs:
-        if _past(deadline):
-            return
-        if set_user_attr_once(optuna_study, _job_key(number, seed), worker_id()) != worker_id():
-            continue  # another worker has it
-        original = trials[number]
-        attrs = {
-            TrialAttr.GROUP: Group.SEED_CHECK,
-            TrialAttr.SEED_CHECK_OF: number,
-            TrialAttr.SEED: seed,
-            TrialAttr.BASELINE: bool(original.user_attrs.get(TrialAttr.BASELINE)),
-            TrialAttr.BASELINE_PARAMS: original.user_attrs.get(TrialAttr.BASELINE_PARAMS, {}),
-        }
-        optuna_study.enqueue_trial(original.params, user_attrs=attrs)
-        optimize(optuna_study, objective, n_trials=1, deadline=None)
-
-
-def _job_key(number: int, seed: int) -> str:
-    return f"seed_check:{number}:{seed}"

@@ -15,13 +15,15 @@ from transformers import AutoModelForCausalLM
 from kdsweep.cli import main
 from kdsweep.distill import lora, train
 from kdsweep.distill.checkpoints import BestCheckpoint
+from kdsweep.distill.loss import DistillSettings
 from kdsweep.distill.models import hidden_states, output_weight
 from kdsweep.names import ADAPTER_ARTIFACT, MODEL_ARTIFACT, Metric, Tag, TrialAttr
-from kdsweep.store.storage import compared_baseline, load_existing_study, ranked_trials
+from kdsweep.store.storage import load_existing_study
+from kdsweep.store.trials import Trials
 from kdsweep.study.config import LoraConfig, TrainConfig
 from kdsweep.study.reader import load_study
 
-from conftest import mlflow_runs, written
+from conftest import Recorded, mlflow_runs, written
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("peft") is None, reason='needs peft: pip install "kdsweep[lora]"'
@@ -35,8 +37,8 @@ def _student(tiny_setup, rank: int, **settings):
     return lora.adapt(student, rank, LoraConfig(**settings))
 
 
-def _settings(steps: int = 3, **fixed) -> train.DistillSettings:
-    return train.DistillSettings(
+def _settings(steps: int = 3, **fixed) -> DistillSettings:
+    return DistillSettings(
         alpha=0.0,
         temperature=1.0,
         top_k=None,
@@ -47,8 +49,15 @@ def _settings(steps: int = 3, **fixed) -> train.DistillSettings:
     )
 
 
-def test_only_the_adapter_trains_and_gets_optimizer_states(tiny_setup, monkeypatch):
+def _train(tiny_setup, student, settings: DistillSettings, hooks=None) -> None:
+    """Train ``student`` alone (alpha 0), its evaluation a constant."""
     tokenizer, _, vocab, split = tiny_setup
+    evaluate = lambda model, step: {Metric.STUDENT_PPL: 1.0}  # noqa: E731
+    data = train.TrainingData(split, vocab, tokenizer.pad_token_id, evaluate)
+    train.distill(student, settings, data, None, hooks)
+
+
+def test_only_the_adapter_trains_and_gets_optimizer_states(tiny_setup, monkeypatch):
     student = _student(tiny_setup, 4)
     frozen = {n: p.clone() for n, p in student.named_parameters() if not p.requires_grad}
     adapter = {n: p.clone() for n, p in student.named_parameters() if p.requires_grad}
@@ -60,15 +69,7 @@ def test_only_the_adapter_trains_and_gets_optimizer_states(tiny_setup, monkeypat
         "AdamW",
         lambda params, **kw: optimizers.append(real(params, **kw)) or optimizers[-1],
     )
-    train.distill(
-        student,
-        split,
-        None,
-        _settings(),
-        vocab=vocab,
-        pad_id=tokenizer.pad_token_id,
-        evaluate=lambda model, step: {Metric.STUDENT_PPL: 1.0},
-    )
+    _train(tiny_setup, student, _settings())
     (optimizer,) = optimizers
     states = optimizer.state.values()
     assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == sum(
@@ -133,35 +134,22 @@ def test_the_best_checkpoint_of_a_lora_student_copies_its_adapter_only(tiny_setu
 def test_a_lora_trial_resumes_exactly(tiny_setup):
     """A LoRA trial stopped after step 2 and resumed from its checkpoint ends where the
     uninterrupted one does."""
-    tokenizer, _, vocab, split = tiny_setup
-    kwargs = dict(vocab=vocab, pad_id=tokenizer.pad_token_id)
-    evaluate = lambda model, step: {Metric.STUDENT_PPL: 1.0}  # noqa: E731
-
     whole = _student(tiny_setup, 4)
-    train.distill(whole, split, None, _settings(4), evaluate=evaluate, **kwargs)
+    _train(tiny_setup, whole, _settings(4))
 
-    saved = []
-    first = _student(tiny_setup, 4)
-    with pytest.raises(KeyboardInterrupt):
-
-        def stop_after_2(state):
-            saved.append(dataclasses.replace(state, student=dict(state.student)))
+    class StopAfter2(Recorded):
+        def checkpoint(self, state):
+            self.states.append(dataclasses.replace(state, student=dict(state.student)))
             if state.step == 2:
                 raise KeyboardInterrupt
 
-        train.distill(
-            first,
-            split,
-            None,
-            _settings(4, checkpoint_every=1),
-            evaluate=evaluate,
-            save_state=stop_after_2,
-            **kwargs,
-        )
-    state = saved[-1]
+    stopping = StopAfter2(checkpointing=True)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_setup, _student(tiny_setup, 4), _settings(4, checkpoint_every=1), stopping)
+    state = stopping.states[-1]
     assert all("lora_" in name for name in state.student)
     resumed = _student(tiny_setup, 4)
-    train.distill(resumed, split, None, _settings(4), evaluate=evaluate, resume=state, **kwargs)
+    _train(tiny_setup, resumed, _settings(4), Recorded(resume=state))
     for name, tensor in lora.trained_state(resumed).items():
         torch.testing.assert_close(tensor, lora.trained_state(whole)[name], rtol=0, atol=0)
 
@@ -181,8 +169,8 @@ def test_a_sweep_over_the_students_form_runs_to_its_report(tiny_study, capsys):
     stored = load_existing_study(study)
     trials = stored.trials
     # The closing summary names the baseline the verdict compares with: of the winner's form.
-    compared = compared_baseline(ranked_trials(stored))
-    assert f"best fine-tuned, trial {compared.number} " in capsys.readouterr().out
+    compared = Trials.of(stored).compared_baseline
+    assert f"best baseline, trial {compared.number} " in capsys.readouterr().out
     ranks = {t.number: t.user_attrs[TrialAttr.PARAMS]["lora_rank"] for t in trials}
     assert {0, 4} <= set(ranks.values())
     counts = {t.number: t.user_attrs[TrialAttr.TRAINABLE_PARAMETERS] for t in trials}

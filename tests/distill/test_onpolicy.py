@@ -13,6 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from kdsweep.cli import main
 from kdsweep.distill import models, train
+from kdsweep.distill import on_policy as on_policy_module
+from kdsweep.distill.loss import DistillSettings
+from kdsweep.distill.on_policy import OnPolicy
 from kdsweep.distill.targets import OnlineTeacher
 from kdsweep.losses import IGNORE_INDEX, distill_loss_from_hidden
 from kdsweep.names import Metric, Tag, TrialAttr
@@ -22,13 +25,15 @@ from kdsweep.store.storage import load_existing_study
 from kdsweep.study.config import TrainConfig
 from kdsweep.study.reader import load_study
 
+from conftest import Recorded
+
 
 @pytest.fixture(scope="module")
 def setup(tiny_setup):
     return tiny_setup
 
 
-def on_policy(setup, **overrides) -> train.OnPolicy:
+def on_policy(setup, **overrides) -> OnPolicy:
     tokenizer, teacher, vocab, split = setup
     values = (
         dict(
@@ -39,14 +44,21 @@ def on_policy(setup, **overrides) -> train.OnPolicy:
         )
         | overrides
     )
-    return train.OnPolicy(OnlineTeacher(teacher, vocab), split, **values)
+    return OnPolicy(OnlineTeacher(teacher, vocab), split, **values)
 
 
-def settings(**overrides) -> train.DistillSettings:
+def settings(**overrides) -> DistillSettings:
     cfg = TrainConfig(
-        max_steps=4, batch_size=8, eval_every=4, log_every=1, warmup_ratio=0.0, device="cpu"
+        max_steps=4,
+        batch_size=8,
+        eval_every=4,
+        log_every=1,
+        warmup_ratio=0.0,
+        device="cpu",
+        select="last",
+        generation_max_new_tokens=6,
     )
-    base = train.DistillSettings(
+    base = DistillSettings(
         alpha=0.5, temperature=2.0, top_k=None, learning_rate=1e-2, train=cfg, lmbda=1.0
     )
     return dataclasses.replace(base, **overrides)
@@ -61,14 +73,14 @@ def test_the_student_completes_prompts_that_hold_no_answer(setup, tiny_models, m
     tokenizer, _, _, split = setup
     batch = first_batch(setup)
     seen = {}
-    real = train.generate
+    real = on_policy_module.generate
 
     def recording(model, prompts, **kwargs):
         seen["prompts"] = [tuple(p) for p in prompts]
         seen["kwargs"] = kwargs
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(train, "generate", recording)
+    monkeypatch.setattr(on_policy_module, "generate", recording)
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     completions = on_policy(setup).complete(student, batch)
     rows = batch.example_ids.tolist()
@@ -153,33 +165,23 @@ def test_a_trial_with_lmbda_is_reproducible_on_the_cpu(setup, tiny_models):
 
     def run(lmbda: float):
         student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
-        logs = []
-        policy = on_policy(setup)
-        train.distill(
-            student,
-            split,
-            OnlineTeacher(teacher, vocab),
-            settings(lmbda=lmbda),
-            vocab=vocab,
-            pad_id=tokenizer.pad_token_id,
-            evaluate=lambda model, step: {},
-            on_log=logs.append,
-            on_policy=policy,
-        )
-        return logs, policy
+        data = train.TrainingData(split, vocab, tokenizer.pad_token_id, lambda model, step: {})
+        hooks = Recorded()
+        train.distill(student, settings(lmbda=lmbda), data, OnlineTeacher(teacher, vocab), hooks)
+        return hooks.logs
 
-    first, policy = run(0.5)
-    second, _ = run(0.5)
+    first, second = run(0.5), run(0.5)
     assert [(log.loss, log.generated_tokens) for log in first] == [
         (log.loss, log.generated_tokens) for log in second
     ]
-    assert 0 < policy.batches < 4  # some steps on-policy, some not (the seeded coin)
-    assert first[-1].generated_tokens == policy.generated_tokens > 0
+    generated = [0] + [log.generated_tokens for log in first]
+    on_policy_steps = sum(after > before for before, after in zip(generated, generated[1:]))
+    assert 0 < on_policy_steps < 4  # some steps on-policy, some not (the seeded coin)
     assert all(
         log.generation_share is not None and 0 <= log.generation_share <= 1 for log in first
     )
-    off, _ = run(0.0)
-    assert all(log.generated_tokens == 0 for log in off)
+    off = run(0.0)
+    assert all(log.generated_tokens is None for log in off)  # no on-policy step, no counter
 
 
 def test_the_teacher_stays_loaded_only_when_a_trial_may_be_on_policy(tiny_study, monkeypatch):
@@ -194,16 +196,17 @@ def test_the_teacher_stays_loaded_only_when_a_trial_may_be_on_policy(tiny_study,
     cached = ["search.top_k=[4, 8]"]
     TrialRunner.prepare(load_study(tiny_study, cached), progress=SweepProgress())  # the caches
     loads.clear()
-    off_policy = TrialRunner.prepare(load_study(tiny_study, cached), progress=SweepProgress())
-    assert not off_policy.teacher.loaded and loads.count("teacher") == 0
+    TrialRunner.prepare(load_study(tiny_study, cached), progress=SweepProgress())
+    assert loads.count("teacher") == 0
     on = TrialRunner.prepare(
         load_study(tiny_study, [*cached, "search.lmbda=[0.0, 0.5]"]), progress=SweepProgress()
     )
-    assert not on.teacher.loaded and loads.count("teacher") == 0  # loaded when needed
-    on.on_policy(), on.on_policy()
-    assert on.teacher.loaded and loads.count("teacher") == 1  # once, then kept
+    assert loads.count("teacher") == 0  # loaded when needed
+    on.teacher.online(), on.teacher.online()
+    assert loads.count("teacher") == 1  # once, then kept
     on.teacher.release()
-    assert on.teacher.loaded and on.teacher.cached  # off-policy steps still read the cache
+    on.teacher.online()
+    assert loads.count("teacher") == 1 and on.teacher.cached  # off-policy steps read the cache
 
 
 def test_an_on_policy_study_that_builds_its_cache_loads_the_teacher_once(tiny_study, monkeypatch):
@@ -216,7 +219,9 @@ def test_an_on_policy_study_that_builds_its_cache_loads_the_teacher_once(tiny_st
         load_study(tiny_study, ["search.top_k=[4, 8]", "search.lmbda=[0.0, 0.5]"]),
         progress=SweepProgress(),
     )
-    assert runner.teacher.loaded and loads.count("teacher") == 1  # the cache's teacher, kept
+    assert loads.count("teacher") == 1
+    runner.teacher.online()
+    assert loads.count("teacher") == 1  # the cache's teacher, kept
 
 
 def test_a_sweep_searches_lmbda(tiny_study):

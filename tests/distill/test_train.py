@@ -12,11 +12,14 @@ from transformers import AutoModelForCausalLM
 from kdsweep.data import Batch, make_batches
 from kdsweep.distill import preemption, train
 from kdsweep.distill.evaluate import prepare_eval_set, score
+from kdsweep.distill.loss import DistillSettings
 from kdsweep.distill.models import Vocabulary, shared_vocabulary
 from kdsweep.distill.preemption import Preempted
 from kdsweep.distill.targets import OnlineTeacher
 from kdsweep.errors import UsageError
 from kdsweep.study.config import TrainConfig
+
+from conftest import Recorded
 
 
 @pytest.fixture(scope="module")
@@ -25,44 +28,41 @@ def setup(tiny_setup):
 
 
 def settings(**overrides):
+    # select "last": the test's evaluation measures its own "nll", no objective of a study
     cfg = dict(
-        max_steps=6, batch_size=8, eval_every=3, log_every=2, warmup_ratio=0.0, device="cpu"
+        max_steps=6,
+        batch_size=8,
+        eval_every=3,
+        log_every=2,
+        warmup_ratio=0.0,
+        device="cpu",
+        select="last",
     )
     cfg.update(overrides.pop("train", {}))
     values = dict(
         alpha=0.5, temperature=2.0, top_k=None, learning_rate=1e-2, train=TrainConfig(**cfg)
     )
     values.update(overrides)
-    return train.DistillSettings(**values)
+    return DistillSettings(**values)
 
 
-def run(setup, tiny_models, run_settings, teacher=True, **loop_options):
+def run(setup, tiny_models, run_settings, teacher=True, hooks=None):
+    """A run of the tiny student; returns its result, logs, evaluations and the student."""
     tokenizer, teacher_model, vocab, split = setup
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
-    logs, evals = [], []
-    also_on_log = loop_options.pop("on_log", lambda log: None)
-    also_on_eval = loop_options.pop("on_eval", lambda step, metrics: None)
-    result = train.distill(
-        student,
-        split,
-        OnlineTeacher(teacher_model, vocab) if teacher else None,
-        run_settings,
-        vocab=vocab,
-        pad_id=tokenizer.pad_token_id,
-        evaluate=lambda model, step: {
-            "nll": score(
-                model,
-                make_batches(
-                    split, batch_size=16, pad_id=0, shuffle_seed=None, group_by_length=False
-                ),
-                vocab,
-            ).nll_sum
-        },
-        on_log=lambda log: (logs.append(log), also_on_log(log)),
-        on_eval=lambda step, metrics: (evals.append((step, metrics)), also_on_eval(step, metrics)),
-        **loop_options,
+    batches = make_batches(
+        split, batch_size=16, pad_id=0, shuffle_seed=None, group_by_length=False
     )
-    return result, logs, evals, student
+    data = train.TrainingData(
+        split,
+        vocab,
+        tokenizer.pad_token_id,
+        lambda model, step: {"nll": score(model, batches, vocab).nll_sum},
+    )
+    hooks = hooks or Recorded()
+    signal = OnlineTeacher(teacher_model, vocab) if teacher else None
+    result = train.distill(student, run_settings, data, signal, hooks)
+    return result, hooks.logs, hooks.evals, student
 
 
 def test_distill_logs_evaluates_and_learns(setup, tiny_models):
@@ -94,19 +94,21 @@ def test_a_preempted_run_resumed_from_its_checkpoint_ends_where_the_whole_run_do
         train={"max_steps": 12, "eval_every": 4, "log_every": 3, "checkpoint_every": 0}
     )
     whole, whole_logs, whole_evals, _ = run(setup, tiny_models, resumed)
-    saved = []
 
     def stop_at_step_4(step, metrics):
         if step == 4:
             preemption.request(preemption.PREEMPTED)  # in the loop: waits for the step to end
 
+    stopping = Recorded(on_eval=stop_at_step_4, checkpointing=True)
     try:
         with pytest.raises(Preempted) as stopped:
-            run(setup, tiny_models, resumed, on_eval=stop_at_step_4, save_state=saved.append)
+            run(setup, tiny_models, resumed, hooks=stopping)
     finally:
         preemption.reset()
-    assert stopped.value.step == 4 and [state.step for state in saved] == [4]
-    after, logs, evals, _ = run(setup, tiny_models, resumed, resume=saved[0])
+    assert stopped.value.step == 4 and [state.step for state in stopping.states] == [4]
+    after, logs, evals, _ = run(
+        setup, tiny_models, resumed, hooks=Recorded(resume=stopping.states[0])
+    )
     assert [log.step for log in logs] == [6, 9, 12]  # no step twice
     assert [log.loss for log in logs] == [log.loss for log in whole_logs[1:]]
     assert evals == whole_evals[1:]
@@ -115,10 +117,10 @@ def test_a_preempted_run_resumed_from_its_checkpoint_ends_where_the_whole_run_do
 
 
 def test_checkpoints_are_written_at_each_evaluation_by_default(setup, tiny_models):
-    saved = []
-    run(setup, tiny_models, settings(), save_state=saved.append)
-    assert [state.step for state in saved] == [3]  # not at the last step: the trial is done
-    assert [step for step, _ in saved[0].evaluations] == [3]
+    hooks = Recorded(checkpointing=True)
+    run(setup, tiny_models, settings(), hooks=hooks)
+    assert [state.step for state in hooks.states] == [3]  # not at the last step: the trial is done
+    assert [step for step, _ in hooks.states[0].evaluations] == [3]
 
 
 def test_alpha_zero_needs_no_teacher(setup, tiny_models):
@@ -199,26 +201,15 @@ def test_gradient_accumulation_counts_micro_batches(setup, tiny_models):
     assert len(logs) == 3 and all(math.isfinite(log.loss) for log in logs)
 
 
-def test_callback_can_stop_the_run(setup, tiny_models):
+def test_a_hook_can_stop_the_run(setup, tiny_models):
     class Pruned(Exception):
         pass
 
     def stop(step, metrics):
         raise Pruned
 
-    tokenizer, teacher_model, vocab, split = setup
-    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     with pytest.raises(Pruned):
-        train.distill(
-            student,
-            split,
-            None,
-            settings(alpha=0.0),
-            vocab=vocab,
-            pad_id=0,
-            evaluate=lambda m, step: {},
-            on_eval=stop,
-        )
+        run(setup, tiny_models, settings(alpha=0.0), teacher=False, hooks=Recorded(on_eval=stop))
 
 
 def test_warmup_then_cosine():

@@ -20,10 +20,8 @@ from kdsweep.losses._students import HiddenStudent, LogitsStudent
 from kdsweep.losses._teacher import Teacher, TeacherInputs
 
 B, S, V, H = 2, 7, 33, 6
-TINY = torch.finfo(torch.float32).tiny
-LOG_TINY = math.log(TINY)
+LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
 BETAS = [0.0, 0.3, 0.5, 0.9, 1.0]
-TAILS = ["renormalize", "bucket"]
 
 
 def make_batch(*, seed: int = 0, ignored: float = 0.3) -> dict[str, torch.Tensor]:
@@ -50,14 +48,12 @@ def reference(
     top_k: int | None = None,
     support: torch.Tensor | None = None,
     beta: float = 0.0,
-    tail: str = "renormalize",
-    teacher_logsumexp: torch.Tensor | None = None,
 ) -> LossResult:
-    """The formulas in float64 with full softmaxes (the tail rules of kdsweep.losses' docstring).
+    """The formulas in float64 with full softmaxes (a truncated teacher as in kdsweep.losses'
+    docstring).
 
     ``support`` [..., K] gives the kept vocabulary ids directly (sparse form); ``top_k`` takes them
-    from the teacher's top-k. ``teacher_logsumexp`` [...], when given, is the teacher's
-    normaliser at the temperature, as a sparse form is given it (rounded to fp32).
+    from the teacher's top-k.
     """
     keep = labels != -100
     student, labels = student.double()[keep], labels[keep]
@@ -71,55 +67,25 @@ def reference(
         elif support is not None:
             support = support[keep].long()
         log_p = torch.log_softmax(teacher.double()[keep] / temperature, -1)
-        if teacher_logsumexp is not None:
-            log_p = teacher.double()[keep] / temperature - teacher_logsumexp.double()[keep, None]
         log_q = torch.log_softmax(student / temperature, -1)
-        divergence = truncated_jsd(
-            log_p, log_q, support, beta=beta, tail=tail, normalised=teacher_logsumexp is None
-        )
+        divergence = truncated_jsd(log_p, log_q, support, beta=beta)
         kl = temperature**2 * divergence.sum() / count
     return LossResult(loss=alpha * kl + (1 - alpha) * ce, kl=kl, ce=ce)
 
 
 def truncated_jsd(
-    log_p: torch.Tensor,
-    log_q: torch.Tensor,
-    support: torch.Tensor | None,
-    *,
-    beta: float,
-    tail: str,
-    normalised: bool = True,
+    log_p: torch.Tensor, log_q: torch.Tensor, support: torch.Tensor | None, *, beta: float
 ) -> torch.Tensor:
-    """Per-row generalized JSD of full log-probs [n, V], the teacher known on ``support`` only.
-
-    ``normalised`` False: the teacher's tail is taken as 1 - P(support), as from a given
-    normaliser, rather than summed where it lies.
-    """
+    """Per-row generalized JSD of full log-probs [n, V], the teacher known on ``support`` only."""
     if support is None:
         return generalized_jsd(log_p, log_q, beta)
     log_p_kept, log_q_kept = log_p.gather(-1, support), log_q.gather(-1, support)
-    if tail == "bucket":  # K ids + one bucket with each side's true mass off them
-        log_p_rest = log_rest(log_p, support)
-        if not normalised:
-            kept = log_p_kept.logsumexp(-1, keepdim=True)
-            log_p_rest = (-torch.expm1(kept)).clamp(min=TINY).log()
-        return generalized_jsd(
-            torch.cat([log_p_kept, log_p_rest], -1),
-            torch.cat([log_q_kept, log_rest(log_q, support)], -1),
-            beta,
-        )
     log_p_kept = log_p_kept.log_softmax(-1)
     if beta == 1.0:  # both renormalised over the support
         return generalized_jsd(log_p_kept, log_q_kept.log_softmax(-1), beta)
     # The teacher renormalised over its support and zero elsewhere, the student whole.
     log_p = torch.full_like(log_q, -math.inf).scatter(-1, support, log_p_kept)
     return generalized_jsd(log_p, log_q, beta)
-
-
-def log_rest(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """[n, 1] log of the mass off ``support``, floored at the smallest normal fp32."""
-    off = log_probs.scatter(-1, support, -math.inf)
-    return off.logsumexp(-1, keepdim=True).clamp(min=LOG_TINY)
 
 
 def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
@@ -440,7 +406,6 @@ BAD_ARGUMENTS = {
     "infinite temperature": (dict(temperature=float("inf")), "temperature"),
     "beta above 1": (dict(beta=1.5), "beta"),
     "beta not a number": (dict(beta=float("nan")), "beta"),
-    "unknown tail": (dict(tail="drop"), "tail"),
     "top_k zero": (dict(top_k=0), "top_k"),
     "chunk_tokens zero": (dict(chunk_tokens=0), "chunk_tokens"),
     "teacher missing": (dict(teacher_logits=None), "needs a teacher"),
@@ -525,43 +490,6 @@ BAD_SPARSE_AND_HIDDEN = {
         ),
         "top_k",
     ),
-    "bucket without logsumexp": (
-        lambda b, top: distill_loss_sparse(
-            b["student"],
-            top.values,
-            top.indices,
-            b["labels"],
-            alpha=0.5,
-            temperature=1.0,
-            tail="bucket",
-        ),
-        "needs the teacher's mass outside its top-K: pass teacher_logsumexp",
-    ),
-    "logsumexp shape": (
-        lambda b, top: distill_loss_sparse(
-            b["student"],
-            top.values,
-            top.indices,
-            b["labels"],
-            alpha=0.5,
-            temperature=1.0,
-            tail="bucket",
-            teacher_logsumexp=torch.zeros(B, S, 1),
-        ),
-        "teacher_logsumexp must be",
-    ),
-    "logsumexp of dense logits": (
-        lambda b, top: distill_loss_from_hidden(
-            b["hidden"],
-            b["weight"],
-            b["labels"],
-            teacher_logits=b["teacher"],
-            teacher_logsumexp=torch.zeros(B, S),
-            alpha=0.5,
-            temperature=1.0,
-        ),
-        "teacher_logsumexp goes with",
-    ),
 }
 
 
@@ -581,7 +509,7 @@ def test_every_problem_is_reported_at_once():
 
 
 # ---------------------------------------------------------------------------------------------
-# The generalized JSD (beta) and the tails of a truncated teacher
+# The generalized JSD (beta) and a truncated teacher
 
 
 def trl_generalized_jsd(
@@ -621,12 +549,11 @@ def test_reference_is_trl_generalized_jsd(beta):
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 @pytest.mark.parametrize("alpha", [0.3, 1.0])
-@pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("top_k", [None, 1, 5])
 @pytest.mark.parametrize("beta", BETAS)
-def test_divergences_in_the_logits_form_match_reference(beta, top_k, tail, alpha, temperature):
+def test_divergences_in_the_logits_form_match_reference(beta, top_k, alpha, temperature):
     batch = make_batch(seed=21)
-    settings = dict(alpha=alpha, temperature=temperature, beta=beta, tail=tail)
+    settings = dict(alpha=alpha, temperature=temperature, beta=beta)
     student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
     result = distill_loss(
         student, batch["teacher"], batch["labels"], top_k=top_k, chunk_tokens=3, **settings
@@ -638,29 +565,24 @@ def test_divergences_in_the_logits_form_match_reference(beta, top_k, tail, alpha
     assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0])
 
 
-def sparse_teacher(teacher: torch.Tensor, k: int, temperature: float) -> dict[str, torch.Tensor]:
-    """The top-K values and ids of ``teacher``, with its log-normaliser at ``temperature``."""
+def sparse_teacher(teacher: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """The top-K values and ids of ``teacher``."""
     top = teacher.topk(k, dim=-1)
-    logsumexp = (teacher.double() / temperature).logsumexp(-1).float()
-    return dict(
-        teacher_values=top.values, teacher_indices=top.indices, teacher_logsumexp=logsumexp
-    )
+    return dict(teacher_values=top.values, teacher_indices=top.indices)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
-@pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("beta", BETAS)
-def test_divergences_in_the_sparse_form_match_reference(beta, tail, temperature):
+def test_divergences_in_the_sparse_form_match_reference(beta, temperature):
     batch = make_batch(seed=22)
-    settings = dict(alpha=0.6, temperature=temperature, beta=beta, tail=tail)
-    teacher = sparse_teacher(batch["teacher"], 6, temperature)
+    settings = dict(alpha=0.6, temperature=temperature, beta=beta)
+    teacher = sparse_teacher(batch["teacher"], 6)
     student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
     result = distill_loss_sparse(
         student,
         teacher["teacher_values"],
         teacher["teacher_indices"],
         batch["labels"],
-        teacher_logsumexp=teacher["teacher_logsumexp"],
         chunk_tokens=4,
         **settings,
     )
@@ -669,30 +591,25 @@ def test_divergences_in_the_sparse_form_match_reference(beta, tail, temperature)
         batch["labels"],
         teacher=batch["teacher"],
         support=teacher["teacher_indices"],
-        teacher_logsumexp=teacher["teacher_logsumexp"],
         **settings,
     )
     assert_results_close(result, expected)
     grad = grads_of(result, student)[0]
     assert_close(grad, grads_of(expected, student64)[0])
-    # The dense form has the exact normaliser, the sparse one its fp32 rounding (~1e-6 at T=0.5).
     dense_student = leaf(batch["student"])
     dense = distill_loss(dense_student, batch["teacher"], batch["labels"], top_k=6, **settings)
-    assert_results_close(result, dense, rtol=1e-4)
-    assert_close(grad, grads_of(dense, dense_student)[0], rtol=1e-4)
+    assert_results_close(result, dense)
+    assert_close(grad, grads_of(dense, dense_student)[0])
 
 
-@pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("teacher", ["dense", "top_k", "sparse"])
 @pytest.mark.parametrize("beta", BETAS)
-def test_divergences_in_the_hidden_form_match_reference(beta, teacher, tail):
+def test_divergences_in_the_hidden_form_match_reference(beta, teacher):
     batch = make_batch(seed=23)
-    settings = dict(alpha=0.7, temperature=1.5, beta=beta, tail=tail)
+    settings = dict(alpha=0.7, temperature=1.5, beta=beta)
     if teacher == "sparse":
-        kwargs = sparse_teacher(batch["teacher"], 5, 1.5)
-        ref_teacher = dict(
-            support=kwargs["teacher_indices"], teacher_logsumexp=kwargs["teacher_logsumexp"]
-        )
+        kwargs = sparse_teacher(batch["teacher"], 5)
+        ref_teacher = dict(support=kwargs["teacher_indices"])
     else:
         kwargs = dict(teacher_logits=batch["teacher"], top_k=5 if teacher == "top_k" else None)
         ref_teacher = dict(top_k=kwargs["top_k"])
@@ -710,9 +627,8 @@ def test_divergences_in_the_hidden_form_match_reference(beta, teacher, tail):
         assert_close(grad, grad64)
 
 
-@pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("beta", BETAS)
-def test_a_teacher_that_keeps_the_whole_vocabulary_equals_the_full_result(beta, tail):
+def test_a_teacher_that_keeps_the_whole_vocabulary_equals_the_full_result(beta):
     batch = make_batch(seed=24)
     settings = dict(alpha=0.5, temperature=2.0, beta=beta)
     full_student = leaf(batch["student"])
@@ -720,35 +636,16 @@ def test_a_teacher_that_keeps_the_whole_vocabulary_equals_the_full_result(beta, 
     full_grad = grads_of(full, full_student)[0]
     for top_k in (V, V + 10):
         student = leaf(batch["student"])
-        result = distill_loss(
-            student, batch["teacher"], batch["labels"], top_k=top_k, tail=tail, **settings
-        )
+        result = distill_loss(student, batch["teacher"], batch["labels"], top_k=top_k, **settings)
         assert_results_close(result, full)
         assert_close(grads_of(result, student)[0], full_grad)
     student = leaf(batch["student"])
-    teacher = sparse_teacher(batch["teacher"], V, 2.0)
+    teacher = sparse_teacher(batch["teacher"], V)
     result = distill_loss_sparse(
-        student,
-        teacher["teacher_values"],
-        teacher["teacher_indices"],
-        batch["labels"],
-        teacher_logsumexp=teacher["teacher_logsumexp"],
-        tail=tail,
-        **settings,
+        student, teacher["teacher_values"], teacher["teacher_indices"], batch["labels"], **settings
     )
     assert_results_close(result, full)
     assert_close(grads_of(result, student)[0], full_grad)
-
-
-@pytest.mark.parametrize("beta", BETAS)
-def test_the_tails_differ_where_the_teacher_is_truncated(beta):
-    batch = make_batch(seed=25)
-    settings = dict(alpha=1.0, temperature=2.0, beta=beta, top_k=3)
-    renormalized = distill_loss(batch["student"], batch["teacher"], batch["labels"], **settings)
-    bucket = distill_loss(
-        batch["student"], batch["teacher"], batch["labels"], tail="bucket", **settings
-    )
-    assert abs(renormalized.kl.item() - bucket.kl.item()) > 1e-3 * abs(bucket.kl.item())
 
 
 def test_reverse_kl_with_renormalize_gives_no_gradient_off_the_support():
@@ -765,14 +662,13 @@ def test_reverse_kl_with_renormalize_gives_no_gradient_off_the_support():
     assert grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("top_k", [None, 4, V - 1])
 @pytest.mark.parametrize("beta", BETAS)
-def test_masked_vocabulary_entries_stay_finite_and_match_reference(beta, top_k, tail):
+def test_masked_vocabulary_entries_stay_finite_and_match_reference(beta, top_k):
     batch = make_batch(seed=27)
     teacher = batch["teacher"].clone()
     teacher[..., -3:] = float("-inf")  # e.g. padded vocabulary rows; top_k = V - 1 keeps two
-    settings = dict(alpha=0.8, temperature=2.0, beta=beta, tail=tail, top_k=top_k)
+    settings = dict(alpha=0.8, temperature=2.0, beta=beta, top_k=top_k)
     student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
     result = distill_loss(student, teacher, batch["labels"], **settings)
     expected = reference(student64, batch["labels"], teacher=teacher, **settings)
@@ -782,16 +678,15 @@ def test_masked_vocabulary_entries_stay_finite_and_match_reference(beta, top_k, 
     assert_close(grad, grads_of(expected, student64)[0])
 
 
-@pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("beta", BETAS)
-def test_every_divergence_with_all_positions_ignored_gives_zero(beta, tail):
+def test_every_divergence_with_all_positions_ignored_gives_zero(beta):
     batch = make_batch(ignored=1.0)
-    settings = dict(alpha=0.5, temperature=2.0, beta=beta, tail=tail)
+    settings = dict(alpha=0.5, temperature=2.0, beta=beta)
     hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
     for teacher in (
         dict(teacher_logits=batch["teacher"]),
         dict(teacher_logits=batch["teacher"], top_k=3),
-        sparse_teacher(batch["teacher"], 3, 2.0),
+        sparse_teacher(batch["teacher"], 3),
     ):
         result = distill_loss_from_hidden(hidden, weight, batch["labels"], **teacher, **settings)
         for value in (result.loss, result.kl, result.ce):
@@ -801,15 +696,13 @@ def test_every_divergence_with_all_positions_ignored_gives_zero(beta, tail):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("beta", BETAS)
-def test_divergences_of_low_precision_logits_use_fp32_math(beta, tail, dtype):
-    """Every divergence and tail (beta 0 with "renormalize": the classic loss) on fp16/bf16
-    logits."""
+def test_divergences_of_low_precision_logits_use_fp32_math(beta, dtype):
+    """Every divergence (beta 0: the classic loss) on fp16/bf16 logits."""
     batch = make_batch(seed=28)
     student, teacher = leaf(batch["student"], dtype), batch["teacher"].to(dtype)
     student64 = leaf(student, torch.float64)
-    settings = dict(alpha=0.3, temperature=2.0, top_k=4, beta=beta, tail=tail)
+    settings = dict(alpha=0.3, temperature=2.0, top_k=4, beta=beta)
     result = distill_loss(student, teacher, batch["labels"], **settings)
     expected = reference(student64, batch["labels"], teacher=teacher, **settings)
     assert_results_close(result, expected)
@@ -823,8 +716,8 @@ def test_divergences_of_low_precision_logits_use_fp32_math(beta, tail, dtype):
 def test_divergences_of_a_low_precision_hidden_form_use_fp32_math(beta, dtype):
     batch = make_batch(seed=32)
     hidden, weight = leaf(batch["hidden"], dtype), leaf(batch["weight"], dtype)
-    teacher = sparse_teacher(batch["teacher"].to(dtype).float(), 5, 2.0)
-    settings = dict(alpha=0.6, temperature=2.0, beta=beta, tail="bucket")
+    teacher = sparse_teacher(batch["teacher"].to(dtype).float(), 5)
+    settings = dict(alpha=0.6, temperature=2.0, beta=beta)
     result = distill_loss_from_hidden(hidden, weight, batch["labels"], **teacher, **settings)
     hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
     expected = reference(
@@ -832,7 +725,6 @@ def test_divergences_of_a_low_precision_hidden_form_use_fp32_math(beta, dtype):
         batch["labels"],
         teacher=batch["teacher"].to(dtype),
         support=teacher["teacher_indices"],
-        teacher_logsumexp=teacher["teacher_logsumexp"],
         **settings,
     )
     assert_results_close(result, expected)
@@ -847,7 +739,7 @@ def test_divergences_of_a_low_precision_hidden_form_use_fp32_math(beta, dtype):
 @pytest.mark.parametrize("beta", BETAS)
 def test_huge_temperatures_stay_finite_and_keep_their_gradient(beta, top_k, temperature):
     batch = make_batch(seed=29)
-    settings = dict(alpha=0.5, temperature=temperature, beta=beta, top_k=top_k, tail="bucket")
+    settings = dict(alpha=0.5, temperature=temperature, beta=beta, top_k=top_k)
     student, student64 = leaf(batch["student"]), leaf(batch["student"], torch.float64)
     result = distill_loss(student, batch["teacher"], batch["labels"], **settings)
     expected = reference(student64, batch["labels"], teacher=batch["teacher"], **settings)
@@ -873,24 +765,6 @@ def test_betas_next_to_the_ends_are_finite_and_small(beta):
     assert_close(grads_of(result, student)[0], grads_of(expected, student64)[0], rtol=1e-2)
 
 
-def test_bucket_tail_of_a_sparse_teacher_uses_its_log_normaliser():
-    batch = make_batch(seed=31)
-    teacher = sparse_teacher(batch["teacher"], 5, 1.0)
-    args = (
-        batch["student"],
-        teacher["teacher_values"],
-        teacher["teacher_indices"],
-        batch["labels"],
-    )
-    settings = dict(alpha=1.0, temperature=1.0, beta=0.5, tail="bucket")
-    result = distill_loss_sparse(*args, teacher_logsumexp=teacher["teacher_logsumexp"], **settings)
-    # A normaliser that puts 10x more mass in the tail changes the teacher, so the loss.
-    shifted = distill_loss_sparse(
-        *args, teacher_logsumexp=teacher["teacher_logsumexp"] + 2.3, **settings
-    )
-    assert abs(result.kl.item() - shifted.kl.item()) > 1e-2
-
-
 QWEN_VOCAB = 151_936
 DEFAULT_CHUNKS = {  # (form, teacher, beta): positions per (block, chunk) on a CPU at V = 151,936
     ("logits", "dense", 0.0): (58, 58),  # 136 MiB over 4 [chunk, V] fp32 tensors
@@ -913,7 +787,7 @@ def test_default_chunks_fit_a_memory_budget(case):
         "sparse": TeacherInputs(values=rows[:, :64], indices=rows[:, :64].long()),
         "none": TeacherInputs(),
     }[kind]
-    teacher = Teacher.build(inputs, top_k=None, tail="renormalize", vocab=QWEN_VOCAB)
+    teacher = Teacher.build(inputs, top_k=None, vocab=QWEN_VOCAB)
     student = LogitsStudent if form == "logits" else HiddenStudent
     sizes = chunk_sizes(
         student,
@@ -939,19 +813,15 @@ def test_hidden_blocks_split_into_chunks_match_reference(monkeypatch, beta, teac
     kwargs = {
         "dense": dict(teacher_logits=batch["teacher"]),
         "top_k": dict(teacher_logits=batch["teacher"], top_k=4),
-        "sparse": sparse_teacher(batch["teacher"], 4, 2.0),
+        "sparse": sparse_teacher(batch["teacher"], 4),
     }[teacher]
-    settings = dict(alpha=0.6, temperature=2.0, beta=beta, tail="bucket")
+    settings = dict(alpha=0.6, temperature=2.0, beta=beta)
     hidden, weight = leaf(batch["hidden"]), leaf(batch["weight"])
     result = distill_loss_from_hidden(
         hidden, weight, batch["labels"], chunk_tokens=5, **kwargs, **settings
     )
     hidden64, weight64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
-    ref_teacher = dict(
-        top_k=kwargs.get("top_k"),
-        support=kwargs.get("teacher_indices"),
-        teacher_logsumexp=kwargs.get("teacher_logsumexp"),
-    )
+    ref_teacher = dict(top_k=kwargs.get("top_k"), support=kwargs.get("teacher_indices"))
     expected = reference(
         hidden64 @ weight64.T, batch["labels"], teacher=batch["teacher"], **ref_teacher, **settings
     )

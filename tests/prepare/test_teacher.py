@@ -22,7 +22,7 @@ from kdsweep.distill.models import Vocabulary
 from kdsweep.distill.targets import OnlineTeacher
 from kdsweep.names import StudyAttr, TrialAttr
 from kdsweep.paths import teacher_cache_dir
-from kdsweep.prepare import demo, teacher_cache
+from kdsweep.prepare import teacher_cache
 from kdsweep.prepare.teacher import build_cache
 from kdsweep.prepare.teacher_cache import (
     CachedTeacher,
@@ -36,7 +36,7 @@ from kdsweep.progress import SweepProgress
 from kdsweep.store.storage import load_existing_study
 from kdsweep.study.reader import load_study
 
-from conftest import chat_split
+from conftest import chat_split, guanaco_rows
 
 FP16_ATOL = 2e-2  # fp16 keeps 11 significant bits: |logit| < 16 is stored within 1/128
 
@@ -52,7 +52,7 @@ def tiny(tiny_models):
         student_rows=model.config.vocab_size,
     )
     split = tokenize(
-        [demo.guanaco_text(c) for c in demo.generate_conversations(40, seed=0)],
+        guanaco_rows(40, seed=0),
         tokenizer,
         max_length=48,
         assistant_only=True,
@@ -326,7 +326,7 @@ def test_a_finite_top_k_sweep_runs_the_teacher_once(tiny_study, monkeypatch):
 def test_whole_vocabulary_or_cache_off_runs_the_teacher_online(tiny_study, overrides):
     # top_k [4, all] by default
     ws = TrialRunner.prepare(load_study(tiny_study, overrides), progress=SweepProgress())
-    assert not ws.teacher.cached and ws.teacher.loaded
+    assert not ws.teacher.cached
     # the eval set's targets
     assert ws.teacher.tokens_processed == sum(b.num_tokens for b in ws.eval_set.batches)
     assert not teacher_cache_dir().exists()

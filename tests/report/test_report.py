@@ -440,7 +440,7 @@ def test_one_complete_trial_skips_importances_with_the_reason(studies, tmp_path)
     )
     assert not (tmp_path / "reports" / "single" / "importances.png").exists()
     assert (tmp_path / "reports" / "single" / "curves.png").is_file()
-    assert "**No plain fine-tuning baseline ran**" in text
+    assert "**No baseline ran**" in text
 
 
 def test_cli_report_exit_codes(studies, tmp_path, capsys):

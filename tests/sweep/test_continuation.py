@@ -11,8 +11,11 @@ from optuna.trial import TrialState
 from kdsweep.cli import main
 from kdsweep.names import StudyAttr, TrialAttr
 from kdsweep.report import write_report
-from kdsweep.store.storage import load_existing_study, ranked_trials
+from kdsweep.store.storage import load_existing_study
+from kdsweep.store.trials import Trials
 from kdsweep.study.reader import load_study
+
+from conftest import Child
 
 SPLITS = ["data.eval_split=test[:8]", "data.test_split=test[8:]"]
 CHECKED = [*SPLITS, "baselines=[{alpha: 0.0}]", "seed_check.top=1", "seed_check.seeds=1"]
@@ -39,10 +42,9 @@ def test_run_seed_check_continue_continue_then_report(tiny_study, capsys):
     assert run(tiny_study, 5, [*CHECKED, "sampler.seed=1"]) == 0  # another sampler seed too
     study = load_study(tiny_study, CHECKED)
     optuna_study = load_existing_study(study)
-    ranked = ranked_trials(optuna_study)
-    best_distilled = next(t for t in ranked if not t.user_attrs.get(TrialAttr.BASELINE))
-    best_baseline = next(t for t in ranked if t.user_attrs.get(TrialAttr.BASELINE))
-    assert len(ranked) == 5
+    view = Trials.of(optuna_study)
+    best_distilled, best_baseline = view.best_distilled, view.compared_baseline
+    assert len(view.ranked) == 5
     # The seed check follows the study: the current best of each kind is checked (and so is
     # every configuration that was the best after an earlier call).
     assert {best_distilled.number, best_baseline.number} <= checked_configurations(optuna_study)
@@ -90,3 +92,22 @@ def test_a_study_whose_trials_all_ended_early_still_reports(tiny_study, monkeypa
     text = write_report(load_study(tiny_study, overrides)).read_text()
     assert "no complete trial" in text.lower()
     assert main(["status", str(tiny_study)]) == 0
+
+
+def test_a_run_that_leaves_baselines_queued_ends_and_says_what_finishes_them(tiny_study):
+    """`kdsweep check`'s advice, `--n-trials 1`, on a study of 2 baselines with a test split: the
+    run trains trial 0 and ends (no worker will run the other baseline, so nothing waits for it),
+    naming the queued trial and the command that runs it; that command then ends the study."""
+    sets = [*SPLITS, "baselines=[{alpha: 0.0, trials: 2}]", "n_trials=3"]
+    args = [arg for s in sets for arg in ("--set", s)]
+    first = Child("run", str(tiny_study), "--n-trials", "1", "--no-report", *args)
+    assert first.finish(timeout=300) == 0, first.output
+    assert "trials 1 (a baseline) are queued and no worker runs them" in first.output
+    assert f"`kdsweep run {tiny_study} --n-trials 2`" in first.output
+    study = load_study(tiny_study, sets)
+    trials = load_existing_study(study).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.WAITING]
+    assert run(tiny_study, 3, sets) == 0
+    optuna_study = load_existing_study(study)
+    assert [t.state for t in optuna_study.trials] == [TrialState.COMPLETE] * 3
+    assert StudyAttr.TEST_TEACHER_PPL in optuna_study.user_attrs  # the finals ran

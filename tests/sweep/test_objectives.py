@@ -12,8 +12,9 @@ import pytest
 from kdsweep import api
 from kdsweep.cli import main
 from kdsweep.names import Tag, TrialAttr
-from kdsweep.store.storage import best_trial, load_existing_study
-from kdsweep.study.measures import OBJECTIVES, OUT_OF_MEMORY
+from kdsweep.store.storage import load_existing_study
+from kdsweep.store.trials import Trials
+from kdsweep.study.measures import BY_NAME, OUT_OF_MEMORY
 from kdsweep.study.reader import load_study
 
 from conftest import mlflow_runs, run_replaced
@@ -43,7 +44,7 @@ def test_a_multi_objective_study_runs_to_its_report_and_pareto_front(tiny_study,
     summary = api.run_study(tiny_study, overrides=overrides)
     study = api.load(tiny_study, overrides)
     stored = load_existing_study(study)
-    directions = [OBJECTIVES[name] for name in objectives]
+    directions = [BY_NAME[name].direction for name in objectives]
     assert [d.name.lower() for d in stored.directions] == directions
     complete = [t for t in stored.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 4 and all(len(t.values) == len(objectives) for t in complete)
@@ -110,7 +111,7 @@ def test_constraints_leave_trials_infeasible_out_of_the_ranking(tiny_study):
         excess = t.params["learning_rate"] * 1e3 - 4
         assert t.constraints == {"peak_memory_gb": pytest.approx(excess)}
     best = min((t for t in trials if t.number not in over), key=lambda t: t.value)
-    assert best_trial(stored).number == best.number
+    assert Trials.of(stored).best.number == best.number
     _, _, runs = mlflow_runs(tiny_study, overrides=sets)
     assert {n for n, r in runs.items() if r.data.tags[Tag.FEASIBLE] == "False"} == over
 
@@ -133,7 +134,7 @@ def test_an_out_of_memory_trial_is_infeasible_and_stays_failed(tiny_study):
 
     run_replaced(tiny_study, no_memory, n_trials=1)
     (trial,) = load_existing_study(load_study(tiny_study)).trials
-    assert trial.state.name == "FAIL" and trial.user_attrs[TrialAttr.FAIL_REASON] == "oom"
+    assert trial.state.name == "FAIL" and trial.user_attrs[TrialAttr.FAIL_REASON] == OUT_OF_MEMORY
     assert trial.constraints == {OUT_OF_MEMORY: 1.0}
 
 

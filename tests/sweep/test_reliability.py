@@ -23,6 +23,7 @@ from kdsweep.losses import LossResult
 from kdsweep.names import StudyAttr, Tag, TrialAttr
 from kdsweep.store.recovery import fail_dead_trials
 from kdsweep.store.storage import load_existing_study
+from kdsweep.study.measures import OUT_OF_MEMORY
 from kdsweep.study.reader import load_study
 from kdsweep.sweep import objective
 
@@ -65,7 +66,7 @@ def test_out_of_memory_fails_with_oom_and_retries_with_half_the_batch(
     tiny_study, monkeypatch, capsys
 ):
     """A micro-batch above 2 does not fit: trial 0 (8 x 1) and its retry (4 x 2) fail with
-    reason oom; the retry of the retry (2 x 4, the same effective batch) completes."""
+    reason out_of_memory; the retry of the retry (2 x 4, the same effective batch) completes."""
     seen = []
 
     def small_memory(runner, params, *, batch=None, **kwargs):
@@ -78,8 +79,8 @@ def test_out_of_memory_fails_with_oom_and_retries_with_half_the_batch(
     assert seen == [(8, 1), (4, 2), (2, 4)]
     trials = load_existing_study(load_study(tiny_study)).trials
     assert [(t.state.name, t.user_attrs.get(TrialAttr.FAIL_REASON)) for t in trials] == [
-        ("FAIL", "oom"),
-        ("FAIL", "oom"),
+        ("FAIL", OUT_OF_MEMORY),
+        ("FAIL", OUT_OF_MEMORY),
         ("COMPLETE", None),
     ]
     assert [t.user_attrs.get(TrialAttr.OOM_RETRY_OF) for t in trials] == [None, 0, 1]
@@ -87,8 +88,8 @@ def test_out_of_memory_fails_with_oom_and_retries_with_half_the_batch(
     _, parents, trials = mlflow_runs(tiny_study)
     runs = [*parents, *trials.values()]
     assert sorted(r.data.tags.get(Tag.REASON, "") for r in runs if r.info.status == "FAILED") == [
-        "oom",
-        "oom",
+        OUT_OF_MEMORY,
+        OUT_OF_MEMORY,
     ]
     capsys.readouterr()
     assert main(["status", str(tiny_study)]) == 0

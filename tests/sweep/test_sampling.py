@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from kdsweep.names import Group, TrialAttr
-from kdsweep.store.storage import best_trial, ranked_trials
+from kdsweep.store.trials import Trials
 from kdsweep.study.reader import load_study
 from kdsweep.study.space import baseline_trials, suggest
 from kdsweep.sweep.samplers import GroupedSampler, SeedCheckAwarePruner, make_pruner, make_sampler
@@ -165,9 +165,9 @@ def test_objectives_declare_their_direction(tmp_path, objective, direction):
     optuna_study = optuna.create_study(direction=direction)
     for value in (0.2, 0.9, 0.5):
         optuna_study.tell(optuna_study.ask(), value)
-    best = best_trial(optuna_study)
+    best = Trials.of(optuna_study).best
     assert best.value == (0.2 if direction == "minimize" else 0.9)
-    assert [t.value for t in ranked_trials(optuna_study)] == sorted(
+    assert [t.value for t in Trials.of(optuna_study).ranked] == sorted(
         [0.2, 0.9, 0.5], reverse=direction == "maximize"
     )
 

@@ -9,12 +9,12 @@ import torch
 from kdsweep.cli import main
 from kdsweep.distill import train
 from kdsweep.distill.checkpoints import checkpoint_dir
+from kdsweep.distill.loss import DistillSettings
 from kdsweep.names import Metric, StudyAttr, TrialAttr
 from kdsweep.prepare import demo, trial_runner
 from kdsweep.report import write_report
 from kdsweep.store.storage import load_existing_study
 from kdsweep.study.config import TrainConfig
-from kdsweep.study.measures import MINIMIZE, better
 from kdsweep.study.reader import load_study
 from kdsweep.sweep import finalists
 
@@ -23,64 +23,50 @@ from conftest import ROOT, run_replaced
 SPLITS = ["data.eval_split=test[:8]", "data.test_split=test[8:]"]
 
 
-def test_a_trial_whose_evaluations_rise_after_the_first_ends_at_its_first(tiny_setup):
-    """Perplexities 3, 4, 5, 6 at steps 1-4: the result is step 1's, and so are the weights."""
-    tokenizer, _, vocab, split = tiny_setup
+def _run(tiny_setup, evaluations: list[float], *, select: str, on_eval=None):
+    """A plain fine-tuning run of ``len(evaluations)`` steps, evaluated at each: its student_ppl
+    there is the next of ``evaluations``. Returns the result and the student."""
     from transformers import AutoModelForCausalLM
 
-    student = AutoModelForCausalLM.from_pretrained(tiny_setup[1].name_or_path)
-    rising = iter([3.0, 4.0, 5.0, 6.0])
-    weights = {}
+    tokenizer, teacher, vocab, split = tiny_setup
+    student = AutoModelForCausalLM.from_pretrained(teacher.name_or_path)
+    values = iter(evaluations)
 
     def evaluate(model, step):
-        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
-        return {Metric.STUDENT_PPL: next(rising)}
+        if on_eval is not None:
+            on_eval(model, step)
+        return {Metric.STUDENT_PPL: next(values)}
 
-    settings = train.DistillSettings(
+    steps = len(evaluations)
+    settings = DistillSettings(
         alpha=0.0,
         temperature=1.0,
         top_k=None,
         learning_rate=1e-2,
-        train=TrainConfig(max_steps=4, batch_size=8, eval_every=1, log_every=1, device="cpu"),
+        train=TrainConfig(
+            max_steps=steps, batch_size=8, eval_every=1, log_every=1, device="cpu", select=select
+        ),
     )
-    result = train.distill(
-        student,
-        split,
-        None,
-        settings,
-        vocab=vocab,
-        pad_id=tokenizer.pad_token_id,
-        evaluate=evaluate,
-        better=lambda a, b: better(MINIMIZE, a[Metric.STUDENT_PPL], b[Metric.STUDENT_PPL]),
-    )
+    data = train.TrainingData(split, vocab, tokenizer.pad_token_id, evaluate)
+    return train.distill(student, settings, data, None), student
+
+
+def test_a_trial_whose_evaluations_rise_after_the_first_ends_at_its_first(tiny_setup):
+    """Perplexities 3, 4, 5, 6 at steps 1-4: the result is step 1's, and so are the weights."""
+    weights = {}
+
+    def keep(model, step):
+        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    result, student = _run(tiny_setup, [3.0, 4.0, 5.0, 6.0], select="best", on_eval=keep)
     assert result.best_step == 1 and result.final_eval == {Metric.STUDENT_PPL: 3.0}
     for name, tensor in student.state_dict().items():
         assert torch.equal(tensor, weights[1][name]), name  # the step-1 checkpoint, restored
     assert not torch.equal(weights[1]["lm_head.weight"], weights[4]["lm_head.weight"])
 
 
-def test_without_selection_a_trial_ends_at_its_last_evaluation(tiny_setup):
-    tokenizer, teacher, vocab, split = tiny_setup
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(teacher.name_or_path)
-    rising = iter([3.0, 4.0])
-    settings = train.DistillSettings(
-        alpha=0.0,
-        temperature=1.0,
-        top_k=None,
-        learning_rate=1e-2,
-        train=TrainConfig(max_steps=2, batch_size=8, eval_every=1, log_every=1, device="cpu"),
-    )
-    result = train.distill(
-        student,
-        split,
-        None,
-        settings,
-        vocab=vocab,
-        pad_id=tokenizer.pad_token_id,
-        evaluate=lambda model, step: {Metric.STUDENT_PPL: next(rising)},
-    )
+def test_select_last_ends_a_trial_at_its_last_evaluation(tiny_setup):
+    result, _ = _run(tiny_setup, [3.0, 4.0], select="last")
     assert result.best_step == 2 and result.final_eval == {Metric.STUDENT_PPL: 4.0}
 
 

@@ -111,7 +111,7 @@ def test_interrupt_leaves_no_running_run(tiny_study):
 def test_a_sweep_that_searches_beta_trains_each_trial_with_its_own(tiny_study, monkeypatch):
     """beta is searched like the classic four: sampled per trial, a param and part of the run name
     of each MLflow run, and the divergence each trial's training steps take."""
-    from kdsweep.distill import train
+    from kdsweep.distill import loss
 
     seen = []
 
@@ -119,8 +119,8 @@ def test_a_sweep_that_searches_beta_trains_each_trial_with_its_own(tiny_study, m
         seen.append(kwargs["beta"])
         return distill_loss_from_hidden(*args, **kwargs)
 
-    distill_loss_from_hidden = train.distill_loss_from_hidden
-    monkeypatch.setattr(train, "distill_loss_from_hidden", recording)
+    distill_loss_from_hidden = loss.distill_loss_from_hidden
+    monkeypatch.setattr(loss, "distill_loss_from_hidden", recording)
     fixed = [
         "--set",
         "search.beta=[0.0, 1.0]",

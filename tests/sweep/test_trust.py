@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from kdsweep.cli import main
 from kdsweep.names import Group, Metric, StudyAttr, Tag, TrialAttr
-from kdsweep.store.storage import group_of, load_existing_study
+from kdsweep.store.storage import load_existing_study
+from kdsweep.store.trials import group_of
 from kdsweep.study.reader import load_study
 
 from conftest import isolate, write_tiny_study
@@ -117,7 +118,7 @@ def test_the_report_and_the_last_lines_answer_the_question(swept):
     lines = output.strip().splitlines()
     assert lines[-1] == "report: reports/tiny.md"
     assert any(line.startswith("teacher") for line in lines) and any(
-        "best fine-tuned, trial" in line for line in lines
+        "best baseline, trial" in line for line in lines
     )
     assert "{" not in output  # no raw dict
     assert all(len(line) <= 80 for line in lines)
