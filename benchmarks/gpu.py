@@ -66,6 +66,7 @@ from kdsweep.distill import lora, train  # noqa: E402
 from kdsweep.distill.loss import DistillSettings  # noqa: E402
 from kdsweep.distill.models import Vocabulary, resolve_dtype  # noqa: E402
 from kdsweep.distill.targets import OnlineTeacher  # noqa: E402
+from kdsweep.errors import described  # noqa: E402
 from kdsweep.losses import IGNORE_INDEX  # noqa: E402
 from kdsweep.prepare.teacher_cache import (  # noqa: E402
     CachedTeacher,
@@ -433,7 +434,7 @@ def run_modes(args, device: torch.device) -> dict:
         except torch.OutOfMemoryError:
             notes[mode] = f"out of memory at batch {args.batch} x {args.seq}"
         except Exception as exc:  # one broken mode must not cost the others' numbers
-            notes[mode] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+            notes[mode] = f"failed: {described(exc, limit=300)}"
         free_memory(device)
 
     def student(rank: int = 0) -> Qwen3ForCausalLM:

@@ -15,7 +15,7 @@ import traceback
 
 from kdsweep.distill import preemption
 from kdsweep.distill.preemption import Preempted
-from kdsweep.errors import StudyError, UsageError
+from kdsweep.errors import StudyError, UsageError, described
 from kdsweep.redact import redact
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.reader import load_study
@@ -62,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: one line, the traceback on request
         if os.environ.get("KDSWEEP_DEBUG") == "1":
             print(redact(traceback.format_exc()), file=sys.stderr)
-        message = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
         print(
-            f"kdsweep: error: {type(exc).__name__}: {message} (KDSWEEP_DEBUG=1 shows the "
-            "traceback)",
+            f"kdsweep: error: {described(exc)} (KDSWEEP_DEBUG=1 shows the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -5,7 +5,7 @@ cache when the study uses one. So bad input stops it with exit 2 before any work
 no worker loads the teacher to build a cache that the others wait for. Then it starts N
 ``kdsweep run --no-report`` processes, each pinned to one GPU by ``CUDA_VISIBLE_DEVICES`` (inside
 it, the GPU is ``cuda:0``) and given its share of the CPU threads. The workers coordinate
-through the Optuna storage as any processes running the same study do (``sweep.py``); the
+through the Optuna storage as any processes running the same study do (``sweep.study``); the
 launcher only reads their output, forwards Ctrl-C and SIGTERM, and writes the report once they
 have all ended well.
 

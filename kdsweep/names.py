@@ -14,7 +14,7 @@ from __future__ import annotations
 
 
 class Group:
-    """Which history a trial is sampled from (``TrialAttr.GROUP``; see ``sampling``)."""
+    """Which history a trial is sampled from (``TrialAttr.GROUP``; see ``sweep.samplers``)."""
 
     SEARCH = "search"  # the sweep's own trials
     SEED_CHECK = "seed_check"  # configurations trained again with other seeds
@@ -36,8 +36,8 @@ class Metric:
     GRAD_NORM = "grad_norm"
     TOKENS_PER_SECOND = "tokens_per_second"
     GENERATED_TOKENS = "generated_tokens"  # on-policy: student tokens trained on, cumulative
-    GENERATION_SHARE = "generation_share"  # ... their generation's share of the time since the
-    # previous log
+    # ... and their generation's share of the time since the previous log
+    GENERATION_SHARE = "generation_share"
     # Every evaluation of a trial.
     STUDENT_PPL = "student_ppl"
     TEACHER_PPL = "teacher_ppl"
@@ -60,9 +60,8 @@ class Metric:
     # The end of a complete trial.
     OBJECTIVE = "objective"
     DURATION_S = "duration_s"
-    PEAK_MEMORY_GB = (
-        "peak_memory_gb"  # the training's peak: CUDA's allocator, or the process's RSS
-    )
+    # The training's peak memory: CUDA's allocator's, or the process's resident set.
+    PEAK_MEMORY_GB = "peak_memory_gb"
     TOPK_MASS = "topk_mass"
     # What a trial cost, in every state (``cost``): its wall seconds times the devices it held,
     # and the parts of that time. Each second counts once: generation inside an evaluation
@@ -91,7 +90,7 @@ class Metric:
 class StudyAttr:
     """User attrs of the Optuna study: what every worker shares, computed once."""
 
-    # written once, by compare-and-set (storage.set_user_attr_once)
+    # written once, by compare-and-set (store.storage.set_user_attr_once)
     PARENT_RUN_ID = "mlflow_parent_run_id"
     EXPERIMENT_ID = "mlflow_experiment_id"
     CONFIG = "config"  # the resolved study the sweep ran with

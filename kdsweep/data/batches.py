@@ -11,9 +11,8 @@ import torch
 from kdsweep.data.tokens import TokenizedSplit
 from kdsweep.losses import IGNORE_INDEX
 
-_MEGA_BATCH = (
-    50  # group_by_length sorts within chunks of this many batches, as HF's LengthGroupedSampler
-)
+# group_by_length sorts within chunks of this many batches, as HF's LengthGroupedSampler does.
+_MEGA_BATCH = 50
 
 
 @dataclass(frozen=True)

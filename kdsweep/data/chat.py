@@ -25,14 +25,12 @@ from transformers import PreTrainedTokenizerBase
 from kdsweep.compat.transformers import compiled_chat_template
 from kdsweep.data.formats import ASSISTANT, SYSTEM, USER, Conversation
 from kdsweep.data.rendered import Rendered, RowError
-from kdsweep.data.sources import one_line
-from kdsweep.errors import UsageError
+from kdsweep.errors import UsageError, first_line
 from kdsweep.study.config import DataConfig, read_chat_template
 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # a placeholder is _OPEN + turn number + _CLOSE
-PROMPT_CHECKS = (
-    16  # generation prompts both rendered and filled in, before the filled ones are trusted
-)
+# Generation prompts both rendered and filled in, before the filled ones are trusted.
+PROMPT_CHECKS = 16
 DIRECT_CHECKS = 16  # conversations rendered both ways before the template is rendered directly
 
 
@@ -257,10 +255,9 @@ class ChatTemplate:
                 try:
                     self._render([one], generation_prompt=generation_prompt)
                 except Exception as exc:
+                    refused = f"the template refuses it ({first_line(exc)})"
                     raise RowError(
-                        index,
-                        "chat template",
-                        f"the template refuses it ({one_line(exc)}); fix the row or the template",
+                        index, "chat template", f"{refused}; fix the row or the template"
                     ) from None
             raise
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import datasets
 
-from kdsweep.errors import UsageError
+from kdsweep.errors import UsageError, first_line
 from kdsweep.study.config import DataConfig
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -82,7 +82,7 @@ class _Source:
         ) as exc:  # FileNotFoundError: DatasetNotFoundError too
             raise self._not_found(exc) from None
         except datasets.exceptions.DatasetGenerationError as exc:
-            cause = one_line(exc.__cause__ or exc)
+            cause = first_line(exc.__cause__ or exc)
             raise UsageError(
                 f"data.dataset: {self.name!r} could not be read ({cause}); check its format"
             ) from None
@@ -109,7 +109,7 @@ class _Source:
                 f"{', '.join(available)}); {fix}"
             )
         return UsageError(
-            f"{key}: cannot take {split!r} from dataset {self.name!r} ({one_line(error)}); "
+            f"{key}: cannot take {split!r} from dataset {self.name!r} ({first_line(error)}); "
             "give a split name with an optional slice that selects rows, e.g. train[:500] or "
             "train[10%:]"
         )
@@ -117,7 +117,7 @@ class _Source:
     def _not_found(self, error: Exception) -> UsageError:
         if self.kind != "hub":
             return UsageError(
-                f"data.dataset: {self.name!r} holds no data ({one_line(error)}); use "
+                f"data.dataset: {self.name!r} holds no data ({first_line(error)}); use "
                 f"{_LOCAL_KINDS}"
             )
         if isinstance(error, ConnectionError) and datasets.config.HF_HUB_OFFLINE:
@@ -133,7 +133,7 @@ class _Source:
         else:
             fix = "check the name (owner/name), or log in (hf auth login) for a gated dataset"
         return UsageError(
-            f"data.dataset: {self.name!r} {_NOT_FOUND} ({one_line(error)}); {fix}, or use "
+            f"data.dataset: {self.name!r} {_NOT_FOUND} ({first_line(error)}); {fix}, or use "
             f"{_LOCAL_KINDS}"
         )
 
@@ -162,8 +162,3 @@ def _local_path(name: str, *, base_dir: str) -> Path | None:
             "fix the path (a relative path starts from the study file's folder)"
         )
     return None
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,7 +1,7 @@
 """Loading the teacher and the student, choosing device and dtype, checking their vocabularies.
 
 Models are named by where they load from: a hub id or a local folder (``ModelConfig.name``
-already located by ``inputs``, which also builds the demo's models).
+already located by ``prepare.inputs``, which also builds the demo's models).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from kdsweep.distill.lora import effective_output_weight
-from kdsweep.errors import UsageError
+from kdsweep.errors import UsageError, first_line
 from kdsweep.study.config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +67,7 @@ def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dty
 
 def load_tokenizer(role: str, spec: ModelConfig) -> PreTrainedTokenizerBase:
     """A model's tokenizer. The student's renders and tokenizes the data; the teacher's must agree
-    with it (``check_same_vocabulary``, and the rows themselves: ``inputs``)."""
+    with it (``check_same_vocabulary``, and the rows themselves: ``prepare.inputs``)."""
     folder = Path(spec.name)
     if folder.is_dir() and not any(folder.glob(_TOKENIZER_FILES)):
         # transformers would make an empty tokenizer of the model's type instead.
@@ -175,7 +175,7 @@ def _missing(role: str, location: str, exc: Exception) -> UsageError:
     fix = f"set {role}.name to a model folder or a reachable hub id"
     if location.startswith(("/", ".", "~")) and not Path(location).expanduser().exists():
         return UsageError(f"cannot load the {role}: no folder {location}; {fix}")
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc)
     return UsageError(f"cannot load the {role} from {location!r}: {reason}; {fix}")
 
 

@@ -98,7 +98,7 @@ class StudyRuns:
         """Re-open the study's parent run (its id lives with the Optuna study), or create it.
 
         Workers that start a new study at the same moment each create a candidate run; the
-        Optuna storage keeps the first id written (``storage.set_user_attr_once``) and every
+        Optuna storage keeps the first id written (``store.storage.set_user_attr_once``) and every
         other candidate is deleted, so the study has exactly one parent. ``references``
         (teacher and untrained-student perplexity) are logged on it by the worker that made it.
         """

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from kdsweep.compat.mlflow import keep_gpus
 from kdsweep.distill.lora import is_adapted, merged, save_adapter
+from kdsweep.errors import first_line
 from kdsweep.names import ADAPTER_ARTIFACT, MODEL_ARTIFACT, TRACEBACK_ARTIFACT, Metric, Tag
 from kdsweep.redact import redact
 
@@ -160,7 +161,7 @@ class TrialRun:
             self.monitor.finish()  # its last samples go before the run ends
         tags = {Tag.STATE: state, **(tags or {})}
         if reason:
-            tags[Tag.REASON] = reason.splitlines()[0][:500]
+            tags[Tag.REASON] = first_line(reason, limit=500)
         if len(self.pending) > BATCH_LIMIT:
             self.flush()
         self.wait_sent()

@@ -39,9 +39,8 @@ TURN_START, TURN_END = (
     "<|im_end|>",
 )
 SPECIAL_TOKENS = (EOS_TOKEN, TURN_START, TURN_END)
-MAX_VOCAB_SIZE = (
-    2048  # bytes + the special tokens + merges; on the demo corpus the merges run out first
-)
+# Bytes, the special tokens and merges; on the demo corpus the merges run out first.
+MAX_VOCAB_SIZE = 2048
 # Qwen's chat template in its plainest form (no tools, no thinking): each turn between <|im_start|>
 # and <|im_end|>, and the generation prompt that opens an assistant turn.
 CHAT_TEMPLATE = (

@@ -39,7 +39,7 @@ from kdsweep.study.space import BY_NAME
 
 
 class StudyTeacher:
-    """The teacher of one study, as its trials use it (a ``teacher.TeacherSignal``)."""
+    """The teacher of one study, as its trials use it (a ``distill.targets.TeacherSignal``)."""
 
     def __init__(self, *, study: StudyConfig, inputs: Inputs, progress: SweepProgress):
         self.study = study

@@ -2,7 +2,7 @@
 parameters from the study's teacher, ending at the checkpoint ``train.select`` chooses.
 
 :meth:`TrialRunner.prepare` makes what a study's trials share, once per worker: the inputs
-(``inputs``), the teacher (``study_teacher``), the validation set with the teacher's targets on it,
+(``inputs``), the teacher (``teacher``), the validation set with the teacher's targets on it,
 and the test set. The objective receives the runner and calls it once per trial; a test gives it
 another runner.
 """

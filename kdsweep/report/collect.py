@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
+from kdsweep.errors import first_line
 from kdsweep.mlflow.links import compare_url, run_url, tracking_uri
 from kdsweep.names import Group, Metric, StudyAttr, Tag, TrialAttr
 from kdsweep.paths import store_missing
@@ -377,7 +378,7 @@ def _read_runs(tracking: Tracking) -> pd.DataFrame:
             if not token:
                 break
     except MlflowException as exc:
-        tracking.problem = f"the MLflow runs could not be read: {str(exc).splitlines()[0]}"
+        tracking.problem = f"the MLflow runs could not be read: {first_line(exc)}"
         return pd.DataFrame(columns=["run_id", "status"])
     rows = [
         {

@@ -7,14 +7,8 @@ import pandas as pd
 
 from kdsweep.names import Group
 from kdsweep.report.collect import ReportData
-from kdsweep.report.text import duration, fmt, markdown_table, pct
-from kdsweep.store import cost
+from kdsweep.report.text import device_hours, duration, fmt, markdown_table, pct
 from kdsweep.store.cost import StudyCost
-
-
-def device_hours(seconds: float) -> str:
-    """0.0831 device-hours (5.0 min)."""
-    return f"{cost.device_hours(seconds)} ({duration(seconds)})"
 
 
 def cost_sentence(data: ReportData) -> str:

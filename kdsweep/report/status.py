@@ -10,6 +10,7 @@ from rich.table import Table
 
 from kdsweep.errors import UsageError
 from kdsweep.names import Metric, StudyAttr, TrialAttr
+from kdsweep.report.text import device_hours, duration
 from kdsweep.store import cost
 from kdsweep.store.storage import load_existing_study
 from kdsweep.store.trials import Trials, is_baseline, is_seed_check, params_of, retry_of
@@ -51,7 +52,7 @@ def print_status(study: StudyConfig, console: Console | None = None) -> None:
             _STATES.get(trial.state.name, trial.state.name.lower()),
             *(_param_cell(p, params) for p in shown),
             *(_number(v) for v in values),
-            _duration(trial.duration.total_seconds() if trial.duration else None),
+            duration(trial.duration.total_seconds() if trial.duration else None) or "-",
             _note(trial, best),
         )
     console.print(title, highlight=False)
@@ -64,10 +65,7 @@ def _cost_line(optuna_study, study: StudyConfig) -> str:
     spent = cost.study_cost(optuna_study, max_steps=study.train.max_steps)
     share = spent.teacher_cache_percent
     cache = f", {share:.0f}% of it the teacher cache" if share is not None else ""
-    return (
-        f"device time: {cost.device_hours(spent.total)} ({_duration(spent.total)}) so far{cache}; "
-        "`kdsweep report` splits it"
-    )
+    return f"device time: {device_hours(spent.total)} so far{cache}; `kdsweep report` splits it"
 
 
 def estimate_line(study: StudyConfig) -> str:
@@ -97,12 +95,12 @@ def estimate_line(study: StudyConfig) -> str:
         + spent.finals
     )
     return (
-        f"estimate: {cost.device_hours(total)} ({_duration(total)}): {study.n_trials} trials and "
+        f"estimate: {device_hours(total)}: {study.n_trials} trials and "
         f"{cost.seed_check_runs(study)} seed-check runs of {steps} steps, each "
-        f"{_duration(trial)} ({measured.setup:.3g} s to set up, {1000 * measured.per_step:.3g} "
+        f"{duration(trial)} ({measured.setup:.3g} s to set up, {1000 * measured.per_step:.3g} "
         f"ms a step, evaluations included: the medians of the {measured.trials} complete trials "
         "in the store), with the teacher cache and one preparation as measured, and no trial "
-        f"pruned (pruning only lowers it); {cost.device_hours(spent.total)} spent so far"
+        f"pruned (pruning only lowers it); {device_hours(spent.total)} spent so far"
     )
 
 
@@ -203,17 +201,3 @@ def _number(value) -> str:
 
 def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _duration(seconds: float | None) -> str:
-    """45s, 3m05s, 2h10m: never a fraction of a minute."""
-    if seconds is None:
-        return "-"
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"

@@ -56,12 +56,23 @@ def points(value: float) -> str:
 
 
 def duration(seconds) -> str:
+    """45s, 3m05s, 2h10m: never a fraction of a minute ("" for none)."""
     number = as_float(seconds)
     if number is None:
         return ""
-    if number < 120:
-        return f"{number:.0f} s"
-    return f"{number / 60:.1f} min" if number < 7200 else f"{number / 3600:.1f} h"
+    seconds = round(number)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def device_hours(seconds: float) -> str:
+    """0.0831 device-hours (4m59s)."""
+    return f"{seconds / 3600:.3g} device-hours ({duration(seconds)})"
 
 
 def plain_value(value):

@@ -25,11 +25,6 @@ from kdsweep.study.space import baseline_trials
 PREPARATION, FINALS = "preparation", "finals"  # the study's parts outside its trials
 
 
-def device_hours(seconds: float) -> str:
-    """0.0831 device-hours."""
-    return f"{seconds / 3600:.3g} device-hours"
-
-
 def seed_check_runs(study: StudyConfig) -> int:
     """The seed check's runs, once the sweep has enough distilled trials: each of the top
     configurations and the best baseline, with each other seed."""

@@ -18,15 +18,14 @@ from filelock import FileLock
 from optuna.trial import FrozenTrial
 
 from kdsweep.compat.optuna import insert_user_attr_once
-from kdsweep.errors import UsageError
+from kdsweep.errors import UsageError, first_line
 from kdsweep.paths import sqlite_file, store_missing
 from kdsweep.redact import redact
 from kdsweep.study.config import StudyConfig
 
 HEARTBEAT_SECONDS = 30
-GRACE_SECONDS = (
-    120  # a RUNNING trial whose worker was silent this long is failed by the next worker
-)
+# A RUNNING trial whose worker was silent this long is failed by the next worker.
+GRACE_SECONDS = 120
 
 
 @contextmanager
@@ -159,12 +158,12 @@ def _missing_driver(url: str, exc: ImportError) -> str:
     package = _DRIVER_PACKAGES.get(module, module)
     return (
         f"storage: {redact(url)} needs the database driver {module}, which does not import "
-        f"({redact(_first_line(exc))}): pip install {package}"
+        f"({first_line(exc)}): pip install {package}"
     )
 
 
 def _unreachable(url: str, exc: sqlalchemy.exc.DBAPIError) -> str:
-    reason = _first_line(exc.orig if exc.orig is not None else exc)
+    reason = first_line(exc.orig if exc.orig is not None else exc)
     if "does not exist" in reason:
         fix = "create that database on the server (e.g. createdb), or name an existing one"
     elif "authentication" in reason or "password" in reason or "Access denied" in reason:
@@ -172,14 +171,9 @@ def _unreachable(url: str, exc: sqlalchemy.exc.DBAPIError) -> str:
     else:
         fix = "start the server, or fix the host and port"
     return (
-        f"storage: cannot connect to {redact(url)} ({redact(reason)}); {fix} in storage (the "
+        f"storage: cannot connect to {redact(url)} ({reason}); {fix} in storage (the "
         "study file, or --set storage=...)"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split("\n", 1)[0].split())  # drivers add hints on later lines
-    return text or type(exc).__name__
 
 
 def load_existing_study(study: StudyConfig) -> optuna.Study:

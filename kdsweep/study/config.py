@@ -1,7 +1,7 @@
 """What a study is: frozen dataclasses that mirror the study file's YAML key for key.
 
 Their field comments are the reference (docs/study-file.md holds them, kept true by a test).
-``study_file`` reads a file into them and validates it. This module imports neither torch nor
+``reader`` reads a file into them and validates it. This module imports neither torch nor
 transformers.
 """
 

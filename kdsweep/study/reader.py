@@ -344,7 +344,7 @@ def _validate_constraints(study: StudyConfig) -> list[str]:
 
 def _validate_lora(study: StudyConfig) -> list[str]:
     """The adapter's settings, and peft when some trial may train one (the student's target
-    modules are checked against its layers once its config is read: ``inputs``)."""
+    modules are checked against its layers once its config is read: ``prepare.inputs``)."""
     lora = study.student.lora
     problems = []
     if lora.alpha <= 0:

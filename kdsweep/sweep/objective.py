@@ -31,6 +31,7 @@ from kdsweep.distill import checkpoints, clock, preemption, train
 from kdsweep.distill.models import device_uuid, release_memory
 from kdsweep.distill.preemption import Preempted
 from kdsweep.distill.train import TrainingDiverged
+from kdsweep.errors import described
 from kdsweep.mlflow.plugin import active_trial
 from kdsweep.mlflow.study_runs import StudyRuns
 from kdsweep.mlflow.trial_run import TrialRun
@@ -221,7 +222,7 @@ class Objective:
 
     def _measures(self, trial: optuna.Trial, result) -> dict[str, float]:
         """Everything a complete trial measured that an objective or a constraint may name: its
-        quality at its selected checkpoint, and its cost (``objectives``)."""
+        quality at its selected checkpoint, and its cost (``study.measures``)."""
         measures = {
             **result.final_eval,
             **trial.user_attrs[TrialAttr.COST],
@@ -237,11 +238,7 @@ class Objective:
         """Record why the trial failed, on it and its run; free what its frames held; retry it
         with a smaller micro-batch if it ran out of memory and the study asks."""
         details = redact(traceback.format_exc())
-        reason = (
-            OUT_OF_MEMORY
-            if out_of_memory(exc)
-            else redact(f"{type(exc).__name__}: {exc}".strip().splitlines()[0])[:500]
-        )
+        reason = OUT_OF_MEMORY if out_of_memory(exc) else described(exc)
         trial.set_user_attr(TrialAttr.FAIL_REASON, reason)
         if reason == OUT_OF_MEMORY:  # infeasible: the report counts it with trials over a ceiling
             trial.set_constraint(OUT_OF_MEMORY, 1.0)

@@ -7,16 +7,17 @@ from __future__ import annotations
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_report import FULL, build_study, section
 
 from kdsweep.cli import main
 from kdsweep.names import Group, Metric, StudyAttr, TrialAttr
 from kdsweep.report import write_report
+from kdsweep.report.text import device_hours
 from kdsweep.store import cost
 from kdsweep.store.storage import load_existing_study
 from kdsweep.study.reader import load_study
 
 from conftest import mlflow_runs, run_replaced
+from stored_study import FULL, build_study, section
 
 PARTS = (
     Metric.TRAIN_SECONDS,
@@ -75,7 +76,7 @@ def test_every_trial_records_its_cost_and_the_parent_run_the_study_total(tiny_st
     capsys.readouterr()
     assert main(["status", str(tiny_study), *sum((["--set", o] for o in overrides), [])]) == 0
     status = " ".join(capsys.readouterr().out.split())
-    assert f"device time: {cost.device_hours(spent.total)}" in status
+    assert f"device time: {device_hours(spent.total)}" in status
 
 
 # ------------------------------------------------------------------- the Compute section
@@ -155,13 +156,13 @@ def test_the_compute_section_splits_the_cost_and_says_what_pruning_saved(costly)
     assert rows["pruned or failed trials"] == f"{70 / 3600:.4f}"
     assert rows["finals (the test split)"] == f"{25 / 3600:.4f}"
     assert rows["**total**"] == f"{1220 / 3600:.4f}"
-    assert "**Median complete trial**: 2.0 min." in compute
+    assert "**Median complete trial**: 2m02s." in compute  # 122.5 s
     assert "On-policy steps" in compute and "(4.0x)" in compute  # 8 s against 2 s
     assert "1 trials stopped 20 steps short, which saved about 0.0111 device-hours" in compute
     assert "baselines and distilled trials are pruned by the same rule" in compute
     assert "**Not counted**: 1 trials ended with their worker" in compute
     verdict = section(text, "Verdict")
-    assert "Found in 0.339 device-hours (20.3 min), 24.6% of it the teacher cache" in verdict
+    assert "Found in 0.339 device-hours (20m20s), 24.6% of it the teacher cache" in verdict
 
 
 # ------------------------------------------------------------------- kdsweep check's estimate
@@ -206,7 +207,7 @@ def test_check_estimates_the_device_hours_from_the_measured_step_time(tmp_path, 
     # medians: 3 s of setup, 0.375 s a step: a trial of 40 steps takes 18 s; 8 trials and
     # (1 + the baseline) x 2 seed-check runs, plus the cache (20 s) and one preparation (40 s)
     expected = 12 * 18.0 + 20.0 + 40.0
-    assert f"estimate: {cost.device_hours(expected)}" in out
+    assert f"estimate: {device_hours(expected)}" in out
     assert "8 trials and 4 seed-check runs of 40 steps, each 18s" in out
     assert "the medians of the 2 complete trials in the store" in out
 
