@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -241,9 +242,22 @@ search:
     return path
 
 
+@pytest.fixture(scope="session")
+def empty_tracking_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made and nothing in them. MLflow takes seconds to
+    create and migrate a new store's tables; a test that is not about that starts from a copy."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("tracking") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tiny_study(tmp_path, tiny_models, tiny_data) -> Path:
-    """A study of 8-step trials on the tiny models, with its stores under tmp_path."""
+def tiny_study(tmp_path, tiny_models, tiny_data, empty_tracking_store) -> Path:
+    """A study of 8-step trials on the tiny models, with its stores under tmp_path (its MLflow
+    store a copy of an empty one)."""
+    shutil.copyfile(empty_tracking_store, tmp_path / "mlflow.db")
     return write_tiny_study(tmp_path, tiny_models, tiny_data)
 
 

@@ -151,3 +151,35 @@ def test_readme_installs_as_ci_does():
     assert ci_test and all(line in test for line in ci_test), (
         f"README.md's second command block must run {ci_test}"
     )
+
+
+def mapped_modules() -> set[str]:
+    """The modules docs/module-map.md's tree of modules lists, as paths under kdsweep/: each
+    line names a file or a folder, its indentation (two spaces a level) where it sits."""
+    text = (DOCS / "module-map.md").read_text()
+    tree = _FENCE.findall(text.split("## The modules", 1)[1])[0].splitlines()
+    folders, found = [], set()
+    for line in tree:
+        name = line.strip().split(" ", 1)[0]
+        depth = (len(line) - len(line.lstrip())) // 2
+        if depth == 0 or not name.endswith(("/", ".py")):
+            folders = [name] if depth == 0 else folders
+            continue
+        folders = folders[:depth]
+        if name.endswith("/"):
+            folders.append(name)
+        else:
+            found.add("".join(folders[1:]) + name)
+    return found
+
+
+def test_the_module_map_lists_every_module_and_only_real_ones():
+    package = ROOT / "kdsweep"
+    real = {
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    }
+    mapped = mapped_modules()
+    assert real - mapped == set(), "docs/module-map.md: add these modules"
+    assert mapped - real == set(), "docs/module-map.md: these modules are gone"

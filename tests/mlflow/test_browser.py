@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from kdsweep.mlflow.links import compare_url
 from kdsweep.names import Tag
 from kdsweep.study.reader import load_study
 
-from conftest import Child, isolate, write_tiny_study
+from conftest import Child, isolate, wait_until, write_tiny_study
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -185,10 +184,7 @@ def test_ui_stops_the_server_and_its_helpers(ui):
     assert len(_group_members(group)) > 1  # the server and its helpers
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
-    deadline = time.monotonic() + 30
-    while _group_members(group) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _group_members(group) == []
+    wait_until(lambda: _group_members(group) == [], timeout=30)
 
 
 def _plot_axes(page, *, params: list[str], metrics: list[str]) -> None:

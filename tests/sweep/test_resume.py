@@ -20,20 +20,20 @@ from kdsweep.sweep.objective import Objective, RepeatedFailure
 from conftest import Child, mlflow_runs, wait_until, write_tiny_study
 
 # Long enough for a signal to land mid-trial, with a checkpoint at each evaluation.
-LONG = ["--n-trials", "1", "--set", "train.max_steps=300", "--set", "train.eval_every=10"]
+STEPS = 150
+LONG = ["--n-trials", "1", "--set", f"train.max_steps={STEPS}", "--set", "train.eval_every=10"]
 
 
-def evaluated(study_path, at_least: int = 1):
-    """A condition: the study's running trial has reported ``at_least`` evaluations (each one
-    followed by a resume checkpoint)."""
+def checkpointed(study_path, at_step: int = 10):
+    """A condition: trial 0's resume checkpoint holds step ``at_step`` or a later one. The file
+    itself, not the evaluation before it: a kill between the two would find no checkpoint."""
+    path = checkpoints.resume_path(load_study(study_path), 0)
 
-    def trial_has_evaluations() -> bool:
-        running = load_existing_study(load_study(study_path)).get_trials(
-            states=[TrialState.RUNNING]
-        )
-        return bool(running) and len(running[0].intermediate_values) >= at_least
+    def trial_has_a_checkpoint() -> bool:
+        state = checkpoints.load(path)  # written under another name and renamed: whole or none
+        return state is not None and state.step >= at_step
 
-    return trial_has_evaluations
+    return trial_has_a_checkpoint
 
 
 def uninterrupted(tmp_path, tiny_models, tiny_data) -> float:
@@ -56,11 +56,11 @@ def assert_resumed(study_path, capsys, *, from_step: int) -> float:
     stopped, retry = load_existing_study(load_study(study_path)).trials
     assert retry.state == TrialState.COMPLETE and retry.params == stopped.params
     assert retry.user_attrs[TrialAttr.RESUMED_STEP] == from_step
-    assert sorted(retry.intermediate_values) == list(range(10, 301, 10))  # the pruner's view
+    assert sorted(retry.intermediate_values) == list(range(10, STEPS + 1, 10))  # the pruner's view
     assert not list(checkpoints.checkpoint_dir(load_study(study_path)).glob("*.resume.pt"))
     client, parents, runs = mlflow_runs(study_path)
-    assert steps(client, runs[1], "student_ppl") == list(range(10, 301, 10))
-    assert steps(client, runs[1], "train_loss") == list(range(2, 301, 2))  # log_every: 2
+    assert steps(client, runs[1], "student_ppl") == list(range(10, STEPS + 1, 10))
+    assert steps(client, runs[1], "train_loss") == list(range(2, STEPS + 1, 2))  # log_every: 2
     assert parents[0].info.status == "FINISHED"
     return retry.value
 
@@ -71,7 +71,7 @@ def test_sigterm_checkpoints_exits_143_and_the_next_run_resumes(
 ):
     worker = Child("run", str(tiny_study), "--no-report", *LONG)
     worker.wait_for("trial 0 started", timeout=300)
-    wait_until(evaluated(tiny_study), timeout=300)
+    wait_until(checkpointed(tiny_study), timeout=300)
     worker.process.send_signal(signal.SIGTERM)
     assert worker.finish(timeout=120) == 143, worker.output
     assert "kdsweep: preempted (SIGTERM): its trial checkpointed at step" in worker.output
@@ -79,7 +79,7 @@ def test_sigterm_checkpoints_exits_143_and_the_next_run_resumes(
     study = load_study(tiny_study)
     stopped, queued = load_existing_study(study).trials
     step = stopped.user_attrs[TrialAttr.PREEMPTED_STEP]
-    assert stopped.state == TrialState.FAIL and 10 <= step < 300
+    assert stopped.state == TrialState.FAIL and 10 <= step < STEPS
     assert stopped.user_attrs[TrialAttr.FAIL_REASON] == f"preempted at step {step}"
     assert queued.state == TrialState.WAITING and queued.user_attrs[TrialAttr.RETRY_OF] == 0
     assert checkpoints.load(checkpoints.resume_path(study, 0)).step == step
@@ -97,7 +97,7 @@ def test_a_killed_trial_resumes_from_its_last_checkpoint(
 ):
     worker = Child("run", str(tiny_study), "--no-report", *LONG)
     worker.wait_for("trial 0 started", timeout=300)
-    wait_until(evaluated(tiny_study, at_least=2), timeout=300)
+    wait_until(checkpointed(tiny_study, at_step=20), timeout=300)
     worker.process.kill()
     worker.finish(timeout=60)
     study = load_study(tiny_study)
@@ -115,7 +115,7 @@ def test_a_checkpoint_from_other_settings_is_not_resumed(tiny_study, capsys):
     """A retry under changed training settings starts again: the checkpoint is not its trial's."""
     worker = Child("run", str(tiny_study), "--no-report", *LONG)
     worker.wait_for("trial 0 started", timeout=300)
-    wait_until(evaluated(tiny_study), timeout=300)
+    wait_until(checkpointed(tiny_study), timeout=300)
     worker.process.kill()
     worker.finish(timeout=60)
     short = ["--n-trials", "1", "--set", "train.max_steps=4"]
