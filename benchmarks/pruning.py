@@ -7,14 +7,22 @@ and kept under ``KDSWEEP_CACHE``)::
     python benchmarks/pruning.py               # 3 pruners x 3 sampler seeds, ~30 min on a CPU
     python benchmarks/pruning.py --seeds 0     # one seed each
     python benchmarks/pruning.py STUDY.yaml    # another study: the same changes to it
+    python benchmarks/pruning.py --fairness    # the median's two rules, with fast baselines
 
 The study is a demo variant (``studies/demo.yaml`` with these changes): 24 trials of 300 steps,
 evaluated every 50, no seed check, no test split and no accuracy decoding (neither bears on
 pruning, and both cost time), each study in a store of its own. For each pruner (``none``,
 ``median``, ``hyperband``) and each sampler seed, one study runs to its 24 trials; the sampler
-seed changes which configurations are tried, the training seed stays. Baselines and distilled
-trials are pruned by the same rule (the pruner compares every sweep trial with the others at
-the same step), so plain fine-tuning gets the same chance as distillation.
+seed changes which configurations are tried, the training seed stays. Each trial is judged
+against its own arm (``sweep.samplers.make_pruner``: baselines against baselines, distilled
+trials against distilled trials).
+
+``--fairness`` measures that rule against the one before it, one pool for every sweep trial, on
+a study whose baselines train at a high learning rate (plain fine-tuning's loss then falls fast
+in its first steps) while distillation softens its targets (a high temperature and alpha): under
+one pool, the baselines set the bar every distilled trial is held to at its first evaluations.
+Reported per rule: the distilled trials pruned, the best distilled and baseline values, and
+which won.
 
 Reported per pruner: the study's best value (mean and spread over the seeds: max - min), the
 trials' device-seconds (every trial, pruned ones included, from each trial's cost) and the study's
@@ -32,14 +40,54 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+import optuna  # noqa: E402
 from variants import QUIET, arguments, each, run_variant  # noqa: E402
 
+import kdsweep.sweep.study as sweep_run  # noqa: E402
 from kdsweep.store import cost  # noqa: E402
-from kdsweep.store.trials import Trials  # noqa: E402
+from kdsweep.store.trials import Trials, in_sweep, is_baseline  # noqa: E402
+from kdsweep.sweep import samplers  # noqa: E402
 
 PRUNERS = ("none", "median", "hyperband")
 GOAL_RATIO = 0.5
 VARIANT = QUIET | {"n_trials": 24, "train.max_steps": 300, "train.eval_every": 50}
+# Baselines that learn fast early, distillation that starts slow: the case one pool is unfair in.
+FAIRNESS = VARIANT | {
+    "n_trials": 10,
+    "pruner.name": "median",
+    "baselines": [{"alpha": 0.0, "learning_rate": 1.0e-2, "trials": 2}],
+    "search.alpha": {"low": 0.9, "high": 0.98},
+    "search.temperature": {"low": 4.0, "high": 8.0, "log": True},
+}
+
+
+def one_pool(study) -> optuna.pruners.BasePruner:
+    """The rule before the arms: every sweep trial judged against all the others."""
+    cfg = study.pruner
+    median = optuna.pruners.MedianPruner(
+        n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps
+    )
+    return samplers.ArmPruner(median, arm_of=lambda t: "sweep" if in_sweep(t) else None)
+
+
+def fairness(rule: str, seed: int, folder: Path, study: Path, variant: dict) -> dict:
+    """One study of ``variant`` under ``rule`` (``arms``, or ``one pool``)."""
+    kept = sweep_run.make_pruner
+    if rule == "one pool":
+        sweep_run.make_pruner = one_pool
+    try:
+        name = f"fairness-{rule.replace(' ', '-')}-{seed}"
+        optuna_study = run_variant(study, name, variant | {"sampler.seed": seed}, folder)
+    finally:
+        sweep_run.make_pruner = kept
+    view = Trials.of(optuna_study)
+    distilled = [t for t in view.sweep if not is_baseline(t)]
+    return {
+        "pruned": sum(t.state.name == "PRUNED" for t in distilled),
+        "distilled": len(distilled),
+        "best distilled": view.best_distilled.value if view.best_distilled else None,
+        "best baseline": view.compared_baseline.value if view.compared_baseline else None,
+    }
 
 
 def run_one(pruner: str, seed: int, folder: Path, variant: dict, study: Path) -> dict:
@@ -62,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pruners", nargs="+", default=list(PRUNERS), choices=PRUNERS)
     parser.add_argument("--max-steps", type=int, default=VARIANT["train.max_steps"])
     parser.add_argument("--eval-every", type=int, default=VARIANT["train.eval_every"])
+    parser.add_argument("--fairness", action="store_true", help="the two rules, fast baselines")
     args = parser.parse_args(argv)
+    if args.fairness:
+        return main_fairness(args)
     variant = VARIANT | {
         "n_trials": args.n_trials,
         "train.max_steps": args.max_steps,
@@ -81,6 +132,29 @@ def main(argv: list[str] | None = None) -> None:
 
     results = each(args.pruners, args.seeds, run)
     print_table(results)
+
+
+def main_fairness(args) -> None:
+    variant = FAIRNESS | {
+        "n_trials": min(args.n_trials, FAIRNESS["n_trials"]),
+        "train.max_steps": args.max_steps,
+        "train.eval_every": args.eval_every,
+    }
+    results = each(
+        ["one pool", "arms"],
+        args.seeds,
+        lambda rule, seed, folder: fairness(rule, seed, folder, args.study, variant),
+    )
+    print("\n| rule | seed | distilled pruned | best distilled | best baseline | winner |")
+    print("|---|---:|---:|---:|---:|---|")
+    for rule, rows in results.items():
+        for seed, row in zip(args.seeds, rows):
+            ours, theirs = row["best distilled"], row["best baseline"]
+            winner = "-" if ours is None else "distilled" if ours < theirs else "baseline"
+            print(
+                f"| {rule} | {seed} | {row['pruned']} of {row['distilled']} | "
+                f"{'none complete' if ours is None else f'{ours:.3f}'} | {theirs:.3f} | {winner} |"
+            )
 
 
 def print_table(results: dict[str, list[dict]]) -> None:

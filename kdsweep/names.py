@@ -18,6 +18,7 @@ class Group:
 
     SEARCH = "search"  # the sweep's own trials
     SEED_CHECK = "seed_check"  # configurations trained again with other seeds
+    CONTROL = "control"  # the best distilled configuration trained again at alpha 0
     BASELINE_PREFIX = "baseline:"  # each baseline entry's trials: "baseline:0", ...
 
     @staticmethod
@@ -93,8 +94,9 @@ class StudyAttr:
     # written once, by compare-and-set (store.storage.set_user_attr_once)
     PARENT_RUN_ID = "mlflow_parent_run_id"
     EXPERIMENT_ID = "mlflow_experiment_id"
-    CONFIG = "config"  # the resolved study the sweep ran with
-    FINGERPRINT = "fingerprint"
+    # config:<fingerprint>: each resolved study a run of it ran with (its trials say which)
+    CONFIG_PREFIX = "config:"
+    TARGET = "target"  # the finished trials the latest run asked for (n_trials or --n-trials)
     BASELINES_ENQUEUED = "baselines_enqueued"
     # References, measured once per study on the eval tokens and the data.
     TEACHER_PPL = Metric.TEACHER_PPL  # on the parent run too, under the same names
@@ -123,6 +125,7 @@ class StudyAttr:
     TEST_PREFIX = "test:"
     FINALS_PREFIX = "finals:"  # finals:<trials>: the worker that scores these finalists
     SEED_CHECK_JOBS = "seed_check_jobs"  # the seed check's (trial, seed) runs, decided once
+    CONTROL_PREFIX = "control:"  # control:<trial>: the worker that runs that trial's control
     VOCAB_SIZE = "vocab_size"
     VOCAB_PADDED = "vocab_padded"
     TOPK_MASS = Metric.TOPK_MASS  # {"k": share of the teacher's mass its top-k keep}
@@ -131,6 +134,7 @@ class StudyAttr:
     # and the teacher cache's build, once.
     COST_PREFIX = "cost:"
     TEACHER_CACHE_SECONDS = Metric.TEACHER_CACHE_SECONDS
+    TEACHER_CACHE_REUSED = "teacher_cache_reused"  # the studies whose caches it reads, if others
 
 
 class TrialAttr:
@@ -138,6 +142,7 @@ class TrialAttr:
 
     PARAMS = "params"  # every searched parameter, sampled or fixed
     BASELINE = "baseline"
+    # the parameters the trial fixes over the study's search: a baseline's, the control's alpha 0
     BASELINE_PARAMS = "baseline_params"
     MLFLOW_RUN_ID = "mlflow_run_id"
     FAIL_REASON = "fail_reason"
@@ -161,6 +166,9 @@ class TrialAttr:
     RESUMED_STEP = Metric.RESUMED_STEP  # a retry that went on from its resume checkpoint: its step
     # a seed-check trial: the trial whose configuration it trains again
     SEED_CHECK_OF = "seed_check_of"
+    # the control: the distilled trial whose configuration it trains again at alpha 0
+    CONTROL_OF = "control_of"
+    CONFIG = "config"  # the fingerprint of the settings it ran with (StudyAttr.CONFIG_PREFIX)
     BEST_STEP = Metric.BEST_STEP  # the step its value (and its final metrics) come from
     COST = "cost"  # {device_seconds, train_seconds, ...}: what it cost, as on its run
     # A finalist's scores on the test split: Metric.TEST_STUDENT_PPL, ... under their own names.
@@ -184,6 +192,8 @@ class Tag:
     BASELINE = "kdsweep.baseline"
     # a seed-check run: the trial whose configuration it trains again
     SEED_CHECK_OF = "kdsweep.seed_check_of"
+    # the control: the distilled trial whose configuration it trains again at alpha 0
+    CONTROL_OF = "kdsweep.control_of"
     VERSION = "kdsweep.version"
     LIBRARY_VERSION_PREFIX = "kdsweep.version."  # kdsweep.version.torch, .transformers, .optuna
     FINGERPRINT = "kdsweep.fingerprint"

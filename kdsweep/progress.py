@@ -71,7 +71,10 @@ def bars(console: Console) -> Progress:
 
 
 def trial_title(number: int, attrs: dict) -> str:
-    """How a trial is named: "trial 3", or, for a seed-check run, the trial it runs again."""
+    """How a trial is named: "trial 3", or, for a seed-check run or a control, the trial it runs
+    again."""
+    if (controlled := attrs.get(TrialAttr.CONTROL_OF)) is not None:
+        return f"control of trial {controlled} (alpha 0)"
     checked = attrs.get(TrialAttr.SEED_CHECK_OF)
     if checked is None:
         return f"trial {number}"

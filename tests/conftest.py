@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -227,6 +228,7 @@ storage: sqlite:///{root / "optuna.db"}
 tracking: {{uri: "sqlite:///{root / "mlflow.db"}"}}
 sampler: {{name: random, seed: 0}}
 pruner: {{name: none}}
+control: false
 teacher: {{name: {models["teacher"]}}}
 student: {{name: {models["student"]}}}
 data: {{dataset: {data}, max_length: 48}}
@@ -304,6 +306,13 @@ def child_env() -> dict[str, str]:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
     }
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until(condition, *, timeout: float) -> None:

@@ -125,8 +125,7 @@ def build_study(root: Path, name: str, specs: list) -> Path:
         "train_padding_share": 0.1,
         "vocab_size": 1000,
         "vocab_padded": True,
-        "config": study.to_dict(),
-        "fingerprint": study.fingerprint(),
+        f"{StudyAttr.CONFIG_PREFIX}{study.fingerprint()}": study.to_dict(),
         "topk_mass": {"8": 0.8, "32": 0.97},
     }
     for key, value in attrs.items():
@@ -146,6 +145,7 @@ def build_study(root: Path, name: str, specs: list) -> Path:
             tags={Tag.PARENT: parent, Tag.TRIAL: str(trial.number), Tag.STATE: state},
         )
         trial.set_user_attr(TrialAttr.PARAMS, suggested)
+        trial.set_user_attr(TrialAttr.CONFIG, study.fingerprint())
         trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run.info.run_id)
         for key, value in extra.items():
             trial.set_user_attr(key, value)

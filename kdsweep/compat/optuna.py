@@ -102,3 +102,36 @@ class FilteredStudy(optuna.study.Study):
 
     def stop(self) -> None:
         self._study.stop()  # a grid sampler that is done stops the real optimization loop
+
+
+class PeersHyperband(optuna.pruners.HyperbandPruner):
+    """Optuna's Hyperband, whose brackets show each trial only its peers: the trials that
+    ``peers(trial)`` accepts; a trial without peers (``peers`` gives None) is never pruned.
+
+    A view of the study (``FilteredStudy``) cannot reach the brackets: Hyperband builds each
+    bracket's study from the storage (``HyperbandPruner._create_bracket_study``, whose private
+    class reads ``Study._get_trials``), so the bracket's class is narrowed here instead.
+    It stays a ``HyperbandPruner``: Optuna's samplers find it by its type to show the sampler one
+    bracket's trials."""
+
+    def __init__(self, peers: Callable[[FrozenTrial], Callable[[FrozenTrial], bool] | None], **kw):
+        super().__init__(**kw)
+        self._peers = peers
+        self._keep: Callable[[FrozenTrial], bool] = lambda t: True
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        keep = self._peers(trial)
+        if keep is None:
+            return False
+        self._keep = keep
+        return super().prune(study, trial)
+
+    def _create_bracket_study(self, study: optuna.Study, bracket_id: int):
+        bracket = super()._create_bracket_study(study, bracket_id)
+        keep = self._keep
+
+        class PeerBracket(type(bracket)):
+            def get_trials(self, deepcopy=True, states=None):
+                return [t for t in super().get_trials(deepcopy=deepcopy, states=states) if keep(t)]
+
+        return PeerBracket(study, self, bracket_id)

@@ -6,7 +6,14 @@ labels
 from the answers' characters) -> ``make_batches``.
 """
 
-from kdsweep.data.batches import Batch, collate, make_batches, padding_share
+from kdsweep.data.batches import (
+    Batch,
+    collate,
+    make_batches,
+    padding_share,
+    rows_read,
+    training_order,
+)
 from kdsweep.data.chat import ChatTemplate
 from kdsweep.data.formats import Completion, Conversation, Row, Rows, read_rows
 from kdsweep.data.rendered import Rendered, RowError
@@ -36,6 +43,8 @@ __all__ = [
     "parse_guanaco",
     "read_rows",
     "render",
+    "rows_read",
     "split_key",
     "tokenize",
+    "training_order",
 ]

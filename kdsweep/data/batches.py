@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,37 @@ def make_batches(
         lengths, batch_size=batch_size, shuffle_seed=shuffle_seed, group_by_length=group_by_length
     )
     return [collate(split, rows, pad_id=pad_id) for rows in order]
+
+
+def training_order(
+    split: TokenizedSplit, *, batch_size: int, seed: int, group_by_length: bool
+) -> Iterator[list[int]]:
+    """The example indices of each micro-batch of a training stream, epoch after epoch, each
+    epoch in its own order (seeded with ``seed + epoch``): every trial with these settings sees
+    the same stream, and a resumed one can skip what it already trained on."""
+    lengths = [len(ids) for ids in split.input_ids]
+    for epoch in itertools.count():
+        yield from _batch_order(
+            lengths,
+            batch_size=batch_size,
+            shuffle_seed=seed + epoch,
+            group_by_length=group_by_length,
+        )
+
+
+def rows_read(
+    split: TokenizedSplit, *, batch_size: int, micro_batches: int, seed: int, group_by_length: bool
+) -> set[int]:
+    """The examples the first ``micro_batches`` micro-batches of a training stream hold."""
+    order = training_order(
+        split, batch_size=batch_size, seed=seed, group_by_length=group_by_length
+    )
+    read: set[int] = set()
+    for rows in itertools.islice(order, micro_batches):
+        read.update(rows)
+        if len(read) == len(split):
+            break  # every row: the rest of the stream adds none
+    return read
 
 
 def _batch_order(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,8 +93,10 @@ def score(
     *,
     teacher_targets: list[TeacherTargets] | None = None,
     chunk_tokens: int | None = None,
+    on_rows: Callable[[int], None] = lambda done: None,
 ) -> Scores:
-    """Summed NLL (and KL at T=1 to the teacher's targets, when given) over all scored tokens."""
+    """Summed NLL (and KL at T=1 to the teacher's targets, when given) over all scored tokens;
+    ``on_rows`` hears each batch's rows."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -118,17 +121,24 @@ def score(
         nll += float(result.ce) * count
         kl += float(result.kl) * count
         tokens += count
+        on_rows(len(batch.example_ids))
     model.train(was_training)
     return Scores(nll_sum=nll, kl_sum=kl, tokens=tokens)
 
 
 def prepare_eval_set(
-    teacher: OnlineTeacher, batches: list[Batch], *, chunk_tokens: int | None
+    teacher: OnlineTeacher,
+    batches: list[Batch],
+    *,
+    chunk_tokens: int | None,
+    on_rows: Callable[[int], None] = lambda done: None,
 ) -> EvalSet:
     """Score the teacher once per study and keep its top tokens for the students' KL."""
     device = next(teacher.model.parameters()).device
     targets = [teacher.targets(batch.to(device), top_k=EVAL_TOP_K) for batch in batches]
-    teacher_scores = score(teacher.model, batches, teacher.vocab, chunk_tokens=chunk_tokens)
+    teacher_scores = score(
+        teacher.model, batches, teacher.vocab, chunk_tokens=chunk_tokens, on_rows=on_rows
+    )
     return EvalSet(
         batches=batches,
         teacher_targets=targets,
@@ -176,12 +186,25 @@ class TestSet:
     def rows(self) -> int:
         return sum(len(batch.example_ids) for batch in self.batches)
 
+    @property
+    def work(self) -> int:
+        """Rows a model's scoring goes through: each row's perplexity, each answer's decoding."""
+        return self.rows + (len(self.answers.prompts) if self.answers is not None else 0)
 
-def score_test(model: PreTrainedModel, test_set: TestSet, vocab: Vocabulary) -> dict[str, float]:
-    """A model's perplexity (and accuracy, when decoded) on the test split, by the test names."""
-    metrics = {Metric.TEST_STUDENT_PPL: score(model, test_set.batches, vocab).perplexity}
+
+def score_test(
+    model: PreTrainedModel,
+    test_set: TestSet,
+    vocab: Vocabulary,
+    *,
+    on_rows: Callable[[int], None] = lambda done: None,
+) -> dict[str, float]:
+    """A model's perplexity (and accuracy, when decoded) on the test split, by the test names;
+    ``on_rows`` hears the rows scored and decoded (``TestSet.work`` in all)."""
+    ppl = score(model, test_set.batches, vocab, on_rows=on_rows).perplexity
+    metrics = {Metric.TEST_STUDENT_PPL: ppl}
     if test_set.answers is not None:
-        found = accuracy(model, test_set.answers)
+        found = accuracy(model, test_set.answers, on_rows=on_rows)
         metrics[Metric.TEST_EXACT_MATCH] = found[Metric.EXACT_MATCH]
         metrics[Metric.TEST_ROUGE_L] = found[Metric.ROUGE_L]
     return metrics
@@ -191,8 +214,11 @@ def score_test(model: PreTrainedModel, test_set: TestSet, vocab: Vocabulary) -> 
 # Task accuracy
 
 
-def accuracy(model: PreTrainedModel, answers: Answers) -> dict[str, float]:
-    """Mean exact match and ROUGE-L of the model's greedy answers, fractions in [0, 1]."""
+def accuracy(
+    model: PreTrainedModel, answers: Answers, *, on_rows: Callable[[int], None] = lambda done: None
+) -> dict[str, float]:
+    """Mean exact match and ROUGE-L of the model's greedy answers, fractions in [0, 1];
+    ``on_rows`` hears each batch of answers decoded."""
     if not answers.prompts:
         return {}
     tokenizer, settings = answers.tokenizer, answers.settings
@@ -204,6 +230,7 @@ def accuracy(model: PreTrainedModel, answers: Answers) -> dict[str, float]:
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size,
         vocab_size=len(tokenizer),
+        on_rows=on_rows,
     )
     predictions = [
         answer_text(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in generated

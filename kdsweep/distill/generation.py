@@ -8,7 +8,7 @@ at temperature 0.6, top-k 20) never changes what kdsweep measures.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
@@ -28,6 +28,7 @@ def generate(
     batch_size: int,
     temperature: float | None = None,
     vocab_size: int | None = None,
+    on_rows: Callable[[int], None] = lambda done: None,
 ) -> list[list[int]]:
     """The tokens ``model`` generates after each prompt, up to and including its EOS, or the cap.
 
@@ -40,6 +41,7 @@ def generate(
             temperature (no top-k or top-p), from torch's global generator.
         vocab_size: The ids the tokenizer knows: the embedding's padding rows above them are never
             generated (a teacher could not score them, a tokenizer could not decode them).
+        on_rows: Hears how many prompts each batch completed (a progress bar).
     """
     was_training = model.training
     model.eval()
@@ -70,6 +72,7 @@ def generate(
         )
         for row, tokens in zip(rows, generated[:, input_ids.shape[1] :].tolist()):
             outputs[row] = _until(tokens, eos_id)
+        on_rows(len(rows))
     model.train(was_training)
     return [outputs[i] for i in range(len(prompts))]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import random
 import resource
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kdsweep.data import Batch, TokenizedSplit, make_batches
+from kdsweep.data import Batch, TokenizedSplit, collate, training_order
 from kdsweep.distill import clock, preemption
 from kdsweep.distill.checkpoints import BestCheckpoint, TrainState
 from kdsweep.distill.lora import load_trained_state, trained_state
@@ -317,23 +318,17 @@ class _LoopState:
 def endless_batches(
     split: TokenizedSplit, settings: DistillSettings, *, pad_id: int, skip: int = 0
 ) -> Iterator[Batch]:
-    """Epoch after epoch, each in its own seeded order, so every trial sees the same stream;
-    ``skip`` drops its first micro-batches (a resumed trial's, already trained on)."""
-    epoch = 0
-    while True:
-        epoch_batches = make_batches(
-            split,
-            batch_size=settings.train.batch_size,
-            pad_id=pad_id,
-            shuffle_seed=settings.train.seed + epoch,
-            group_by_length=settings.group_by_length,
-        )
-        for batch in epoch_batches:
-            if skip:
-                skip -= 1
-                continue
-            yield batch
-        epoch += 1
+    """The trial's stream of micro-batches (``data.training_order``): epoch after epoch, each in
+    its own seeded order, so every trial sees the same stream; ``skip`` drops its first
+    micro-batches (a resumed trial's, already trained on)."""
+    order = training_order(
+        split,
+        batch_size=settings.train.batch_size,
+        seed=settings.train.seed,
+        group_by_length=settings.group_by_length,
+    )
+    for rows in itertools.islice(order, skip, None):
+        yield collate(split, rows, pad_id=pad_id)
 
 
 def warmup_then_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:

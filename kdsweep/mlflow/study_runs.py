@@ -229,9 +229,10 @@ class StudyRuns:
         gpu_uuid: str | None = None,
     ) -> TrialRun:
         """The trial's nested run, its params (the searched ones, the fixed settings, its seed)
-        sent in the background. A seed-check trial is tagged with the trial it runs again; every
-        run with the host and device it trains on."""
+        sent in the background. A seed-check run or a control is tagged with the trial it trains
+        again; every run with the host and device it trains on."""
         checked = trial.user_attrs.get(TrialAttr.SEED_CHECK_OF)
+        controlled = trial.user_attrs.get(TrialAttr.CONTROL_OF)
         tags = {
             Tag.PARENT: self.parent_run_id,
             Tag.TRIAL: trial.number,
@@ -240,11 +241,14 @@ class StudyRuns:
             Tag.HOST: socket.gethostname(),
             Tag.DEVICE: device,
             **({Tag.SEED_CHECK_OF: checked} if checked is not None else {}),
+            **({Tag.CONTROL_OF: controlled} if controlled is not None else {}),
             **self._common_tags,
         }
-        name = run_name(trial.number, params) + (
-            "" if checked is None else f" seed={seed} (seed check of {checked})"
-        )
+        name = run_name(trial.number, params)
+        if checked is not None:
+            name += f" seed={seed} (seed check of {checked})"
+        if controlled is not None:
+            name += f" (control of {controlled})"
         run = self.client.create_run(self.experiment_id, run_name=name, tags=strings(tags))
         trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run.info.run_id)
         monitor = None

@@ -27,7 +27,6 @@ def measure(
     progress: SweepProgress,
 ) -> dict:
     """The study's references, as Optuna user attrs."""
-    progress.message("scoring the untrained student")
     student = models.load_model("student", inputs.student, inputs.device)
     values = (
         _accuracies(student, teacher, eval_set, progress) if eval_set.answers is not None else {}
@@ -39,9 +38,12 @@ def measure(
         shuffle_seed=study.train.seed,
         group_by_length=study.data.group_by_length,
     )
+    rows = sum(len(batch.example_ids) for batch in eval_set.batches)
+    with progress.phase("scoring the untrained student", rows) as phase:
+        untrained = score(student, eval_set.batches, inputs.vocab, on_rows=phase.advance)
     values |= {
         StudyAttr.TEACHER_PPL: eval_set.teacher_ppl,
-        StudyAttr.UNTRAINED_PPL: score(student, eval_set.batches, inputs.vocab).perplexity,
+        StudyAttr.UNTRAINED_PPL: untrained.perplexity,
         StudyAttr.TRAIN_ROWS: len(inputs.train_split),
         StudyAttr.EVAL_ROWS: sum(len(b.example_ids) for b in eval_set.batches),
         StudyAttr.TRAIN_SCORED_TOKENS: inputs.train_split.num_scored_tokens,
@@ -61,11 +63,12 @@ def _accuracies(
     """The teacher's and the untrained student's accuracy on the eval answers. A worker that
     reads the teacher's cache loads its weights for this, once per study."""
     answers = eval_set.answers
-    progress.message(f"decoding the teacher's answers to {len(answers.prompts)} eval rows")
-    scores = {
-        "teacher": accuracy(teacher.online("decode its answers").model, answers),
-        "untrained": accuracy(student, answers),
-    }
+    models_ = {"teacher": teacher.online("decode its answers").model, "untrained": student}
+    scores = {}
+    for who, model in models_.items():
+        title = f"decoding the {who if who == 'teacher' else 'untrained student'}'s answers"
+        with progress.phase(title, len(answers.prompts)) as phase:
+            scores[who] = accuracy(model, answers, on_rows=phase.advance)
     teacher.release()
     return {
         StudyAttr.ACCURACY_ROWS: len(answers.prompts),

@@ -14,21 +14,23 @@ on-policy steps (generated tokens are in no cache), the teacher's accuracy (``re
 
 from __future__ import annotations
 
+import hashlib
 from functools import partial
 from pathlib import Path
 
-from kdsweep.data import Batch, TokenizedSplit
+from kdsweep.data import Batch, TokenizedSplit, rows_read
 from kdsweep.distill import models
 from kdsweep.distill.evaluate import EVAL_TOP_K, EvalSet, prepare_eval_set
 from kdsweep.distill.targets import OnlineTeacher, TeacherTargets
 from kdsweep.errors import UsageError
-from kdsweep.paths import teacher_cache_dir
+from kdsweep.paths import store_identity, teacher_cache_dir
 from kdsweep.prepare.inputs import Inputs, read_inputs
 from kdsweep.prepare.teacher_cache import (
     CachedTeacher,
     CacheKey,
     model_digest,
     open_or_build,
+    rows_digest,
     split_digest,
     vocab_digest,
     write_cache,
@@ -74,10 +76,28 @@ class StudyTeacher:
         return self._train_cache
 
     @property
+    def owner(self) -> str:
+        """The study, as a cache's manifest names the study it was built for."""
+        store = hashlib.sha256(store_identity(self.study.storage_url).encode()).hexdigest()
+        return f"{self.study.name} ({store[:8]})"
+
+    @property
     def cache_seconds(self) -> float:
-        """What building the study's caches took, whoever built them (0: no cache)."""
+        """What building the study's caches took, by whichever of its workers (0: no cache, or
+        caches another study built: reusing them costs this one nothing)."""
         caches = (self._train_cache, self._eval_cache)
-        return sum(c.manifest.get("build_seconds", 0.0) for c in caches if c is not None)
+        return sum(
+            c.manifest.get("build_seconds", 0.0)
+            for c in caches
+            if c is not None and c.manifest.get("built_for") == self.owner
+        )
+
+    @property
+    def reused_from(self) -> list[str]:
+        """The other studies whose caches this one reads (built for them, reused here)."""
+        caches = (self._train_cache, self._eval_cache)
+        owners = {c.manifest.get("built_for") for c in caches if c is not None}
+        return sorted(owner for owner in owners - {self.owner} if owner)
 
     @property
     def tokens_processed(self) -> int:
@@ -121,8 +141,14 @@ class StudyTeacher:
                 num_tokens=self._eval_cache.rows,
             )
         teacher = self.online()
-        self.progress.message("scoring the teacher on the eval tokens")
-        return prepare_eval_set(teacher, batches, chunk_tokens=self.study.train.loss_chunk_tokens)
+        rows = sum(len(batch.example_ids) for batch in batches)
+        with self.progress.phase("scoring the teacher on the validation split", rows) as phase:
+            return prepare_eval_set(
+                teacher,
+                batches,
+                chunk_tokens=self.study.train.loss_chunk_tokens,
+                on_rows=phase.advance,
+            )
 
     def mass(self, top_k_choice) -> float | None:
         """Mean teacher probability (T=1) over the training tokens that a trial's top_k keeps;
@@ -145,44 +171,59 @@ class StudyTeacher:
         """The training tokens' top-K cache (K = the largest top_k) and the eval tokens' (K =
         EVAL_TOP_K), each found or, once for all workers, built with the teacher's weights."""
         data, inputs = self.study.data, self.inputs
+        read = rows_trials_read(self.study, inputs.train_split)
         self._train_cache = self._cache(
-            data.train_split, inputs.train_split, k=max(self.study.cached_top_ks)
+            data.train_split, inputs.train_split, k=max(self.study.cached_top_ks), rows=read
         )
         self._eval_cache = self._cache(data.eval_split, inputs.eval_split, k=EVAL_TOP_K)
 
-    def _cache(self, name: str, split: TokenizedSplit, *, k: int) -> CachedTeacher:
+    def _cache(
+        self, name: str, split: TokenizedSplit, *, k: int, rows: list[int] | None = None
+    ) -> CachedTeacher:
         inputs = self.inputs
         key = CacheKey(
             teacher=self._identity(),
             tokenizer=vocab_digest(inputs.tokenizer),
             data=self._selection(name),
             tokens=split_digest(split),
+            rows="all" if rows is None else rows_digest(rows),
         )
         k = min(k, inputs.vocab.size)
-        cache, built = open_or_build(
-            teacher_cache_dir(), key, k=k, write=partial(self._write, split, k=k)
-        )
-        verb = "built" if built else "reusing"
+        write = partial(self._write, name, split, k=k, rows=rows)
+        cache, built = open_or_build(teacher_cache_dir(), key, k=k, write=write)
         if built:
             self.built_seconds += cache.manifest.get("build_seconds", 0.0)
+        covered = cache.manifest.get("covered_examples", len(split))
+        which = (
+            f"the {covered:,} of {len(split):,} rows the trials read"
+            if covered < len(split)
+            else f"all {len(split):,} rows: the trials read every one"
+        )
         self.progress.message(
-            f"teacher top-{cache.k} cache of {name!r}: {verb} {cache.folder} ({cache.rows:,} "
-            "tokens)"
+            f"teacher top-{cache.k} cache of {name!r}: {'built' if built else 'reusing'} "
+            f"{cache.folder} ({cache.rows:,} tokens; {which})"
         )
         return cache
 
-    def _write(self, split: TokenizedSplit, folder: Path, *, k: int) -> dict:
+    def _write(
+        self, name: str, split: TokenizedSplit, folder: Path, *, k: int, rows: list[int] | None
+    ) -> dict:
         train = self.study.train
         teacher = self.online("build its top-K cache")
-        return write_cache(
-            teacher,
-            split,
-            folder,
-            k=k,
-            batch_size=train.eval_batch_size,
-            pad_id=self.inputs.tokenizer.pad_token_id,
-            chunk_tokens=train.loss_chunk_tokens,
-        )
+        total = len(split) if rows is None else len(rows)
+        with self.progress.phase(f"teacher cache of {name!r}", total) as phase:
+            facts = write_cache(
+                teacher,
+                split,
+                folder,
+                k=k,
+                rows=rows,
+                batch_size=train.eval_batch_size,
+                pad_id=self.inputs.tokenizer.pad_token_id,
+                chunk_tokens=train.loss_chunk_tokens,
+                on_rows=phase.advance,
+            )
+        return facts | {"built_for": self.owner}
 
     def _identity(self) -> dict:
         spec = self.inputs.teacher
@@ -204,6 +245,31 @@ class StudyTeacher:
             "assistant_only": data.assistant_only,
             "max_length": data.max_length,
         }
+
+
+def rows_trials_read(study: StudyConfig, split: TokenizedSplit) -> list[int] | None:
+    """The training rows the study's trials can read, by their stream's order
+    (``data.training_order``): ``max_steps`` x ``grad_accum_steps`` micro-batches from each seed
+    a trial trains with (the study's; the seed check's), at the study's micro-batch and at every
+    smaller one an out-of-memory retry may take. None when that is every row."""
+    train = study.train
+    seeds = {train.seed}
+    if study.seed_check.top:
+        seeds |= {train.seed + k for k in range(1, study.seed_check.seeds + 1)}
+    batches = [(train.batch_size, train.grad_accum_steps)]
+    while train.oom_retry and batches[-1][0] > 1:  # as sweep.objective retries one
+        batches.append((batches[-1][0] // 2, batches[-1][1] * 2))
+    read: set[int] = set()
+    for seed in sorted(seeds):
+        for size, accum in batches:
+            read |= rows_read(
+                split,
+                batch_size=size,
+                micro_batches=train.max_steps * accum,
+                seed=seed,
+                group_by_length=study.data.group_by_length,
+            )
+    return None if len(read) == len(split) else sorted(read)
 
 
 def build_cache(study: StudyConfig) -> Path:

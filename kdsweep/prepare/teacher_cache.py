@@ -12,6 +12,8 @@ Layout of a cache folder (one per split, teacher, tokenizer, tokens and K)::
     lse.npy         [N]    fp32   log-sum-exp of all the logits: the top-k's share of the mass
     nll.npy         [N]    fp32   the teacher's NLL of the label: its perplexity on the split
     offsets.npy     [E+1]  int64  example e's rows are offsets[e]:offsets[e + 1]
+    covered.npy     [E]    bool   the examples it holds rows of: the study's trials may read only
+                                  some (none for the others: offsets[e] == offsets[e + 1])
 
 Rows follow the split's examples in order and, within an example, its scored positions in order,
 so a right-padded batch's rows are its examples' row ranges concatenated in batch order.
@@ -38,7 +40,7 @@ from kdsweep.data import Batch, TokenizedSplit, count_scored, make_batches
 from kdsweep.distill.targets import OnlineTeacher, TeacherTargets
 from kdsweep.paths import atomic_folder, remove_stale_staging
 
-CACHE_VERSION = 1  # bump when the layout or what the rows mean changes: it is part of the key
+CACHE_VERSION = 2  # bump when the layout or what the rows mean changes: it is part of the key
 _FP16_MAX = float(np.finfo(np.float16).max)
 _HASH_WHOLE_FILE_BELOW = 64 * 2**20  # larger weight files are identified by size, head and tail
 _HASH_EDGE_BYTES = 4 * 2**20
@@ -57,6 +59,7 @@ class CacheKey:
     tokenizer: str  # digest of the vocabulary
     data: dict  # dataset, split, text field, assistant_only, max_length
     tokens: str  # digest of the split's input ids and labels: exact, whatever produced them
+    rows: str = "all"  # the examples it covers: all, or a digest of their indices
     version: int = CACHE_VERSION
 
     def digest(self) -> str:
@@ -69,6 +72,11 @@ def split_digest(split: TokenizedSplit) -> str:
     for ids, labels in zip(split.input_ids, split.labels):
         digest.update(np.asarray([len(ids), *ids, *labels], dtype=np.int64).tobytes())
     return digest.hexdigest()
+
+
+def rows_digest(rows: list[int]) -> str:
+    """The examples a cache covers, as its key names them."""
+    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def vocab_digest(tokenizer) -> str:
@@ -123,6 +131,7 @@ class CachedTeacher:
         self.lse = self._mapped("lse")  # [N] fp32
         self.nll = self._mapped("nll")  # [N] fp32
         self.offsets = np.load(self.folder / "offsets.npy")  # [E + 1], small: read whole
+        self.covered = np.load(self.folder / "covered.npy")  # [E]
         self.tokens_processed = 0  # a trial reading the cache runs no teacher
         self._mass: dict[int, float] = {}
 
@@ -140,6 +149,13 @@ class CachedTeacher:
         device."""
         width = self.width(top_k)
         ids = batch.example_ids.cpu().numpy()
+        if not self.covered[ids].all():
+            missing = ids[~self.covered[ids]].tolist()
+            raise ValueError(
+                f"the teacher cache {self.folder} holds the rows the study's trials read, and a "
+                f"batch wants rows it does not (examples {missing[:5]}); rebuild it for these "
+                "training settings (kdsweep cache STUDY.yaml)"
+            )
         rows = np.concatenate([np.arange(self.offsets[e], self.offsets[e + 1]) for e in ids])
         device = batch.input_ids.device
         values = torch.from_numpy(self.values[rows, :width]).to(device)
@@ -194,57 +210,73 @@ def write_cache(
     batch_size: int,
     pad_id: int,
     chunk_tokens: int | None,
+    rows: list[int] | None = None,
+    on_rows: Callable[[int], None] = lambda done: None,
 ) -> dict:
-    """Run ``teacher`` once over ``split`` and write the arrays into ``folder``; returns build
+    """Run ``teacher`` once over the examples ``rows`` of ``split`` (None: all of them) and
+    write the arrays into ``folder``; ``on_rows(n)`` hears each batch's examples. Returns build
     facts."""
     started = time.perf_counter()
     tokens_before = teacher.tokens_processed
-    counts = [count_scored(labels) for labels in split.labels]
+    covered = np.zeros(len(split), dtype=bool)
+    covered[rows if rows is not None else slice(None)] = True
+    counts = [count_scored(labels) if c else 0 for labels, c in zip(split.labels, covered)]
     offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    rows = int(offsets[-1])
-    arrays = {
-        "values": np.lib.format.open_memmap(
-            folder / "values.npy", mode="w+", dtype=np.float16, shape=(rows, k)
-        ),
-        "indices": np.lib.format.open_memmap(
-            folder / "indices.npy", mode="w+", dtype=np.int32, shape=(rows, k)
-        ),
-        "lse": np.lib.format.open_memmap(
-            folder / "lse.npy", mode="w+", dtype=np.float32, shape=(rows,)
-        ),
-        "nll": np.lib.format.open_memmap(
-            folder / "nll.npy", mode="w+", dtype=np.float32, shape=(rows,)
-        ),
-    }
+    arrays = _open_arrays(folder, rows=int(offsets[-1]), k=k)
     device = next(teacher.model.parameters()).device
+    kept = np.flatnonzero(covered)
+    subset = TokenizedSplit(
+        tuple(split.input_ids[e] for e in kept), tuple(split.labels[e] for e in kept)
+    )
     # Grouped by length: the teacher computes little padding; example ids put rows in place.
     for batch in make_batches(
-        split, batch_size=batch_size, pad_id=pad_id, shuffle_seed=None, group_by_length=True
+        subset, batch_size=batch_size, pad_id=pad_id, shuffle_seed=None, group_by_length=True
     ):
         summary = teacher.top_k_rows(batch.to(device), k, chunk_tokens=chunk_tokens)
-        columns = {
-            "values": summary.values.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16),
-            "indices": summary.indices.to(torch.int32),
-            "lse": summary.lse,
-            "nll": summary.nll,
-        }
-        columns = {name: tensor.cpu().numpy() for name, tensor in columns.items()}
-        cursor = 0
-        for e in batch.example_ids.tolist():
-            start, end = offsets[e], offsets[e + 1]
-            for name, column in columns.items():
-                arrays[name][start:end] = column[cursor : cursor + end - start]
-            cursor += end - start
+        _place(arrays, summary, offsets, kept[batch.example_ids.numpy()])
+        on_rows(len(batch.example_ids))
     for array in arrays.values():
         array.flush()
     np.save(folder / "offsets.npy", offsets)
+    np.save(folder / "covered.npy", covered)
     return {
-        "rows": rows,
+        "rows": int(offsets[-1]),
         "examples": len(split),
+        "covered_examples": int(covered.sum()),
         "teacher_tokens": teacher.tokens_processed - tokens_before,
         "vocab_size": teacher.vocab.size,
         "build_seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _open_arrays(folder: Path, *, rows: int, k: int) -> dict[str, np.ndarray]:
+    shapes = {
+        "values": (np.float16, (rows, k)),
+        "indices": (np.int32, (rows, k)),
+        "lse": (np.float32, (rows,)),
+        "nll": (np.float32, (rows,)),
+    }
+    return {
+        name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=d, shape=s)
+        for name, (d, s) in shapes.items()
+    }
+
+
+def _place(arrays: dict, summary, offsets: np.ndarray, examples: np.ndarray) -> None:
+    """A batch's rows into their examples' places (the batch's rows follow its examples)."""
+    columns = {
+        "values": summary.values.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16),
+        "indices": summary.indices.to(torch.int32),
+        "lse": summary.lse,
+        "nll": summary.nll,
+    }
+    columns = {name: tensor.cpu().numpy() for name, tensor in columns.items()}
+    cursor = 0
+    for e in examples.tolist():
+        start, end = offsets[e], offsets[e + 1]
+        for name, column in columns.items():
+            arrays[name][start:end] = column[cursor : cursor + end - start]
+        cursor += end - start
 
 
 def find_cache(root: Path, key: CacheKey, *, k: int) -> CachedTeacher | None:

@@ -10,6 +10,7 @@ another runner.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +46,14 @@ class TrialRunner:
     teacher: StudyTeacher
     eval_set: EvalSet  # the validation split, with the teacher's targets
     test_set: TestSet | None = None  # data.test_split: scored for the finalists only
+    # what preparing took, the teacher's caches aside (their build is counted on its own)
+    seconds: float = 0.0
 
     @classmethod
     def prepare(cls, study: StudyConfig, *, progress: SweepProgress) -> TrialRunner:
         """Read and check every input, then make the teacher (its cache, built once per study, or
         its weights, loaded once per worker), the validation set and the test set."""
+        started = time.perf_counter()
         if study.train.threads:
             torch.set_num_threads(study.train.threads)
         inputs = read_inputs(study, progress)
@@ -65,8 +69,14 @@ class TrialRunner:
                 split = inputs.test_split
                 answers = _answers(study, split, inputs, study.data.test_split, progress)
             test_set = TestSet(_batches(study, inputs, inputs.test_split), answers)
+        seconds = time.perf_counter() - started - teacher.built_seconds
         return cls(
-            study=study, inputs=inputs, teacher=teacher, eval_set=eval_set, test_set=test_set
+            study=study,
+            inputs=inputs,
+            teacher=teacher,
+            eval_set=eval_set,
+            test_set=test_set,
+            seconds=seconds,
         )
 
     @property

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.compat.optuna import FilteredStudy
 from kdsweep.names import Group
-from kdsweep.store.trials import Trials, group_of, is_baseline, is_seed_check, primary_value
+from kdsweep.store.trials import Trials, group_of, in_sweep, is_baseline, primary_value
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.measures import feasible
 
@@ -102,5 +102,5 @@ def complete_sweep(optuna_study: optuna.Study) -> FilteredStudy:
     """The study as its complete sweep trials (baselines included, seed-check runs not)."""
     return FilteredStudy(
         optuna_study,
-        lambda t: t.state == TrialState.COMPLETE and not is_seed_check(t),
+        lambda t: t.state == TrialState.COMPLETE and in_sweep(t),
     )

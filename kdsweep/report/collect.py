@@ -7,7 +7,6 @@ the parameter importances into one :class:`ReportData`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -22,6 +21,7 @@ from kdsweep.paths import store_missing
 from kdsweep.report.analyses import Importances, compute_importances, pareto_front
 from kdsweep.report.text import as_float, finite
 from kdsweep.store.cost import StudyCost, study_cost
+from kdsweep.store.settings import AsRun, as_run
 from kdsweep.store.trials import Trials, group_of, is_baseline, params_of, retry_of
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.measures import TEST_METRICS, feasible
@@ -58,8 +58,9 @@ class Tracking:
 class ReportData:
     """Everything the report shows, read once from the Optuna storage and MLflow."""
 
-    study: StudyConfig
+    study: StudyConfig  # as the trials ran (the latest run's settings)
     attrs: dict  # the Optuna study's user attrs
+    settings: AsRun  # ... the target, and what differs from the study file as it reads now
     view: Trials  # which trial is what (baselines, ranked, ...), as every part reads it
     trials: pd.DataFrame  # one row per trial, by number (see trials_frame)
     tracking: Tracking
@@ -76,8 +77,9 @@ class ReportData:
 
     @property
     def sweep(self) -> pd.DataFrame:
-        """The sweep's trials (baselines included): the seed check's runs left out."""
-        return self.trials[self.trials.group != Group.SEED_CHECK]
+        """The sweep's trials (baselines included): the seed check's and the control's runs left
+        out."""
+        return self.trials[~self.trials.group.isin([Group.SEED_CHECK, Group.CONTROL])]
 
     @property
     def seed_check_runs(self) -> pd.DataFrame:
@@ -140,6 +142,19 @@ class ReportData:
         return self.distilled.iloc[0] if len(self.distilled) else None
 
     @property
+    def control(self) -> pd.Series | None:
+        """The best distilled configuration trained again at alpha 0 (``sweep.control``)."""
+        control = self.view.control(self.view.best_distilled)
+        return None if control is None else self.rows([control]).iloc[0]
+
+    def draws(self) -> tuple[int, int]:
+        """How many trials each arm's search ran to the end (complete, pruned or failed):
+        (distilled, baseline). The best of more draws is better by chance alone."""
+        ended = self.sweep[self.sweep.state.isin(["COMPLETE", "PRUNED", "FAIL"])]
+        baseline = ended.baseline.astype(bool)
+        return int((~baseline).sum()), int(baseline.sum())
+
+    @property
     def teacher_ppl(self) -> float | None:
         return as_float(self.attrs.get(StudyAttr.TEACHER_PPL))
 
@@ -166,20 +181,16 @@ class ReportData:
     @property
     def study_file(self) -> str:
         """The study file, as a command in the report names it."""
-        candidate = Path(self.study.base_dir) / f"{self.study.name}.yaml"
-        return str(candidate) if candidate.exists() else "STUDY.yaml"
+        return self.study.source
 
     def changed_settings(self) -> dict:
-        """Settings the sweep ran with that differ from the study file as it reads now (--set
-        overrides), flattened to key paths."""
-        as_run = self.attrs.get(StudyAttr.CONFIG)
-        if not as_run:
-            return {}
-        ran, current = _flatten(as_run), _flatten(self.study.to_dict())
+        """Settings the trials ran with that differ from the study file as it reads now (a
+        ``--set`` of the run, or a file edited since) and change what a trial computes: what a
+        command that reproduces a trial must set."""
         return {
-            k: v
-            for k, v in ran.items()
-            if current.get(k) != v and k.split(".")[0] not in _NOT_REPRODUCED
+            key: ran
+            for key, (_, ran) in self.settings.overrides.items()
+            if key.split(".")[0] not in _NOT_REPRODUCED
         }
 
     @property
@@ -190,6 +201,12 @@ class ReportData:
             return False
         finalists = [t for t in (self.best_distilled, self.best_baseline) if t is not None]
         return bool(finalists) and all(as_float(t.test_student_ppl) is not None for t in finalists)
+
+    @property
+    def accuracy_rows(self) -> int | None:
+        """How many rows of the verdict's split were decoded for accuracy."""
+        key = StudyAttr.TEST_ACCURACY_ROWS if self.on_test else StudyAttr.ACCURACY_ROWS
+        return self.attrs.get(key)
 
     def split_label(self) -> str:
         """Where the verdict's numbers come from, as the report says it."""
@@ -249,31 +266,26 @@ _NOT_REPRODUCED = (
     "pruner",
     "report_top_n",
     "save_best",
+    "control",
 )
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def collect(study: StudyConfig, optuna_study: optuna.Study) -> ReportData:
-    """Read the study's trials, MLflow runs, curves and importances into one ReportData."""
+def collect(file: StudyConfig, optuna_study: optuna.Study) -> ReportData:
+    """Read the study's trials, MLflow runs, curves and importances into one ReportData. What
+    it says of the settings is what the trials ran with (``store.settings``), beside the study
+    file as it reads now (``file``)."""
     trials = optuna_study.get_trials(deepcopy=False)
     attrs = dict(optuna_study.user_attrs)
-    max_steps = (attrs.get(StudyAttr.CONFIG) or study.to_dict())["train"]["max_steps"]  # as run
+    settings = as_run(optuna_study, file)
+    study = settings.study
     data = ReportData(
         study,
         attrs,
+        settings,
         Trials(trials, optuna_study.directions),
         trials_frame(trials, attrs),
         _tracking(study, optuna_study),
-        cost=study_cost(optuna_study, max_steps=max_steps),
+        cost=study_cost(optuna_study, max_steps=study.train.max_steps),
     )
     runs = _read_runs(data.tracking)
     data.trials = _merge_runs(data.trials, runs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from kdsweep.names import Group
+from kdsweep.names import Group, StudyAttr
 from kdsweep.report.collect import ReportData
 from kdsweep.report.text import device_hours, duration, fmt, markdown_table, pct
 from kdsweep.store.cost import StudyCost
@@ -29,6 +29,7 @@ def render_compute(data: ReportData) -> str:
         ("preparation (models, data, references; every worker)", spent.preparation, ""),
         ("distilled trials, complete", spent.distilled, counts["distilled"]),
         ("baselines, complete", spent.baselines, counts["baselines"]),
+        ("control (the winner at alpha 0)", spent.control, counts["control"]),
         ("seed check", spent.seed_check, counts["seed_check"]),
         ("pruned or failed trials", spent.pruned_or_failed, counts["lost"]),
         ("finals (the test split)", spent.finals, ""),
@@ -55,8 +56,7 @@ def render_compute(data: ReportData) -> str:
         "## Compute",
         "",
         "Device-hours are wall hours times the devices held (one per trial: its worker's GPU, or "
-        f"the CPU); "
-        f"{device_hours(spent.total)} in all.",
+        f"the CPU); {device_hours(spent.total)} in all.",
         "",
         markdown_table(pd.DataFrame(table)),
         "",
@@ -77,6 +77,11 @@ def _facts(data: ReportData, spent: StudyCost) -> list[str]:
             "included."
         )
     facts.append(_pruning(data, spent))
+    if reused := data.attrs.get(StudyAttr.TEACHER_CACHE_REUSED):
+        facts.append(
+            f"**Teacher cache**: reused, built for {', '.join(reused)}: it cost this study "
+            "nothing."
+        )
     if spent.unmeasured:
         facts.append(
             f"**Not counted**: {spent.unmeasured} trials ended with their worker (killed, a lost "
@@ -88,12 +93,18 @@ def _facts(data: ReportData, spent: StudyCost) -> list[str]:
 def _pruning(data: ReportData, spent: StudyCost) -> str:
     pruner = data.study.pruner.name
     rule = (
-        "baselines and distilled trials are pruned by the same rule, against each other's "
-        "evaluations at the same step, so neither side gets longer to catch up"
+        "each arm is judged against its own (baselines against baselines, distilled trials "
+        "against distilled trials, at the same step): a distilled trial is never pruned against "
+        "plain fine-tuning's curves, and neither arm before it has peers of its own"
     )
-    if pruner == "none":
-        return "**Pruning**: off (`pruner.name: none`): every trial ran all its steps."
     pruned = int((data.trials.state == "PRUNED").sum())
+    if pruner == "none" and not pruned:
+        return "**Pruning**: off (`pruner.name: none`): every trial ran all its steps."
+    if pruner == "none":
+        return (
+            f"**Pruning**: off for the latest run's trials (`pruner.name: none`); {pruned} trials "
+            f"of earlier runs were pruned, {spent.pruned_steps_not_run:,} steps short."
+        )
     if not pruned:
         return f"**Pruning** (`{pruner}`): no trial was pruned; {rule}."
     return (
@@ -106,10 +117,11 @@ def _pruning(data: ReportData, spent: StudyCost) -> str:
 def _counts(data: ReportData) -> dict[str, int]:
     trials = data.trials
     complete = trials[trials.state == "COMPLETE"]
-    sweep = complete[complete.group != Group.SEED_CHECK]
+    sweep = complete[~complete.group.isin([Group.SEED_CHECK, Group.CONTROL])]
     return {
         "distilled": int((~sweep.baseline.astype(bool)).sum()),
         "baselines": int(sweep.baseline.astype(bool).sum()),
+        "control": int((complete.group == Group.CONTROL).sum()),
         "seed_check": int((complete.group == Group.SEED_CHECK).sum()),
         "lost": int(trials.state.isin(["PRUNED", "FAIL"]).sum()),
     }

@@ -23,7 +23,7 @@ from kdsweep.names import Metric
 from kdsweep.report.analyses import complete_sweep, sampled_trials, study_of
 from kdsweep.report.collect import ReportData
 from kdsweep.report.text import objective_label, params_short
-from kdsweep.store.trials import is_seed_check, primary_value
+from kdsweep.store.trials import in_sweep, primary_value
 from kdsweep.study.measures import MAXIMIZE, feasible
 
 # Fixed figure settings: the same storage gives the same PNG bytes.
@@ -168,7 +168,7 @@ def _plot_slice(optuna_study: optuna.Study, data: ReportData):
 def _feasible_sweep(optuna_study: optuna.Study) -> FilteredStudy:
     """The study without its seed-check runs, which repeat configurations already shown, and
     without its infeasible trials, which the best and the report leave out."""
-    return FilteredStudy(optuna_study, lambda t: not is_seed_check(t) and feasible(t.constraints))
+    return FilteredStudy(optuna_study, lambda t: in_sweep(t) and feasible(t.constraints))
 
 
 def _first_objective(data: ReportData):

@@ -96,8 +96,7 @@ def render_header(data: ReportData) -> str:
     )
     if infeasible := len(data.infeasible):
         checks += f"; {infeasible} infeasible (over a ceiling, or out of memory), not ranked"
-    # what the trials ran with, --set included
-    train = (attrs.get(StudyAttr.CONFIG) or study.to_dict())["train"]
+    train = study.train  # as the trials ran
     lines = [
         "## Study",
         "",
@@ -105,16 +104,43 @@ def render_header(data: ReportData) -> str:
         f"- **Dataset**: `{study.data.dataset}` ({_sizes(attrs, study)})",
         f"- **{'Objectives' if study.multi_objective else 'Objective'}**: {_objectives(study)}"
         + _constraints(study),
-        f"- **Trials**: {len(trials)} ({states}); target {study.n_trials}{checks}",
+        f"- **Trials**: {len(trials)} ({states}); target {data.settings.target}{checks}",
         f"- **Trials ran**: {_period(data.trials)}",
-        f"- **Fixed settings** (as run): {train['max_steps']} steps of batch "
-        f"{train['batch_size']} x {train['grad_accum_steps']}, "
-        f"eval every {train['eval_every']} steps, precision {train['precision']}, seed "
-        f"{train['seed']}",
-        f"- **Config fingerprint**: `{attrs.get(StudyAttr.FINGERPRINT, study.fingerprint())}`; "
-        f"**kdsweep** {__version__}",
+        f"- **Fixed settings** (as run): {train.max_steps} steps of batch "
+        f"{train.batch_size} x {train.grad_accum_steps}, eval every {train.eval_every} steps, "
+        f"precision {train.precision}, seed {train.seed}",
+        f"- **Settings**: {_settings(data)}; **kdsweep** {__version__}",
     ]
     return "\n".join(lines)
+
+
+def _settings(data: ReportData) -> str:
+    """Which settings the trials ran with: their fingerprints, and what differs from the study
+    file as it reads now (a run's ``--set``, or the file edited since)."""
+    runs = data.settings.runs
+    if len(runs) > 1:
+        each = "; ".join(f"`{key}` for trials {_numbers(numbers)}" for key, numbers in runs)
+        ran = f"the trials ran under {len(runs)} settings ({each}); this report shows the latest"
+    else:
+        ran = f"fingerprint `{runs[0][0] if runs else data.study.fingerprint()}`"
+    changed = data.settings.overrides
+    if not changed:
+        return f"{ran}, as the study file reads now"
+    listed = ", ".join(
+        f"`{key}: {set_text(now)}` (the file: `{set_text(before)}`)"
+        for key, (before, now) in changed.items()
+    )
+    return f"{ran}; set for the run or changed in the file since: {listed}"
+
+
+def _numbers(numbers: list[int]) -> str:
+    """0-5, 8, 10-11."""
+    spans, start = [], numbers[0]
+    for previous, number in zip(numbers, [*numbers[1:], None]):
+        if number != previous + 1:
+            spans.append(f"{start}-{previous}" if previous > start else str(start))
+            start = number
+    return ", ".join(spans)
 
 
 def _objectives(study: StudyConfig) -> str:
@@ -141,26 +167,27 @@ def _constraints(study: StudyConfig) -> str:
 
 
 def _sizes(attrs: dict, study: StudyConfig) -> str:
+    data = study.data
     if StudyAttr.TRAIN_ROWS not in attrs:
-        return f"splits {study.data.train_split} / {study.data.eval_split}"
-    decoded = (
-        f", {attrs[StudyAttr.ACCURACY_ROWS]:,} of them decoded for accuracy"
-        if StudyAttr.ACCURACY_ROWS in attrs
-        else ""
-    )
-    test = ""
+        return f"splits `{data.train_split}` / `{data.eval_split}`"
+    splits = [
+        f"training split `{data.train_split}`: {attrs[StudyAttr.TRAIN_ROWS]:,} rows, "
+        f"{attrs.get(StudyAttr.TRAIN_SCORED_TOKENS, 0):,} scored tokens",
+        f"validation split `{data.eval_split}`: {attrs[StudyAttr.EVAL_ROWS]:,} rows, "
+        f"{attrs.get(StudyAttr.EVAL_SCORED_TOKENS, 0):,} scored tokens"
+        + _decoded(attrs.get(StudyAttr.ACCURACY_ROWS)),
+    ]
     if StudyAttr.TEST_ROWS in attrs:
-        test = (
-            f"; test {study.data.test_split}: {attrs[StudyAttr.TEST_ROWS]:,} rows, for the "
-            "verdict only"
+        splits.append(
+            f"test split `{data.test_split}`: {attrs[StudyAttr.TEST_ROWS]:,} rows"
+            + _decoded(attrs.get(StudyAttr.TEST_ACCURACY_ROWS))
+            + ", for the verdict only"
         )
-    return (
-        f"{study.data.train_split}: {attrs[StudyAttr.TRAIN_ROWS]:,} rows, "
-        f"{attrs.get(StudyAttr.TRAIN_SCORED_TOKENS, 0):,} scored tokens; "
-        f"validation {study.data.eval_split}: {attrs[StudyAttr.EVAL_ROWS]:,} rows, "
-        f"{attrs.get(StudyAttr.EVAL_SCORED_TOKENS, 0):,} scored tokens{decoded}{test}; "
-        f"max length {study.data.max_length}"
-    )
+    return "; ".join(splits) + f"; max length {data.max_length}"
+
+
+def _decoded(rows: int | None) -> str:
+    return "" if rows is None else f" ({rows:,} of them decoded for accuracy)"
 
 
 def _period(trials: pd.DataFrame) -> str:
@@ -267,7 +294,8 @@ def render_top(data: ReportData) -> str:
     intro = (
         f"The {len(frame)} best of {len(data.ranked)} complete"
         f"{' feasible' if data.study.constraints else ''} trials by "
-        f"`{data.study.primary_objective}`."
+        f"`{data.study.primary_objective}`, with their numbers on the validation split "
+        f"`{data.study.data.eval_split}` (the one the sweep selected on)."
     )
     if len(data.infeasible):
         intro += (

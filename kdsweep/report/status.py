@@ -12,8 +12,17 @@ from kdsweep.errors import UsageError
 from kdsweep.names import Metric, StudyAttr, TrialAttr
 from kdsweep.report.text import device_hours, duration
 from kdsweep.store import cost
+from kdsweep.store.settings import as_run
 from kdsweep.store.storage import load_existing_study
-from kdsweep.store.trials import Trials, is_baseline, is_seed_check, params_of, retry_of
+from kdsweep.store.trials import (
+    Trials,
+    in_sweep,
+    is_baseline,
+    is_control,
+    is_seed_check,
+    params_of,
+    retry_of,
+)
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.measures import BY_NAME, feasible
 from kdsweep.study.space import columns, describe, is_plain_fine_tuning
@@ -27,17 +36,21 @@ _STATES = {
 }
 
 
-def print_status(study: StudyConfig, console: Console | None = None) -> None:
+def print_status(file: StudyConfig, console: Console | None = None) -> None:
     """Every trial: its state, parameters, objective, duration and a note (baseline, best, seed
-    check, or why it failed)."""
+    check, control, or why it failed), under the settings the trials ran with."""
     console = console or Console()
-    optuna_study = load_existing_study(study)
+    optuna_study = load_existing_study(file)
+    settings = as_run(optuna_study, file)
+    study = settings.study
     view = Trials.of(optuna_study)
     trials, best = view.all, view.best
-    sweep = [t for t in trials if not is_seed_check(t)]
-    title = f"study {study.name!r}: {len(sweep)} trials, target {study.n_trials}"
-    if len(sweep) < len(trials):
-        title += f", and {len(trials) - len(sweep)} seed-check runs"
+    sweep = [t for t in trials if in_sweep(t)]
+    title = f"study {study.name!r}: {len(sweep)} trials, target {settings.target}"
+    if checks := sum(map(is_seed_check, trials)):
+        title += f", {checks} seed-check runs"
+    if controls := sum(map(is_control, trials)):
+        title += f", {controls} control{'s' * (controls > 1)}"
     if infeasible := sum(not feasible(t.constraints) for t in sweep):
         title += f"; {infeasible} infeasible (over a ceiling, or out of memory)"
     shown = columns(study.search)
@@ -105,47 +118,59 @@ def estimate_line(study: StudyConfig) -> str:
 
 
 def print_summary(study: StudyConfig, console: Console | None = None) -> None:
-    """The answer in a few lines: teacher, best distilled trial and the baseline the verdict
-    compares it with (the best baseline of its student form, ``Trials.compared_baseline``)."""
+    """The answer in a few lines, on the verdict's split (the test split when the finalists were
+    scored there, else the validation split), which it names: teacher, best distilled trial, the
+    baseline the verdict compares it with (``Trials.compared_baseline``) and the winner's
+    control."""
     console = console or Console()
     optuna_study = load_existing_study(study)
     attrs = optuna_study.user_attrs
     view = Trials.of(optuna_study)
-    distilled, baseline = view.best_distilled, view.compared_baseline
-    accuracy = StudyAttr.TEACHER_EXACT_MATCH in attrs
-    # the other objectives (a cost, ROUGE-L, ...), by their names
-    others = [
-        (i, name)
-        for i, name in enumerate(study.objectives)
-        if name not in (Metric.STUDENT_PPL, Metric.EXACT_MATCH)
+    rows = [
+        ("best distilled", view.best_distilled),
+        ("best baseline", view.compared_baseline),
+        ("control (alpha 0)", view.control(view.best_distilled)),
     ]
+    rows = [(name, trial) for name, trial in rows if trial is not None]
+    on_test = StudyAttr.TEST_TEACHER_PPL in attrs and all(
+        f"{StudyAttr.TEST_PREFIX}{trial.number}" in attrs for _, trial in rows
+    )
+    accuracy = StudyAttr.TEACHER_EXACT_MATCH in attrs
+    others = [(i, name) for i, name in enumerate(study.objectives) if name not in _SHOWN]
+    split = study.data.test_split if on_test else study.data.eval_split
+    where = f"on the {'test' if on_test else 'validation'} split `{split}`:"
+    console.print(where, markup=False, highlight=False)
     table = _table(
-        [
-            "",
-            "perplexity",
-            *(["exact match"] if accuracy else []),
-            *(name for _, name in others),
-            "parameters",
-        ],
+        ["", "perplexity", *(["exact match"] if accuracy else []), *dict(others).values()]
+        + ["parameters"],
         box_style=None,
     )
-    teacher = [
-        _number(attrs.get(StudyAttr.TEACHER_PPL)),
-        *([_percent(attrs.get(StudyAttr.TEACHER_EXACT_MATCH))] if accuracy else []),
-        *("" for _ in others),
-    ]
-    table.add_row("teacher", *teacher, "")
-    for name, trial in (("best distilled", distilled), ("best baseline", baseline)):
-        if trial is not None:
-            metrics = [_number(trial.user_attrs.get(Metric.STUDENT_PPL))]
-            metrics += [_percent(trial.user_attrs.get(Metric.EXACT_MATCH))] if accuracy else []
-            metrics += [_number(trial.values[i]) for i, _ in others]
-            table.add_row(
-                f"{name}, trial {trial.number}",
-                *metrics,
-                describe(params_of(trial), short=True),
-            )
+    teacher = (
+        (attrs.get(StudyAttr.TEST_TEACHER_PPL), attrs.get(StudyAttr.TEST_TEACHER_EXACT_MATCH))
+        if on_test
+        else (attrs.get(StudyAttr.TEACHER_PPL), attrs.get(StudyAttr.TEACHER_EXACT_MATCH))
+    )
+    table.add_row("teacher", *_scores(*teacher, accuracy), *("" for _ in others), "")
+    for name, trial in rows:
+        if on_test:
+            test = attrs.get(f"{StudyAttr.TEST_PREFIX}{trial.number}", {})
+            ppl, em = test.get(Metric.TEST_STUDENT_PPL), test.get(Metric.TEST_EXACT_MATCH)
+        else:
+            ppl, em = (trial.user_attrs.get(m) for m in (Metric.STUDENT_PPL, Metric.EXACT_MATCH))
+        table.add_row(
+            f"{name}, trial {trial.number}",
+            *_scores(ppl, em, accuracy),
+            *(_number(trial.values[i]) for i, _ in others),
+            describe(params_of(trial), short=True),
+        )
     console.print(table)
+
+
+_SHOWN = (Metric.STUDENT_PPL, Metric.EXACT_MATCH)  # the summary's own columns
+
+
+def _scores(ppl, exact_match, accuracy: bool) -> list[str]:
+    return [_number(ppl), *([_percent(exact_match)] if accuracy else [])]
 
 
 def _table(columns: list[str], *, box_style=box.SIMPLE_HEAD) -> Table:
@@ -175,6 +200,8 @@ def _note(trial, best) -> str:
         return (
             f"seed check of {attrs.get(TrialAttr.SEED_CHECK_OF)}, seed {attrs.get(TrialAttr.SEED)}"
         )
+    if is_control(trial):
+        return f"control of {attrs.get(TrialAttr.CONTROL_OF)} (alpha 0)"
     notes = ["best"] if best is not None and trial.number == best.number else []
     if is_baseline(trial):
         notes.append("baseline")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from kdsweep.names import Group
 from kdsweep.report.collect import ReportData
 from kdsweep.report.compute import cost_sentence
 from kdsweep.report.text import fmt, markdown_table, params_of, pct, points
@@ -78,10 +79,7 @@ def _headline(data: ReportData) -> str:
     baseline, distilled = data.best_baseline, data.best_distilled
     objective = data.study.primary_objective
     if distilled is None:
-        return (
-            "**No distilled trial has completed**, so nothing says yet whether distillation "
-            f"helps on this {objective}."
-        )
+        return _no_distilled(data)
     if baseline is None:
         return (
             "**No baseline ran**, so nothing says whether distillation beats plain fine-tuning: "
@@ -101,12 +99,76 @@ def _headline(data: ReportData) -> str:
         _comparison(data, distilled, baseline),
         _forms(data, distilled, baseline),
         _accuracy_comparison(data, distilled, baseline),
+        _control(data, distilled, baseline),
+        _draws(data),
         _gap(data, distilled),
         _where(data),
         _more_steps(data, distilled),
         cost_sentence(data),
     ]
     return " ".join(s for s in sentences if s)
+
+
+def _no_distilled(data: ReportData) -> str:
+    """Why no distilled trial has completed, and the fix."""
+    distilled = data.sweep[~data.sweep.baseline.astype(bool)]
+    pruned = distilled[distilled.state == "PRUNED"]
+    failed = distilled[distilled.state == "FAIL"]
+    causes = []
+    if len(pruned):
+        steps = ", ".join(str(int(s)) for s in sorted(pruned.pruned_step.dropna().unique()))
+        causes.append(f"{len(pruned)} pruned (at step {steps})")
+    if len(failed):
+        causes.append(f"{len(failed)} failed (see What went wrong)")
+    if left := len(distilled) - len(pruned) - len(failed):
+        causes.append(f"{left} not finished")
+    fix = (
+        "; a trial is pruned against its own arm only, after `pruner.n_startup_trials` of its "
+        "peers: run more trials (`--n-trials`), or set `pruner.name: none`"
+        if len(pruned)
+        else ""
+    )
+    of = f" (of {len(distilled)}: {', '.join(causes)})" if causes else ""
+    return (
+        f"**No distilled trial has completed**{of}, so nothing says yet whether distillation "
+        f"helps on this {data.study.primary_objective}{fix}."
+    )
+
+
+def _control(data: ReportData, distilled: pd.Series, baseline: pd.Series) -> str:
+    """The winner against itself without the teacher: the teacher's share of the lead."""
+    control = data.control
+    if control is None:
+        return ""
+    ours, theirs = data.shown(distilled, "student_ppl"), data.shown(control, "student_ppl")
+    if pd.isna(theirs):
+        return ""
+    share = (
+        f"the teacher's share of the lead; against the tuned baseline it was "
+        f"{_relative(ours, data.shown(baseline, 'student_ppl'))}, and the rest is the searches'"
+    )
+    accuracy = ""
+    em, their_em = data.shown(distilled, "exact_match"), data.shown(control, "exact_match")
+    if not pd.isna(em) and not pd.isna(their_em):
+        accuracy = f", exact match {pct(100 * em)} against {pct(100 * their_em)}"
+    return (
+        f"Against the same configuration without the teacher (the control, "
+        f"{data.trial_cell(control)}: alpha 0 at the winner's learning rate, steps, seed and "
+        f"form), the winner's perplexity is {fmt(ours)} against {fmt(theirs)}, "
+        f"{_relative(ours, theirs)}{accuracy}: {share}."
+    )
+
+
+def _draws(data: ReportData) -> str:
+    """When distillation's search drew more trials than the baselines': say so, with counts."""
+    distilled, baseline = data.draws()
+    if distilled <= baseline:
+        return ""
+    return (
+        f"Distillation's search drew {distilled} trials against {baseline} for the baselines: "
+        "the best of more draws is better by chance alone"
+        + (", which the control leaves out." if data.control is not None else ".")
+    )
 
 
 def _comparison(data: ReportData, distilled: pd.Series, baseline: pd.Series) -> str:
@@ -145,8 +207,10 @@ def _accuracy_comparison(data: ReportData, distilled: pd.Series, baseline: pd.Se
     if pd.isna(ours) or pd.isna(theirs):
         return ""
     rouge_ours, rouge_theirs = data.shown(distilled, "rouge_l"), data.shown(baseline, "rouge_l")
+    rows = data.accuracy_rows
+    over = f" (over the {rows:,} rows decoded)" if rows else ""
     return (
-        f"Exact match: {pct(100 * ours)} against {pct(100 * theirs)} "
+        f"Exact match{over}: {pct(100 * ours)} against {pct(100 * theirs)} "
         f"({points(100 * (ours - theirs))}); ROUGE-L {fmt(rouge_ours, 3)} against "
         f"{fmt(rouge_theirs, 3)}."
     )
@@ -217,6 +281,7 @@ def seed_check(data: ReportData) -> pd.DataFrame:
             {
                 "number": int(number),
                 "baseline": bool(original.baseline),
+                "control": original.group == Group.CONTROL,
                 "values": list(values),
                 "mean": values.mean(),
                 "std": values.std(ddof=1) if len(values) > 1 else 0.0,
@@ -224,7 +289,7 @@ def seed_check(data: ReportData) -> pd.DataFrame:
                 "exact_match": list(matches),
             }
         )
-    columns = ["number", "baseline", "values", "mean", "std", "range", "exact_match"]
+    columns = ["number", "baseline", "control", "values", "mean", "std", "range", "exact_match"]
     frame = pd.DataFrame(rows, columns=columns)
     order = (
         frame["mean"].rank(ascending=data.lower_is_better, method="first") if len(frame) else []
@@ -255,7 +320,7 @@ def seed_check_sentence(data: ReportData) -> str | None:
         f"and the best {data.baseline_kind} {fmt(compared['mean'])} "
         f"({data.study.primary_objective})"
     )
-    accuracy = _accuracy_noise(winner, compared)
+    accuracy = _accuracy_noise(winner, compared) + _control_noise(data, winner, rows)
     if lead > spread:
         return (
             f"{mean}: distillation's lead ({fmt(lead)}) is larger than the seed spread "
@@ -268,6 +333,23 @@ def seed_check_sentence(data: ReportData) -> str | None:
         )
     leads = f"{data.baseline_kind} leads by {fmt(-lead)} (seed spread {fmt(spread)})"
     return f"{mean}: {leads}.{accuracy}"
+
+
+def _control_noise(data: ReportData, winner: pd.Series, rows: pd.DataFrame) -> str:
+    """Whether the winner's lead over its control, over the same seeds, beats their spread."""
+    control = data.control
+    if control is None or control.number not in rows.index:
+        return ""
+    theirs = rows.loc[control.number]
+    lead = (theirs["mean"] - winner["mean"]) * (1 if data.lower_is_better else -1)
+    spread = max(winner["range"], theirs["range"])
+    mean = f" The control (the winner at alpha 0) averages {fmt(theirs['mean'])}"
+    if lead <= 0:
+        return f"{mean}: it leads the winner by {fmt(-lead)} (seed spread {fmt(spread)})."
+    verdict = "larger than" if lead > spread else "within"
+    return (
+        f"{mean}: the teacher's lead ({fmt(lead)}) is {verdict} the seed spread ({fmt(spread)})."
+    )
 
 
 def _accuracy_noise(winner: pd.Series, baseline: pd.Series) -> str:
@@ -294,7 +376,8 @@ def render_seed_check(data: ReportData) -> str:
         [
             {
                 "trial": data.trial_cell(trials.loc[row.number])
-                + (" (baseline)" if row.baseline else ""),
+                + (" (baseline)" if row.baseline else "")
+                + (" (control, alpha 0)" if row.control else ""),
                 "parameters": describe(trials.loc[row.number]),
                 f"{data.study.primary_objective} by seed": ", ".join(fmt(v) for v in row.values),
                 **(

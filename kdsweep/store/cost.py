@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.names import Metric, StudyAttr, TrialAttr
-from kdsweep.store.trials import is_baseline, is_seed_check
+from kdsweep.store.trials import in_sweep, is_baseline, is_control, is_seed_check
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.space import baseline_trials
 
@@ -51,6 +51,7 @@ class StudyCost:
     finals: float  # the finalists and the teacher scored on the test split
     distilled: float  # complete distilled trials of the sweep
     baselines: float  # complete baseline trials of the sweep
+    control: float  # the complete controls (the winner trained again at alpha 0)
     seed_check: float  # complete seed-check runs
     pruned_or_failed: float  # trials of any group that did not complete (preempted too)
     unmeasured: int  # ended trials with no cost recorded: killed with their worker (kill -9)
@@ -62,7 +63,13 @@ class StudyCost:
 
     @property
     def trials(self) -> float:
-        return self.distilled + self.baselines + self.seed_check + self.pruned_or_failed
+        return (
+            self.distilled
+            + self.baselines
+            + self.control
+            + self.seed_check
+            + self.pruned_or_failed
+        )
 
     @property
     def total(self) -> float:
@@ -87,7 +94,7 @@ def study_cost(optuna_study: optuna.Study, *, max_steps: int) -> StudyCost:
         return sum(costs[t.number][Metric.DEVICE_SECONDS] for t in group)
 
     seed_check = [t for t in complete if is_seed_check(t)]
-    sweep = [t for t in complete if not is_seed_check(t)]
+    sweep = [t for t in complete if in_sweep(t)]
     pruned = [t for t in measured if t.state == TrialState.PRUNED]
     not_run = {t.number: max(max_steps - (t.last_step or 0), 0) for t in pruned}
     preparations = _recorded(attrs, PREPARATION)
@@ -98,6 +105,7 @@ def study_cost(optuna_study: optuna.Study, *, max_steps: int) -> StudyCost:
         finals=sum(_recorded(attrs, FINALS)),
         distilled=spent([t for t in sweep if not is_baseline(t)]),
         baselines=spent([t for t in sweep if is_baseline(t)]),
+        control=spent([t for t in complete if is_control(t)]),
         seed_check=spent(seed_check),
         pruned_or_failed=spent([t for t in measured if t.state != TrialState.COMPLETE]),
         unmeasured=len(ended) - len(measured),

@@ -31,6 +31,7 @@ INHERITED_ATTRS = (
     TrialAttr.BASELINE,
     TrialAttr.BASELINE_PARAMS,
     TrialAttr.SEED_CHECK_OF,
+    TrialAttr.CONTROL_OF,
     TrialAttr.SEED,
     TrialAttr.MICRO_BATCH,
     TrialAttr.GRAD_ACCUM,

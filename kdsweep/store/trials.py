@@ -38,6 +38,25 @@ def is_seed_check(trial: FrozenTrial | optuna.Trial) -> bool:
     return group_of(trial) == Group.SEED_CHECK
 
 
+def is_control(trial: FrozenTrial | optuna.Trial) -> bool:
+    """Whether the trial is a control: a distilled configuration trained again at alpha 0."""
+    return group_of(trial) == Group.CONTROL
+
+
+def arm_of(trial: FrozenTrial | optuna.Trial) -> str | None:
+    """Which trials a trial is judged against (its pruner's peers): the baselines, or the sweep's
+    own search; None for the seed check's and the control's runs, which are never pruned."""
+    if is_seed_check(trial) or is_control(trial):
+        return None
+    return "baseline" if is_baseline(trial) else "search"
+
+
+def in_sweep(trial: FrozenTrial | optuna.Trial) -> bool:
+    """Whether the trial is one of the sweep's (a baseline's or its own search's), not a run of
+    a configuration trained again (the seed check, the control)."""
+    return arm_of(trial) is not None
+
+
 def params_of(trial: FrozenTrial) -> dict:
     """Every declared parameter the trial trained with (fixed ones included)."""
     return trial.user_attrs.get(TrialAttr.PARAMS, trial.params)
@@ -88,13 +107,25 @@ class Trials:
 
     @cached_property
     def sweep(self) -> list[FrozenTrial]:
-        """The sweep's trials, baselines included: not the seed check's runs, not the trials a
-        retry replaces."""
-        return [t for t in self.all if not is_seed_check(t) and t.number not in self.replaced]
+        """The sweep's trials, baselines included: not the seed check's or the control's runs,
+        not the trials a retry replaces."""
+        return [t for t in self.all if in_sweep(t) and t.number not in self.replaced]
 
     @property
     def seed_check_runs(self) -> list[FrozenTrial]:
         return [t for t in self.all if is_seed_check(t)]
+
+    def control(self, of: FrozenTrial | None) -> FrozenTrial | None:
+        """The complete control run of the trial ``of`` (its latest), if one ran."""
+        runs = [
+            t
+            for t in self.all
+            if is_control(t)
+            and of is not None
+            and t.user_attrs.get(TrialAttr.CONTROL_OF) == of.number
+            and t.state == TrialState.COMPLETE
+        ]
+        return runs[-1] if runs else None
 
     def count(self, states: Iterable[TrialState]) -> int:
         """Sweep trials in ``states``."""
@@ -125,7 +156,7 @@ class Trials:
         complete = [
             t
             for t in self.all
-            if t.state == TrialState.COMPLETE and not is_seed_check(t) and feasible(t.constraints)
+            if t.state == TrialState.COMPLETE and in_sweep(t) and feasible(t.constraints)
         ]
         return sorted(complete, key=self._rank_key)
 

@@ -180,7 +180,7 @@ class SamplerConfig:
 @dataclass(frozen=True)
 class PrunerConfig:
     name: str = "median"
-    n_startup_trials: int = 2  # median: trials to finish before any is pruned
+    n_startup_trials: int = 2  # median: trials of an arm to finish before any of it is pruned
     n_warmup_steps: int = 0  # median: steps before a trial can be pruned
 
 
@@ -217,6 +217,10 @@ class StudyConfig:
     # searches the parameters it does not fix (its learning rate) over 3 trials of its own.
     baselines: tuple[dict, ...] = ()
     seed_check: SeedCheckConfig = SeedCheckConfig()
+    # after the sweep, the best distilled configuration trained again at alpha 0 with everything
+    # else equal (learning rate, steps, seed, student form): the verdict separates the teacher's
+    # share of the winner's lead from what the search's extra draws bought
+    control: bool = True
     # the same error failing this many trials in a row stops the sweep
     max_consecutive_failures: int = 3
     save_best: bool = False  # keep the best trial's student as an MLflow model

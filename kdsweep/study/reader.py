@@ -90,6 +90,21 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     return study
 
 
+def study_as_stored(stored: dict, file: StudyConfig) -> StudyConfig:
+    """The study a run recorded (``StudyConfig.to_dict``: passwords masked), read back. Where to
+    find things comes from the study file as it reads now: its folder, its stores (the recorded
+    URLs lost their passwords), its name."""
+    raw = {
+        **stored,
+        "name": file.name,
+        "storage": file.storage,
+        "base_dir": file.base_dir,
+        "source": file.source,
+    }
+    raw["tracking"] = {**stored.get("tracking", {}), "uri": file.tracking.uri}
+    return _build(StudyConfig, raw, "", [])  # it was checked when it ran
+
+
 def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:

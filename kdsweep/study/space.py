@@ -243,13 +243,8 @@ def describe(params: dict, *, short: bool) -> str:
 
 def run_name(number: int, params: dict) -> str:
     """A name that reads well in a list of runs: trial 3 a=0.52 T=2.1 k=64 lr=3.1e-04 (and b=,
-    lmbda= when they are not 0)."""
-    shown = " ".join(
-        f"{p.label}={p.show(params[p.name], short=True)}"
-        for p in SEARCH_SPACE
-        if p.name in params and params[p.name] != p.quiet_at
-    )
-    return f"trial {number} {shown}"
+    lmbda= when they are not 0; at alpha 0, only what acts without a teacher)."""
+    return f"trial {number} {describe(params, short=True)}"
 
 
 def columns(search: Any) -> list[Searched]:

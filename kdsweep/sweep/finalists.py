@@ -86,10 +86,12 @@ def run_finals(
         f"{', '.join(str(t.number) for t in chosen)}) and the teacher, once"
     )
     started = time.perf_counter()
-    for trial in missing:
-        _score_finalist(study, optuna_study, trial, runner, runs, progress)
-    if teacher_missing:
-        _score_teacher(optuna_study, runner, runs)
+    work = (len(missing) + teacher_missing) * runner.test_set.work
+    with progress.phase(f"test split {study.data.test_split!r}", work) as phase:
+        for trial in missing:
+            _score_finalist(study, optuna_study, trial, runner, runs, progress, phase)
+        if teacher_missing:
+            _score_teacher(optuna_study, runner, runs, phase)
     cost.record(optuna_study, cost.FINALS, time.perf_counter() - started)
     keep = {t.number for t in chosen}
     for number, path in checkpoints.best_paths(study).items():
@@ -104,7 +106,7 @@ def record_test_scores(optuna_study: optuna.Study, number: int, metrics: dict) -
         optuna_study.set_user_attr(f"{StudyAttr.TEST_PREFIX}{number}", scores)
 
 
-def _score_finalist(study, optuna_study, trial: FrozenTrial, runner, runs, progress) -> None:
+def _score_finalist(study, optuna_study, trial: FrozenTrial, runner, runs, progress, phase):
     path = checkpoints.best_path(study, trial.number)
     if not path.exists():
         progress.message(
@@ -115,7 +117,7 @@ def _score_finalist(study, optuna_study, trial: FrozenTrial, runner, runs, progr
     params = params_of(trial)
     student = runner.new_student(params, seed=runner.study.train.seed)
     load_trained_state(student, torch.load(path, map_location=runner.device, weights_only=True))
-    scores = score_test(student, runner.test_set, runner.inputs.vocab)
+    scores = score_test(student, runner.test_set, runner.inputs.vocab, on_rows=phase.advance)
     record_test_scores(optuna_study, trial.number, scores)
     run_id = trial.user_attrs.get(TrialAttr.MLFLOW_RUN_ID)
     if run_id:
@@ -124,9 +126,9 @@ def _score_finalist(study, optuna_study, trial: FrozenTrial, runner, runs, progr
     models.release_memory(runner.device)
 
 
-def _score_teacher(optuna_study: optuna.Study, runner: TrialRunner, runs: StudyRuns) -> None:
+def _score_teacher(optuna_study: optuna.Study, runner: TrialRunner, runs: StudyRuns, phase):
     teacher = runner.teacher.online("score it on the test split").model
-    scores = score_test(teacher, runner.test_set, runner.inputs.vocab)
+    scores = score_test(teacher, runner.test_set, runner.inputs.vocab, on_rows=phase.advance)
     runner.teacher.release()
     named = {
         StudyAttr.TEST_TEACHER_PPL: scores[Metric.TEST_STUDENT_PPL],

@@ -40,7 +40,7 @@ from kdsweep.prepare.trial_runner import TrialRunner
 from kdsweep.progress import SweepProgress
 from kdsweep.redact import redact
 from kdsweep.store.recovery import enqueue_retry, this_worker
-from kdsweep.store.trials import Trials, is_seed_check, primary_value
+from kdsweep.store.trials import Trials, in_sweep, primary_value
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.measures import OUT_OF_MEMORY, better, feasible, violations
 from kdsweep.study.space import describe, suggest
@@ -69,6 +69,7 @@ class Objective:
         params = suggest(trial, self.study.search)
         seed = trial.user_attrs.get(TrialAttr.SEED, self.study.train.seed)
         trial.set_user_attr(TrialAttr.PARAMS, params)
+        trial.set_user_attr(TrialAttr.CONFIG, self.study.fingerprint())  # store.settings
         trial.set_user_attr(TrialAttr.WORKER, this_worker())
         device = self.runner.device
         trial.set_user_attr(TrialAttr.DEVICE, str(device))
@@ -83,7 +84,7 @@ class Objective:
         self.progress.trial_started(
             trial, describe(params, short=True), self.study.train.max_steps
         )
-        seed_check = is_seed_check(trial)
+        again = not in_sweep(trial)  # a seed-check run or a control: scored on the test split
         has_test = self.runner.test_set is not None
         hooks = SweepHooks(
             self.study,
@@ -92,9 +93,9 @@ class Objective:
             self.progress,
             resume=self._resume(trial, run),
             # save_best logs the trained student, and a sweep trial of a study with a test split
-            # may keep it as a finalist (a seed-check run is scored at once)
-            keep_student=not seed_check and (self.study.save_best or has_test),
-            scores_test=seed_check and has_test,
+            # may keep it as a finalist (a seed-check run or a control is scored at once)
+            keep_student=not again and (self.study.save_best or has_test),
+            scores_test=again and has_test,
         )
         preempted = False
         try:
@@ -201,7 +202,8 @@ class Objective:
             trial.set_user_attr(key, metric)
         step = result.best_step
         run.log_metrics({**result.after, Metric.BEST_STEP: step}, step=step)
-        finalists.record_test_scores(trial.study, trial.number, result.after)  # a seed-check run
+        # a seed-check run or a control, scored at once
+        finalists.record_test_scores(trial.study, trial.number, result.after)
         kept = feasible(excess)  # every ceiling (none: a study without constraints)
         contender = student is not None and kept
         if contender and self.runner.test_set is not None:
@@ -318,7 +320,7 @@ class SweepHooks(train.TrialHooks):
         self.keep_student = keep_student
         self.student = None  # the trained student, when kept
         # A seed check runs to its end; Optuna prunes single-objective studies only.
-        self.prunable = not is_seed_check(trial) and not study.multi_objective
+        self.prunable = in_sweep(trial) and not study.multi_objective
 
     def built(self, trainable_parameters: int) -> None:
         """What the student's form trains (all of it, or a LoRA adapter), on the trial and its

@@ -1,14 +1,15 @@
-"""The samplers and the pruner: one sampler per group of trials, and a pruner that leaves the
-seed check alone.
+"""The samplers and the pruner: one sampler per group of trials, and a pruner per arm.
 
-A study holds three groups of trials (``names.Group``): the sweep's own (sampled over the whole
-search space), each baseline's (plain fine-tuning at alpha 0, which may search its own learning
-rate), and the seed check's (configurations trained again with other seeds). Optuna's samplers
-learn from every trial of a study, and mixing the groups would teach TPE that alpha 0 exists or
-count one configuration several times. So each group is sampled by a sampler of its own that
-sees only its group's trials (the way Optuna's Hyperband pruner shows each bracket its own
-trials), and seed-check trials, whose parameters are all fixed, feed no sampler and no pruner.
-What each parameter is drawn from is declared in ``space``.
+A study holds four groups of trials (``names.Group``): the sweep's own (sampled over the whole
+search space), each baseline's (plain fine-tuning at alpha 0, say, which may search its own
+learning rate), the control (the winner trained again at alpha 0) and the seed check's
+(configurations trained again with other seeds). Optuna's samplers learn from every trial of a
+study, and mixing the groups would teach TPE that alpha 0 exists or count one configuration
+several times. So each group is sampled by a sampler of its own that sees only its group's
+trials (the way Optuna's Hyperband pruner shows each bracket its own trials). The pruner judges
+a trial against its own arm only: the baselines, or the sweep's own search (``make_pruner``).
+The control's and the seed check's trials, whose parameters are all fixed, feed no sampler and
+no pruner. What each parameter is drawn from is declared in ``study.space``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.compat.optuna import FilteredStudy, reseed_sampler, study_id
+from kdsweep.compat.optuna import FilteredStudy, PeersHyperband, reseed_sampler, study_id
 from kdsweep.names import Group
-from kdsweep.store.trials import group_of, is_seed_check
+from kdsweep.store.trials import arm_of, group_of
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.space import grid
 
@@ -57,20 +58,30 @@ def _group_sampler(study: StudyConfig, group: str) -> optuna.samplers.BaseSample
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
-    """The study's pruner. Seed-check trials are never pruned (``objective``); the median
-    compares with the sweep's trials only. Hyperband stays unwrapped: Optuna finds it by its type
-    to show the sampler one bracket's trials, and its brackets read the storage directly."""
+    """The study's pruner, fair to both arms: a trial is judged against its own arm's trials
+    only (``store.trials.arm_of``: the baselines, or the sweep's own search). Plain fine-tuning
+    may lower its loss faster in its first steps than distillation, which also pulls the student
+    toward the teacher; judged against the baselines' curves, every distilled trial could be
+    pruned before it shows what the teacher adds. An arm's first trials (``n_startup_trials``)
+    are not pruned: nothing of their own to compare with yet. The seed check's and the control's
+    runs are never pruned."""
     cfg = study.pruner
     if cfg.name == "median":
         median = optuna.pruners.MedianPruner(
             n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps
         )
-        return SeedCheckAwarePruner(median)
+        return ArmPruner(median)
     if cfg.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=study.train.eval_every, max_resource=study.train.max_steps
+        return PeersHyperband(
+            _peers, min_resource=study.train.eval_every, max_resource=study.train.max_steps
         )
     return optuna.pruners.NopPruner()
+
+
+def _peers(trial: FrozenTrial, arm_of=arm_of):
+    """What a trial is judged against: its arm's trials (None: it is never pruned)."""
+    arm = arm_of(trial)
+    return None if arm is None else (lambda t: arm_of(t) == arm)
 
 
 class GroupedSampler(optuna.samplers.BaseSampler):
@@ -140,17 +151,20 @@ class GroupedSampler(optuna.samplers.BaseSampler):
             sampler.reseed_rng()
 
 
-class SeedCheckAwarePruner(optuna.pruners.BasePruner):
-    """Never prunes a seed-check trial, and keeps them out of what the pruner compares with."""
+class ArmPruner(optuna.pruners.BasePruner):
+    """Shows the pruner it wraps only the trials of the judged trial's arm (``arm_of``: the
+    study's arms unless told otherwise, as benchmarks/pruning.py compares rules)."""
 
-    def __init__(self, pruner: optuna.pruners.BasePruner):
+    def __init__(self, pruner: optuna.pruners.BasePruner, arm_of=arm_of):
         self._pruner = pruner
-        self._views: dict[int, FilteredStudy] = {}
+        self._arm_of = arm_of
+        self._views: dict[tuple[int, str], FilteredStudy] = {}
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        if is_seed_check(trial):
+        arm = self._arm_of(trial)
+        if arm is None:
             return False
-        key = study_id(study)
+        key = (study_id(study), arm)
         if key not in self._views:
-            self._views[key] = FilteredStudy(study, lambda t: not is_seed_check(t))
+            self._views[key] = FilteredStudy(study, _peers(trial, self._arm_of))
         return self._pruner.prune(self._views[key], trial)

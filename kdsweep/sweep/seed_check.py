@@ -1,16 +1,16 @@
 """The seed check: after the sweep, the best configurations trained again with other seeds.
 
 A sweep picks its winner as the best of many trials, each trained with one seed: part of the
-winner's lead may be that seed's luck. So the ``seed_check.top`` best distilled configurations
-and the baseline the verdict compares with are trained again with ``seed_check.seeds`` other
-seeds, every parameter fixed, in trials of their own group (``names.Group.SEED_CHECK``) that
-feed no sampler and no pruner. The report compares the winner's lead with the spread the seeds
-make.
+winner's lead may be that seed's luck. So the ``seed_check.top`` best distilled configurations, the
+baseline the verdict compares with and the winner's control are trained again with
+``seed_check.seeds`` other seeds, every parameter fixed, in trials of their own group
+(``names.Group.SEED_CHECK``) that feed no sampler and no pruner. The report compares the winner's
+lead with the spread the seeds make.
 
-Every worker that finds the sweep over computes the same jobs from the same trials; the study
-keeps them. A continued study (a larger ``--n-trials``) keeps its earlier jobs and adds those of
-its new best configurations; each job runs once across all workers (a worker claims it by a
-compare-and-set on the study).
+Every worker that finds the sweep over computes the same jobs from the same trials; the study keeps
+them. A continued study (a larger ``--n-trials``) keeps its earlier jobs and adds those of its new
+best configurations; each job runs once across all workers (a worker claims it by a compare-and-set
+on the study).
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ def seed_check_jobs(
     optuna_study: optuna.Study, study: StudyConfig, trials: Trials
 ) -> list[tuple[int, int]]:
     """(trial, seed) of every seed-check run of the ended sweep ``trials``: the best
-    ``seed_check.top`` distilled trials and the compared baseline, each with every other seed."""
+    ``seed_check.top`` distilled trials, the compared baseline and the winner's control, each
+    with every other seed."""
     stored = [tuple(job) for job in optuna_study.user_attrs.get(StudyAttr.SEED_CHECK_JOBS, [])]
-    baseline = trials.compared_baseline
-    checked = trials.distilled[: study.seed_check.top] + ([baseline] if baseline else [])
+    baseline, control = trials.compared_baseline, trials.control(trials.best_distilled)
+    checked = trials.distilled[: study.seed_check.top]
+    checked += [run for run in (baseline, control) if run is not None]
     seeds = [study.train.seed + k for k in range(1, study.seed_check.seeds + 1)]
     wanted = [(t.number, seed) for t in checked for seed in seeds]
     jobs = stored + [job for job in wanted if job not in stored]

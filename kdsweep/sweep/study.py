@@ -1,10 +1,10 @@
 """Optuna: the study and its run, from the first trial to the seed check.
 
-``run`` prepares everything a trial shares (tokenizer, data, teacher, eval set) before it opens
-the Optuna study or the MLflow runs, so bad input stops it with nothing written. Then it runs
-the sweep (baselines first) until the study holds ``n_trials`` finished trials, and then the seed
-check (``seed_check``). Running it again continues the same study; other processes may run it at
-the same time, and share both phases.
+``run`` prepares everything a trial shares (tokenizer, data, teacher, eval set) before it opens the
+Optuna study or the MLflow runs, so bad input stops it with nothing written. Then it runs the sweep
+(baselines first) until the study holds ``n_trials`` finished trials, and then the control
+(``control``), the finals (``finalists``) and the seed check (``seed_check``). Running it again
+continues the same study; other processes may run it at the same time, and share both phases.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from kdsweep.store.storage import check_storage, open_storage, set_user_attr_onc
 from kdsweep.store.trials import FINISHED_STATES, Trials, is_baseline, params_of
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.space import baseline_trials
+from kdsweep.sweep.control import control_needed, run_control
 from kdsweep.sweep.finalists import finals_done, run_finals
 from kdsweep.sweep.objective import Objective, optimize
 from kdsweep.sweep.samplers import make_pruner, make_sampler
@@ -113,7 +114,6 @@ def run(
     progress = progress or SweepProgress()
     target = n_trials or study.n_trials
     check_storage(study.storage_url)  # a bad storage URL costs seconds, not a model load
-    preparing = time.perf_counter()
     # raises UsageError before anything is written
     runner = runner or TrialRunner.prepare(study, progress=progress)
     optuna_study = open_study(study)
@@ -122,19 +122,17 @@ def run(
             f"trial {trial.number} failed: {reason}; it is retried once with the same parameters"
         )
     done = Trials.of(optuna_study).count(FINISHED_STATES)
-    if (
-        done >= target
-        and finals_done(study, optuna_study)
-        and seed_check_done(optuna_study, study)
-    ):
+    if done >= target and _after_sweep_done(study, optuna_study):
         progress.message(
             f"study {study.name!r} already holds {done} finished trials (target {target}): "
             "nothing to do"
         )
         return StudySummary.read(study, optuna_study, target=target)
     _warn_all_baselines(study, target, progress)
+    _record_settings(optuna_study, study, target)
+    attaching = time.perf_counter()
     runs = attach_tracking(study, optuna_study, runner, progress)
-    _record_preparation(optuna_study, runner, time.perf_counter() - preparing)
+    _record_preparation(optuna_study, runner, time.perf_counter() - attaching)
     objective = Objective(study=study, runner=runner, runs=runs, progress=progress)
     deadline = None if timeout is None else time.monotonic() + timeout
     status = "KILLED"
@@ -148,6 +146,7 @@ def run(
             optimize(optuna_study, objective, deadline=deadline, stop=_StopAtTarget(target))
         trials = sweep_ended(optuna_study, deadline)
         if trials is not None and not _queued_left(study, trials, progress):
+            run_control(optuna_study, study, objective, progress)
             run_finals(study, optuna_study, trials, runner, runs, progress)
             if study.seed_check.top:
                 run_seed_check(optuna_study, study, objective, progress, deadline=deadline)
@@ -163,6 +162,16 @@ def run(
         runs.close(optuna_study, status=status)
         restore()
     return StudySummary.read(study, optuna_study, target=target, ran=objective.ran)
+
+
+def _after_sweep_done(study: StudyConfig, optuna_study: optuna.Study) -> bool:
+    """Whether the control, the finals and the seed check have all been done for the study's
+    trials as they stand."""
+    return (
+        control_needed(optuna_study, study) is None
+        and finals_done(study, optuna_study)
+        and seed_check_done(optuna_study, study)
+    )
 
 
 def sweep_ended(optuna_study: optuna.Study, deadline: float | None) -> Trials | None:
@@ -240,8 +249,6 @@ def attach_tracking(
         )
         for key, value in measured.items():
             optuna_study.set_user_attr(key, value)
-        optuna_study.set_user_attr(StudyAttr.CONFIG, study.to_dict())
-        optuna_study.set_user_attr(StudyAttr.FINGERPRINT, study.fingerprint())
     runs = StudyRuns(study)
     runs.attach(optuna_study, references=parent_metrics(optuna_study.user_attrs))
     runs.use_data(runner.inputs.train_split, runner.eval_set)
@@ -298,12 +305,25 @@ class _Interrupts:
         preemption.request(preemption.PREEMPTED if preempted else preemption.INTERRUPTED)
 
 
-def _record_preparation(optuna_study: optuna.Study, runner: TrialRunner, seconds: float) -> None:
-    """This worker's preparation (models, data, references), and the teacher cache's build on
-    its own (whoever built it: this worker, another, ``kdsweep cache``)."""
-    cost.record(optuna_study, cost.PREPARATION, seconds - runner.teacher.built_seconds)
-    if runner.teacher.cached:
-        optuna_study.set_user_attr(StudyAttr.TEACHER_CACHE_SECONDS, runner.teacher.cache_seconds)
+def _record_settings(optuna_study: optuna.Study, study: StudyConfig, target: int) -> None:
+    """The settings this run's trials run with, under their fingerprint (``store.settings``),
+    and the target it asks for."""
+    set_user_attr_once(
+        optuna_study, f"{StudyAttr.CONFIG_PREFIX}{study.fingerprint()}", study.to_dict()
+    )
+    optuna_study.set_user_attr(StudyAttr.TARGET, target)
+
+
+def _record_preparation(optuna_study: optuna.Study, runner: TrialRunner, attached: float) -> None:
+    """This worker's preparation (inputs, the eval set, ``attached``: the references and MLflow),
+    and the teacher caches' build on its own: what it took whichever of the study's processes
+    built them (a worker, ``kdsweep cache``, the launcher); nothing when they were built for
+    another study, which the study records."""
+    cost.record(optuna_study, cost.PREPARATION, runner.seconds + attached)
+    if seconds := runner.teacher.cache_seconds:
+        optuna_study.set_user_attr(StudyAttr.TEACHER_CACHE_SECONDS, seconds)
+    if reused := runner.teacher.reused_from:
+        optuna_study.set_user_attr(StudyAttr.TEACHER_CACHE_REUSED, reused)
 
 
 def _cost_metrics(spent: cost.StudyCost) -> dict[str, float]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from kdsweep.store.storage import load_existing_study
 from kdsweep.study.reader import load_study
 from kdsweep.sweep.objective import Objective
 
-from conftest import Child, mlflow_runs, run_replaced
+from conftest import Child, free_port, mlflow_runs, run_replaced
 
 SEARCHED = ("alpha", "temperature", "top_k", "learning_rate")
 FIXED = (
@@ -402,12 +401,6 @@ def test_a_sigkilled_worker_is_resumed_at_once(tiny_study):
 
 
 # ---------------------------------------------------------------- any tracking store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

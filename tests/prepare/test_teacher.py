@@ -23,7 +23,7 @@ from kdsweep.distill.targets import OnlineTeacher
 from kdsweep.names import StudyAttr, TrialAttr
 from kdsweep.paths import teacher_cache_dir
 from kdsweep.prepare import teacher_cache
-from kdsweep.prepare.teacher import build_cache
+from kdsweep.prepare.teacher import build_cache, rows_trials_read
 from kdsweep.prepare.teacher_cache import (
     CachedTeacher,
     CacheKey,
@@ -268,12 +268,15 @@ def test_cache_command_builds_once_then_reuses(tiny_study, monkeypatch, capsys):
     assert "'all'" in capsys.readouterr().err
 
 
-def train_tokens(tiny_study: Path) -> int:
-    study = load_study(tiny_study)
+def train_tokens(tiny_study: Path, overrides: list[str] = ()) -> int:
+    """The tokens of the training rows the study's trials read (rows_trials_read)."""
+    study = load_study(tiny_study, list(overrides))
     tokenizer = AutoTokenizer.from_pretrained(study.teacher.name)
     # what tiny_data's train.jsonl holds
     split = chat_split(tokenizer, 64, seed=0, max_length=study.data.max_length)
-    return sum(len(ids) for ids in split.input_ids)
+    read = rows_trials_read(study, split)
+    rows = range(len(split)) if read is None else read
+    return sum(len(split.input_ids[row]) for row in rows)
 
 
 def online_calls(monkeypatch) -> list[int]:
@@ -304,7 +307,10 @@ def test_a_finite_top_k_sweep_runs_the_teacher_once(tiny_study, monkeypatch):
     assert [t.state for t in optuna_study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 2
     assert calls == [] and loads.count("teacher") == 1  # loaded once to build, never run online
     [train_cache] = [c for c in teacher_cache_dir().glob("*-k8")]
-    assert CachedTeacher(train_cache).manifest["teacher_tokens"] == train_tokens(tiny_study)
+    # once over the 32 rows its 2 trials of 4 steps of 8 read
+    sets = [s for s in finite if s != "--set"]
+    assert CachedTeacher(train_cache).manifest["teacher_tokens"] == train_tokens(tiny_study, sets)
+    assert CachedTeacher(train_cache).manifest["covered_examples"] == 32
 
     mass = optuna_study.user_attrs["topk_mass"]
     assert set(mass) == {"4", "8"} and 0 < mass["4"] < mass["8"] < 1

@@ -65,7 +65,8 @@ def test_report_has_every_section_and_header_counts(full_report, studies):
         assert f"\n## {heading}\n" in text
     assert "8 (5 complete, 1 pruned, 2 failed, 0 running)" in text
     assert "`teacher-model`" in text and "`student-model`" in text and "400 rows" in text
-    assert f"**Config fingerprint**: `{load_study(studies['kd']).fingerprint()}`" in text
+    fingerprint = load_study(studies["kd"]).fingerprint()
+    assert f"**Settings**: fingerprint `{fingerprint}`, as the study file reads now" in text
 
 
 def test_top_table_numbers_equal_the_storage(full_report, studies):
@@ -294,6 +295,7 @@ def test_settings_overridden_in_the_sweep_are_shown_and_reproduced(studies):
         data, {name: _skipped(name) for name in ("importances", "history", "slice", "curves")}
     )
     assert "**Fixed settings** (as run): 40 steps" in text
+    assert "`train.max_steps: 40` (the file: `80`)" in text
     assert "the study file no longer has (train.max_steps=40)" in text
     assert "--set train.max_steps=40" in section(text, "Top configurations")
 

@@ -159,7 +159,7 @@ def test_the_compute_section_splits_the_cost_and_says_what_pruning_saved(costly)
     assert "**Median complete trial**: 2m02s." in compute  # 122.5 s
     assert "On-policy steps" in compute and "(4.0x)" in compute  # 8 s against 2 s
     assert "1 trials stopped 20 steps short, which saved about 0.0111 device-hours" in compute
-    assert "baselines and distilled trials are pruned by the same rule" in compute
+    assert "each arm is judged against its own" in compute
     assert "**Not counted**: 1 trials ended with their worker" in compute
     verdict = section(text, "Verdict")
     assert "Found in 0.339 device-hours (20m20s), 24.6% of it the teacher cache" in verdict

@@ -11,7 +11,7 @@ from kdsweep.names import Group, TrialAttr
 from kdsweep.store.trials import Trials
 from kdsweep.study.reader import load_study
 from kdsweep.study.space import baseline_trials, suggest
-from kdsweep.sweep.samplers import GroupedSampler, SeedCheckAwarePruner, make_pruner, make_sampler
+from kdsweep.sweep.samplers import GroupedSampler, make_pruner, make_sampler
 
 STUDY = """
 name: s
@@ -109,27 +109,52 @@ def test_a_tuned_baseline_searches_its_learning_rate_at_alpha_0(study):
     assert len(set(rates)) == 3 and all(1e-4 <= r <= 1e-2 for r in rates)
 
 
-def test_seed_check_trials_are_never_pruned_nor_compared_with():
-    class Always(optuna.pruners.BasePruner):
-        def __init__(self):
-            self.shown = []
+X = {"x": optuna.distributions.FloatDistribution(0, 1)}
 
-        def prune(self, study, trial):
-            self.shown.append(sorted(t.number for t in study.get_trials(deepcopy=False)))
-            return True
 
-    inner = Always()
-    optuna_study = optuna.create_study(pruner=SeedCheckAwarePruner(inner))
-    optuna_study.tell(optuna_study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), 1.0)
-    optuna_study.enqueue_trial({"x": 0.5}, user_attrs={TrialAttr.GROUP: Group.SEED_CHECK})
-    rerun = optuna_study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    rerun.report(1.0, step=1)
-    assert not rerun.should_prune() and inner.shown == []
-    optuna_study.tell(rerun, 1.0)
-    trial = optuna_study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    trial.report(1.0, step=1)
-    # the seed-check run (1) is not compared with
-    assert trial.should_prune() and inner.shown == [[0, 2]]
+def _told(optuna_study, value: float, **attrs):
+    """A trial of the study's with ``attrs``, reported at steps 1 and 2, told ``value``."""
+    optuna_study.enqueue_trial({"x": 0.5}, user_attrs=attrs)
+    trial = optuna_study.ask(X)
+    for step in (1, 2):
+        trial.report(value, step=step)
+    optuna_study.tell(trial, value)
+
+
+def _judged(optuna_study, value: float, **attrs) -> bool:
+    """Whether a new trial with ``attrs`` that reports ``value`` at step 2 is pruned."""
+    optuna_study.enqueue_trial({"x": 0.5}, user_attrs=attrs)
+    trial = optuna_study.ask(X)
+    trial.report(value, step=2)
+    pruned = trial.should_prune()
+    optuna_study.tell(trial, value)
+    return pruned
+
+
+BASELINE = {TrialAttr.BASELINE: True, TrialAttr.GROUP: Group.baseline(0)}
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_each_arm_is_pruned_against_its_own(tmp_path, pruner):
+    """Baselines whose curves fall fast (1.0) set no bar for distilled trials (5.0): a distilled
+    trial is judged against distilled peers only, and needs some before it can be pruned; the
+    seed check's and the control's runs are never pruned."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        STUDY.format(objective="student_ppl")
+        + f"pruner: {{name: {pruner}, n_startup_trials: 2}}\n"
+        + "train: {max_steps: 2, eval_every: 1}\n"
+    )
+    optuna_study = optuna.create_study(pruner=make_pruner(load_study(path)))
+    for _ in range(3):
+        _told(optuna_study, 1.0, **BASELINE)
+    assert not _judged(optuna_study, 5.0)  # the baselines' 1.0 is no bar for it
+    if pruner == "median":
+        assert not _judged(optuna_study, 5.0)  # its second distilled peer: still startup
+        assert _judged(optuna_study, 9.0)  # worse than its distilled peers' median
+        assert _judged(optuna_study, 9.0, **BASELINE)  # a baseline, against the baselines
+    for group in (Group.SEED_CHECK, Group.CONTROL):
+        assert not _judged(optuna_study, 99.0, **{TrialAttr.GROUP: group})
 
 
 def test_hyperband_is_the_studys_pruner_so_the_sampler_sees_one_bracket(tmp_path):

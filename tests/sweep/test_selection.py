@@ -87,9 +87,9 @@ def test_the_test_split_is_scored_for_the_finalists_only(tiny_study, monkeypatch
     scored = []
     real = trial_runner.score_test
 
-    def counting(model, test_set, vocab):
+    def counting(model, test_set, vocab, **kwargs):
         scored.append(model)
-        return real(model, test_set, vocab)
+        return real(model, test_set, vocab, **kwargs)
 
     monkeypatch.setattr(trial_runner, "score_test", counting)
     monkeypatch.setattr(finalists, "score_test", counting)

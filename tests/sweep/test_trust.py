@@ -108,7 +108,7 @@ def test_the_report_and_the_last_lines_answer_the_question(swept):
     assert ("Distillation beats the tuned baseline." in verdict) != (
         "Plain fine-tuning wins" in verdict
     )
-    assert "best of 2 plain fine-tuning trials" in verdict and "Exact match:" in verdict
+    assert "best of 2 plain fine-tuning trials" in verdict and "Exact match (over the" in verdict
     assert "**Seed check:** over 2 seeds" in verdict
     header = (
         "| trial | parameters | student_ppl by seed | exact match by seed | mean | std | range |"
