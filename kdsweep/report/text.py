@@ -10,6 +10,15 @@ import pandas as pd
 from kdsweep.study.measures import BY_NAME
 from kdsweep.study.space import SEARCH_SPACE, describe
 
+# How the report names a trial's state.
+STATE_WORDS = {
+    "COMPLETE": "complete",
+    "PRUNED": "pruned",
+    "FAIL": "failed",
+    "RUNNING": "running",
+    "WAITING": "waiting",
+}
+
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table of a DataFrame of strings (pandas' to_markdown needs tabulate)."""
