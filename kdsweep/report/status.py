@@ -98,7 +98,8 @@ def estimate_line(study: StudyConfig) -> str:
             "estimate: none: the study's store holds no complete trial that ran from step 0 to "
             "measure a step from; `kdsweep run` on it with `--n-trials 1` measures one"
         )
-    runs = study.n_trials + cost.seed_check_runs(study)
+    after = cost.runs_after_sweep(study)
+    runs = study.n_trials + after
     spent = cost.study_cost(optuna_study, max_steps=steps)
     trial = measured.setup + steps * measured.per_step
     total = (
@@ -108,8 +109,8 @@ def estimate_line(study: StudyConfig) -> str:
         + spent.finals
     )
     return (
-        f"estimate: {device_hours(total)}: {study.n_trials} trials and "
-        f"{cost.seed_check_runs(study)} seed-check runs of {steps} steps, each "
+        f"estimate: {device_hours(total)}: {study.n_trials} trials and {after} runs after the "
+        f"sweep (the control, the seed check) of {steps} steps, each "
         f"{duration(trial)} ({measured.setup:.3g} s to set up, {1000 * measured.per_step:.3g} "
         f"ms a step, evaluations included: the medians of the {measured.trials} complete trials "
         "in the store), with the teacher cache and one preparation as measured, and no trial "

@@ -25,13 +25,15 @@ from kdsweep.study.space import baseline_trials
 PREPARATION, FINALS = "preparation", "finals"  # the study's parts outside its trials
 
 
-def seed_check_runs(study: StudyConfig) -> int:
-    """The seed check's runs, once the sweep has enough distilled trials: each of the top
-    configurations and the best baseline, with each other seed."""
+def runs_after_sweep(study: StudyConfig) -> int:
+    """The runs after the sweep, once it has enough distilled trials: the control, and the seed
+    check's (each of its top configurations, the best baseline and the control, with each other
+    seed)."""
+    control = 1 if study.control else 0
     if not study.seed_check.top:
-        return 0
+        return control
     baselines = 1 if baseline_trials(study.search, study.baselines) else 0
-    return (study.seed_check.top + baselines) * study.seed_check.seeds
+    return control + (study.seed_check.top + baselines + control) * study.seed_check.seeds
 
 
 def record(optuna_study: optuna.Study, part: str, seconds: float) -> None:

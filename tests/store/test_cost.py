@@ -204,11 +204,12 @@ def test_check_estimates_the_device_hours_from_the_measured_step_time(tmp_path, 
     optuna_study.set_user_attr(f"{StudyAttr.COST_PREFIX}{cost.PREPARATION}:b", 50.0)
     assert main(["check", str(path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    # medians: 3 s of setup, 0.375 s a step: a trial of 40 steps takes 18 s; 8 trials and
-    # (1 + the baseline) x 2 seed-check runs, plus the cache (20 s) and one preparation (40 s)
-    expected = 12 * 18.0 + 20.0 + 40.0
+    # medians: 3 s of setup, 0.375 s a step: a trial of 40 steps takes 18 s; 8 trials, the
+    # control and (1 + the baseline + the control) x 2 seed-check runs, plus the cache (20 s)
+    # and one preparation (40 s)
+    expected = 15 * 18.0 + 20.0 + 40.0
     assert f"estimate: {device_hours(expected)}" in out
-    assert "8 trials and 4 seed-check runs of 40 steps, each 18s" in out
+    assert "8 trials and 7 runs after the sweep (the control, the seed check) of 40 steps" in out
     assert "the medians of the 2 complete trials in the store" in out
 
 
