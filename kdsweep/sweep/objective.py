@@ -66,37 +66,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         trial_clock = clock.Clock()  # its cost, from here to the end of its training
-        params = suggest(trial, self.study.search)
-        seed = trial.user_attrs.get(TrialAttr.SEED, self.study.train.seed)
-        trial.set_user_attr(TrialAttr.PARAMS, params)
-        trial.set_user_attr(TrialAttr.CONFIG, self.study.fingerprint())  # store.settings
-        trial.set_user_attr(TrialAttr.WORKER, this_worker())
-        device = self.runner.device
-        trial.set_user_attr(TrialAttr.DEVICE, str(device))
-        run = self.runs.start_trial(
-            trial, params, seed=seed, device=str(device), gpu_uuid=device_uuid(device)
-        )
-        mass = self.runner.topk_mass(params)  # None when the teacher runs online
-        if mass is not None:
-            # the report warns when top_k keeps little
-            trial.set_user_attr(TrialAttr.TOPK_MASS, mass)
-            run.log_metrics({Metric.TOPK_MASS: mass}, step=0)
-        self.progress.trial_started(
-            trial, describe(params, short=True), self.study.train.max_steps
-        )
-        again = not in_sweep(trial)  # a seed-check run or a control: scored on the test split
-        has_test = self.runner.test_set is not None
-        hooks = SweepHooks(
-            self.study,
-            trial,
-            run,
-            self.progress,
-            resume=self._resume(trial, run),
-            # save_best logs the trained student, and a sweep trial of a study with a test split
-            # may keep it as a finalist (a seed-check run or a control is scored at once)
-            keep_student=not again and (self.study.save_best or has_test),
-            scores_test=again and has_test,
-        )
+        params, seed, run = self._start(trial)
+        hooks = self._hooks(trial, run)
         preempted = False
         try:
             # tags runs that user code starts
@@ -125,6 +96,44 @@ class Objective:
             if not preempted:  # a preempted trial's checkpoint waits for its retry
                 checkpoints.remove(hooks.path)
             release_memory(self.runner.device)
+
+    def _start(self, trial: optuna.Trial) -> tuple[dict, int, TrialRun]:
+        """The trial's parameters, seed and MLflow run, and what the trial records before it
+        trains: where, with which settings, the share of the teacher its top_k keeps."""
+        params = suggest(trial, self.study.search)
+        seed = trial.user_attrs.get(TrialAttr.SEED, self.study.train.seed)
+        trial.set_user_attr(TrialAttr.PARAMS, params)
+        trial.set_user_attr(TrialAttr.CONFIG, self.study.fingerprint())  # store.settings
+        trial.set_user_attr(TrialAttr.WORKER, this_worker())
+        device = self.runner.device
+        trial.set_user_attr(TrialAttr.DEVICE, str(device))
+        run = self.runs.start_trial(
+            trial, params, seed=seed, device=str(device), gpu_uuid=device_uuid(device)
+        )
+        mass = self.runner.topk_mass(params)  # None when the teacher runs online
+        if mass is not None:
+            # the report warns when top_k keeps little
+            trial.set_user_attr(TrialAttr.TOPK_MASS, mass)
+            run.log_metrics({Metric.TOPK_MASS: mass}, step=0)
+        self.progress.trial_started(
+            trial, describe(params, short=True), self.study.train.max_steps
+        )
+        return params, seed, run
+
+    def _hooks(self, trial: optuna.Trial, run: TrialRun) -> SweepHooks:
+        again = not in_sweep(trial)  # a seed-check run or a control: scored on the test split
+        has_test = self.runner.test_set is not None
+        return SweepHooks(
+            self.study,
+            trial,
+            run,
+            self.progress,
+            resume=self._resume(trial, run),
+            # save_best logs the trained student, and a sweep trial of a study with a test split
+            # may keep it as a finalist (a seed-check run or a control is scored at once)
+            keep_student=not again and (self.study.save_best or has_test),
+            scores_test=again and has_test,
+        )
 
     @contextlib.contextmanager
     def _costing(self, trial: optuna.Trial, run: TrialRun, trial_clock: clock.Clock):
