@@ -290,3 +290,30 @@ def test_a_launched_workers_progress_sends_events_and_prints_no_steps():
     assert sent[3]["best"] == "trial 1 (1.2500)"
     assert "step 2" not in printed.getvalue() and "trial 1 complete 1.2500" in printed.getvalue()
     assert "seed check of trial 1, seed 2 started" in printed.getvalue()
+
+
+def test_a_long_phase_is_a_bar_with_its_rows_and_an_event_for_the_launcher():
+    """Off a terminal a phase prints its size and its end; a launcher hears its progress (its
+    view moves the worker's bar by these events)."""
+    import os
+
+    read_end, write_end = os.pipe()
+    printed = io.StringIO()
+    progress = SweepProgress(Console(file=printed), events=EventWriter(write_end))
+    with progress.phase("teacher cache of 'train'", 40) as phase:
+        for _ in range(4):
+            phase.advance(10)
+    progress.events._file.close()
+    with os.fdopen(read_end) as pipe:
+        sent = [parse_event(line) for line in pipe]
+    assert [(e["done"], e["total"]) for e in sent] == [
+        (0, 40),
+        (10, 40),
+        (20, 40),
+        (30, 40),
+        (40, 40),
+    ]
+    assert {e["event"] for e in sent} == {"phase"} and sent[0]["unit"] == "rows"
+    lines = printed.getvalue().splitlines()
+    assert lines[0] == "teacher cache of 'train': 40 rows"
+    assert lines[-1].startswith("teacher cache of 'train': 40 rows in ")
