@@ -9,6 +9,7 @@ from the answers' characters) -> ``make_batches``.
 from kdsweep.data.batches import Batch, collate, make_batches, padding_share
 from kdsweep.data.chat import ChatTemplate
 from kdsweep.data.formats import Completion, Conversation, Row, Rows, read_rows
+from kdsweep.data.reasoning import AnswerCounts, answer_after_reasoning, split_reasoning
 from kdsweep.data.rendered import Rendered, RowError
 from kdsweep.data.sources import load_split, split_key
 from kdsweep.data.text import answer_text, parse_guanaco
@@ -17,6 +18,7 @@ from kdsweep.losses import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
+    "AnswerCounts",
     "Batch",
     "ChatTemplate",
     "Completion",
@@ -26,6 +28,7 @@ __all__ = [
     "RowError",
     "Rows",
     "TokenizedSplit",
+    "answer_after_reasoning",
     "answer_text",
     "collate",
     "count_scored",
@@ -37,5 +40,6 @@ __all__ = [
     "read_rows",
     "render",
     "split_key",
+    "split_reasoning",
     "tokenize",
 ]

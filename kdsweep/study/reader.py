@@ -22,12 +22,16 @@ import yaml
 from kdsweep.errors import StudyError
 from kdsweep.study.config import (
     ALL_LINEAR,
+    BOXED_ANSWER,
     DATA_FORMATS,
     DTYPES,
+    GSM8K_ANSWER,
     PRECISIONS,
     PRUNERS,
+    REASONING,
     SAMPLERS,
     SELECTIONS,
+    WHOLE_ANSWER,
     ModelConfig,
     StudyConfig,
     TrainConfig,
@@ -269,6 +273,11 @@ def _validate_data(study: StudyConfig) -> list[str]:
             ]
     if data.format not in DATA_FORMATS:
         return [f"data.format: must be one of {', '.join(DATA_FORMATS)}, got {data.format!r}"]
+    if data.reasoning not in REASONING:
+        return [
+            f"data.reasoning: must be {' or '.join(REASONING)} (train on an assistant turn's "
+            f"reasoning, or strip it), got {data.reasoning!r}"
+        ]
     if data.chat_template is None:
         return []
     try:
@@ -382,7 +391,27 @@ def _validate_eval(study: StudyConfig) -> list[str]:
     for name in ("max_rows", "max_new_tokens", "batch_size"):
         if (value := getattr(study.eval, name)) < 1:
             problems.append(f"eval.{name}: must be >= 1, got {value}")
-    return problems
+    return problems + _validate_answer(study.eval.answer)
+
+
+def _validate_answer(answer: str) -> list[str]:
+    """``eval.answer``: a named pattern, or a regular expression with at most one group."""
+    if answer in (WHOLE_ANSWER, GSM8K_ANSWER, BOXED_ANSWER):
+        return []
+    named = f"{WHOLE_ANSWER}, {GSM8K_ANSWER}, {BOXED_ANSWER}"
+    try:
+        groups = re.compile(answer).groups
+    except re.error as exc:
+        return [
+            f"eval.answer: {answer!r} is neither {named} nor a valid regular expression "
+            f"({exc}); fix it"
+        ]
+    if groups > 1:
+        return [
+            f"eval.answer: the regular expression {answer!r} has {groups} groups; keep one "
+            "around the answer (make the others non-capturing: (?:...))"
+        ]
+    return []
 
 
 def _validate_train(train: TrainConfig) -> list[str]:
