@@ -29,6 +29,7 @@ from kdsweep.report.text import (
     percent_of,
     plain_value,
     set_text,
+    train_reasoning_note,
 )
 from kdsweep.report.tradeoffs import other_objectives, render_forms, render_pareto
 from kdsweep.report.verdict import describe, render_seed_check, render_verdict
@@ -103,6 +104,7 @@ def render_header(data: ReportData) -> str:
         "",
         f"- **Teacher**: `{study.teacher.name}`; **student**: `{study.student.name}`",
         f"- **Dataset**: `{study.data.dataset}` ({_sizes(attrs, study)})",
+        *_reasoning(attrs),
         f"- **{'Objectives' if study.multi_objective else 'Objective'}**: {_objectives(study)}"
         + _constraints(study),
         f"- **Trials**: {len(trials)} ({states}); target {study.n_trials}{checks}",
@@ -161,6 +163,12 @@ def _sizes(attrs: dict, study: StudyConfig) -> str:
         f"{attrs.get(StudyAttr.EVAL_SCORED_TOKENS, 0):,} scored tokens{decoded}{test}; "
         f"max length {study.data.max_length}"
     )
+
+
+def _reasoning(attrs: dict) -> list[str]:
+    """The train answers' reasoning: what is trained on, and why some is not."""
+    note = train_reasoning_note(attrs)
+    return [f"- **Reasoning** (train split): {note}"] if note else []
 
 
 def _period(trials: pd.DataFrame) -> str:

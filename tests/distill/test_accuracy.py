@@ -10,8 +10,9 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from kdsweep.data import tokenize
-from kdsweep.distill.evaluate import Answers, accuracy, answer_text, exact_match, rouge_l
+from kdsweep.data import answer_text, tokenize
+from kdsweep.distill.answers import exact_match, rouge_l
+from kdsweep.distill.evaluate import Answers, accuracy
 from kdsweep.distill.generation import generate
 from kdsweep.study.config import EvalConfig
 
