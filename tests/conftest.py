@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kdsweep.prepare import demo
+from kdsweep.prepare import demo, demo_models
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
@@ -42,7 +42,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     root = tmp_path_factory.mktemp("models")
-    tokenizer = demo.build_tokenizer(demo.generate_conversations(300, seed=0))
+    tokenizer = demo_models.build_tokenizer(demo.generate_conversations(300, seed=0))
     shapes = {
         "teacher": dict(
             hidden_size=16,
@@ -158,7 +158,7 @@ def mlflow_runs(study_path: Path, *, uri: str | None = None, overrides: list[str
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     """The demo's tokenizer (ChatML template included), built from 300 generated conversations."""
-    return demo.build_tokenizer(demo.generate_conversations(300, seed=0))
+    return demo_models.build_tokenizer(demo.generate_conversations(300, seed=0))
 
 
 def guanaco_rows(n: int, *, seed: int) -> list[str]:
