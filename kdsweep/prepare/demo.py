@@ -232,6 +232,15 @@ def location(name: str) -> str:
     return str(ensure_models()[name.removeprefix(PREFIX)])
 
 
+def is_demo(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def built(name: str) -> bool:
+    """Whether the demo model ``name`` is built already (``location`` would not build it)."""
+    return (demo_dir() / f"v{DEMO_VERSION}" / name.removeprefix(PREFIX) / "config.json").exists()
+
+
 def _build_models(folders: dict[str, Path]) -> None:
     console = Console(stderr=True)
     corpus, _, test = splits()

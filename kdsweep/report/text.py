@@ -132,25 +132,26 @@ def reasoning_note(
     stripped: int,
     unlike_generation: int,
 ) -> str | None:
-    """What became of a split's answers' reasoning, and why some is not trained on (None when
-    there is nothing to say: no reasoning, every answer scored as it is generated)."""
+    """What became of a split's answers' reasoning, and why some is not scored (None when there
+    is nothing to say: no reasoning, and every answer scored as it is generated)."""
     if not reasoned and not unlike_generation:
         return None
-    parts = [f"{answers:,} answers, {reasoned:,} with reasoning: {trained:,} trained on"]
+    parts = [f"{answers:,} answers, {reasoned:,} with reasoning: {trained:,} scored with it"]
     if left_out:
         parts.append(
-            f"{left_out:,} left out by the chat template, which renders reasoning in later "
-            "turns only (`data.each_turn_as_last: true` trains each turn with its own)"
+            f"{left_out:,} left out by the chat template (it renders reasoning in later turns "
+            "only)"
         )
     if stripped:
         parts.append(f"{stripped:,} stripped (`data.reasoning: strip`)")
     text = ", ".join(parts)
     if unlike_generation:
         text += (
-            f"; {unlike_generation:,} answers scored in another context than the one they are "
-            "generated in: the template renders earlier turns unlike a last one "
-            "(`data.each_turn_as_last: true` trains each as it is generated)"
+            f"; {unlike_generation:,} answers scored in another context than they are generated "
+            "in (the template renders earlier turns unlike a last one)"
         )
+    if left_out or unlike_generation:
+        text += "; `data.each_turn_as_last: true` trains each answer as it is generated"
     return text
 
 
