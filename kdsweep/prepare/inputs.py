@@ -156,7 +156,10 @@ def _check_teacher_tokens(
     if chat is not None:
         own = None if study.data.chat_template else teacher_tokenizer.chat_template
         teacher_chat = ChatTemplate(
-            teacher_tokenizer, own or chat.template, study.data.chat_template_kwargs
+            teacher_tokenizer,
+            own or chat.template,
+            study.data.chat_template_kwargs,
+            reasoning=study.data.reasoning,
         )
     special = chat is None  # a chat template writes its own special tokens
     for split_rows in rows.values():

@@ -66,7 +66,9 @@ def preview(study: StudyConfig, progress: SweepProgress) -> Preview:
         if not _unreachable(exc):
             raise
         return Preview(
-            [], f"{first_line(exc)}; `kdsweep run` reads it where the hub can be reached"
+            [],
+            f"{first_line(exc)}; `kdsweep run` reads it where the hub can be reached "
+            "(HF_HUB_OFFLINE=1 saves the attempt)",
         )
     data = study.data
     named = {data.train_split: inputs.train_split, data.eval_split: inputs.eval_split}

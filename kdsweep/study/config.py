@@ -71,6 +71,8 @@ class DataConfig:
     """Where the rows come from, what shape they have, and how they become tokens."""
 
     dataset: str = ""  # hub id, or a local file (jsonl/json/parquet/csv) or folder of them
+    # a hub dataset's subset (its configuration), e.g. math of open-r1/Mixture-of-Thoughts
+    subset: str | None = None
     train_split: str = "train"
     # the validation split: pruning, the sampler, each trial's best checkpoint and the best trial
     eval_split: str = "test"

@@ -326,6 +326,9 @@ def test_check_reads_the_data_and_says_what_became_of_the_reasoning(
     assert not (tmp_path / "optuna.db").exists()  # nothing written
     assert main(["check", str(study), "--set", "data.each_turn_as_last=true"]) == 0
     assert "32 rows read, 32 with scored tokens" in capsys.readouterr().out
+    # the teacher renders as the student does: its reasoning stripped too
+    assert main(["check", str(study), "--set", "data.reasoning=strip"]) == 0
+    assert "32 with reasoning: 0 scored with it, 32 stripped" in capsys.readouterr().out
 
 
 def test_check_refuses_what_run_would_refuse_one_line(tmp_path, qwen3_models, capsys):
