@@ -1,9 +1,9 @@
 """Rows to batches: read a split, render each row as the model sees it, tokenize, batch.
 
 The flow is ``load_split`` -> ``read_rows`` (the row format: text, prompt-completion, messages,
-ShareGPT) -> ``tokenize`` (text rows with their EOS, conversations through a ``ChatTemplate``;
-labels
-from the answers' characters) -> ``make_batches``.
+ShareGPT; an assistant turn's reasoning kept apart) -> ``tokenize`` (text rows with their EOS,
+conversations through a ``ChatTemplate``; labels from the answers' characters, each answer from
+where its generation starts) -> ``make_batches``.
 """
 
 from kdsweep.data.batches import Batch, collate, make_batches, padding_share

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from transformers import Qwen3ForCausalLM
 
+from kdsweep.errors import UsageError
 from kdsweep.paths import cache_dir
+from kdsweep.prepare import demo_reasoning
 from kdsweep.prepare.demo_models import (
     Messages,
     build_once,
     build_tokenizer,
+    folders,
     parameters,
     save,
     student_config,
@@ -224,12 +228,14 @@ def ensure_models() -> dict[str, Path]:
     The teacher is trained on the demo's corpus, 100 times the students' train split, so that it
     knows the categories' answers better than the students' data can tell them.
     """
-    return build_once(demo_dir() / f"v{DEMO_VERSION}", _build_models)
+    return build_once(_models_root(), _build_models)
 
 
 def location(name: str) -> str:
-    """The folder of ``demo:teacher`` or ``demo:student``, built on first use."""
-    return str(ensure_models()[name.removeprefix(PREFIX)])
+    """The folder of a demo model, built on first use: ``demo:teacher`` or ``demo:student``, or
+    the reasoning demo's ``demo:reasoning-teacher`` or ``demo:reasoning-student``."""
+    root, build, role = _demo(name)
+    return str(build_once(root, build)[role])
 
 
 def is_demo(name: str) -> bool:
@@ -238,7 +244,29 @@ def is_demo(name: str) -> bool:
 
 def built(name: str) -> bool:
     """Whether the demo model ``name`` is built already (``location`` would not build it)."""
-    return (demo_dir() / f"v{DEMO_VERSION}" / name.removeprefix(PREFIX) / "config.json").exists()
+    root, _, role = _demo(name)
+    return (folders(root)[role] / "config.json").exists()
+
+
+def _demo(name: str) -> tuple[Path, Callable[[dict[str, Path]], None], str]:
+    """Where a demo model is kept, how its demo builds it, and its role there."""
+    role = name.removeprefix(PREFIX)
+    if role in ("teacher", "student"):
+        return _models_root(), _build_models, role
+    if role.removeprefix(demo_reasoning.PREFIX) in ("teacher", "student"):
+        return (
+            demo_reasoning.models_root(),
+            demo_reasoning.build_models,
+            role.removeprefix(demo_reasoning.PREFIX),
+        )
+    raise UsageError(
+        f"unknown demo model {name!r}; use demo:teacher and demo:student, or "
+        "demo:reasoning-teacher and demo:reasoning-student"
+    )
+
+
+def _models_root() -> Path:
+    return demo_dir() / f"v{DEMO_VERSION}"
 
 
 def _build_models(folders: dict[str, Path]) -> None:

@@ -161,7 +161,7 @@ def _flagged(tokenizer: Tokenizer, special: dict[str, bool]) -> Tokenizer:
 # at a size a 2-core CPU trains in seconds. With the demo vocabulary (about 1,700 tokens: every
 # answer is one token) the teacher has about 660K parameters and the student about 80K, most of
 # them its embeddings.
-_TEACHER_SHAPE = {
+TEACHER_SHAPE = {
     "hidden_size": 128,
     "intermediate_size": 448,
     "num_hidden_layers": 2,
@@ -182,21 +182,24 @@ MAX_POSITIONS = 256  # the longest demo row is about 30 tokens
 
 def teacher_config(vocab_size: int, *, eos_token_id: int = EOS_TOKEN_ID) -> Qwen3Config:
     """The demo teacher: a Qwen3 of about 660K parameters."""
-    return _config(vocab_size, eos_token_id=eos_token_id, **_TEACHER_SHAPE)
+    return config(vocab_size, TEACHER_SHAPE, eos_token_id=eos_token_id)
 
 
 def student_config(vocab_size: int, *, eos_token_id: int = EOS_TOKEN_ID) -> Qwen3Config:
     """The demo student: a Qwen3 of about 80K parameters, same vocabulary as the teacher."""
-    return _config(vocab_size, eos_token_id=eos_token_id, **_STUDENT_SHAPE)
+    return config(vocab_size, _STUDENT_SHAPE, eos_token_id=eos_token_id)
 
 
-def _config(vocab_size: int, *, eos_token_id: int, **shape: int) -> Qwen3Config:
+def config(
+    vocab_size: int, shape: dict, *, eos_token_id: int, pad_token_id: int | None = None
+) -> Qwen3Config:
+    """A Qwen3 of ``shape``; padded with its EOS token, as Qwen pads, unless told otherwise."""
     return Qwen3Config(
         vocab_size=vocab_size,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=True,  # as in Qwen3-0.6B; untied, the student would grow by a quarter
         eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,  # Qwen pads with its EOS token
+        pad_token_id=eos_token_id if pad_token_id is None else pad_token_id,
         bos_token_id=None,
         **shape,
     )
@@ -210,14 +213,19 @@ def build_once(root: Path, build: Callable[[dict[str, Path]], None]) -> dict[str
     """The folders of a demo's teacher and student under ``root``, which ``build`` fills on first
     use. Workers racing to build them wait on a lock; a folder appears whole, by an atomic
     rename (``save``)."""
-    folders = {"teacher": root / "teacher", "student": root / "student"}
-    if all((f / "config.json").exists() for f in folders.values()):
-        return folders
+    found = folders(root)
+    if all((f / "config.json").exists() for f in found.values()):
+        return found
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(root / ".lock"):
-        if not all((f / "config.json").exists() for f in folders.values()):
-            build(folders)
-    return folders
+        if not all((f / "config.json").exists() for f in found.values()):
+            build(found)
+    return found
+
+
+def folders(root: Path) -> dict[str, Path]:
+    """A demo's teacher and student folders under ``root``."""
+    return {"teacher": root / "teacher", "student": root / "student"}
 
 
 def save(folder: Path, model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
@@ -272,6 +280,7 @@ def train_teacher(
                 log_every=100,
                 warmup_ratio=0.05,
                 device="cpu",
+                select="last",  # the teacher as trained; its held-out perplexity is shown
             ),
         ),
         train.TrainingData(

@@ -213,33 +213,38 @@ def test_reasoning_in_non_thinking_mode_is_refused(qwen3_tokenizer, tmp_path, pl
 
 
 def reproducing(split):
-    """A stand-in for generation by a model that reproduces its training text: each prompt's
-    continuation in the row it begins, up to and including the stop token."""
+    """A stand-in for generation by a model that reproduces its training text: after each
+    row's prompt, the rest of that row's text up to and including the stop token. The prompt
+    must be the text the row was trained on, up to its final answer."""
+    said = {}
+    for row in split.answered():
+        prompt, ids = split.prompt(row), split.input_ids[row]
+        assert ids[: len(prompt)] == prompt
+        said[prompt] = list(ids[len(prompt) :])
 
     def generate(model, prompts, *, eos_id, max_new_tokens, **_):
-        found = []
-        for prompt in prompts:
-            row = next(ids for ids in split.input_ids if ids[: len(prompt)] == tuple(prompt))
-            rest = list(row[len(prompt) :])
-            found.append(rest[: rest.index(eos_id) + 1][:max_new_tokens])
-        return found
+        rests = [said[tuple(prompt)] for prompt in prompts]
+        return [rest[: rest.index(eos_id) + 1][:max_new_tokens] for rest in rests]
 
     return generate
 
 
+# By hand, in the tokens of the tokenizer's merges: "<think>\nThe sky has one.\n</think>" is 14
+# tokens, "<think>\nOne that grows on trees.\n</think>" 18, an empty block 4.
 @pytest.mark.parametrize(
-    "data",
+    ("data", "reasoning_tokens"),
     [
-        {},
-        {"each_turn_as_last": True},
-        {"reasoning": "strip"},
-        {"reasoning": "strip", "chat_template_kwargs": NOT_THINKING},
+        ({}, (14 + 18) / 2),
+        ({"each_turn_as_last": True}, (18 + 14 + 18) / 3),
+        ({"reasoning": "strip"}, 4),
+        ({"reasoning": "strip", "chat_template_kwargs": NOT_THINKING}, 0),
     ],
     ids=["thinking", "thinking, each turn as last", "thinking, stripped", "non-thinking"],
 )
 def test_a_model_that_reproduces_its_training_text_is_exactly_right(
-    qwen3_tokenizer, tmp_path, monkeypatch, data
+    qwen3_tokenizer, tmp_path, monkeypatch, data, reasoning_tokens
 ):
+    """Its answers are taken after their think block: exact match 1 in every mode."""
     from kdsweep.distill import evaluate
     from kdsweep.names import Metric
     from kdsweep.study.config import EvalConfig
@@ -253,8 +258,7 @@ def test_a_model_that_reproduces_its_training_text_is_exactly_right(
     )
     assert found[Metric.EXACT_MATCH] == found[Metric.ROUGE_L] == 1.0
     assert found[Metric.TRUNCATED_SHARE] == 0.0
-    thinking = "chat_template_kwargs" not in data
-    assert (found[Metric.REASONING_TOKENS] > 0) == thinking
+    assert found[Metric.REASONING_TOKENS] == pytest.approx(reasoning_tokens)
 
 
 # --- refusals, one line each -------------------------------------------------------------------
