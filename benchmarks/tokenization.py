@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kdsweep.data import ChatTemplate, Conversation, tokenize  # noqa: E402
-from kdsweep.prepare import demo  # noqa: E402
+from kdsweep.prepare import demo, demo_models  # noqa: E402
 
 GOAL = 0.5
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     conversations = demo.generate_conversations(args.rows, seed=0)
-    tokenizer = demo.build_tokenizer(conversations[:2000])
+    tokenizer = demo_models.build_tokenizer(conversations[:2000])
     chat_rows = [Conversation(tuple((m["role"], m["content"]) for m in c)) for c in conversations]
     markers = {"user": "### Human: ", "assistant": "### Assistant: "}  # guanaco's
     text_rows = ["".join(markers[m["role"]] + m["content"] for m in c) for c in conversations]

@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU indices for the workers, round-robin (0,0,1,1: two workers per GPU); default: "
         "the visible GPUs, else the CPU",
     )
-    command("check", cmd_check, "validate the study file without training")
+    command(
+        "check",
+        cmd_check,
+        "validate the study file, and read its data's first rows as the trials will (tokenizers "
+        "only, no weights)",
+    )
     report = command("report", cmd_report, "write the study's Markdown report")
     report.add_argument(
         "--output", metavar="PATH", help="report file (default reports/<study>.md)"
@@ -156,7 +161,39 @@ def cmd_check(args) -> int:
             "optimistic; set data.test_split to rows of their own",
             file=sys.stderr,
         )
+    _check_data(args.study, study)
     return 0
+
+
+def _check_data(path: str, study: StudyConfig) -> None:
+    """The first rows of each split as the trials will read them: rendered, scored, and what
+    became of their reasoning; or why they could not be read from here."""
+    import dataclasses
+
+    from kdsweep.prepare.preview import preview  # transformers and datasets load here
+    from kdsweep.progress import SweepProgress
+    from kdsweep.report.text import reasoning_note
+
+    progress = SweepProgress()
+    try:
+        found = preview(study, progress)
+    finally:
+        progress.close()
+    if found.unread:
+        print(f"{path}: data: not read: {found.unread}", file=sys.stderr)
+    for split in found.splits:
+        where = f"{path}: data {split.split!r}"
+        counts = split.counts
+        note = reasoning_note(**dataclasses.asdict(counts)) or f"{counts.answers:,} answers"
+        print(
+            f"{where}: the first {split.rows:,} rows read, {split.kept:,} with scored tokens "
+            f"({split.scored_tokens:,}); {note}"
+        )
+        if split.prompt_end is not None:
+            print(
+                f"{where}: accuracy prompts end {split.prompt_end!r}; the answer generated "
+                f"after it begins {split.answer_start!r}"
+            )
 
 
 def cmd_run(args) -> int:

@@ -46,6 +46,11 @@ class Metric:
     KL_TO_TEACHER = "kl_to_teacher"
     EXACT_MATCH = "exact_match"  # fractions in [0, 1]
     ROUGE_L = "rouge_l"
+    # The decoded answers' think blocks: their mean length in tokens, and the share of answers
+    # truncated (cut at eval.max_new_tokens before their end-of-turn, or a think block never
+    # closed).
+    REASONING_TOKENS = "reasoning_tokens"
+    TRUNCATED_SHARE = "truncated_share"
     # A complete trial: the step of the checkpoint its value comes from (train.select).
     BEST_STEP = "best_step"
     # A resumed trial: the step of the resume checkpoint it went on from (logged at that step).
@@ -84,8 +89,18 @@ class Metric:
     TEACHER_ROUGE_L = "teacher_rouge_l"
     UNTRAINED_EXACT_MATCH = "student_exact_match_untrained"
     UNTRAINED_ROUGE_L = "student_rouge_l_untrained"
+    TEACHER_REASONING_TOKENS = "teacher_reasoning_tokens"
+    TEACHER_TRUNCATED_SHARE = "teacher_truncated_share"
     TRAIN_PADDING_SHARE = "train_padding_share"
     TOPK_MASS_PREFIX = "topk_mass_k"
+    # The train split's answers (scored assistant turns) and what became of their reasoning
+    # (data.AnswerCounts).
+    TRAIN_ANSWERS = "train_answers"
+    TRAIN_REASONED = "train_reasoned"  # answers whose row gives them reasoning
+    TRAIN_REASONING_TRAINED = "train_reasoning_trained"
+    TRAIN_REASONING_LEFT_OUT = "train_reasoning_left_out"  # by the chat template
+    TRAIN_REASONING_STRIPPED = "train_reasoning_stripped"  # by data.reasoning: strip
+    TRAIN_UNLIKE_GENERATION = "train_unlike_generation"  # scored unlike they are generated
 
 
 class StudyAttr:
@@ -106,12 +121,20 @@ class StudyAttr:
     TRAIN_SCORED_TOKENS = "train_scored_tokens"
     EVAL_SCORED_TOKENS = "eval_scored_tokens"
     TRAIN_PADDING_SHARE = Metric.TRAIN_PADDING_SHARE
+    TRAIN_ANSWERS = Metric.TRAIN_ANSWERS
+    TRAIN_REASONED = Metric.TRAIN_REASONED
+    TRAIN_REASONING_TRAINED = Metric.TRAIN_REASONING_TRAINED
+    TRAIN_REASONING_LEFT_OUT = Metric.TRAIN_REASONING_LEFT_OUT
+    TRAIN_REASONING_STRIPPED = Metric.TRAIN_REASONING_STRIPPED
+    TRAIN_UNLIKE_GENERATION = Metric.TRAIN_UNLIKE_GENERATION
     # recovered:<trial>: the worker that failed a dead worker's trial
     RECOVERED_PREFIX = "recovered:"
     TEACHER_EXACT_MATCH = Metric.TEACHER_EXACT_MATCH
     TEACHER_ROUGE_L = Metric.TEACHER_ROUGE_L
     UNTRAINED_EXACT_MATCH = Metric.UNTRAINED_EXACT_MATCH
     UNTRAINED_ROUGE_L = Metric.UNTRAINED_ROUGE_L
+    TEACHER_REASONING_TOKENS = Metric.TEACHER_REASONING_TOKENS
+    TEACHER_TRUNCATED_SHARE = Metric.TEACHER_TRUNCATED_SHARE
     ACCURACY_ROWS = "accuracy_rows"  # eval rows whose answers are decoded
     TEST_ROWS = "test_rows"  # the test split, scored for the finalists
     TEST_SCORED_TOKENS = "test_scored_tokens"

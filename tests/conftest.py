@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kdsweep.prepare import demo
+from kdsweep.prepare import demo, demo_models
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
@@ -39,11 +39,20 @@ def _isolated(tmp_path, monkeypatch):
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """A two-layer teacher and a one-layer student (hidden size 16 and 8), untrained, sharing the
     demo tokenizer; the student's embedding is padded by 6 rows, as Qwen3's are."""
+    tokenizer = demo_models.build_tokenizer(demo.generate_conversations(300, seed=0))
+    return save_tiny_models(tmp_path_factory.mktemp("models"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen3_models(tmp_path_factory, qwen3_tokenizer) -> dict[str, Path]:
+    """The tiny models of ``tiny_models`` with Qwen3's tokens and chat template."""
+    return save_tiny_models(tmp_path_factory.mktemp("qwen3-models"), qwen3_tokenizer)
+
+
+def save_tiny_models(root: Path, tokenizer) -> dict[str, Path]:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = demo.build_tokenizer(demo.generate_conversations(300, seed=0))
     shapes = {
         "teacher": dict(
             hidden_size=16,
@@ -71,8 +80,8 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
             Qwen3Config(
                 max_position_embeddings=128,
                 tie_word_embeddings=True,
-                eos_token_id=0,
-                pad_token_id=0,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
                 **shape,
             )
         )
@@ -159,7 +168,17 @@ def mlflow_runs(study_path: Path, *, uri: str | None = None, overrides: list[str
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     """The demo's tokenizer (ChatML template included), built from 300 generated conversations."""
-    return demo.build_tokenizer(demo.generate_conversations(300, seed=0))
+    return demo_models.build_tokenizer(demo.generate_conversations(300, seed=0))
+
+
+QWEN3_TEMPLATE = ROOT / "tests" / "fixtures" / "qwen3_chat_template.jinja"  # as published
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    """A tokenizer with Qwen3's added tokens and special flags, EOS and padding, and Qwen3's
+    published chat template (its merges learnt from 300 demo conversations)."""
+    return demo_models.build_tokenizer(demo.generate_conversations(300, seed=0), qwen3=True)
 
 
 def guanaco_rows(n: int, *, seed: int) -> list[str]:

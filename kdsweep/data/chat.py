@@ -4,92 +4,67 @@ The text is exactly what ``apply_chat_template`` makes of the conversation: the 
 distilled on the format it will be prompted with. Which characters are answers is found without
 ``{% generation %}`` tags (Qwen3's template, like most, has none):
 
-1. The template renders a conversation with the same roles whose contents are placeholders
-   (private-use characters no template or tokenizer gives meaning to). What lies around the
-   placeholders is the template's own text: a header before each turn, a footer after it.
-   This *structure* is rendered once per sequence of roles and kept.
-2. The real rendering must be that template text with each turn's content in its slot. Usually
-   the contents appear as they are; a template that trims them is followed too, as long as its
-   own text around them is unchanged. A template whose own text depends on the contents (Qwen3
-   splitting a ``<think>`` block out of an assistant turn) is reported for that row, with the fix.
-3. An answer is its content plus the footer up to and including the footer's first special
-   token, the end-of-turn (``<|im_end|>``) that teaches the model to stop.
+1. The template renders a conversation of the same shape with placeholder contents, once per
+   shape (``structure``): what lies around them is the template's own text. The real rendering
+   must be that text with each content (and reasoning) in its slot. A template that trims a
+   content is followed, as long as its own text around it is unchanged; a template whose own
+   text depends on the contents is reported for that row, with the fix.
+2. An answer is what the model generates for it: the text from the end of its generation prompt
+   (the turns before it, rendered with ``add_generation_prompt`` and ``data.chat_template_kwargs``,
+   as a served model is prompted) to the footer's first special token, the end-of-turn
+   (``<|im_end|>``) that teaches the model to stop. So in Qwen3's thinking mode the think block,
+   reasoning or empty, is scored with the answer; with ``enable_thinking: false`` it is part of
+   the prompt. A rendering that does not begin with the generation prompt (a template that
+   renders earlier turns unlike the last) scores the turn from its first slot, and is counted.
+3. An assistant turn's reasoning is rendered where the template puts it, under
+   ``reasoning_content`` (and the other keys templates read). What the template leaves out is
+   counted (``AnswerCounts``); a template that renders no reasoning at all is refused for a row
+   that has some, as is reasoning in a turn whose generation prompt opens past it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
 
 from kdsweep.compat.transformers import compiled_chat_template
 from kdsweep.data.formats import ASSISTANT, SYSTEM, USER, Conversation
+from kdsweep.data.reasoning import AnswerCounts
 from kdsweep.data.rendered import Rendered, RowError
+from kdsweep.data.structure import Slot, Structure, closing, cut, placeholder_messages
 from kdsweep.errors import UsageError, first_line
-from kdsweep.study.config import DataConfig, read_chat_template
+from kdsweep.study.config import REASONING, DataConfig, read_chat_template
 
-_OPEN, _CLOSE = "\ue000", "\ue001"  # a placeholder is _OPEN + turn number + _CLOSE
 # Generation prompts both rendered and filled in, before the filled ones are trusted.
 PROMPT_CHECKS = 16
 DIRECT_CHECKS = 16  # conversations rendered both ways before the template is rendered directly
-
-
-@dataclass(frozen=True)
-class _Structure:
-    """The template's text around the contents of a conversation with given roles."""
-
-    # the text before the first content, between contents, after the last
-    segments: tuple[str, ...]
-    order: tuple[int, ...]  # the turn whose content each slot holds, in rendered order
-    closes: tuple[int, ...]  # per slot: the length of its footer's end-of-turn part (0: none)
-    # the text after the last added token (<|im_start|>) of the last segment, if it has one
-    tail: str | None
-
-    def regions(
-        self, text: str, turns: tuple[tuple[str, str], ...]
-    ) -> dict[int, tuple[int, int]] | None:
-        """Each rendered turn's content as a character range of ``text``; None when ``text`` is
-        not this structure's template text with contents in its slots."""
-        head = self.segments[0]
-        if not text.startswith(head):
-            return None
-        position, regions = len(head), {}
-        for slot, turn in enumerate(self.order):
-            content, footer = turns[turn][1], self.segments[slot + 1]
-            last = slot == len(self.order) - 1
-            if text.startswith(content, position) and text.startswith(
-                footer, position + len(content)
-            ):
-                end = position + len(content)
-            elif last:
-                end = len(text) - len(footer) if text.endswith(footer) else -1
-            else:
-                # the template changed the content
-                end = text.find(footer, position) if footer else -1
-            if end < position:
-                return None
-            regions[turn] = (position, end)
-            position = end + len(footer)
-        return regions if position == len(text) else None
+TRAIN, STRIP = REASONING
 
 
 class ChatTemplate:
     """A tokenizer's chat template (or the study's ``data.chat_template``), with the keyword
-    arguments it is rendered with (``data.chat_template_kwargs``)."""
+    arguments it is rendered with (``data.chat_template_kwargs``) and what becomes of reasoning
+    (``data.reasoning``: trained on, or stripped)."""
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, template: str, kwargs: dict | None = None
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str,
+        kwargs: dict | None = None,
+        *,
+        reasoning: str = TRAIN,
     ):
         self.tokenizer = tokenizer
         self.template = template
         self.kwargs = dict(kwargs or {})
+        self.strips_reasoning = reasoning == STRIP
         added = tokenizer.added_tokens_decoder.values()
         # tokenizers split text at these before anything else
         self._added = [t.content for t in added]
         self._specials = [t.content for t in added if t.special]
-        self._structures: dict[
-            tuple[tuple[str, ...], bool], _Structure
-        ] = {}  # by roles, generation prompt
+        # by shape and generation prompt
+        self._structures: dict[tuple[tuple, bool], Structure] = {}
         self._compiled = compiled_chat_template(template)
         # what apply_chat_template passes
         self._variables = {
@@ -127,14 +102,21 @@ class ChatTemplate:
                 "(e.g. ChatML), "
                 "or use a model whose tokenizer has one"
             )
-        return cls(tokenizer, template, data.chat_template_kwargs)
+        return cls(tokenizer, template, data.chat_template_kwargs, reasoning=data.reasoning)
 
     def render(
         self, conversations: list[Conversation], *, with_prompts: bool = True
     ) -> list[Rendered]:
-        """Each conversation's text, its answers' character spans (end-of-turn included) and, when
-        it ends with an answer (and ``with_prompts``), the conversation before it with the
-        generation prompt."""
+        """Each conversation's text, its answers' character spans (each from where its
+        generation starts to its end-of-turn), what became of their reasoning and, when it ends
+        with an answer (and ``with_prompts``), the conversation before it with the generation
+        prompt."""
+        stripped = [
+            sum(bool(c.reasoning[t]) for t in c.answers) if self.strips_reasoning else 0
+            for c in conversations
+        ]
+        if self.strips_reasoning:
+            conversations = [c.without_reasoning() for c in conversations]
         texts = self._apply(
             [c.messages() for c in conversations],
             range(len(conversations)),
@@ -149,31 +131,41 @@ class ChatTemplate:
             else {}
         )
         return [
-            self._rendered(i, c, text, structure, regions, prompts.get(i))
+            self._rendered(i, c, text, structure, regions, prompts.get(i), stripped[i])
             for i, (c, text, (structure, regions, _)) in enumerate(
                 zip(conversations, texts, found)
             )
         ]
 
+    @cached_property
+    def places_reasoning(self) -> bool:
+        """Whether the template renders an assistant turn's reasoning at all (in a last turn)."""
+        for roles in ((USER, ASSISTANT), (SYSTEM, USER, ASSISTANT)):
+            try:
+                structure = self._structure(tuple((r, r == ASSISTANT) for r in roles), 0)
+            except RowError:
+                continue  # a template that wants a system turn first, say
+            return (len(roles) - 1, True) in structure.slots
+        return False
+
     def _regions(
         self, index: int, conversation: Conversation, text: str
-    ) -> tuple[_Structure, dict[int, tuple[int, int]], bool]:
-        """The conversation's structure, each turn's content in ``text``, and whether every content
+    ) -> tuple[Structure, dict[Slot, tuple[int, int]], bool]:
+        """The conversation's structure, each slot's text in ``text``, and whether every content
         is there as it is."""
-        structure = self._structure(conversation.roles, index)
-        regions = structure.regions(text, conversation.turns)
+        structure = self._structure(conversation.shape(), index)
+        regions = structure.regions(text, conversation)
         if regions is None:
             raise RowError(
                 index,
                 "chat template",
                 "the template's own text around the turns changes with their contents, so the "
-                "answers cannot be "
-                "found by their characters; remove <think> blocks and template markers from the "
-                "contents, "
-                "or set data.chat_template to a template that renders each content as it is",
+                "answers cannot be found by their characters; remove template markers from the "
+                "contents, or set data.chat_template to a template that renders each content as "
+                "it is",
             )
         verbatim = all(
-            regions[t][1] - regions[t][0] == len(conversation.turns[t][1]) for t in regions
+            end - start == len(conversation.part(*slot)) for slot, (start, end) in regions.items()
         )
         return structure, regions, verbatim
 
@@ -182,33 +174,103 @@ class ChatTemplate:
         index: int,
         conversation: Conversation,
         text: str,
-        structure: _Structure,
+        structure: Structure,
         regions: dict,
         prompt: str | None,
+        stripped: int,
     ) -> Rendered:
-        spans = []
+        spans, counts = [], AnswerCounts(reasoned=stripped, stripped=stripped)
         for turn in conversation.answers:
-            if turn not in regions:
-                raise RowError(
-                    index,
-                    f"turn {turn}",
-                    "the chat template leaves this assistant turn out; fix the row or the "
-                    "template",
-                )
-            start, end = regions[turn]
-            spans.append((start, end + structure.closes[structure.order.index(turn)]))
+            span, answer = self._answer(index, conversation, turn, structure, regions)
+            spans.append(span)
+            counts += answer
         if prompt is None:
-            return Rendered(text, tuple(spans))
-        final = regions[len(conversation.turns) - 1]
-        tail = self._structure(conversation.roles[:-1], index, generation_prompt=True).tail
+            return Rendered(text, tuple(spans), counts=counts)
+        tail = self._structure(conversation.shape(-1), index, generation_prompt=True).tail
         return Rendered(
             text,
             tuple(spans),
             answer=conversation.turns[-1][1],
-            answer_start=final[0],
+            answer_start=spans[-1][0],
             prompt=prompt,
             prompt_tail=tail,
+            counts=counts,
         )
+
+    def _answer(
+        self,
+        index: int,
+        conversation: Conversation,
+        turn: int,
+        structure: Structure,
+        regions: dict,
+    ) -> tuple[tuple[int, int], AnswerCounts]:
+        """An answer's scored characters (from where its generation starts to its end-of-turn),
+        and what became of its reasoning."""
+        content = (turn, False)
+        if content not in regions:
+            raise RowError(
+                index,
+                f"turn {turn}",
+                "the chat template leaves this assistant turn out; fix the row or the template",
+            )
+        reasoned, placed = bool(conversation.reasoning[turn]), (turn, True) in regions
+        if reasoned and not placed and not self.places_reasoning:
+            raise RowError(
+                index,
+                f"turn {turn}",
+                "has reasoning, and the chat template renders none (it reads no "
+                "reasoning_content), so it would be dropped; set data.chat_template to one that "
+                "renders it (the model's own, e.g. Qwen3's), or data.reasoning: strip to train "
+                "on the answers alone",
+            )
+        start = self._generation_start(index, conversation, turn, structure, regions)
+        if start is None and placed:
+            raise RowError(
+                index,
+                f"turn {turn}",
+                "has reasoning, and the generation prompt does not lead into it (Qwen3 with "
+                "enable_thinking: false prefills an empty think block), so it could never be "
+                "generated as trained; set data.reasoning: strip to train on the answers alone, "
+                "or turn thinking on in data.chat_template_kwargs",
+            )
+        first = min(regions[slot][0] for slot in ((turn, True), content) if slot in regions)
+        end = regions[content][1] + structure.closes[structure.slots.index(content)]
+        as_generated = start is not None and self._renders_as_last(
+            index, conversation, turn, structure
+        )
+        counts = AnswerCounts(
+            answers=1,
+            reasoned=int(reasoned),
+            trained=int(placed),
+            left_out=int(reasoned and not placed),
+            unlike_generation=int(not as_generated),
+        )
+        return (first if start is None else start, end), counts
+
+    def _generation_start(
+        self,
+        index: int,
+        conversation: Conversation,
+        turn: int,
+        structure: Structure,
+        regions: dict,
+    ) -> int | None:
+        """Where the model starts to generate ``turn``: the end of its generation prompt, when
+        the rendering begins with it (None when it does not)."""
+        prompt = self._structure(conversation.shape(turn), index, generation_prompt=True)
+        if not structure.text.startswith(prompt.text):
+            return None
+        return structure.position(regions, len(prompt.text))
+
+    def _renders_as_last(
+        self, index: int, conversation: Conversation, turn: int, structure: Structure
+    ) -> bool:
+        """Whether the template renders ``turn`` as it renders a last turn, the one a model
+        generates (Qwen3's renders earlier turns without their think block)."""
+        last = self._structure(conversation.shape(turn + 1), index)
+        end = last.end_of(turn)
+        return end is not None and structure.text.startswith(last.text[:end])
 
     def _prompts(self, conversations: list[Conversation], verbatim: list[bool]) -> dict[int, str]:
         """The generation prompts of the conversations that end with an answer.
@@ -237,10 +299,10 @@ class ChatTemplate:
         )
 
     def _filled_prompt(self, index: int, conversation: Conversation) -> str:
-        structure = self._structure(conversation.roles[:-1], index, generation_prompt=True)
+        structure = self._structure(conversation.shape(-1), index, generation_prompt=True)
         pieces = [structure.segments[0]]
-        for slot, turn in enumerate(structure.order):
-            pieces += [conversation.turns[turn][1], structure.segments[slot + 1]]
+        for n, slot in enumerate(structure.slots):
+            pieces += [conversation.part(*slot), structure.segments[n + 1]]
         return "".join(pieces)
 
     def _apply(self, messages: list[list[dict]], indices, *, generation_prompt: bool) -> list[str]:
@@ -297,65 +359,34 @@ class ChatTemplate:
         )
 
     def _structure(
-        self, roles: tuple[str, ...], index: int, *, generation_prompt: bool = False
-    ) -> _Structure:
-        """What the template makes of a conversation with ``roles`` (followed by the generation
+        self, shape: tuple[tuple[str, bool], ...], index: int, *, generation_prompt: bool = False
+    ) -> Structure:
+        """What the template makes of a conversation of ``shape`` (followed by the generation
         prompt, if asked), rendered once with placeholder contents."""
-        key = (roles, generation_prompt)
+        key = (shape, generation_prompt)
         if key not in self._structures:
-            placeholders = [
-                {"role": role, "content": f"{_OPEN}{i}{_CLOSE}"} for i, role in enumerate(roles)
+            text = self._apply(
+                [placeholder_messages(shape)], [index], generation_prompt=generation_prompt
+            )[0]
+            slots = [
+                (turn, part)
+                for turn, (_, reasoned) in enumerate(shape)
+                for part in ((True, False) if reasoned else (False,))
             ]
-            text = self._apply([placeholders], [index], generation_prompt=generation_prompt)[0]
-            self._structures[key] = self._cut(text, len(roles), index)
-        return self._structures[key]
-
-    def _cut(self, text: str, turns: int, index: int) -> _Structure:
-        found = sorted(
-            (text.find(f"{_OPEN}{i}{_CLOSE}"), i)
-            for i in range(turns)
-            if f"{_OPEN}{i}{_CLOSE}" in text
-        )
-        if any(text.count(f"{_OPEN}{i}{_CLOSE}") > 1 for _, i in found):
-            raise RowError(
-                index,
-                "chat template",
-                "the template writes a turn's content twice; set data.chat_template to one that "
-                "writes it once",
+            self._structures[key] = cut(
+                text, slots, added=self._added, specials=self._specials, index=index
             )
-        segments, position = [], 0
-        for start, i in found:
-            segments.append(text[position:start])
-            position = start + len(f"{_OPEN}{i}{_CLOSE}")
-        segments.append(text[position:])
-        closes = tuple(self._closing(footer)[0] for footer in segments[1:])
-        ends = [
-            segments[-1].rfind(token) + len(token)
-            for token in self._added
-            if token in segments[-1]
-        ]
-        tail = segments[-1][max(ends) :] if ends else None
-        return _Structure(tuple(segments), tuple(i for _, i in found), closes, tail)
-
-    def _closing(self, footer: str) -> tuple[int, str | None]:
-        """The footer's first special token (the end-of-turn), and the footer's length up to and
-        including it; (0, None) when it has none."""
-        hits = [
-            (footer.find(token), -len(token), token) for token in self._specials if token in footer
-        ]
-        if not hits:
-            return 0, None
-        start, _, token = min(hits)
-        return start + len(token), token
+        return self._structures[key]
 
     def _end_of_turn(self) -> str | None:
         """The special token the template closes an assistant turn with: where generation stops."""
         for roles in ((USER, ASSISTANT), (SYSTEM, USER, ASSISTANT)):
             try:
-                structure = self._structure(roles, 0)
+                structure = self._structure(tuple((r, False) for r in roles), 0)
             except RowError:
                 continue  # a template that wants a system turn first, say
-            answer = len(roles) - 1
-            if answer in structure.order:
-                return self._closing(structure.segments[structure.order.index(answer) + 1])[1]
+            answer = (len(roles) - 1, False)
+            if answer in structure.slots:
+                footer = structure.segments[structure.slots.index(answer) + 1]
+                return closing(footer, self._specials)[1]
         return None

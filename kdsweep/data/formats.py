@@ -9,19 +9,23 @@
 - ``text``: ``data.text_field``, guanaco's ``### Human:`` / ``### Assistant:`` text or plain text.
 
 Every row becomes a ``str`` (text), a :class:`Completion` (plain prompt-completion) or a
-:class:`Conversation` (the rest, rendered through a chat template). A malformed row is one
-:class:`UsageError` naming the study key, the row, the field and the fix; a conversation without
-an assistant turn is left out and counted, since it has nothing to learn from.
+:class:`Conversation` (the rest, rendered through a chat template). An assistant turn's reasoning
+(a reasoning key, or ``<think>...</think>`` in its content: ``reasoning``) is kept apart from its
+answer. A malformed row is one :class:`UsageError` naming the study key, the row, the field and
+the fix; a conversation without an assistant turn is left out and counted, since it has nothing
+to learn from. With ``data.each_turn_as_last``, a conversation becomes one row per answer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 
+from kdsweep.data.reasoning import REASONING_KEYS, split_reasoning
 from kdsweep.data.rendered import RowError
 from kdsweep.data.sources import split_key
 from kdsweep.errors import UsageError
@@ -44,11 +48,13 @@ class Completion:
 
 @dataclass(frozen=True)
 class Conversation:
-    """Turns of ``(role, content)``; the assistant's turns from ``scored_from`` on are answers
-    (a prompt-completion row's prompt comes before it and is never scored)."""
+    """Turns of ``(role, content)``, each assistant turn's reasoning apart from its content; the
+    assistant's turns from ``scored_from`` on are answers (a prompt-completion row's prompt comes
+    before it and is never scored)."""
 
     turns: tuple[tuple[str, str], ...]
     scored_from: int = 0
+    reasoning: tuple[str, ...] = ()  # each turn's ("" for none); () for none at all
     # Derived once: every rendering step reads them.
     roles: tuple[str, ...] = field(init=False, repr=False, compare=False)
     # the turns that are answers
@@ -57,6 +63,7 @@ class Conversation:
     def __post_init__(self) -> None:
         roles = tuple(role for role, _ in self.turns)
         object.__setattr__(self, "roles", roles)
+        object.__setattr__(self, "reasoning", self.reasoning or ("",) * len(roles))
         object.__setattr__(
             self,
             "answers",
@@ -66,8 +73,31 @@ class Conversation:
         )
 
     def messages(self, end: int | None = None) -> list[dict[str, str]]:
-        """The turns before ``end`` as chat-template messages."""
-        return [{"role": role, "content": content} for role, content in self.turns[:end]]
+        """The turns before ``end`` as chat-template messages, reasoning under every key a
+        template may read it from."""
+        return [
+            {"role": role, "content": content}
+            | dict.fromkeys(REASONING_KEYS if reasoning else (), reasoning)
+            for (role, content), reasoning in zip(self.turns[:end], self.reasoning)
+        ]
+
+    def shape(self, end: int | None = None) -> tuple[tuple[str, bool], ...]:
+        """Each turn's role and whether it has reasoning, before ``end``: all a chat template
+        writes around the contents depends on."""
+        return tuple(zip(self.roles[:end], (bool(r) for r in self.reasoning[:end])))
+
+    def part(self, turn: int, reasoning: bool) -> str:
+        """A turn's content, or its reasoning."""
+        return self.reasoning[turn] if reasoning else self.turns[turn][1]
+
+    def without_reasoning(self) -> Conversation:
+        return Conversation(self.turns, self.scored_from)
+
+    def each_answer(self) -> list[Conversation]:
+        """One conversation per answer: the turns up to it, it alone scored."""
+        return [
+            Conversation(self.turns[: a + 1], a, self.reasoning[: a + 1]) for a in self.answers
+        ]
 
     @property
     def ends_with_answer(self) -> bool:
@@ -118,7 +148,8 @@ def read_rows(dataset: datasets.Dataset, data: DataConfig, *, split: str) -> Row
             )
             for n, turns in enumerate(dataset[column])
         ]
-    return _without_unanswered(fmt, rows, where)
+    read = _without_unanswered(fmt, rows, where)
+    return _each_answer(read) if data.each_turn_as_last else read
 
 
 def resolve_format(dataset: datasets.Dataset, data: DataConfig, where: Place) -> tuple[str, str]:
@@ -238,11 +269,20 @@ def _conversation(
         raise where.problem(column, "is an empty conversation; remove the row or give it turns")
     parsed = [_turn(turn, f"{column}[{i}]", keys, where) for i, turn in enumerate(turns)]
     if system:
-        parsed.insert(0, (SYSTEM, system))
-    return Conversation(tuple(parsed))
+        parsed.insert(0, (SYSTEM, system, ""))
+    return _conversation_of(parsed)
 
 
-def _turn(turn: Any, field: str, keys: tuple[str, str], where: Place) -> tuple[str, str]:
+def _conversation_of(turns: list[tuple[str, str, str]], scored_from: int = 0) -> Conversation:
+    return Conversation(
+        tuple((role, content) for role, content, _ in turns),
+        scored_from,
+        tuple(reasoning for _, _, reasoning in turns),
+    )
+
+
+def _turn(turn: Any, field: str, keys: tuple[str, str], where: Place) -> tuple[str, str, str]:
+    """``(role, content, reasoning)``: an assistant turn's reasoning apart from its answer."""
     role_key, content_key = keys
     roles = SHAREGPT_ROLES if role_key == "from" else {role: role for role in ROLES}
     if not isinstance(turn, dict):
@@ -265,7 +305,29 @@ def _turn(turn: Any, field: str, keys: tuple[str, str], where: Place) -> tuple[s
             else f"{content_key!r} must be text, got {_kind(content)}"
         )
         raise where.problem(field, f"{what}; give every turn its text")
-    return roles[role], content
+    if roles[role] != ASSISTANT:
+        return roles[role], content, ""
+    reasoning, answer = _reasoning_and_answer(turn, content, field, where)
+    return ASSISTANT, answer, reasoning
+
+
+def _reasoning_and_answer(turn: dict, content: str, field: str, where: Place) -> tuple[str, str]:
+    """``(reasoning, answer)`` of an assistant turn: a reasoning key's text, or the content's
+    inline think block; both at once is ambiguous."""
+    keyed = [(key, turn[key]) for key in REASONING_KEYS if turn.get(key)]
+    inline, answer = split_reasoning(content)
+    if not keyed:
+        return inline, answer
+    key, reasoning = keyed[0]
+    if not isinstance(reasoning, str):
+        raise where.problem(f"{field}.{key}", f"must be text, got {_kind(reasoning)}")
+    if inline or answer != content:
+        raise where.problem(
+            field,
+            f"has reasoning both in {key!r} and inline in its content (<think>...</think>); "
+            "keep one of them",
+        )
+    return reasoning, content
 
 
 def _prompt_completion(
@@ -282,7 +344,7 @@ def _prompt_completion(
             raise where.problem(
                 fields[1], "is an empty list of turns; give the completion its assistant turn"
             )
-        return Conversation(tuple(head + tail), scored_from=len(head))
+        return _conversation_of(head + tail, scored_from=len(head))
     raise where.problem(
         f"{fields[0]}/{fields[1]}",
         f"are {_kind(prompt)} and {_kind(completion)}; give both as text or both as lists of "
@@ -313,6 +375,16 @@ def _without_unanswered(fmt: str, rows: list[Completion | Conversation], where: 
     return Rows(
         fmt, [row for _, row in kept], [n for n, _ in kept], where, skipped=len(rows) - len(kept)
     )
+
+
+def _each_answer(read: Rows) -> Rows:
+    """``data.each_turn_as_last``: a row per answer, each numbered as the row it comes from."""
+    pairs = [
+        (n, part)
+        for n, row in zip(read.numbers, read.rows)
+        for part in (row.each_answer() if isinstance(row, Conversation) else [row])
+    ]
+    return dataclasses.replace(read, rows=[row for _, row in pairs], numbers=[n for n, _ in pairs])
 
 
 def _first_turn(column: Iterable) -> Any:

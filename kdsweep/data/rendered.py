@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdsweep.data.reasoning import AnswerCounts
 from kdsweep.errors import UsageError
 
 
@@ -16,13 +17,14 @@ class Rendered:
     text: str
     spans: tuple[tuple[int, int], ...]  # in order, not overlapping
     answer: str = ""  # the final answer, when the row ends with one: what accuracy compares with
-    answer_start: int | None = None  # where that answer begins in ``text``
+    answer_start: int | None = None  # where that answer's generation begins in ``text``
     # Chat rows: the conversation before the final answer, rendered with the template's generation
     # prompt (what a served model is given). Text rows: None, the prompt is the tokens before it.
     prompt: str | None = None
     # The prompt's text after its last added token (the generation prompt's "assistant\n"), the
     # same for every row with these roles; None when there is none. See tokens._prompt_ids.
     prompt_tail: str | None = None
+    counts: AnswerCounts = AnswerCounts()  # chat rows: its answers, and their reasoning
 
 
 class RowError(UsageError):

@@ -32,7 +32,7 @@ def load_split(data: DataConfig, split: str, *, base_dir: str = ".") -> datasets
         UsageError: one line naming the dataset or split and the fix.
     """
     key = split_key(data, split)
-    rows = _Source.find(data.dataset, base_dir=base_dir).load(split, key=key)
+    rows = _Source.find(data.dataset, data.subset, base_dir=base_dir).load(split, key=key)
     if len(rows) == 0:
         raise UsageError(
             f"{key}: {split!r} of dataset {data.dataset!r} has no rows; choose a split or slice "
@@ -58,10 +58,10 @@ class _Source:
     kind: str  # "file", "folder" or "hub"
 
     @classmethod
-    def find(cls, name: str, *, base_dir: str) -> _Source:
+    def find(cls, name: str, subset: str | None = None, *, base_dir: str) -> _Source:
         path = _local_path(name, base_dir=base_dir)
         if path is None:
-            return cls(name, (name,), {}, "hub")
+            return cls(name, (name, subset) if subset else (name,), {}, "hub")
         if path.is_dir():
             return cls(name, (str(path),), {}, "folder")
         builder = _BUILDERS.get(path.suffix.lower())

@@ -17,6 +17,7 @@ from typing import Any
 
 from kdsweep.data.chat import PROMPT_CHECKS, ChatTemplate
 from kdsweep.data.formats import Completion, Conversation, Row
+from kdsweep.data.reasoning import AnswerCounts
 from kdsweep.data.rendered import Rendered, RowError
 from kdsweep.data.text import render_completion, render_text
 from kdsweep.errors import UsageError
@@ -36,6 +37,7 @@ class TokenizedSplit:
     answers: tuple[str, ...] = ()
     # the token an answer ends with: the chat template's end-of-turn, or EOS
     stop_id: int | None = None
+    counts: AnswerCounts = AnswerCounts()  # the conversations' answers, and their reasoning
 
     def __post_init__(self) -> None:
         shapes_match = len(self.input_ids) == len(self.labels) and all(
@@ -155,6 +157,7 @@ def tokenize(
         prompts=tuple(prompts),
         answers=tuple(answers),
         stop_id=stop_id,
+        counts=sum((r.counts for r in rendered), AnswerCounts()),
     )
 
 

@@ -4,23 +4,27 @@ Perplexity is exp(total NLL / total scored tokens) over the whole eval set, so a
 weighs as many times as it has tokens; teacher and student are scored on the very same tokens.
 
 Accuracy asks the model for each held-out row's final answer: it greedy-decodes from the row's
-prompt (``generation.generate``) until the answer's end (a chat template's end-of-turn, or EOS),
-and the text, cut at a guanaco row's next marker, is scored against
-the reference by exact match (whitespace normalised) and ROUGE-L (the LCS F-measure over
-lower-cased words, as MiniLLM and DistiLLM report it).
+prompt (``generation.generate``: the conversation before it with the chat template's generation
+prompt, exactly as the configured thinking mode gives it at inference) until the answer's end (a
+chat template's end-of-turn, or EOS). The answer after its reasoning is scored against the
+reference by exact match and ROUGE-L (``answers``). Each decoding also measures its reasoning:
+the mean think block's length in tokens, and the share of generations truncated (cut at
+``eval.max_new_tokens`` before their end-of-turn, or never closing their think block: a thinking
+model that reasons past the budget has no answer).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdsweep.data import Batch, TokenizedSplit, answer_text
+from kdsweep.data import Batch, TokenizedSplit
+from kdsweep.data.reasoning import THINK_CLOSE, THINK_OPEN
+from kdsweep.distill.answers import generated_answer, matches, rouge_l
 from kdsweep.distill.generation import generate
 from kdsweep.distill.models import Vocabulary, hidden_states, output_weight
 from kdsweep.distill.targets import OnlineTeacher, TeacherTargets, scored_positions
@@ -217,8 +221,9 @@ def score_test(
 def accuracy(
     model: PreTrainedModel, answers: Answers, *, on_rows: Callable[[int], None] = lambda done: None
 ) -> dict[str, float]:
-    """Mean exact match and ROUGE-L of the model's greedy answers, fractions in [0, 1];
-    ``on_rows`` hears each batch of answers decoded."""
+    """Mean exact match and ROUGE-L of the model's greedy answers (fractions in [0, 1]), the mean
+    length of their reasoning in tokens, and the share of them truncated; ``on_rows`` hears each
+    batch of answers decoded."""
     if not answers.prompts:
         return {}
     tokenizer, settings = answers.tokenizer, answers.settings
@@ -232,41 +237,32 @@ def accuracy(
         vocab_size=len(tokenizer),
         on_rows=on_rows,
     )
-    predictions = [
-        answer_text(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in generated
-    ]
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in generated]
+    predictions = [generated_answer(text) for text in texts]
     pairs = list(zip(predictions, answers.references))
+    truncated = [
+        prediction is None or not tokens or tokens[-1] != answers.stop_id
+        for prediction, tokens in zip(predictions, generated)
+    ]
+    reasoning = [_reasoning_tokens(t, text, tokenizer) for t, text in zip(generated, texts)]
     return {
-        Metric.EXACT_MATCH: sum(exact_match(p, r) for p, r in pairs) / len(pairs),
-        Metric.ROUGE_L: sum(rouge_l(p, r) for p, r in pairs) / len(pairs),
+        Metric.EXACT_MATCH: sum(matches(p, r, settings.answer) for p, r in pairs) / len(pairs),
+        Metric.ROUGE_L: sum(rouge_l(p or "", r) for p, r in pairs) / len(pairs),
+        Metric.REASONING_TOKENS: sum(reasoning) / len(reasoning),
+        Metric.TRUNCATED_SHARE: sum(truncated) / len(truncated),
     }
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    """Equal once runs of whitespace are one space and the ends are stripped."""
-    return " ".join(prediction.split()) == " ".join(reference.split())
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure: the longest common subsequence of lower-cased alphanumeric words,
-    over both lengths (``rouge_score``'s default tokenization; 0 when either is empty)."""
-    ours, theirs = _words(prediction), _words(reference)
-    common = _lcs(ours, theirs)
-    if not common:
-        return 0.0
-    precision, recall = common / len(ours), common / len(theirs)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def _lcs(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence, by dynamic programming over one row."""
-    row = [0] * (len(b) + 1)
-    for x in a:
-        diagonal = 0
-        for j, y in enumerate(b, start=1):
-            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
+def _reasoning_tokens(tokens: list[int], text: str, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The generated tokens up to the one that closes its (last) think block; all of them when
+    it never closes one; 0 without one. Found by decoding prefixes, whatever the tokenizer makes
+    of ``</think>`` (one added token in Qwen3's)."""
+    closes = text.count(THINK_CLOSE)
+    if not closes:
+        return len(tokens) if THINK_OPEN in text else 0
+    low, high = 1, len(tokens)  # the shortest prefix that holds every close
+    while low < high:
+        middle = (low + high) // 2
+        prefix = tokenizer.decode(tokens[:middle], skip_special_tokens=True)
+        low, high = (low, middle) if prefix.count(THINK_CLOSE) == closes else (middle + 1, high)
+    return low

@@ -351,6 +351,10 @@ def fixed_settings(study: StudyConfig) -> dict:
         "data_format": study.data.format,
         "max_length": study.data.max_length,
         "assistant_only": study.data.assistant_only,
+        # what is trained of reasoning, in which context, and what exact match compares
+        "reasoning": study.data.reasoning,
+        "each_turn_as_last": study.data.each_turn_as_last,
+        "answer": study.eval.answer,
         "batch_size": train.batch_size,
         "grad_accum_steps": train.grad_accum_steps,
         "max_steps": train.max_steps,

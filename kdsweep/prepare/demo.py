@@ -15,46 +15,29 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from rich.console import Console
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
-from kdsweep.data import ChatTemplate, Conversation, make_batches, tokenize
-from kdsweep.distill import train
-from kdsweep.distill.evaluate import score
-from kdsweep.distill.models import Vocabulary
-from kdsweep.paths import atomic_folder, cache_dir
-from kdsweep.study.config import TrainConfig
+from kdsweep.errors import UsageError
+from kdsweep.paths import cache_dir
+from kdsweep.prepare import demo_reasoning
+from kdsweep.prepare.demo_models import (
+    Messages,
+    build_once,
+    build_tokenizer,
+    folders,
+    parameters,
+    save,
+    student_config,
+    teacher_config,
+    train_teacher,
+)
 
 PREFIX = "demo:"  # a study's teacher or student named demo:teacher / demo:student
-EOS_TOKEN = "<|endoftext|>"  # Qwen's end-of-text token, also its padding token
-EOS_TOKEN_ID = 0  # build_tokenizer gives the special tokens the first ids, in this order
-# ChatML's, as Qwen's chat template writes them
-TURN_START, TURN_END = (
-    "<|im_start|>",
-    "<|im_end|>",
-)
-SPECIAL_TOKENS = (EOS_TOKEN, TURN_START, TURN_END)
-# Bytes, the special tokens and merges; on the demo corpus the merges run out first.
-MAX_VOCAB_SIZE = 2048
-# Qwen's chat template in its plainest form (no tools, no thinking): each turn between <|im_start|>
-# and <|im_end|>, and the generation prompt that opens an assistant turn.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-# Qwen2/Qwen3's pre-tokenizer pattern: digits stand alone, so numbers are read digit by digit.
-_QWEN_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 
 def demo_dir() -> Path:
@@ -152,9 +135,6 @@ TRAIN_ROWS, TRAIN_SEED = (
 )
 
 
-Messages = list[dict[str, str]]  # a conversation as a messages row holds it: {role, content} turns
-
-
 def generate_conversations(n: int, *, seed: int) -> list[Messages]:
     """``n`` conversations of two "name a ..." exchanges, the same for the same ``seed``.
 
@@ -182,11 +162,6 @@ def generate_conversations(n: int, *, seed: int) -> list[Messages]:
             ]
         conversations.append(messages)
     return conversations
-
-
-def chatml(messages: Messages) -> str:
-    """The conversation as :data:`CHAT_TEMPLATE` renders it."""
-    return "".join(f"{TURN_START}{m['role']}\n{m['content']}{TURN_END}\n" for m in messages)
 
 
 def answers(category: str) -> list[str]:
@@ -240,92 +215,6 @@ def write_demo_data(folder: str | Path) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def build_tokenizer(conversations: list[Messages]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``conversations`` as the chat template renders them,
-    built the way Qwen's is.
-
-    Bytes as the base alphabet (any text encodes, nothing is unknown), Qwen's pre-tokenizer
-    pattern (digits one by one), no BOS token, ``<|endoftext|>`` as both EOS and padding token as
-    in Qwen (the case where masking by token id would wrongly drop every real EOS), and ChatML's
-    ``<|im_start|>`` and ``<|im_end|>`` as special tokens, the second closing every turn.
-    """
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=MAX_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator((chatml(c) for c in conversations), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        extra_special_tokens=[TURN_START, TURN_END],
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-# Shapes follow Qwen3-0.6B in kind (tied embeddings, grouped-query attention, SiLU MLP, q/k norms)
-# at a size a 2-core CPU trains in seconds. With the demo vocabulary (about 1,700 tokens: every
-# answer is one token) the teacher has about 660K parameters and the student about 80K, most of
-# them its embeddings.
-_TEACHER_SHAPE = {
-    "hidden_size": 128,
-    "intermediate_size": 448,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-}
-_STUDENT_SHAPE = {
-    "hidden_size": 32,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 16,
-}
-MAX_POSITIONS = 256  # the longest demo row is about 30 tokens
-
-
-def teacher_config(vocab_size: int, *, eos_token_id: int = EOS_TOKEN_ID) -> Qwen3Config:
-    """The demo teacher: a Qwen3 of about 660K parameters."""
-    return _config(vocab_size, eos_token_id=eos_token_id, **_TEACHER_SHAPE)
-
-
-def student_config(vocab_size: int, *, eos_token_id: int = EOS_TOKEN_ID) -> Qwen3Config:
-    """The demo student: a Qwen3 of about 80K parameters, same vocabulary as the teacher."""
-    return _config(vocab_size, eos_token_id=eos_token_id, **_STUDENT_SHAPE)
-
-
-def _config(vocab_size: int, *, eos_token_id: int, **shape: int) -> Qwen3Config:
-    return Qwen3Config(
-        vocab_size=vocab_size,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=True,  # as in Qwen3-0.6B; untied, the student would grow by a quarter
-        eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,  # Qwen pads with its EOS token
-        bos_token_id=None,
-        **shape,
-    )
-
-
 # ---------------------------------------------------------------- the demo's models, built once
 
 # Bump when the demo data, tokenizer, configs or teacher training change: it names the cache.
@@ -337,26 +226,50 @@ def ensure_models() -> dict[str, Path]:
     """Folders of the demo teacher and student (with the tokenizer), built on first use.
 
     The teacher is trained on the demo's corpus, 100 times the students' train split, so that it
-    knows the categories' answers better than the students' data can tell them. Workers racing
-    to build it wait on a lock; the folder appears whole, by an atomic rename.
+    knows the categories' answers better than the students' data can tell them.
     """
-    root = demo_dir() / f"v{DEMO_VERSION}"
-    folders = {"teacher": root / "teacher", "student": root / "student"}
-    if all((f / "config.json").exists() for f in folders.values()):
-        return folders
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(root / ".lock"):
-        if not all((f / "config.json").exists() for f in folders.values()):
-            _build_models(root, folders)
-    return folders
+    return build_once(_models_root(), _build_models)
 
 
 def location(name: str) -> str:
-    """The folder of ``demo:teacher`` or ``demo:student``, built on first use."""
-    return str(ensure_models()[name.removeprefix(PREFIX)])
+    """The folder of a demo model, built on first use: ``demo:teacher`` or ``demo:student``, or
+    the reasoning demo's ``demo:reasoning-teacher`` or ``demo:reasoning-student``."""
+    root, build, role = _demo(name)
+    return str(build_once(root, build)[role])
 
 
-def _build_models(root: Path, folders: dict[str, Path]) -> None:
+def is_demo(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def built(name: str) -> bool:
+    """Whether the demo model ``name`` is built already (``location`` would not build it)."""
+    root, _, role = _demo(name)
+    return (folders(root)[role] / "config.json").exists()
+
+
+def _demo(name: str) -> tuple[Path, Callable[[dict[str, Path]], None], str]:
+    """Where a demo model is kept, how its demo builds it, and its role there."""
+    role = name.removeprefix(PREFIX)
+    if role in ("teacher", "student"):
+        return _models_root(), _build_models, role
+    if role.removeprefix(demo_reasoning.PREFIX) in ("teacher", "student"):
+        return (
+            demo_reasoning.models_root(),
+            demo_reasoning.build_models,
+            role.removeprefix(demo_reasoning.PREFIX),
+        )
+    raise UsageError(
+        f"unknown demo model {name!r}; use demo:teacher and demo:student, or "
+        "demo:reasoning-teacher and demo:reasoning-student"
+    )
+
+
+def _models_root() -> Path:
+    return demo_dir() / f"v{DEMO_VERSION}"
+
+
+def _build_models(folders: dict[str, Path]) -> None:
     console = Console(stderr=True)
     corpus, _, test = splits()
     tokenizer = build_tokenizer(corpus)
@@ -364,78 +277,17 @@ def _build_models(root: Path, folders: dict[str, Path]) -> None:
     student = Qwen3ForCausalLM(student_config(len(tokenizer)))
     teacher = Qwen3ForCausalLM(teacher_config(len(tokenizer)))
     console.print(
-        f"building the demo teacher ({_count(teacher):,} parameters) in {root}: one-time, under "
-        "a minute"
+        f"building the demo teacher ({parameters(teacher):,} parameters) in "
+        f"{folders['teacher'].parent}: one-time, under a minute"
     )
-    _train_teacher(teacher, tokenizer, corpus, test, console)
-    for role, model in (("teacher", teacher), ("student", student)):
-        with atomic_folder(folders[role]) as staging:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-
-
-def _train_teacher(
-    teacher, tokenizer, corpus: list[Messages], test: list[Messages], console
-) -> None:
-    """Plain next-token training (alpha 0) with kdsweep's own loop, on the whole corpus rendered
-    through the chat template, questions included."""
-    cfg = TEACHER_TRAINING
-    chat = ChatTemplate(tokenizer, tokenizer.chat_template)
-    split = tokenize(
-        _conversations(corpus), tokenizer, max_length=64, assistant_only=False, chat=chat
+    train_teacher(
+        teacher,
+        tokenizer,
+        corpus,
+        test,
+        settings=TEACHER_TRAINING,
+        max_length=64,
+        console=console,
     )
-    test_rows = tokenize(
-        _conversations(test[:256]), tokenizer, max_length=64, assistant_only=False, chat=chat
-    )
-    held_out = make_batches(
-        test_rows,
-        batch_size=64,
-        pad_id=tokenizer.pad_token_id,
-        shuffle_seed=None,
-        group_by_length=True,
-    )
-    vocab = Vocabulary(
-        size=len(tokenizer), teacher_rows=len(tokenizer), student_rows=len(tokenizer)
-    )
-    settings = train.DistillSettings(
-        alpha=0.0,
-        temperature=1.0,
-        top_k=None,
-        learning_rate=cfg["learning_rate"],
-        train=TrainConfig(
-            max_steps=cfg["max_steps"],
-            batch_size=cfg["batch_size"],
-            eval_every=cfg["eval_every"],
-            log_every=100,
-            warmup_ratio=0.05,
-            device="cpu",
-            select="last",
-        ),
-    )
-
-    def held_out_perplexity(model, step: int) -> dict[str, float]:
-        return {"ppl": score(model, held_out, vocab).perplexity}
-
-    data = train.TrainingData(split, vocab, tokenizer.pad_token_id, held_out_perplexity)
-    train.distill(teacher, settings, data, None, _Printed(console, cfg["max_steps"]))
-
-
-class _Printed(train.TrialHooks):
-    """The teacher's training as lines on the console."""
-
-    def __init__(self, console: Console, steps: int):
-        self.console, self.steps = console, steps
-
-    def logged(self, log: train.StepLog) -> None:
-        self.console.print(f"  teacher step {log.step}/{self.steps}: loss {log.loss:.3f}")
-
-    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
-        self.console.print(f"  teacher step {step}: held-out perplexity {metrics['ppl']:.2f}")
-
-
-def _conversations(rows: list[Messages]) -> list[Conversation]:
-    return [Conversation(tuple((m["role"], m["content"]) for m in messages)) for messages in rows]
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    save(folders["teacher"], teacher, tokenizer)
+    save(folders["student"], student, tokenizer)

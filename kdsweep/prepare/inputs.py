@@ -62,7 +62,11 @@ class Inputs:
 AGREEMENT_ROWS = 64  # rows of each split that teacher and student must render and tokenize alike
 
 
-def read_inputs(study: StudyConfig, progress: SweepProgress) -> Inputs:
+def read_inputs(
+    study: StudyConfig, progress: SweepProgress, *, first_rows: int | None = None
+) -> Inputs:
+    """What the trials read, checked (``first_rows``: only each split's first rows, as
+    ``kdsweep check`` reads them)."""
     device = models.resolve_device(study.train.device)
     teacher, student = locate(study.teacher, study), locate(study.student, study)
     progress.message(f"loading tokenizer and data for {study.name!r} on {device}")
@@ -75,7 +79,9 @@ def read_inputs(study: StudyConfig, progress: SweepProgress) -> Inputs:
         lora.check_targets(student, study.student.lora)
     data = study.data
     splits = (data.train_split, data.eval_split) + ((data.test_split,) if data.test_split else ())
-    rows = {split: _read_rows(study, split, progress) for split in dict.fromkeys(splits)}
+    rows = {
+        split: _read_rows(study, split, progress, first_rows) for split in dict.fromkeys(splits)
+    }
     chat = _chat_template(study, rows, tokenizer)
     _check_teacher_tokens(study, rows, tokenizer, teacher_tokenizer, chat)
     # The train rows' prompts are read by on-policy steps only; the eval rows' by accuracy.
@@ -105,10 +111,13 @@ def read_inputs(study: StudyConfig, progress: SweepProgress) -> Inputs:
     )
 
 
-def _read_rows(study: StudyConfig, split: str, progress: SweepProgress) -> Rows:
-    rows = read_rows(
-        load_split(study.data, split, base_dir=study.base_dir), study.data, split=split
-    )
+def _read_rows(
+    study: StudyConfig, split: str, progress: SweepProgress, first_rows: int | None
+) -> Rows:
+    dataset = load_split(study.data, split, base_dir=study.base_dir)
+    if first_rows is not None:
+        dataset = dataset.select(range(min(first_rows, len(dataset))))
+    rows = read_rows(dataset, study.data, split=split)
     if rows.skipped:
         progress.message(
             f"data: left out {rows.skipped} conversations of {split!r} that have no assistant turn"
@@ -147,7 +156,10 @@ def _check_teacher_tokens(
     if chat is not None:
         own = None if study.data.chat_template else teacher_tokenizer.chat_template
         teacher_chat = ChatTemplate(
-            teacher_tokenizer, own or chat.template, study.data.chat_template_kwargs
+            teacher_tokenizer,
+            own or chat.template,
+            study.data.chat_template_kwargs,
+            reasoning=study.data.reasoning,
         )
     special = chat is None  # a chat template writes its own special tokens
     for split_rows in rows.values():
@@ -238,6 +250,12 @@ def _tokenized(
         progress.message(
             f"data: {tokens.dropped} rows of {split!r} have no scored token within "
             "data.max_length and are left out"
+        )
+    if tokens.counts.left_out:
+        progress.message(
+            f"data: the chat template leaves out the reasoning of {tokens.counts.left_out} of "
+            f"the {tokens.counts.reasoned} answers of {split!r} that have some (earlier turns); "
+            "they are trained without it (data.each_turn_as_last: true trains each with its own)"
         )
     return tokens
 

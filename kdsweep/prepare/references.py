@@ -1,6 +1,7 @@
 """What every trial is compared with, measured once per study: the teacher and the untrained
-student (perplexity, and accuracy when the study decodes answers), the data's sizes and padding,
-and the share of the teacher's probability mass each top_k keeps.
+student (perplexity, and accuracy when the study decodes answers, with the teacher's reasoning
+length and truncated share), the data's sizes and padding, what became of the train answers'
+reasoning, and the share of the teacher's probability mass each top_k keeps.
 
 The first worker to reach a new study measures them; the sweep keeps them with the Optuna study
 (keyed by ``names.StudyAttr``) for every other worker, the parent MLflow run and the report.
@@ -8,7 +9,7 @@ The first worker to reach a new study measures them; the sweep keeps them with t
 
 from __future__ import annotations
 
-from kdsweep.data import make_batches, padding_share
+from kdsweep.data import AnswerCounts, make_batches, padding_share
 from kdsweep.distill import models
 from kdsweep.distill.evaluate import EvalSet, accuracy, score
 from kdsweep.names import Metric, StudyAttr
@@ -51,6 +52,7 @@ def measure(
         StudyAttr.TRAIN_PADDING_SHARE: padding_share(train_batches),
         StudyAttr.VOCAB_SIZE: inputs.vocab.size,
         StudyAttr.VOCAB_PADDED: inputs.vocab.padded,
+        **answer_counts(inputs.train_split.counts),
     }
     if masses := teacher.masses():
         values[StudyAttr.TOPK_MASS] = masses  # JSON keys are strings: {"20": 0.93, "50": 0.97}
@@ -76,4 +78,18 @@ def _accuracies(
         StudyAttr.TEACHER_ROUGE_L: scores["teacher"][Metric.ROUGE_L],
         StudyAttr.UNTRAINED_EXACT_MATCH: scores["untrained"][Metric.EXACT_MATCH],
         StudyAttr.UNTRAINED_ROUGE_L: scores["untrained"][Metric.ROUGE_L],
+        StudyAttr.TEACHER_REASONING_TOKENS: scores["teacher"][Metric.REASONING_TOKENS],
+        StudyAttr.TEACHER_TRUNCATED_SHARE: scores["teacher"][Metric.TRUNCATED_SHARE],
+    }
+
+
+def answer_counts(counts: AnswerCounts) -> dict[str, int]:
+    """The train split's answers and what became of their reasoning, by their attrs' names."""
+    return {
+        StudyAttr.TRAIN_ANSWERS: counts.answers,
+        StudyAttr.TRAIN_REASONED: counts.reasoned,
+        StudyAttr.TRAIN_REASONING_TRAINED: counts.trained,
+        StudyAttr.TRAIN_REASONING_LEFT_OUT: counts.left_out,
+        StudyAttr.TRAIN_REASONING_STRIPPED: counts.stripped,
+        StudyAttr.TRAIN_UNLIKE_GENERATION: counts.unlike_generation,
     }

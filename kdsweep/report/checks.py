@@ -14,6 +14,7 @@ from kdsweep.study.space import SEARCH_SPACE, WHOLE_VOCAB
 TOPK_MASS_WARN = (
     0.90  # a top-k that keeps less of the teacher's probability mass is worth a warning
 )
+TRUNCATED_WARN = 0.10  # a teacher cut off on more of its answers than this needs more new tokens
 STABLE_TOP_TRIALS = 5  # PED-ANOVA wants about this many trials in its top quantile
 RANGE_EDGE = (
     0.05  # a best value this close to a range's end (as a share of the range) suggests widening it
@@ -33,6 +34,8 @@ def warnings_for(data: ReportData) -> list[str]:
         _warn_vocab_padding,
         _warn_padding_share,
         _warn_config_changed,
+        _warn_reasoning_left_out,
+        _warn_teacher_truncated,
     )
     return [w for check in checks for w in check(data)]
 
@@ -174,4 +177,28 @@ def _warn_config_changed(data: ReportData) -> list[str]:
     return [
         f"The sweep ran with settings the study file no longer has ({listed}); the reproduce "
         "command sets them."
+    ]
+
+
+def _warn_reasoning_left_out(data: ReportData) -> list[str]:
+    left_out = data.attrs.get(StudyAttr.TRAIN_REASONING_LEFT_OUT)
+    if not left_out:
+        return []
+    return [
+        f"The reasoning of {left_out:,} train answers was not trained on: the chat template "
+        "leaves it out of earlier turns (Qwen3's renders it after the last user turn only); "
+        "`data.each_turn_as_last: true` trains each turn with its own."
+    ]
+
+
+def _warn_teacher_truncated(data: ReportData) -> list[str]:
+    """A teacher cut off before its answers: accuracy measures the budget, not the models."""
+    share = as_float(data.attrs.get(StudyAttr.TEACHER_TRUNCATED_SHARE))
+    if share is None or share <= TRUNCATED_WARN:
+        return []
+    budget = data.study.eval.max_new_tokens
+    return [
+        f"The teacher's answers were truncated on {100 * share:.0f}% of the decoded rows (cut "
+        f"at eval.max_new_tokens = {budget} before their end, or a think block never closed): "
+        "accuracy measures the token budget more than the models; raise `eval.max_new_tokens`."
     ]

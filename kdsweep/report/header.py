@@ -7,7 +7,7 @@ import pandas as pd
 
 from kdsweep.names import StudyAttr
 from kdsweep.report.collect import ReportData
-from kdsweep.report.text import STATE_WORDS, objective_label, set_text
+from kdsweep.report.text import STATE_WORDS, objective_label, set_text, train_reasoning_note
 from kdsweep.study.config import StudyConfig
 from kdsweep.version import __version__
 
@@ -38,6 +38,7 @@ def render_header(data: ReportData) -> str:
         "",
         f"- **Teacher**: `{study.teacher.name}`; **student**: `{study.student.name}`",
         f"- **Dataset**: `{study.data.dataset}` ({_sizes(attrs, study)})",
+        *_reasoning(attrs),
         f"- **{'Objectives' if study.multi_objective else 'Objective'}**: {_objectives(study)}"
         + _constraints(study),
         f"- **Trials**: {len(trials)} ({states}); target {data.settings.target}{checks}",
@@ -100,6 +101,12 @@ def _constraints(study: StudyConfig) -> str:
         return ""
     ceilings = ", ".join(f"`{name}` <= {ceiling:g}" for name, ceiling in study.constraints.items())
     return f"\n- **Constraints**: {ceilings}; only trials within them are ranked"
+
+
+def _reasoning(attrs: dict) -> list[str]:
+    """The train answers' reasoning: what is trained on, and why some is not."""
+    note = train_reasoning_note(attrs)
+    return [f"- **Reasoning** (train split): {note}"] if note else []
 
 
 def _sizes(attrs: dict, study: StudyConfig) -> str:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kdsweep.errors import UsageError
 from kdsweep.names import Metric, StudyAttr, TrialAttr
-from kdsweep.report.text import device_hours, duration
+from kdsweep.report.text import device_hours, duration, train_reasoning_note
 from kdsweep.store import cost
 from kdsweep.store.settings import as_run
 from kdsweep.store.storage import load_existing_study
@@ -165,6 +165,8 @@ def print_summary(study: StudyConfig, console: Console | None = None) -> None:
             describe(params_of(trial), short=True),
         )
     console.print(table)
+    if note := train_reasoning_note(attrs):
+        console.print(f"reasoning (train split): {note}", highlight=False)
 
 
 _SHOWN = (Metric.STUDENT_PPL, Metric.EXACT_MATCH)  # the summary's own columns

@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 
+from kdsweep.names import StudyAttr
 from kdsweep.study.measures import BY_NAME
 from kdsweep.study.space import SEARCH_SPACE, describe
 
@@ -130,3 +131,49 @@ def measure_text(name: str, value) -> str:
     """A measure as tables show it (``Measure.show``); "" when there is none."""
     number = as_float(value)
     return "" if number is None else BY_NAME[name].show(number)
+
+
+def reasoning_note(
+    answers: int,
+    reasoned: int,
+    trained: int,
+    left_out: int,
+    stripped: int,
+    unlike_generation: int,
+) -> str | None:
+    """What became of a split's answers' reasoning, and why some is not scored (None when there
+    is nothing to say: no reasoning, and every answer scored as it is generated)."""
+    if not reasoned and not unlike_generation:
+        return None
+    parts = [f"{answers:,} answers, {reasoned:,} with reasoning: {trained:,} scored with it"]
+    if left_out:
+        parts.append(
+            f"{left_out:,} left out by the chat template (it renders reasoning in later turns "
+            "only)"
+        )
+    if stripped:
+        parts.append(f"{stripped:,} stripped (`data.reasoning: strip`)")
+    text = ", ".join(parts)
+    if unlike_generation:
+        text += (
+            f"; {unlike_generation:,} answers scored in another context than they are generated "
+            "in (the template renders earlier turns unlike a last one)"
+        )
+    if left_out or unlike_generation:
+        text += "; `data.each_turn_as_last: true` trains each answer as it is generated"
+    return text
+
+
+def train_reasoning_note(attrs: dict) -> str | None:
+    """:func:`reasoning_note` of the train split, from the study's attrs (None before a study
+    that records it has measured its references)."""
+    if StudyAttr.TRAIN_ANSWERS not in attrs:
+        return None
+    return reasoning_note(
+        attrs[StudyAttr.TRAIN_ANSWERS],
+        attrs[StudyAttr.TRAIN_REASONED],
+        attrs[StudyAttr.TRAIN_REASONING_TRAINED],
+        attrs[StudyAttr.TRAIN_REASONING_LEFT_OUT],
+        attrs[StudyAttr.TRAIN_REASONING_STRIPPED],
+        attrs[StudyAttr.TRAIN_UNLIKE_GENERATION],
+    )

@@ -22,6 +22,9 @@ SAMPLERS = ("tpe", "gp", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "sharegpt")
+REASONING = ("train", "strip")  # data.reasoning
+# eval.answer's named patterns; any other value is a regular expression
+WHOLE_ANSWER, GSM8K_ANSWER, BOXED_ANSWER = "whole", "gsm8k", "boxed"
 SELECTIONS = ("best", "last")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ALL_LINEAR = "all-linear"  # peft's LoRA target: every linear layer but the output layer
@@ -68,6 +71,8 @@ class DataConfig:
     """Where the rows come from, what shape they have, and how they become tokens."""
 
     dataset: str = ""  # hub id, or a local file (jsonl/json/parquet/csv) or folder of them
+    # a hub dataset's subset (its configuration), e.g. math of open-r1/Mixture-of-Thoughts
+    subset: str | None = None
     train_split: str = "train"
     # the validation split: pruning, the sampler, each trial's best checkpoint and the best trial
     eval_split: str = "test"
@@ -90,6 +95,14 @@ class DataConfig:
     chat_template: str | None = None
     # passed to the template, e.g. {enable_thinking: false}
     chat_template_kwargs: dict = field(default_factory=dict)
+    # an assistant turn's reasoning (a reasoning_content, reasoning or thinking key, or
+    # <think>...</think> in its content): train (rendered where the chat template puts it, scored
+    # with the answer) or strip (taken off: the answers alone are trained on)
+    reasoning: str = REASONING[0]
+    # each assistant turn a row of its own: the conversation up to it, that turn alone scored,
+    # rendered as the template renders a last turn (as it is generated); false: each conversation
+    # once, every turn as the template renders it (Qwen3's leaves earlier turns' reasoning out)
+    each_turn_as_last: bool = False
     max_length: int = 512
     assistant_only: bool = True  # score only the answers (each with the token that ends it)
     group_by_length: bool = True  # batch rows of similar length so little compute goes to padding
@@ -144,6 +157,10 @@ class EvalConfig:
     batch_size: int = 32  # prompts decoded together (left-padded, with the KV cache)
     # at every evaluation, not only the last (always, for an accuracy objective)
     every_eval: bool = False
+    # what exact match compares, in the generation (after its reasoning) and the reference alike:
+    # whole (the answer), gsm8k (the number after ####), boxed (the last \boxed{...}), or a
+    # regular expression (its first group, else the whole match; the last match counts)
+    answer: str = WHOLE_ANSWER
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ from kdsweep.data import (
     tokenize,
 )
 from kdsweep.errors import UsageError
-from kdsweep.prepare import demo
+from kdsweep.prepare import demo_models
 from kdsweep.study.config import DataConfig
 
 from conftest import conversations, write_tiny_study
 
-EOT = demo.TURN_END
+EOT = demo_models.TURN_END
 
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
@@ -123,8 +123,8 @@ def test_a_template_that_writes_a_bos_gets_one_and_it_is_not_scored(tokenizer):
         bos_token="<s>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=[demo.TURN_START, EOT],
-        chat_template="{{- bos_token }}" + demo.CHAT_TEMPLATE,
+        extra_special_tokens=[demo_models.TURN_START, EOT],
+        chat_template="{{- bos_token }}" + demo_models.CHAT_TEMPLATE,
     )
     row = conversation(("user", "Name a fruit."), ("assistant", "apple"))
     split = tokenize(
@@ -142,7 +142,7 @@ def test_a_template_that_writes_a_bos_gets_one_and_it_is_not_scored(tokenizer):
 
 
 def test_a_template_that_trims_contents_is_followed(tokenizer):
-    trimming = demo.CHAT_TEMPLATE.replace("message['content']", "message['content'] | trim")
+    trimming = demo_models.CHAT_TEMPLATE.replace("message['content']", "message['content'] | trim")
     row = conversation(("user", "  Name a fruit. "), ("assistant", "  apple \n"))
     split = tokenize(
         [row],
@@ -158,11 +158,11 @@ def test_a_template_whose_own_text_depends_on_the_content_is_refused(tokenizer):
     """Text the template writes between turns that a content's words change (a note after an
     excited turn) cannot be told from the turns; text next to a content is taken as the
     content's."""
-    moody = demo.CHAT_TEMPLATE.replace(
+    moody = demo_models.CHAT_TEMPLATE.replace(
         "'<|im_end|>' + '\\n'",
         "'<|im_end|>' + '\\n' + ('(excited)\\n' if '!' in message['content'] else '')",
     )
-    assert moody != demo.CHAT_TEMPLATE
+    assert moody != demo_models.CHAT_TEMPLATE
     row = conversation(("user", "Name a fruit!"), ("assistant", "apple"))
     with pytest.raises(RowError, match="changes with their contents"):
         tokenize(
@@ -236,9 +236,11 @@ def test_every_prompt_is_its_generation_prompt_tokenized(tokenizer, template):
     """Prompts are assembled from the row's own tokens where that is exact; whichever way, each
     equals the template's generation prompt tokenized on its own."""
     source = {
-        "plain": demo.CHAT_TEMPLATE,
-        "trimming": demo.CHAT_TEMPLATE.replace("message['content']", "message['content'] | trim"),
-        "with a bos": "{{- eos_token }}" + demo.CHAT_TEMPLATE,
+        "plain": demo_models.CHAT_TEMPLATE,
+        "trimming": demo_models.CHAT_TEMPLATE.replace(
+            "message['content']", "message['content'] | trim"
+        ),
+        "with a bos": "{{- eos_token }}" + demo_models.CHAT_TEMPLATE,
     }[template]
     rows = conversations(150, seed=4) + [
         conversation(("user", "Hi"), ("assistant", "\n\n  spaced out")),
@@ -266,7 +268,7 @@ def test_every_prompt_is_its_generation_prompt_tokenized(tokenizer, template):
 
 
 def test_chat_template_kwargs_reach_the_template(tokenizer):
-    thinking = demo.CHAT_TEMPLATE.replace(
+    thinking = demo_models.CHAT_TEMPLATE.replace(
         "{{- '<|im_start|>assistant\\n' }}",
         "{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and not "
         "enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}",
@@ -452,7 +454,7 @@ def test_conversations_need_a_chat_template(tmp_path, tiny_models, capsys):
     assert "data.chat_template: the student's tokenizer has no chat template" in errors[0]
     assert not (tmp_path / "optuna.db").exists()
     # The study's own template (a file beside the study) is the fix.
-    (tmp_path / "chatml.jinja").write_text(demo.CHAT_TEMPLATE)
+    (tmp_path / "chatml.jinja").write_text(demo_models.CHAT_TEMPLATE)
     assert (
         main(
             [
@@ -475,7 +477,7 @@ def test_teacher_and_student_must_render_alike(tmp_path, tiny_models, capsys):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_models["teacher"], teacher)
     (teacher / "chat_template.jinja").write_text(
-        "{{- '<|im_start|>system\\nBe kind.<|im_end|>\\n' }}" + demo.CHAT_TEMPLATE
+        "{{- '<|im_start|>system\\nBe kind.<|im_end|>\\n' }}" + demo_models.CHAT_TEMPLATE
     )
     code, _ = run_on(
         tmp_path,

@@ -19,7 +19,7 @@ from kdsweep.data import (
     tokenize,
 )
 from kdsweep.errors import UsageError
-from kdsweep.prepare import demo
+from kdsweep.prepare import demo_models
 from kdsweep.study.config import DataConfig
 
 from conftest import guanaco_rows
@@ -185,7 +185,7 @@ def test_tokenize_needs_a_fast_tokenizer():
 def batch_kwargs(**overrides):
     return {
         "batch_size": 8,
-        "pad_id": demo.EOS_TOKEN_ID,
+        "pad_id": demo_models.EOS_TOKEN_ID,
         "shuffle_seed": 0,
         "group_by_length": True,
     } | overrides
@@ -219,7 +219,7 @@ def test_batches_hold_every_example_once_and_never_score_padding(
         )
         padding = batch.attention_mask == 0
         assert (batch.labels[padding] == IGNORE_INDEX).all()
-        assert (batch.input_ids[padding] == demo.EOS_TOKEN_ID).all()
+        assert (batch.input_ids[padding] == demo_models.EOS_TOKEN_ID).all()
         for row, example in enumerate(batch.example_ids.tolist()):
             n = len(demo_split.input_ids[example])
             assert batch.input_ids[row, :n].tolist() == list(demo_split.input_ids[example])

@@ -10,8 +10,16 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from kdsweep.data import tokenize
-from kdsweep.distill.evaluate import Answers, accuracy, answer_text, exact_match, rouge_l
+from kdsweep.data import answer_text, tokenize
+from kdsweep.distill.answers import (
+    exact_match,
+    extract,
+    generated_answer,
+    matches,
+    rouge_l,
+    words,
+)
+from kdsweep.distill.evaluate import Answers, accuracy
 from kdsweep.distill.generation import generate
 from kdsweep.study.config import EvalConfig
 
@@ -147,3 +155,81 @@ def test_max_rows_caps_the_rows_decoded(tokenizer):
     answers = Answers.of(split, tokenizer, EvalConfig(accuracy=True, max_rows=7))
     assert len(answers.prompts) == len(answers.references) == 7
     assert answers.references == [split.answers[e] for e in split.answered()[:7]]
+
+
+# --- answers after their reasoning, extracted; ROUGE-L in any script ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("language", "answer"),
+    [("zh", "北京是中国的首都。"), ("ja", "東京タワーはとても高い。"), ("ko", "안녕하세요, 세계")],
+)
+def test_rouge_l_scores_identical_cjk_answers_1(language, answer):
+    """rouge_score's default keeps [a-z0-9] runs only: identical CJK answers score 0 there."""
+    default = rouge_scorer.RougeScorer(["rougeL"]).score(answer, answer)["rougeL"].fmeasure
+    assert rouge_l(answer, answer) == 1.0 and default == 0.0
+
+
+def test_rouge_l_counts_each_cjk_character_as_a_word():
+    """By hand: 北京很好 against 北京不好: an LCS of 3 of 4 characters each, F = 0.75; Korean
+    syllables and kana alike."""
+    assert words("今天天气很好, GPT-4 works! 東京タワー 안녕") == [
+        "今", "天", "天", "气", "很", "好", "gpt", "4", "works", "東", "京", "タ", "ワ", "ー",
+        "안", "녕",
+    ]  # fmt: skip
+    assert rouge_l("北京很好", "北京不好") == pytest.approx(0.75)
+    assert rouge_l("안녕하세요", "안녕히세요") == pytest.approx(0.8)
+
+
+def test_an_answer_is_what_follows_its_reasoning():
+    assert generated_answer("<think>\n2 + 2 = 4\n</think>\n\n4") == "4"
+    assert exact_match(generated_answer("<think>\nx\n</think>\n\n4"), "4")
+    assert generated_answer("4") == "4"  # no think block: non-thinking mode
+    assert generated_answer("<think>\nstill thinking when cut") is None  # never closed
+
+
+@pytest.mark.parametrize(
+    ("pattern", "generated", "reference", "same"),
+    [
+        ("gsm8k", "so 1,600 in all.\n#### 1,600", "She sold 1600.\n#### 1600", True),
+        ("gsm8k", "#### 16", "#### 1600", False),
+        ("gsm8k", "no marker: 1600", "#### 1600", False),
+        ("boxed", r"thus \boxed{\frac{1}{2}}.", r"\boxed{\frac{1}{2}}", True),
+        ("boxed", r"\boxed{2} then \boxed{3}", r"\boxed{3}", True),  # the last one counts
+        (r"The answer is (\d+)", "The answer is 12. The answer is 13", "The answer is 13", True),
+        (r"\d+", "I say 42", "42", True),  # no group: the whole match
+        ("whole", "42", "42 ", True),
+        ("whole", "42", "The answer is 42", False),
+    ],
+)
+def test_eval_answer_extracts_from_generation_and_reference_alike(
+    pattern, generated, reference, same
+):
+    assert matches(generated, reference, pattern) is same
+
+
+def test_extraction_finds_nothing_where_there_is_nothing():
+    assert extract("no box here", "boxed") is None
+    assert extract(r"\boxed{open", "boxed") is None
+    assert not matches(None, "4")
+
+
+def test_truncated_answers_and_reasoning_lengths_are_measured(monkeypatch, qwen3_tokenizer):
+    """Three answers: one reasons then answers; one is cut while reasoning (max_new_tokens
+    reached, its think block open); one answers without reasoning. By hand: reasoning tokens
+    are those up to and including </think>, or all of a cut one."""
+    tokenizer = qwen3_tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    said = ["<think>\nred\n</think>\n\nblue", "<think>\nred red red", "blue"]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in said]
+    generations = [ids[0] + [end], ids[1], ids[2] + [end]]
+    prompts = [(1,), (2,), (3,)]
+    answers = Answers(prompts, ["blue"] * 3, tokenizer, EvalConfig(max_new_tokens=8), end)
+    monkeypatch.setattr(
+        "kdsweep.distill.evaluate.generate", lambda model, p, **kwargs: generations
+    )
+    found = accuracy(None, answers)
+    assert found["exact_match"] == pytest.approx(2 / 3)
+    assert found["truncated_share"] == pytest.approx(1 / 3)
+    think = tokenizer("<think>\nred\n</think>", add_special_tokens=False)["input_ids"]
+    assert found["reasoning_tokens"] == pytest.approx((len(think) + len(ids[1]) + 0) / 3)

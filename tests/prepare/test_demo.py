@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from kdsweep import paths
-from kdsweep.prepare import demo
+from kdsweep.prepare import demo, demo_models
 
 from conftest import ROOT
 
@@ -38,7 +38,7 @@ def splits():
 @pytest.fixture(scope="module")
 def tokenizer(splits):
     corpus, _, _ = splits
-    return demo.build_tokenizer(corpus)
+    return demo_models.build_tokenizer(corpus)
 
 
 def test_generator_is_deterministic():
@@ -108,12 +108,14 @@ def test_the_teacher_knows_answers_the_students_data_never_shows(splits):
 
 
 def test_tokenizer_is_qwen_like_and_answers_are_single_tokens(tokenizer, splits):
-    assert tokenizer.is_fast and len(tokenizer) <= demo.MAX_VOCAB_SIZE
+    assert tokenizer.is_fast and len(tokenizer) <= demo_models.MAX_VOCAB_SIZE
     assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
-    assert tokenizer.eos_token_id == tokenizer.pad_token_id == demo.EOS_TOKEN_ID
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == demo_models.EOS_TOKEN_ID
     assert tokenizer.bos_token is None
     _, train, test = splits
-    lengths = [len(ids) for ids in tokenizer([demo.chatml(c) for c in train + test])["input_ids"]]
+    lengths = [
+        len(ids) for ids in tokenizer([demo_models.chatml(c) for c in train + test])["input_ids"]
+    ]
     assert max(lengths) <= 48
     # Words are one token, or two ("ice cream"); numbers are read digit by digit, as Qwen reads
     # them.
@@ -126,20 +128,20 @@ def test_tokenizer_is_qwen_like_and_answers_are_single_tokens(tokenizer, splits)
 
 def test_tokenizer_has_qwens_chat_template_and_turn_tokens(tokenizer, splits):
     """ChatML, as Qwen writes it: <|im_start|> and <|im_end|> are special tokens, one id each,
-    and the template renders a conversation as demo.chatml does."""
+    and the template renders a conversation as demo_models.chatml does."""
     _, train, _ = splits
-    for token in (demo.TURN_START, demo.TURN_END):
+    for token in (demo_models.TURN_START, demo_models.TURN_END):
         assert tokenizer.added_tokens_decoder[tokenizer.convert_tokens_to_ids(token)].special
         assert len(tokenizer(token)["input_ids"]) == 1
-    assert tokenizer.apply_chat_template(train[0], tokenize=False) == demo.chatml(train[0])
+    assert tokenizer.apply_chat_template(train[0], tokenize=False) == demo_models.chatml(train[0])
     prompt = tokenizer.apply_chat_template(
         train[0][:1], tokenize=False, add_generation_prompt=True
     )
-    assert prompt == demo.chatml(train[0][:1]) + "<|im_start|>assistant\n"
+    assert prompt == demo_models.chatml(train[0][:1]) + "<|im_start|>assistant\n"
 
 
 def test_tokenizer_round_trips_through_a_folder(tokenizer, tmp_path):
-    rows = [demo.chatml(c) for c in shipped("train")[:20]]
+    rows = [demo_models.chatml(c) for c in shipped("train")[:20]]
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.is_fast
@@ -158,7 +160,10 @@ def count_parameters(config) -> int:
 
 def test_model_sizes_and_settings(tokenizer):
     vocab_size = len(tokenizer)
-    teacher, student = demo.teacher_config(vocab_size), demo.student_config(vocab_size)
+    teacher, student = (
+        demo_models.teacher_config(vocab_size),
+        demo_models.student_config(vocab_size),
+    )
     assert 0.55e6 < count_parameters(teacher) < 0.8e6
     assert 60e3 < count_parameters(student) < 100e3
     for config in (teacher, student):

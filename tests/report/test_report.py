@@ -310,3 +310,29 @@ def test_a_student_better_than_its_teacher_is_flagged(studies):
     assert "The best student (trial 1, perplexity 4) beats the teacher (4.5)" in section(
         text, "What went wrong"
     )
+
+
+def test_reasoning_left_out_and_a_truncated_teacher_are_said(studies):
+    """The train answers' reasoning the template left out, and a teacher cut off before its
+    answers, in the Study section and as warnings."""
+    study = load_study(studies["kd"])
+    data = collect(study, load_existing_study(study))
+    data.attrs |= {
+        StudyAttr.TRAIN_ANSWERS: 40,
+        StudyAttr.TRAIN_REASONED: 40,
+        StudyAttr.TRAIN_REASONING_TRAINED: 20,
+        StudyAttr.TRAIN_REASONING_LEFT_OUT: 20,
+        StudyAttr.TRAIN_REASONING_STRIPPED: 0,
+        StudyAttr.TRAIN_UNLIKE_GENERATION: 20,
+        StudyAttr.TEACHER_TRUNCATED_SHARE: 0.25,
+    }
+    text = render(
+        data, {name: _skipped(name) for name in ("importances", "history", "slice", "curves")}
+    )
+    assert (
+        "- **Reasoning** (train split): 40 answers, 40 with reasoning: 20 scored with it, 20 left "
+        "out by the chat template" in section(text, "Study")
+    )
+    wrong = section(text, "What went wrong")
+    assert "The reasoning of 20 train answers was not trained on" in wrong
+    assert "The teacher's answers were truncated on 25% of the decoded rows" in wrong

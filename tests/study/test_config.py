@@ -175,3 +175,30 @@ def test_a_study_loaded_by_a_relative_path_names_its_files_absolutely(tmp_path, 
     monkeypatch.chdir(tmp_path)
     study = load_study(Path("studies") / "study.yaml")
     assert study.resolve_path("rows.jsonl") == str(tmp_path / "studies" / "rows.jsonl")
+
+
+def test_reasoning_and_answer_settings_are_checked(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    found = problems(
+        path,
+        ["data.reasoning=drop", "eval.answer=(unclosed", "data.each_turn_as_last=maybe"],
+    )
+    assert (
+        f"{path}: data.reasoning: must be train or strip (train on an assistant turn's "
+        "reasoning, or strip it), got 'drop'" in found
+    )
+    assert any(
+        p.startswith(
+            f"{path}: eval.answer: '(unclosed' is neither whole, gsm8k, boxed nor a valid "
+            "regular expression"
+        )
+        for p in found
+    )
+    assert f"{path}: data.each_turn_as_last: must be true or false, got 'maybe'" in found
+    two = problems(path, [r"eval.answer=(\d+) and (\d+)"])
+    assert two == [
+        f"{path}: eval.answer: the regular expression '(\\\\d+) and (\\\\d+)' has 2 groups; keep "
+        "one around the answer (make the others non-capturing: (?:...))"
+    ]
+    for fine in ("whole", "gsm8k", "boxed", r"The answer is (\d+)", r"\d+"):
+        assert load_study(path, [f"eval.answer={fine}"]).eval.answer == fine
