@@ -47,6 +47,7 @@ import json
 import math
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -363,6 +364,54 @@ def kdsweep_run(
     data = train.TrainingData(split, vocab, 0, lambda model, step: {})
     train.distill(student, settings, data, teacher, hooks)
     return hooks.times
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer's step
+
+# torch's AdamW kernels, by the argument that selects each
+ADAMW_KERNELS = {
+    "loop": {"foreach": False},  # torch's default on a CPU: one tensor at a time
+    "foreach": {"foreach": True},  # torch's default on a GPU: kernels over groups of tensors
+    "fused": {"fused": True},  # kdsweep's (train.adamw): one kernel for the whole step
+}
+
+
+def time_adamw(model: nn.Module, *, device: torch.device, warmup: int, steps: int) -> dict:
+    """AdamW's step over copies of ``model``'s parameters, in each kernel, from the same
+    gradients; the kernels take turns step by step (in alternating order), so a shared machine's
+    load falls on all of them alike. Each kernel's median step seconds over the last ``steps``,
+    and how far its parameters end from the loop's."""
+    generator = torch.Generator(device).manual_seed(0)
+    grads = [
+        torch.randn(p.shape, generator=generator, device=device) * 1e-3 for p in model.parameters()
+    ]
+    copies = {name: [p.detach().clone() for p in model.parameters()] for name in ADAMW_KERNELS}
+    optimizers = {}
+    for name, params in copies.items():
+        for param, grad in zip(params, grads):
+            param.grad = grad  # shared: no kernel writes a gradient
+        optimizers[name] = torch.optim.AdamW(
+            params, lr=1e-4, weight_decay=0.01, **ADAMW_KERNELS[name]
+        )
+    seconds = {name: [] for name in copies}
+    for step in range(warmup + steps):
+        for name in list(copies) if step % 2 == 0 else reversed(list(copies)):
+            synchronize(device)
+            started = time.perf_counter()
+            optimizers[name].step()
+            synchronize(device)
+            if step >= warmup:
+                seconds[name].append(time.perf_counter() - started)
+    return {
+        name: {
+            "step_s": statistics.median(seconds[name]),
+            "max_abs_diff": max(
+                float((p - q).abs().max()) for p, q in zip(params, copies["loop"])
+            ),
+        }
+        for name, params in copies.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,19 @@ def test_gpu_benchmark_tiny_mode_runs_every_mode_on_the_cpu(tmp_path, capsys):
     assert "lora-16 / cached (full fine-tuning): peak memory" in table
 
 
+def test_optimizer_benchmark_times_each_kernel_and_the_step(capsys):
+    optimizer = load_script("optimizer")
+    smoke = ["--layers", "1", "--vocab", "512", "--seq", "16", "--steps", "1", "--rounds", "1"]
+    result = optimizer.main([*smoke, "--optimizer-steps", "2"])
+    kernels = result["kernels"]
+    assert list(kernels) == ["loop", "foreach", "fused"]
+    assert kernels["loop"]["max_abs_diff"] == 0 and kernels["fused"]["max_abs_diff"] < 1e-6
+    assert all(len(runs) == 1 for runs in result["steps"].values())
+    out = capsys.readouterr().out
+    assert "distillation step / plain fine-tuning step: " in out
+    assert "the optimizer's share of the plain step: " in out
+
+
 def test_lora_benchmark_compares_each_rank_with_full_fine_tuning(capsys):
     lora = load_script("lora")
     lora.main(["--layers", "1", "--vocab", "512", "--seq", "16", "--steps", "2", "--ranks", "4"])

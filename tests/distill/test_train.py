@@ -201,6 +201,27 @@ def test_gradient_accumulation_counts_micro_batches(setup, tiny_models):
     assert len(logs) == 3 and all(math.isfinite(log.loss) for log in logs)
 
 
+def test_the_fused_optimizer_steps_as_the_plain_one_does(tiny_models):
+    """kdsweep's AdamW (torch's fused kernel) and torch's per-tensor loop take the same steps from
+    the same gradients, to float rounding."""
+    students = [AutoModelForCausalLM.from_pretrained(tiny_models["student"]) for _ in range(2)]
+    start = [p.detach().clone() for p in students[0].parameters()]
+    fused = train.adamw(students[0], settings(train={"weight_decay": 0.1}))
+    plain = torch.optim.AdamW(students[1].parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for ours, theirs in zip(*(s.parameters() for s in students)):
+            ours.grad = torch.randn(ours.shape, generator=generator)
+            theirs.grad = ours.grad.clone()
+        fused.step()
+        plain.step()
+    pairs = list(zip(*(s.parameters() for s in students)))
+    moved = max(float((ours - before).abs().max()) for (ours, _), before in zip(pairs, start))
+    apart = max(float((ours - theirs).abs().max()) for ours, theirs in pairs)
+    assert moved > 1e-2 and apart < 1e-6
+
+
 def test_a_hook_can_stop_the_run(setup, tiny_models):
     class Pruned(Exception):
         pass
