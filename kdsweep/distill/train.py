@@ -26,7 +26,7 @@ from kdsweep.data import Batch, TokenizedSplit, make_batches
 from kdsweep.distill import clock, preemption
 from kdsweep.distill.checkpoints import BestCheckpoint, TrainState
 from kdsweep.distill.lora import load_trained_state, trained_state
-from kdsweep.distill.loss import DistillSettings, batch_loss
+from kdsweep.distill.loss import DistillSettings, batch_loss, token_shares, weighed
 from kdsweep.distill.models import Vocabulary, bf16_supported
 from kdsweep.distill.on_policy import OnPolicy
 from kdsweep.distill.targets import TeacherSignal
@@ -52,7 +52,9 @@ class TrainingData:
 
 @dataclass(frozen=True)
 class StepLog:
-    """Training statistics averaged over the steps since the previous log."""
+    """Training statistics averaged over the steps since the previous log; a step's loss and its
+    terms are means over all the tokens it scores (its on-policy divergence: over the tokens its
+    completions hold)."""
 
     step: int
     loss: float
@@ -230,26 +232,23 @@ def _train_step(
     plain: bool,
     step: int,
 ) -> None:
-    """One optimizer step over ``grad_accum_steps`` micro-batches, on-policy when the coin says."""
+    """One optimizer step over ``grad_accum_steps`` micro-batches, on-policy when the coin says.
+    Its loss is the mean over all the tokens the step scores (``loss.token_shares``): each
+    micro-batch's part of it goes backward in turn, so one micro-batch's graph exists at a time."""
     cfg = settings.train
     student, window, on_policy = loop.student, loop.window, loop.on_policy
-    device = next(student.parameters()).device
     generating = on_policy is not None and loop.coin.random() < settings.lmbda
+    micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
+    window.tokens += sum(batch.num_tokens for batch in micro_batches)
     with clock.part(clock.ON_POLICY_STEP if generating else clock.CACHED_STEP):
-        for _ in range(cfg.grad_accum_steps):
-            batch = next(batches)
-            window.tokens += int(batch.attention_mask.sum())
-            batch = batch.to(device)
-            if generating:
-                result = on_policy.loss(student, batch, settings, vocab, autocast=autocast)
-            else:
-                targets = (
-                    teacher.targets(batch, top_k=settings.top_k) if teacher and not plain else None
-                )
-                with autocast():
-                    result = batch_loss(student, batch, targets, settings, vocab)
-            loop.scaler.scale(result.loss / cfg.grad_accum_steps).backward()
-            window.add(result, cfg.grad_accum_steps)
+        if generating:
+            parts = on_policy.losses(student, micro_batches, settings, vocab, autocast=autocast)
+        else:
+            signal = None if plain else teacher
+            parts = _off_policy_losses(student, micro_batches, signal, settings, vocab, autocast)
+        for part in parts:
+            loop.scaler.scale(part.loss).backward()
+            window.add(part)
         # One device sync a step, so that a diverged trial stops at once rather than at its next
         # log. The window's sum was finite before this step: it is not now only if this one's is
         # not.
@@ -262,6 +261,26 @@ def _train_step(
         loop.optimizer.zero_grad(set_to_none=True)
     window.grad_norm += grad_norm.detach().float()
     window.steps += 1
+
+
+def _off_policy_losses(
+    student: PreTrainedModel,
+    micro_batches: list[Batch],
+    teacher: TeacherSignal | None,
+    settings: DistillSettings,
+    vocab: Vocabulary,
+    autocast: Callable,
+) -> Iterator[LossResult]:
+    """Each micro-batch's part of a step's loss on its rows, made as the loop asks for it: its
+    means (against the teacher's targets; none: the cross-entropy alone) times its share of the
+    step's scored tokens."""
+    device = next(student.parameters()).device
+    for batch, share in zip(micro_batches, token_shares(micro_batches)):
+        batch = batch.to(device)
+        targets = teacher.targets(batch, top_k=settings.top_k) if teacher else None
+        with autocast():
+            result = batch_loss(student, batch, targets, settings, vocab)
+        yield weighed(result, share)
 
 
 @dataclass
@@ -408,10 +427,11 @@ class _Window:
         if self.on_policy is not None:
             self.generating_at_log = self.on_policy.seconds
 
-    def add(self, result: LossResult, accum: int) -> None:
-        self.loss += result.loss.detach() / accum
-        self.kl += result.kl.detach() / accum
-        self.ce += result.ce.detach() / accum
+    def add(self, part: LossResult) -> None:
+        """A micro-batch's part of its step's loss: a step's parts add up to its means."""
+        self.loss += part.loss.detach()
+        self.kl += part.kl.detach()
+        self.ce += part.ce.detach()
 
     def flush(self, step: int, learning_rate: float) -> StepLog:
         now = time.perf_counter()

@@ -101,6 +101,7 @@ class TrainConfig:
 
     max_steps: int = 100  # optimizer steps per trial
     batch_size: int = 8
+    # micro-batches per optimizer step, whose loss is the mean over all the tokens they score
     grad_accum_steps: int = 1
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
