@@ -7,6 +7,7 @@ already located by ``prepare.inputs``, which also builds the demo's models).
 from __future__ import annotations
 
 import gc
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import is_flash_attn_2_available
 
 from kdsweep.distill.lora import effective_output_weight
 from kdsweep.errors import UsageError, first_line
@@ -105,12 +107,15 @@ def check_same_vocabulary(
             )
 
 
-def load_model(role: str, spec: ModelConfig, device: torch.device) -> PreTrainedModel:
-    """Load the teacher (frozen, eval mode) or a fresh student, on ``device``."""
+def load_model(
+    role: str, spec: ModelConfig, device: torch.device, *, attention: str | None = None
+) -> PreTrainedModel:
+    """Load the teacher (frozen, eval mode) or a fresh student, on ``device``, with the attention
+    implementation ``attention`` (None: transformers' default, sdpa where the model has it)."""
     dtype = resolve_dtype(spec.dtype, device, frozen=role == "teacher")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.name, revision=spec.revision, dtype=dtype
+            spec.name, revision=spec.revision, dtype=dtype, attn_implementation=attention
         )
     except (OSError, ValueError) as exc:
         raise _missing(role, spec.name, exc) from exc
@@ -118,6 +123,31 @@ def load_model(role: str, spec: ModelConfig, device: torch.device) -> PreTrained
     if role == "teacher":
         model.eval().requires_grad_(False)
     return model
+
+
+def check_attention(attention: str, device: torch.device) -> None:
+    """Raise UsageError unless ``attention`` runs here: flash_attention_2 needs the flash-attn
+    package and a CUDA GPU (which transformers checks only as the weights load)."""
+    if attention != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        reason = "flash-attn is not installed (pip install flash-attn --no-build-isolation)"
+    elif device.type != "cuda" or not is_flash_attn_2_available():
+        reason = f"it runs with flash-attn 2.3.3 or later on a CUDA GPU, not on {device}"
+    else:
+        return
+    raise UsageError(
+        f"train.attn_implementation: {reason}; set train.attn_implementation: sdpa (torch's own)"
+    )
+
+
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """Have ``model``'s decoder layers recompute their activations in the backward pass instead
+    of keeping them (transformers' gradient checkpointing, non-reentrant, which needs no input
+    that requires a gradient). Only in train mode: evaluation and generation run as before."""
+    # transformers 5.25 renamed it; the old name warns there, and is all 5.0 has.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
 
 
 @dataclass(frozen=True)
@@ -184,8 +214,9 @@ def hidden_states(
 ) -> torch.Tensor:
     """The last hidden states ``[B, S, H]``: the losses apply the output layer chunk by chunk,
     so the ``[B, S, V]`` logits are never built."""
+    # No KV cache: nothing generates here (and gradient checkpointing would refuse one).
     return model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
 
 

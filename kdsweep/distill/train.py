@@ -27,7 +27,7 @@ from kdsweep.distill import clock, preemption
 from kdsweep.distill.checkpoints import BestCheckpoint, TrainState
 from kdsweep.distill.lora import load_trained_state, trained_state
 from kdsweep.distill.loss import DistillSettings, batch_loss, token_shares, weighed
-from kdsweep.distill.models import Vocabulary, bf16_supported
+from kdsweep.distill.models import Vocabulary, bf16_supported, checkpoint_activations
 from kdsweep.distill.on_policy import OnPolicy
 from kdsweep.distill.targets import TeacherSignal
 from kdsweep.losses import LossResult
@@ -143,6 +143,8 @@ def distill(
     batches = endless_batches(data.split, settings, pad_id=data.pad_id, skip=skip)
     every = cfg.eval_every if cfg.checkpoint_every is None else cfg.checkpoint_every
 
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(student)
     student.train()
     with preemption.deferred():
         for step in range(start, cfg.max_steps + 1):

@@ -351,6 +351,8 @@ def fixed_settings(study: StudyConfig) -> dict:
         "grad_accum_steps": train.grad_accum_steps,
         "max_steps": train.max_steps,
         "precision": train.precision,
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "attn_implementation": train.attn_implementation,
         "seed": train.seed,
         "objective": ", ".join(study.objectives),
         **(

@@ -64,6 +64,7 @@ AGREEMENT_ROWS = 64  # rows of each split that teacher and student must render a
 
 def read_inputs(study: StudyConfig, progress: SweepProgress) -> Inputs:
     device = models.resolve_device(study.train.device)
+    models.check_attention(study.train.attn_implementation, device)
     teacher, student = locate(study.teacher, study), locate(study.student, study)
     progress.message(f"loading tokenizer and data for {study.name!r} on {device}")
     tokenizer = models.load_tokenizer("student", student)

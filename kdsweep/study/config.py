@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "sharegpt")
 SELECTIONS = ("best", "last")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")  # transformers' attn_implementation names
 ALL_LINEAR = "all-linear"  # peft's LoRA target: every linear layer but the output layer
 
 
@@ -129,6 +130,13 @@ class TrainConfig:
     teacher_cache: bool = True
     # a trial out of GPU memory is retried with half the micro-batch and twice the accumulation
     oom_retry: bool = False
+    # the student's decoder layers recompute their activations in the backward pass instead of
+    # keeping them: less memory for about a third more compute (transformers' gradient
+    # checkpointing, non-reentrant; TRL turns it on by default)
+    gradient_checkpointing: bool = False
+    # both models' attention: sdpa (torch's scaled_dot_product_attention), eager, or
+    # flash_attention_2 (the flash-attn package, on a CUDA GPU)
+    attn_implementation: str = "sdpa"
     # On-policy steps (search.lmbda > 0): how the student samples its own completions.
     generation_temperature: float = 1.0
     generation_max_new_tokens: int = 64

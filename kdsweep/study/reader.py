@@ -22,6 +22,7 @@ import yaml
 from kdsweep.errors import StudyError
 from kdsweep.study.config import (
     ALL_LINEAR,
+    ATTENTIONS,
     DATA_FORMATS,
     DTYPES,
     PRECISIONS,
@@ -415,6 +416,11 @@ def _validate_train(train: TrainConfig) -> list[str]:
     if train.precision not in PRECISIONS:
         problems.append(
             f"train.precision: must be one of {', '.join(PRECISIONS)}, got {train.precision!r}"
+        )
+    if train.attn_implementation not in ATTENTIONS:
+        problems.append(
+            f"train.attn_implementation: must be one of {', '.join(ATTENTIONS)}, got "
+            f"{train.attn_implementation!r}"
         )
     if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
         problems.append(f"train.device: must be auto, cpu, cuda or cuda:N, got {train.device!r}")

@@ -14,7 +14,12 @@ from kdsweep.distill import lora, preemption, train
 from kdsweep.distill import on_policy as on_policy_module
 from kdsweep.distill.evaluate import prepare_eval_set, score
 from kdsweep.distill.loss import DistillSettings, batch_loss
-from kdsweep.distill.models import Vocabulary, shared_vocabulary
+from kdsweep.distill.models import (
+    Vocabulary,
+    checkpoint_activations,
+    hidden_states,
+    shared_vocabulary,
+)
 from kdsweep.distill.preemption import Preempted
 from kdsweep.distill.targets import OnlineTeacher
 from kdsweep.distill.train import StepLog
@@ -302,6 +307,34 @@ def test_the_fused_optimizer_steps_as_the_plain_one_does(tiny_models):
     assert moved > 1e-2 and apart < 1e-6
 
 
+def test_gradient_checkpointing_keeps_fewer_activations_for_the_same_gradient(setup, tiny_models):
+    batch = next(train.endless_batches(setup[3], settings(), pad_id=0))
+
+    def kept_for_backward(student) -> int:
+        count = 0
+
+        def pack(tensor):
+            nonlocal count
+            count += 1
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            hidden_states(student, batch.input_ids, batch.attention_mask)
+        return count
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).train()
+    whole = kept_for_backward(student)
+    checkpoint_activations(student)
+    assert kept_for_backward(student) < whole / 4
+    assert kept_for_backward(student.eval()) == whole  # evaluation computes as before
+
+    plain, _ = first_step(setup, tiny_models, "distillation", ONE_BATCH)
+    checkpointed, _ = first_step(
+        setup, tiny_models, "distillation", {**ONE_BATCH, "gradient_checkpointing": True}
+    )
+    assert largest_difference(checkpointed, plain) < 1e-6
+
+
 def test_a_hook_can_stop_the_run(setup, tiny_models):
     class Pruned(Exception):
         pass
@@ -350,7 +383,7 @@ def test_perplexity_is_token_weighted():
                 )
 
         def get_decoder(self):
-            return lambda input_ids, attention_mask: type(
+            return lambda input_ids, attention_mask, use_cache: type(
                 "Out", (), {"last_hidden_state": torch.ones(*input_ids.shape, 1)}
             )
 

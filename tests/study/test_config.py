@@ -106,6 +106,21 @@ def test_set_overrides_any_field(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "train.attn_implementation=flash",
+            "train.attn_implementation: must be one of sdpa, eager, flash_attention_2, got "
+            "'flash'",
+        ),
+    ],
+)
+def test_impossible_settings(tmp_path, setting, message):
+    path = write(tmp_path, MINIMAL)
+    assert f"{path}: {message}" in problems(path, [setting])
+
+
+@pytest.mark.parametrize(
     "search, message",
     [
         ("{temperature: {low: 0, high: 2}}", "search.temperature.low: must be > 0, got 0.0"),
