@@ -340,7 +340,7 @@ def fixed_settings(study: StudyConfig) -> dict:
     train = study.train
     return {
         "teacher": study.teacher.name,
-        "student": study.student.name,
+        "student": study.student.label,
         "dataset": study.data.dataset,
         "train_split": study.data.train_split,
         "eval_split": study.data.eval_split,

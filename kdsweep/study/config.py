@@ -35,6 +35,9 @@ class ModelConfig:
     name: str = ""
     revision: str | None = None
     dtype: str = "auto"  # weights dtype; "auto" is bf16 on a bf16-capable GPU, else fp32
+    # a GGUF file in the folder or hub repo `name`, read by transformers (the gguf package),
+    # dequantized and kept as a plain model folder in the cache
+    gguf_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,33 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
-class StudentConfig(ModelConfig):
-    """The student: a model as the teacher is, and the LoRA adapter its LoRA trials train."""
+class FromTeacherConfig:
+    """A student built from the teacher: its embeddings, final norm and output layer, and the
+    decoder layers listed (DistilBERT's and Minitron's depth pruning), built once and cached."""
 
+    # the teacher's decoder layers the student keeps, in order, e.g. [0, 6, 12, 18, 24, 29]
+    # (counted from 0); none: the student is student.name
+    layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StudentConfig(ModelConfig):
+    """The student: a model as the teacher is, or one built from the teacher's layers; and the
+    LoRA adapter its LoRA trials train."""
+
+    from_teacher: FromTeacherConfig = FromTeacherConfig()
     lora: LoraConfig = LoraConfig()
+
+    @property
+    def built_from_teacher(self) -> bool:
+        return bool(self.from_teacher.layers)
+
+    @property
+    def label(self) -> str:
+        """How the student is named in a report and a run's params."""
+        if self.built_from_teacher:
+            return f"the teacher's layers {', '.join(map(str, self.from_teacher.layers))}"
+        return self.name
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ STUDIES = sorted(ROOT.joinpath("studies").glob("*.yaml"))
 def test_every_shipped_study_validates(path):
     study = load_study(path)
     assert study.name
-    assert study.teacher.name and study.student.name
+    assert study.teacher.name and study.student.label
 
 
 def write(tmp_path, text: str) -> Path:
