@@ -409,23 +409,28 @@ def _train_teacher(
             log_every=100,
             warmup_ratio=0.05,
             device="cpu",
+            select="last",
         ),
     )
-    train.distill(
-        teacher,
-        split,
-        None,
-        settings,
-        vocab=vocab,
-        pad_id=tokenizer.pad_token_id,
-        evaluate=lambda model, step: {"ppl": score(model, held_out, vocab).perplexity},
-        on_log=lambda log: console.print(
-            f"  teacher step {log.step}/{cfg['max_steps']}: loss {log.loss:.3f}"
-        ),
-        on_eval=lambda step, m: console.print(
-            f"  teacher step {step}: held-out perplexity {m['ppl']:.2f}"
-        ),
-    )
+
+    def held_out_perplexity(model, step: int) -> dict[str, float]:
+        return {"ppl": score(model, held_out, vocab).perplexity}
+
+    data = train.TrainingData(split, vocab, tokenizer.pad_token_id, held_out_perplexity)
+    train.distill(teacher, settings, data, None, _Printed(console, cfg["max_steps"]))
+
+
+class _Printed(train.TrialHooks):
+    """The teacher's training as lines on the console."""
+
+    def __init__(self, console: Console, steps: int):
+        self.console, self.steps = console, steps
+
+    def logged(self, log: train.StepLog) -> None:
+        self.console.print(f"  teacher step {log.step}/{self.steps}: loss {log.loss:.3f}")
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+        self.console.print(f"  teacher step {step}: held-out perplexity {metrics['ppl']:.2f}")
 
 
 def _conversations(rows: list[Messages]) -> list[Conversation]:

@@ -174,3 +174,16 @@ def test_cache_folders(monkeypatch, tmp_path):
     monkeypatch.delenv("KDSWEEP_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert paths.cache_dir() == Path.home() / ".cache" / "kdsweep"
+
+
+def test_the_demo_models_are_built_once_by_kdsweeps_own_loop(monkeypatch, capsys):
+    """The build on first use, at a fraction of its corpus and steps."""
+    monkeypatch.setattr(demo, "CORPUS_ROWS", 400)
+    monkeypatch.setattr(demo, "TEACHER_TRAINING", demo.TEACHER_TRAINING | {"max_steps": 4})
+    folders = demo.ensure_models()
+    err = capsys.readouterr().err
+    assert "teacher step 4/4: loss" in err and "teacher step 4: held-out perplexity" in err
+    teacher = Qwen3ForCausalLM.from_pretrained(folders["teacher"])
+    assert teacher.config.hidden_size == demo.teacher_config(10).hidden_size
+    assert (folders["student"] / "tokenizer.json").exists()
+    assert demo.ensure_models() == folders  # built once
