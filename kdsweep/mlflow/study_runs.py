@@ -339,7 +339,7 @@ def fixed_settings(study: StudyConfig) -> dict:
     """The settings every trial shares, as params, so the compare view shows all that differs."""
     train = study.train
     return {
-        "teacher": study.teacher.name,
+        "teacher": study.teacher.label,
         "student": study.student.label,
         "dataset": study.data.dataset,
         "train_split": study.data.train_split,

@@ -101,7 +101,7 @@ def render_header(data: ReportData) -> str:
     lines = [
         "## Study",
         "",
-        f"- **Teacher**: `{study.teacher.name}`; **student**: `{study.student.label}`",
+        f"- **Teacher**: `{study.teacher.label}`; **student**: `{study.student.label}`",
         f"- **Dataset**: `{study.data.dataset}` ({_sizes(attrs, study)})",
         f"- **{'Objectives' if study.multi_objective else 'Objective'}**: {_objectives(study)}"
         + _constraints(study),

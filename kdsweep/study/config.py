@@ -39,6 +39,11 @@ class ModelConfig:
     # dequantized and kept as a plain model folder in the cache
     gguf_file: str | None = None
 
+    @property
+    def label(self) -> str:
+        """How the model is named in a report and a run's params."""
+        return f"{self.name} ({self.gguf_file})" if self.gguf_file else self.name
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -84,10 +89,9 @@ class StudentConfig(ModelConfig):
 
     @property
     def label(self) -> str:
-        """How the student is named in a report and a run's params."""
         if self.built_from_teacher:
             return f"the teacher's layers {', '.join(map(str, self.from_teacher.layers))}"
-        return self.name
+        return super().label
 
 
 @dataclass(frozen=True)
