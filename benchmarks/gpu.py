@@ -325,15 +325,16 @@ class CacheBesideTeacher:
 
 
 class Clocked(train.TrialHooks):
-    """The time after each step (every step is logged), the peak memory counted from the end of
-    the warmup."""
+    """The time after each step (every step is logged) and its loss, the peak memory counted
+    from the end of the warmup."""
 
     def __init__(self, device: torch.device, warmup: int):
-        self.device, self.warmup, self.times = device, warmup, []
+        self.device, self.warmup, self.times, self.losses = device, warmup, [], []
 
     def logged(self, log) -> None:
         synchronize(self.device)
         self.times.append(time.perf_counter())
+        self.losses.append(log.loss)
         if len(self.times) == self.warmup and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -350,10 +351,11 @@ def kdsweep_run(
     vocab,
     lmbda: float = 0.0,
     checkpointing: bool = False,
+    hooks: Clocked | None = None,
 ) -> list[float]:
     """``train.distill`` for warmup + steps optimizer steps; returns the time after each step.
     With ``lmbda`` > 0 that share of the steps is on-policy, scored by ``teacher.online()``;
-    ``checkpointing``: with the student's gradient checkpointing."""
+    ``checkpointing``: with the student's gradient checkpointing. ``hooks`` hear the run."""
     total = args.warmup + args.steps
     config = TrainConfig(
         max_steps=total,
@@ -378,7 +380,7 @@ def kdsweep_run(
         group_by_length=False,
         lmbda=lmbda,
     )
-    hooks = Clocked(device, args.warmup)
+    hooks = hooks or Clocked(device, args.warmup)
     data = train.TrainingData(split, vocab, 0, lambda model, step: {})
     train.distill(student, settings, data, teacher, hooks)
     return hooks.times

@@ -66,6 +66,19 @@ def test_optimizer_benchmark_times_each_kernel_and_the_step(capsys):
     assert "the optimizer's share of the plain step: " in out
 
 
+def test_precision_benchmark_compares_bf16_with_fp32_on_a_tiny_study(tiny_study, capsys):
+    precision = load_script("precision")
+    smoke = ["--demo", str(tiny_study), "--demo-steps", "2", "--rounds", "1"]
+    runs = precision.main(
+        [*smoke, "--vocab", "512", "--layers", "1", "--seq", "16", "--steps", "1"]
+    )
+    assert {p: len(r) for p, r in runs["40M"].items()} == {"fp32": 1, "bf16": 1}
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| demo") or "plain" in line]
+    assert len(rows) == 2
+    assert "precision auto takes " in out
+
+
 def test_lora_benchmark_compares_each_rank_with_full_fine_tuning(capsys):
     lora = load_script("lora")
     lora.main(["--layers", "1", "--vocab", "512", "--seq", "16", "--steps", "2", "--ranks", "4"])

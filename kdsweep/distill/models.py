@@ -21,6 +21,7 @@ from transformers import (
 )
 from transformers.utils import is_flash_attn_2_available
 
+from kdsweep.compat.torch import cpu_has_amx
 from kdsweep.distill.lora import effective_output_weight
 from kdsweep.errors import UsageError, first_line
 from kdsweep.study.config import ModelConfig
@@ -55,15 +56,21 @@ def device_uuid(device: torch.device) -> str | None:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 computes faster than fp32 on ``device``, what ``auto`` precision and dtypes
+    ask: a GPU that supports it (Ampere and later), or a CPU with AMX units. A CPU without them
+    converts bf16 and multiplies in fp32 (AVX2: 8 times slower; AVX-512's bf16 dot products
+    alone, as on AMD Zen 4: unmeasured, so fp32 there too)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_amx()
 
 
 def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dtype:
-    """Weights dtype. "auto": a frozen teacher in bf16 on a bf16 GPU; a trained student in fp32
-    (autocast provides the bf16 math while the optimizer keeps fp32 master weights)."""
+    """Weights dtype. "auto": a frozen teacher in bf16 where bf16 is fast; a trained student in
+    fp32 (autocast provides the bf16 math while the optimizer keeps fp32 master weights)."""
     if name == "auto":
-        return torch.bfloat16 if frozen and bf16_supported(device) else torch.float32
+        return torch.bfloat16 if frozen and fast_bf16(device) else torch.float32
     return _DTYPES[name]
 
 

@@ -27,7 +27,7 @@ from kdsweep.distill import clock, preemption
 from kdsweep.distill.checkpoints import BestCheckpoint, TrainState
 from kdsweep.distill.lora import load_trained_state, trained_state
 from kdsweep.distill.loss import DistillSettings, batch_loss, token_shares, weighed
-from kdsweep.distill.models import Vocabulary, bf16_supported, checkpoint_activations
+from kdsweep.distill.models import Vocabulary, checkpoint_activations, fast_bf16
 from kdsweep.distill.on_policy import OnPolicy
 from kdsweep.distill.targets import TeacherSignal
 from kdsweep.losses import LossResult
@@ -379,11 +379,12 @@ def mixed_precision(precision: str, device: torch.device) -> tuple[Callable, tor
     """The autocast context and gradient scaler for ``precision``.
 
     bf16 keeps fp32's exponent range, so it needs no scaler; fp16 does, or small gradients
-    underflow to zero. "auto" takes bf16 where the GPU supports it, else full fp32.
+    underflow to zero. "auto" takes bf16 where it computes faster than fp32 (``fast_bf16``: a
+    bf16 GPU, a CPU with AMX units), else full fp32. The losses are computed in fp32 either way.
     """
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(precision)
     if precision == "auto":
-        dtype = torch.bfloat16 if bf16_supported(device) else None
+        dtype = torch.bfloat16 if fast_bf16(device) else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if dtype is None:
         return contextlib.nullcontext, scaler

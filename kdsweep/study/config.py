@@ -34,7 +34,9 @@ class ModelConfig:
 
     name: str = ""
     revision: str | None = None
-    dtype: str = "auto"  # weights dtype; "auto" is bf16 on a bf16-capable GPU, else fp32
+    # weights dtype; "auto": a teacher in bf16 where bf16 is fast (a GPU, a CPU with AMX), else
+    # fp32; a student in fp32 (its master weights)
+    dtype: str = "auto"
     # a GGUF file in the folder or hub repo `name`, read by transformers (the gguf package),
     # dequantized and kept as a plain model folder in the cache
     gguf_file: str | None = None
@@ -137,7 +139,8 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto: bf16 where the GPU supports it, else fp32
+    # autocast's dtype; auto: bf16 where it is faster than fp32 (a GPU, a CPU with AMX), else fp32
+    precision: str = "auto"
     eval_every: int = 50  # steps between evaluations (pruning decisions, checkpoints to select)
     # best: a trial's value is its best evaluation, at its best checkpoint (the step is kept as
     # best_step; accuracy is measured there, save_best keeps it); last: its last evaluation

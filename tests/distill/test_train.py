@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdsweep.data import Batch, make_batches
-from kdsweep.distill import lora, preemption, train
+from kdsweep.distill import lora, models, preemption, train
 from kdsweep.distill import on_policy as on_policy_module
 from kdsweep.distill.evaluate import prepare_eval_set, score
 from kdsweep.distill.loss import DistillSettings, batch_loss
@@ -354,12 +354,20 @@ def test_warmup_then_cosine():
     assert train.warmup_then_cosine(10, 0.0)(0) == pytest.approx(1.0)
 
 
-def test_mixed_precision_choices():
+def test_mixed_precision_choices(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_amx", lambda: False)
     autocast, scaler = train.mixed_precision("auto", cpu)
     assert not scaler.is_enabled()
     with autocast():
-        assert torch.ones(2, 2).dtype == torch.float32  # auto on a CPU: full fp32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32  # a CPU without AMX
+    assert models.resolve_dtype("auto", cpu, frozen=True) == torch.float32
+    monkeypatch.setattr(models, "cpu_has_amx", lambda: True)  # where bf16 is fast
+    autocast, scaler = train.mixed_precision("auto", cpu)
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert models.resolve_dtype("auto", cpu, frozen=True) == torch.bfloat16
+    assert models.resolve_dtype("auto", cpu, frozen=False) == torch.float32  # master weights
     autocast, scaler = train.mixed_precision("bf16", cpu)
     with autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
