@@ -30,6 +30,20 @@ steps; tokens/s, MFU and peak memory are measured over the last ``--steps``:
   KV cache, the bf16 teacher score them online, and trains on them (plus the reference CE); their
   tokens/s count the training tokens only, and their MFU is left out (generation is not a matmul
   workload of the same shape).
+- cached-gc: the cached loop with the student's gradient checkpointing
+  (``train.gradient_checkpointing``): the memory it saves, the recompute it costs.
+- cached-eager, cached-fa2: the cached loop with the student's attention in transformers' eager
+  implementation and in flash_attention_2 (``train.attn_implementation``; sdpa elsewhere);
+  cached-fa2 is skipped without the flash-attn package.
+
+Then AdamW's step over the student's parameters in torch's per-tensor loop, its foreach kernels
+(torch's default on a GPU) and the fused kernel kdsweep uses, taking turns step by step.
+
+Its time, estimated from its work: 10 modes of ``--warmup`` + ``--steps`` (13) steps at batch 8 x
+512; the cached modes' steps are a fraction of a second on an H100, the notebook's about a
+second (its fp32 teacher), the on-policy modes' a few seconds (64 tokens generated per step);
+with the models' building and the cache, about 4 to 6 minutes. ``--budget-s`` (420) starts no
+mode after 7 minutes, so a slower GPU still ends within 10.
 
 MFU = (model FLOPs of the work the mode does) / time / the GPU's dense bf16 peak: the student's
 forward and backward (3x its forward), plus the teacher's forward where the teacher runs. A
@@ -47,6 +61,7 @@ import json
 import math
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -60,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers.utils import is_flash_attn_2_available  # noqa: E402
 
 from kdsweep.data import TokenizedSplit, make_batches  # noqa: E402
 from kdsweep.distill import lora, train  # noqa: E402
@@ -309,15 +325,16 @@ class CacheBesideTeacher:
 
 
 class Clocked(train.TrialHooks):
-    """The time after each step (every step is logged), the peak memory counted from the end of
-    the warmup."""
+    """The time after each step (every step is logged) and its loss, the peak memory counted
+    from the end of the warmup."""
 
     def __init__(self, device: torch.device, warmup: int):
-        self.device, self.warmup, self.times = device, warmup, []
+        self.device, self.warmup, self.times, self.losses = device, warmup, [], []
 
     def logged(self, log) -> None:
         synchronize(self.device)
         self.times.append(time.perf_counter())
+        self.losses.append(log.loss)
         if len(self.times) == self.warmup and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -333,9 +350,12 @@ def kdsweep_run(
     device: torch.device,
     vocab,
     lmbda: float = 0.0,
+    checkpointing: bool = False,
+    hooks: Clocked | None = None,
 ) -> list[float]:
     """``train.distill`` for warmup + steps optimizer steps; returns the time after each step.
-    With ``lmbda`` > 0 that share of the steps is on-policy, scored by ``teacher.online()``."""
+    With ``lmbda`` > 0 that share of the steps is on-policy, scored by ``teacher.online()``;
+    ``checkpointing``: with the student's gradient checkpointing. ``hooks`` hear the run."""
     total = args.warmup + args.steps
     config = TrainConfig(
         max_steps=total,
@@ -349,6 +369,7 @@ def kdsweep_run(
         select="last",
         generation_temperature=1.0,
         generation_max_new_tokens=args.gen_tokens,
+        gradient_checkpointing=checkpointing,
     )
     settings = DistillSettings(
         alpha=alpha,
@@ -359,14 +380,75 @@ def kdsweep_run(
         group_by_length=False,
         lmbda=lmbda,
     )
-    hooks = Clocked(device, args.warmup)
+    hooks = hooks or Clocked(device, args.warmup)
     data = train.TrainingData(split, vocab, 0, lambda model, step: {})
     train.distill(student, settings, data, teacher, hooks)
     return hooks.times
 
 
 # ---------------------------------------------------------------------------------------------
+# The optimizer's step
+
+# torch's AdamW kernels, by the argument that selects each
+ADAMW_KERNELS = {
+    "loop": {"foreach": False},  # torch's default on a CPU: one tensor at a time
+    "foreach": {"foreach": True},  # torch's default on a GPU: kernels over groups of tensors
+    "fused": {"fused": True},  # kdsweep's (train.adamw): one kernel for the whole step
+}
+
+
+def time_adamw(model: nn.Module, *, device: torch.device, warmup: int, steps: int) -> dict:
+    """AdamW's step over copies of ``model``'s parameters, in each kernel, from the same
+    gradients; the kernels take turns step by step (in alternating order), so a shared machine's
+    load falls on all of them alike. Each kernel's median step seconds over the last ``steps``,
+    and how far its parameters end from the loop's."""
+    generator = torch.Generator(device).manual_seed(0)
+    grads = [
+        torch.randn(p.shape, generator=generator, device=device) * 1e-3 for p in model.parameters()
+    ]
+    copies = {name: [p.detach().clone() for p in model.parameters()] for name in ADAMW_KERNELS}
+    optimizers = {}
+    for name, params in copies.items():
+        for param, grad in zip(params, grads):
+            param.grad = grad  # shared: no kernel writes a gradient
+        optimizers[name] = torch.optim.AdamW(
+            params, lr=1e-4, weight_decay=0.01, **ADAMW_KERNELS[name]
+        )
+    seconds = {name: [] for name in copies}
+    for step in range(warmup + steps):
+        for name in list(copies) if step % 2 == 0 else reversed(list(copies)):
+            synchronize(device)
+            started = time.perf_counter()
+            optimizers[name].step()
+            synchronize(device)
+            if step >= warmup:
+                seconds[name].append(time.perf_counter() - started)
+    return {
+        name: {
+            "step_s": statistics.median(seconds[name]),
+            "max_abs_diff": max(
+                float((p - q).abs().max()) for p, q in zip(params, copies["loop"])
+            ),
+        }
+        for name, params in copies.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # The modes
+
+MODES = (
+    "notebook",
+    "online",
+    "cached",
+    "lora-16",
+    "ce",
+    "onpolicy-0.5",
+    "onpolicy-1",
+    "cached-gc",
+    "cached-eager",
+    "cached-fa2",
+)
 
 
 @dataclass(frozen=True)
@@ -437,15 +519,23 @@ def run_modes(args, device: torch.device) -> dict:
             notes[mode] = f"failed: {described(exc, limit=300)}"
         free_memory(device)
 
-    def student(rank: int = 0) -> Qwen3ForCausalLM:
+    def student(rank: int = 0, attention: str = "sdpa") -> Qwen3ForCausalLM:
         model = build_model(student_config, device, torch.float32, seed=1)  # fp32 master weights
+        model.set_attn_implementation(attention)  # as train.attn_implementation loads it
         return lora.adapt(model, rank, LoraConfig())
 
     def kdsweep(
-        teacher, *, alpha: float, top_k: int | None, lmbda: float = 0.0, rank=0
+        teacher,
+        *,
+        alpha: float,
+        top_k: int | None,
+        lmbda: float = 0.0,
+        rank=0,
+        attention="sdpa",
+        checkpointing=False,
     ) -> Callable[[], list[float]]:
         return lambda: kdsweep_run(
-            student(rank),
+            student(rank, attention),
             split,
             teacher,
             args=args,
@@ -454,6 +544,7 @@ def run_modes(args, device: torch.device) -> dict:
             device=device,
             vocab=vocab,
             lmbda=lmbda,
+            checkpointing=checkpointing,
         )
 
     teacher = (
@@ -511,6 +602,28 @@ def run_modes(args, device: torch.device) -> dict:
             student_flops,
             kdsweep(cache, alpha=ALPHA, top_k=args.top_k, rank=16),
         )
+        # The memory knobs: model FLOPs as for "cached" (a recomputed forward is not counted).
+        attempt(
+            "cached-gc",
+            f"kdsweep, cached teacher top-{args.top_k}, gradient checkpointing",
+            student_flops,
+            kdsweep(cache, alpha=ALPHA, top_k=args.top_k, checkpointing=True),
+        )
+        attempt(
+            "cached-eager",
+            f"kdsweep, cached teacher top-{args.top_k}, eager attention",
+            student_flops,
+            kdsweep(cache, alpha=ALPHA, top_k=args.top_k, attention="eager"),
+        )
+        if is_flash_attn_2_available() and device.type == "cuda":
+            attempt(
+                "cached-fa2",
+                f"kdsweep, cached teacher top-{args.top_k}, flash_attention_2",
+                student_flops,
+                kdsweep(cache, alpha=ALPHA, top_k=args.top_k, attention="flash_attention_2"),
+            )
+        else:
+            notes["cached-fa2"] = "skipped: flash_attention_2 needs flash-attn and a CUDA GPU"
     attempt(
         "ce",
         "kdsweep, plain cross-entropy (no teacher)",
@@ -518,7 +631,9 @@ def run_modes(args, device: torch.device) -> dict:
         kdsweep(None, alpha=0.0, top_k=None),
     )
     build["split_tokens"] = sum(len(ids) for ids in split.input_ids)
-    return {"results": results, "notes": notes, "cache_build": build}
+    optimizer = time_adamw(student(), device=device, warmup=1, steps=args.steps)
+    free_memory(device)
+    return {"results": results, "notes": notes, "cache_build": build, "optimizer": optimizer}
 
 
 def build_cache(teacher, split, vocab, root: Path, *, args, device) -> tuple[CachedTeacher, dict]:
@@ -591,20 +706,20 @@ def print_table(report: dict) -> None:
     results = report["results"]
     base = results.get("notebook")
     print(
-        f"{'mode':9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'step s':>7} "
+        f"{'mode':12} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'step s':>7} "
         f"{'x notebook tok/s':>17} "
         f"{'x notebook mem':>15}  what"
     )
-    for mode in ("notebook", "online", "cached", "lora-16", "ce", "onpolicy-0.5", "onpolicy-1"):
+    for mode in MODES:
         if mode not in results:
-            print(f"{mode:9} {report['notes'].get(mode, 'not run')}")
+            print(f"{mode:12} {report['notes'].get(mode, 'not run')}")
             continue
         r = results[mode]
         mfu = f"{r['mfu']:6.1%}" if r["mfu"] else f"{'-':>6}"
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:17.2f}" if base else f"{'-':>17}"
         memory = f"{r['peak_gib'] / base['peak_gib']:15.2f}" if base else f"{'-':>15}"
         print(
-            f"{mode:9} {r['tokens_per_s']:10,.0f} {mfu} {r['peak_gib']:9.2f} {r['step_s']:7.3f} "
+            f"{mode:12} {r['tokens_per_s']:10,.0f} {mfu} {r['peak_gib']:9.2f} {r['step_s']:7.3f} "
             f"{speed} {memory}  {r['what']}"
         )
     build = report["cache_build"]
@@ -625,12 +740,20 @@ def print_table(report: dict) -> None:
             f"{lora16['peak_gib'] / cached['peak_gib']:.2f}, step "
             f"{lora16['step_s'] / cached['step_s']:.2f}"
         )
-    for mode in ("onpolicy-0.5", "onpolicy-1"):
+    for mode in ("onpolicy-0.5", "onpolicy-1", "cached-gc", "cached-eager", "cached-fa2"):
         if "cached" in results and mode in results:
+            mode_result, cached = results[mode], results["cached"]
             print(
-                f"{mode} step / cached step: "
-                f"{results[mode]['step_s'] / results['cached']['step_s']:.2f}"
+                f"{mode} / cached: step {mode_result['step_s'] / cached['step_s']:.2f}, peak "
+                f"memory {mode_result['peak_gib'] / cached['peak_gib']:.2f}"
             )
+    kernels = report["optimizer"]
+    print(
+        "AdamW step on the student's parameters: "
+        + ", ".join(f"{name} {kernel['step_s']:.4f} s" for name, kernel in kernels.items())
+        + f"; fused / foreach {kernels['fused']['step_s'] / kernels['foreach']['step_s']:.2f}"
+        + f", fused's largest difference from the loop {kernels['fused']['max_abs_diff']:.1e}"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -700,6 +823,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": {mode: r.__dict__ for mode, r in run["results"].items()},
         "notes": run["notes"],
         "cache_build": run["cache_build"],
+        "optimizer": run["optimizer"],
     }
     Path(args.output).write_text(json.dumps(report, indent=2))
     print_table(report)

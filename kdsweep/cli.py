@@ -149,7 +149,7 @@ def cmd_check(args) -> int:
     print(
         f"{args.study}: ok: study {study.name!r}, {study.n_trials} trials of "
         f"{study.train.max_steps} steps, "
-        f"{study.teacher.name} -> {study.student.name} on {study.data.dataset}, "
+        f"{study.teacher.label} -> {study.student.label} on {study.data.dataset}, "
         f"searching {', '.join(searched) or 'nothing'}, optimizing "
         f"{', '.join(study.objectives)}{ceilings} (fingerprint {study.fingerprint()})"
     )

@@ -77,6 +77,8 @@ def test_study_errors_exit_2_one_line_each_and_write_nothing(tiny_study, tmp_pat
         ),
         ("data.train_split=train[:0]", "data.train_split"),  # empty once the split is applied
         ("search.top_k=[8, 10000000]", "search.top_k: 10000000 is above the vocabulary size"),
+        # no flash-attn here, or no CUDA GPU: the study trains on the CPU
+        ("train.attn_implementation=flash_attention_2", "train.attn_implementation: "),
     ],
 )
 def test_missing_inputs_exit_2_before_anything_is_written(

@@ -4,10 +4,18 @@ logits block by block against the teacher's targets there (``losses.distill_loss
 What a step of a trial trains on, off-policy (``train``) and on the student's own completions
 (``on_policy``) alike. Only scored positions go through the output layer: the prompt's logits
 are never built.
+
+A step's loss is the mean over all the tokens it scores, whichever of its micro-batches each came
+in: the loss API gives each micro-batch's means, and each weighs its share of the step's tokens
+(``token_shares``), so ``grad_accum_steps`` micro-batches give the gradient of one batch of them
+all. That is transformers' accumulation since 4.46 (``num_items_in_batch``, which TRL divides
+by); an even average of the micro-batches' means would weigh a micro-batch of short answers as
+much as one of long answers, and batches grouped by length differ by design.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel
@@ -57,3 +65,16 @@ def batch_loss(
         beta=settings.beta,
         chunk_tokens=settings.train.loss_chunk_tokens,
     )
+
+
+def token_shares(batches: Sequence[Batch]) -> list[float]:
+    """Each batch's share of the tokens they all score. Count them on the CPU: on a GPU, counting
+    waits for the device."""
+    counts = [batch.num_scored_tokens for batch in batches]
+    total = sum(counts) or 1  # no token scored: every share is 0
+    return [count / total for count in counts]
+
+
+def weighed(result: LossResult, share: float) -> LossResult:
+    """One micro-batch's means, as its part of the step's means: its ``share`` of their tokens."""
+    return LossResult(*(term * share for term in (result.loss, result.kl, result.ce)))

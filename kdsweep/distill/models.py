@@ -7,6 +7,7 @@ already located by ``prepare.inputs``, which also builds the demo's models).
 from __future__ import annotations
 
 import gc
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import is_flash_attn_2_available
 
+from kdsweep.compat.torch import cpu_has_amx
 from kdsweep.distill.lora import effective_output_weight
 from kdsweep.errors import UsageError, first_line
 from kdsweep.study.config import ModelConfig
@@ -53,15 +56,21 @@ def device_uuid(device: torch.device) -> str | None:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 computes faster than fp32 on ``device``, what ``auto`` precision and dtypes
+    ask: a GPU that supports it (Ampere and later), or a CPU with AMX units. A CPU without them
+    converts bf16 and multiplies in fp32 (AVX2: 8 times slower; AVX-512's bf16 dot products
+    alone, as on AMD Zen 4: unmeasured, so fp32 there too)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_amx()
 
 
 def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dtype:
-    """Weights dtype. "auto": a frozen teacher in bf16 on a bf16 GPU; a trained student in fp32
-    (autocast provides the bf16 math while the optimizer keeps fp32 master weights)."""
+    """Weights dtype. "auto": a frozen teacher in bf16 where bf16 is fast; a trained student in
+    fp32 (autocast provides the bf16 math while the optimizer keeps fp32 master weights)."""
     if name == "auto":
-        return torch.bfloat16 if frozen and bf16_supported(device) else torch.float32
+        return torch.bfloat16 if frozen and fast_bf16(device) else torch.float32
     return _DTYPES[name]
 
 
@@ -105,12 +114,15 @@ def check_same_vocabulary(
             )
 
 
-def load_model(role: str, spec: ModelConfig, device: torch.device) -> PreTrainedModel:
-    """Load the teacher (frozen, eval mode) or a fresh student, on ``device``."""
+def load_model(
+    role: str, spec: ModelConfig, device: torch.device, *, attention: str | None = None
+) -> PreTrainedModel:
+    """Load the teacher (frozen, eval mode) or a fresh student, on ``device``, with the attention
+    implementation ``attention`` (None: transformers' default, sdpa where the model has it)."""
     dtype = resolve_dtype(spec.dtype, device, frozen=role == "teacher")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.name, revision=spec.revision, dtype=dtype
+            spec.name, revision=spec.revision, dtype=dtype, attn_implementation=attention
         )
     except (OSError, ValueError) as exc:
         raise _missing(role, spec.name, exc) from exc
@@ -118,6 +130,31 @@ def load_model(role: str, spec: ModelConfig, device: torch.device) -> PreTrained
     if role == "teacher":
         model.eval().requires_grad_(False)
     return model
+
+
+def check_attention(attention: str, device: torch.device) -> None:
+    """Raise UsageError unless ``attention`` runs here: flash_attention_2 needs the flash-attn
+    package and a CUDA GPU (which transformers checks only as the weights load)."""
+    if attention != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        reason = "flash-attn is not installed (pip install flash-attn --no-build-isolation)"
+    elif device.type != "cuda" or not is_flash_attn_2_available():
+        reason = f"it runs with flash-attn 2.3.3 or later on a CUDA GPU, not on {device}"
+    else:
+        return
+    raise UsageError(
+        f"train.attn_implementation: {reason}; set train.attn_implementation: sdpa (torch's own)"
+    )
+
+
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """Have ``model``'s decoder layers recompute their activations in the backward pass instead
+    of keeping them (transformers' gradient checkpointing, non-reentrant, which needs no input
+    that requires a gradient). Only in train mode: evaluation and generation run as before."""
+    # transformers 5.25 renamed it; the old name warns there, and is all 5.0 has.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
 
 
 @dataclass(frozen=True)
@@ -184,8 +221,9 @@ def hidden_states(
 ) -> torch.Tensor:
     """The last hidden states ``[B, S, H]``: the losses apply the output layer chunk by chunk,
     so the ``[B, S, V]`` logits are never built."""
+    # No KV cache: nothing generates here (and gradient checkpointing would refuse one).
     return model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
 
 

@@ -3,20 +3,22 @@
 With probability ``lmbda`` an optimizer step trains on the student's own sampled completions of
 its rows' prompts, which the teacher scores online (they are new: no cache holds them); the
 divergence is taken on the generated tokens only, while the cross-entropy keeps the rows'
-reference answers. The other steps read the teacher's targets as usual (the cache, typically).
+reference answers, each a mean over the whole step's tokens of its kind. The other steps read the
+teacher's targets as usual (the cache, typically).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
 from kdsweep.data import Batch, TokenizedSplit, collate
 from kdsweep.distill.generation import generate
-from kdsweep.distill.loss import DistillSettings, batch_loss
+from kdsweep.distill.loss import DistillSettings, batch_loss, token_shares, weighed
 from kdsweep.distill.models import Vocabulary
 from kdsweep.distill.targets import OnlineTeacher
 from kdsweep.losses import IGNORE_INDEX, LossResult
@@ -37,32 +39,42 @@ class OnPolicy:
     seconds: float = 0.0  # spent generating, so far
     batches: int = 0  # micro-batches completed by the student, so far
 
-    def loss(
+    def losses(
         self,
         student: PreTrainedModel,
-        batch: Batch,
+        micro_batches: list[Batch],
         settings: DistillSettings,
         vocab: Vocabulary,
         *,
         autocast,
-    ) -> LossResult:
-        """``alpha * D(teacher || student on its own completions) + (1 - alpha) * CE(references)``.
+    ) -> Iterator[LossResult]:
+        """Each micro-batch's part of an on-policy step's loss, ``alpha * D(teacher || student on
+        its own completions) + (1 - alpha) * CE(references)``, made as the loop asks for it.
 
-        Rows without a final answer (no prompt to complete) take part in the cross-entropy only;
-        a micro-batch of such rows has no divergence term, and its CE keeps its weight.
+        Each term is a mean over the whole step, as the off-policy loss is: the divergence over
+        all the tokens the step's completions hold, the cross-entropy over all its reference
+        tokens (``loss.token_shares``). So the completions are sampled first, all of them (the
+        student's weights do not change within a step), to count their tokens before the first
+        part goes backward. Rows without a final answer (no prompt to complete) take part in the
+        cross-entropy only; a step without a completion has no divergence term, and its
+        cross-entropy keeps its weight, 1 - alpha.
         """
-        with autocast():
-            reference = batch_loss(student, batch, None, settings, vocab)  # CE on the answers
-        completions = self.complete(student, batch)
-        if completions is None:
-            return dataclasses.replace(reference, loss=(1 - settings.alpha) * reference.loss)
-        targets = self.teacher.targets(completions, top_k=settings.top_k)
-        with autocast():
-            divergence = batch_loss(
-                student, completions, targets, dataclasses.replace(settings, alpha=1.0), vocab
-            )
-        loss = settings.alpha * divergence.loss + (1 - settings.alpha) * reference.loss
-        return LossResult(loss=loss, kl=divergence.kl, ce=reference.ce)
+        device = next(student.parameters()).device
+        batches = [batch.to(device) for batch in micro_batches]
+        completions = [self.complete(student, batch) for batch in batches]
+        divergence_shares = iter(token_shares([c for c in completions if c is not None]))
+        alpha, divergence_only = settings.alpha, dataclasses.replace(settings, alpha=1.0)
+        for batch, completion, share in zip(batches, completions, token_shares(micro_batches)):
+            with autocast():  # the cross-entropy alone: its loss, which has the gradient
+                reference = weighed(batch_loss(student, batch, None, settings, vocab), share)
+            part = LossResult(loss=(1 - alpha) * reference.loss, kl=reference.kl, ce=reference.ce)
+            if completion is not None:
+                targets = self.teacher.targets(completion, top_k=settings.top_k)
+                with autocast():  # the divergence alone
+                    divergence = batch_loss(student, completion, targets, divergence_only, vocab)
+                divergence = weighed(divergence, next(divergence_shares))
+                part = LossResult(part.loss + alpha * divergence.loss, divergence.kl, part.ce)
+            yield part
 
     def counters(self) -> dict:
         return {

@@ -343,8 +343,8 @@ def fixed_settings(study: StudyConfig) -> dict:
     """The settings every trial shares, as params, so the compare view shows all that differs."""
     train = study.train
     return {
-        "teacher": study.teacher.name,
-        "student": study.student.name,
+        "teacher": study.teacher.label,
+        "student": study.student.label,
         "dataset": study.data.dataset,
         "train_split": study.data.train_split,
         "eval_split": study.data.eval_split,
@@ -359,6 +359,8 @@ def fixed_settings(study: StudyConfig) -> dict:
         "grad_accum_steps": train.grad_accum_steps,
         "max_steps": train.max_steps,
         "precision": train.precision,
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "attn_implementation": train.attn_implementation,
         "seed": train.seed,
         "objective": ", ".join(study.objectives),
         **(

@@ -28,20 +28,30 @@ from kdsweep.data import (
 )
 from kdsweep.distill import lora, models
 from kdsweep.errors import UsageError
-from kdsweep.prepare import demo
+from kdsweep.prepare import demo, model_folders
 from kdsweep.progress import SweepProgress
 from kdsweep.study import space
-from kdsweep.study.config import ModelConfig, StudyConfig
+from kdsweep.study.config import ModelConfig, StudentConfig, StudyConfig
 
 
-def locate(spec: ModelConfig, study: StudyConfig) -> ModelConfig:
-    """``spec`` named by where it loads from: the demo's models are built on first use, a
-    relative folder is read from the study file's folder. A local folder is named by its
-    absolute path, which no library mistakes for a hub id (MLflow looks hub ids up for their
-    model card when it saves a model)."""
+def locate(
+    role: str, spec: ModelConfig, study: StudyConfig, *, teacher: ModelConfig | None = None
+) -> ModelConfig:
+    """``spec`` named by where it loads from: the demo's models, a GGUF file's and a student
+    built from the (located) ``teacher`` are made on first use (``model_folders``), a relative
+    folder is read from the study file's folder. A local folder is named by its absolute path,
+    which no library mistakes for a hub id (MLflow looks hub ids up for their model card when it
+    saves a model)."""
+    if isinstance(spec, StudentConfig) and spec.built_from_teacher:
+        folder = model_folders.student_from_teacher(teacher, spec.from_teacher.layers)
+        return dataclasses.replace(spec, name=str(folder))
     if spec.name.startswith(demo.PREFIX):
         return dataclasses.replace(spec, name=demo.location(spec.name))
-    return dataclasses.replace(spec, name=study.resolve_path(spec.name))
+    located = dataclasses.replace(spec, name=study.resolve_path(spec.name))
+    if spec.gguf_file is None:
+        return located
+    folder = model_folders.from_gguf(role, located)
+    return dataclasses.replace(located, name=str(folder), revision=None, gguf_file=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +78,9 @@ def read_inputs(
     """What the trials read, checked (``first_rows``: only each split's first rows, as
     ``kdsweep check`` reads them)."""
     device = models.resolve_device(study.train.device)
-    teacher, student = locate(study.teacher, study), locate(study.student, study)
+    models.check_attention(study.train.attn_implementation, device)
+    teacher = locate("teacher", study.teacher, study)
+    student = locate("student", study.student, study, teacher=teacher)
     progress.message(f"loading tokenizer and data for {study.name!r} on {device}")
     tokenizer = models.load_tokenizer("student", student)
     teacher_tokenizer = models.load_tokenizer("teacher", teacher)

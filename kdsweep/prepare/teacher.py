@@ -115,7 +115,12 @@ class StudyTeacher:
             self.progress.message(
                 f"loading the teacher {self.study.teacher.name}{f' to {why}' if why else ''}"
             )
-            model = models.load_model("teacher", self.inputs.teacher, self.inputs.device)
+            model = models.load_model(
+                "teacher",
+                self.inputs.teacher,
+                self.inputs.device,
+                attention=self.study.train.attn_implementation,
+            )
             self._online = OnlineTeacher(model, self.inputs.vocab)
         return self._online
 

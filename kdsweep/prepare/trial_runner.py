@@ -143,7 +143,12 @@ class TrialRunner:
     def new_student(self, params: dict, *, seed: int) -> PreTrainedModel:
         """A fresh student in the form ``params`` give it: whole, or with a LoRA adapter of its
         ``lora_rank`` (whose random start is drawn from ``seed``)."""
-        student = models.load_model("student", self.inputs.student, self.device)
+        student = models.load_model(
+            "student",
+            self.inputs.student,
+            self.device,
+            attention=self.study.train.attn_implementation,
+        )
         torch.manual_seed(seed)
         return lora.adapt(student, params.get("lora_rank", 0), self.study.student.lora)
 

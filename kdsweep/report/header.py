@@ -36,7 +36,7 @@ def render_header(data: ReportData) -> str:
     lines = [
         "## Study",
         "",
-        f"- **Teacher**: `{study.teacher.name}`; **student**: `{study.student.name}`",
+        f"- **Teacher**: `{study.teacher.label}`; **student**: `{study.student.label}`",
         f"- **Dataset**: `{study.data.dataset}` ({_sizes(attrs, study)})",
         *_reasoning(attrs),
         f"- **{'Objectives' if study.multi_objective else 'Objective'}**: {_objectives(study)}"

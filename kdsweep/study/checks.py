@@ -11,6 +11,7 @@ import jinja2
 
 from kdsweep.study.config import (
     ALL_LINEAR,
+    ATTENTIONS,
     BOXED_ANSWER,
     DATA_FORMATS,
     DTYPES,
@@ -57,18 +58,7 @@ def problems_of(study: StudyConfig) -> list[str]:
         f"must be one of {', '.join(PRUNERS)}, got {study.pruner.name!r}",
     )
     need(study.report_top_n >= 1, "report_top_n", f"must be >= 1, got {study.report_top_n}")
-    for role in ("teacher", "student"):
-        model: ModelConfig = getattr(study, role)
-        need(
-            bool(model.name),
-            f"{role}.name",
-            "must be set (a hub id, a local folder or demo:" + role + ")",
-        )
-        need(
-            model.dtype in DTYPES,
-            f"{role}.dtype",
-            f"must be one of {', '.join(DTYPES)}, got {model.dtype!r}",
-        )
+    problems += _validate_models(study)
     need(
         bool(study.data.dataset),
         "data.dataset",
@@ -104,6 +94,46 @@ def problems_of(study: StudyConfig) -> list[str]:
         "tracking.system_metrics_interval",
         f"must be > 0 seconds, got {study.tracking.system_metrics_interval}",
     )
+    return problems
+
+
+def _validate_models(study: StudyConfig) -> list[str]:
+    """Each model named once (the student by a name, or built from the teacher's layers), its
+    dtype, and gguf when a GGUF file is to be read (a layer above the teacher's count is found
+    once its config is read: ``prepare.inputs``)."""
+    problems = []
+    for role in ("teacher", "student"):
+        model: ModelConfig = getattr(study, role)
+        built = role == "student" and study.student.built_from_teacher
+        if not model.name and not built:
+            also = ", or student.from_teacher.layers" if role == "student" else ""
+            problems.append(
+                f"{role}.name: must be set (a hub id, a local folder or demo:{role}{also})"
+            )
+        if model.dtype not in DTYPES:
+            dtypes = ", ".join(DTYPES)
+            problems.append(f"{role}.dtype: must be one of {dtypes}, got {model.dtype!r}")
+        if model.gguf_file is not None and importlib.util.find_spec("gguf") is None:
+            problems.append(
+                f"{role}.gguf_file: transformers reads a GGUF file with the gguf package (not "
+                "installed): pip install gguf"
+            )
+    student = study.student
+    if not student.built_from_teacher:
+        return problems
+    for key in ("name", "revision", "gguf_file"):
+        if getattr(student, key):
+            problems.append(
+                f"student.{key}: leave it out with student.from_teacher: the student is built "
+                "from the teacher's layers"
+            )
+    layers = student.from_teacher.layers
+    in_order = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+    if not (in_order and list(layers) == sorted(set(layers))):
+        problems.append(
+            "student.from_teacher.layers: must list the teacher's layers to keep, counted from "
+            f"0, in increasing order, each once, e.g. [0, 6, 12, 18, 24, 29]; got {list(layers)}"
+        )
     return problems
 
 
@@ -288,6 +318,11 @@ def _validate_train(train: TrainConfig) -> list[str]:
     if train.precision not in PRECISIONS:
         problems.append(
             f"train.precision: must be one of {', '.join(PRECISIONS)}, got {train.precision!r}"
+        )
+    if train.attn_implementation not in ATTENTIONS:
+        problems.append(
+            f"train.attn_implementation: must be one of {', '.join(ATTENTIONS)}, got "
+            f"{train.attn_implementation!r}"
         )
     if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
         problems.append(f"train.device: must be auto, cpu, cuda or cuda:N, got {train.device!r}")

@@ -27,6 +27,7 @@ REASONING = ("train", "strip")  # data.reasoning
 WHOLE_ANSWER, GSM8K_ANSWER, BOXED_ANSWER = "whole", "gsm8k", "boxed"
 SELECTIONS = ("best", "last")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")  # transformers' attn_implementation names
 ALL_LINEAR = "all-linear"  # peft's LoRA target: every linear layer but the output layer
 
 
@@ -36,7 +37,17 @@ class ModelConfig:
 
     name: str = ""
     revision: str | None = None
-    dtype: str = "auto"  # weights dtype; "auto" is bf16 on a bf16-capable GPU, else fp32
+    # weights dtype; "auto": a teacher in bf16 where bf16 is fast (a GPU, a CPU with AMX), else
+    # fp32; a student in fp32 (its master weights)
+    dtype: str = "auto"
+    # a GGUF file in the folder or hub repo `name`, read by transformers (the gguf package),
+    # dequantized and kept as a plain model folder in the cache
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How the model is named in a report and a run's params."""
+        return f"{self.name} ({self.gguf_file})" if self.gguf_file else self.name
 
 
 @dataclass(frozen=True)
@@ -60,10 +71,32 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
-class StudentConfig(ModelConfig):
-    """The student: a model as the teacher is, and the LoRA adapter its LoRA trials train."""
+class FromTeacherConfig:
+    """A student built from the teacher: its embeddings, final norm and output layer, and the
+    decoder layers listed (DistilBERT's and Minitron's depth pruning), built once and cached."""
 
+    # the teacher's decoder layers the student keeps, in order, e.g. [0, 6, 12, 18, 24, 29]
+    # (counted from 0); none: the student is student.name
+    layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StudentConfig(ModelConfig):
+    """The student: a model as the teacher is, or one built from the teacher's layers; and the
+    LoRA adapter its LoRA trials train."""
+
+    from_teacher: FromTeacherConfig = FromTeacherConfig()
     lora: LoraConfig = LoraConfig()
+
+    @property
+    def built_from_teacher(self) -> bool:
+        return bool(self.from_teacher.layers)
+
+    @property
+    def label(self) -> str:
+        if self.built_from_teacher:
+            return f"the teacher's layers {', '.join(map(str, self.from_teacher.layers))}"
+        return super().label
 
 
 @dataclass(frozen=True)
@@ -114,11 +147,13 @@ class TrainConfig:
 
     max_steps: int = 100  # optimizer steps per trial
     batch_size: int = 8
+    # micro-batches per optimizer step, whose loss is the mean over all the tokens they score
     grad_accum_steps: int = 1
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto: bf16 where the GPU supports it, else fp32
+    # autocast's dtype; auto: bf16 where it is faster than fp32 (a GPU, a CPU with AMX), else fp32
+    precision: str = "auto"
     eval_every: int = 50  # steps between evaluations (pruning decisions, checkpoints to select)
     # best: a trial's value is its best evaluation, at its best checkpoint (the step is kept as
     # best_step; accuracy is measured there, save_best keeps it); last: its last evaluation
@@ -141,6 +176,13 @@ class TrainConfig:
     teacher_cache: bool = True
     # a trial out of GPU memory is retried with half the micro-batch and twice the accumulation
     oom_retry: bool = False
+    # the student's decoder layers recompute their activations in the backward pass instead of
+    # keeping them: less memory for about a third more compute (transformers' gradient
+    # checkpointing, non-reentrant; TRL turns it on by default)
+    gradient_checkpointing: bool = False
+    # both models' attention: sdpa (torch's scaled_dot_product_attention), eager, or
+    # flash_attention_2 (the flash-attn package, on a CUDA GPU)
+    attn_implementation: str = "sdpa"
     # On-policy steps (search.lmbda > 0): how the student samples its own completions.
     generation_temperature: float = 1.0
     generation_max_new_tokens: int = 64

@@ -108,7 +108,7 @@ def test_the_divergence_sees_only_generated_tokens_and_the_ce_the_references(set
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     policy = on_policy(setup)
     torch.manual_seed(7)
-    result = policy.loss(student, batch, settings(), vocab, autocast=contextlib.nullcontext)
+    (result,) = policy.losses(student, [batch], settings(), vocab, autocast=contextlib.nullcontext)
     torch.manual_seed(7)
     completions = on_policy(setup).complete(student, batch)  # the same sample, from the same seed
 
@@ -153,8 +153,8 @@ def test_a_micro_batch_without_prompts_keeps_the_ce_at_its_weight(setup, tiny_mo
     monkeypatch.setattr(type(split), "prompt", lambda self, e: ())
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     policy = on_policy(setup)
-    result = policy.loss(
-        student, first_batch(setup), settings(alpha=0.75), vocab, autocast=contextlib.nullcontext
+    (result,) = policy.losses(
+        student, [first_batch(setup)], settings(alpha=0.75), vocab, autocast=contextlib.nullcontext
     )
     assert float(result.loss) == pytest.approx(0.25 * float(result.ce), rel=1e-6)
     assert float(result.kl) == 0 and policy.batches == 0

@@ -10,14 +10,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdsweep.data import Batch, make_batches
-from kdsweep.distill import preemption, train
+from kdsweep.distill import lora, models, preemption, train
+from kdsweep.distill import on_policy as on_policy_module
 from kdsweep.distill.evaluate import prepare_eval_set, score
-from kdsweep.distill.loss import DistillSettings
-from kdsweep.distill.models import Vocabulary, shared_vocabulary
+from kdsweep.distill.loss import DistillSettings, batch_loss
+from kdsweep.distill.models import (
+    Vocabulary,
+    checkpoint_activations,
+    hidden_states,
+    shared_vocabulary,
+)
 from kdsweep.distill.preemption import Preempted
 from kdsweep.distill.targets import OnlineTeacher
+from kdsweep.distill.train import StepLog
 from kdsweep.errors import UsageError
-from kdsweep.study.config import TrainConfig
+from kdsweep.study.config import LoraConfig, TrainConfig
 
 from conftest import Recorded
 
@@ -46,10 +53,11 @@ def settings(**overrides):
     return DistillSettings(**values)
 
 
-def run(setup, tiny_models, run_settings, teacher=True, hooks=None):
-    """A run of the tiny student; returns its result, logs, evaluations and the student."""
+def run(setup, tiny_models, run_settings, teacher=True, hooks=None, student=None):
+    """A run of the tiny student (or of ``student``); returns its result, logs, evaluations and
+    the student."""
     tokenizer, teacher_model, vocab, split = setup
-    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    student = student or AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     batches = make_batches(
         split, batch_size=16, pad_id=0, shuffle_seed=None, group_by_length=False
     )
@@ -201,6 +209,132 @@ def test_gradient_accumulation_counts_micro_batches(setup, tiny_models):
     assert len(logs) == 3 and all(math.isfinite(log.loss) for log in logs)
 
 
+ONE_BATCH = {"batch_size": 8, "grad_accum_steps": 1}
+MICRO_BATCHES = {"batch_size": 2, "grad_accum_steps": 4}  # the same 8 rows, unshuffled by length
+
+
+def first_step(setup, tiny_models, form: str, batching: dict) -> tuple[dict, StepLog]:
+    """A one-step run of the tiny student in ``form``: its gradient before clipping (each
+    parameter's after its last accumulation, by name) and its log."""
+    values = {
+        "plain fine-tuning": {"alpha": 0.0},
+        "top-k": {"top_k": 4},
+        "on-policy": {"lmbda": 1.0},
+    }
+    one_step = {"max_steps": 1, "eval_every": 1, "log_every": 1, **batching}
+    run_settings = settings(train=one_step, group_by_length=False, **values.get(form, {}))
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    if form == "LoRA":
+        pytest.importorskip("peft")
+        torch.manual_seed(0)  # the same adapter for every batching
+        student = lora.adapt(student, 4, LoraConfig())
+    gradient = {}
+    for name, param in student.named_parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(
+                lambda p, name=name: gradient.__setitem__(name, p.grad.clone())
+            )
+    _, logs, _, _ = run(setup, tiny_models, run_settings, student=student)
+    return gradient, logs[0]
+
+
+def largest_difference(ours: dict, theirs: dict) -> float:
+    """The largest difference between two gradients, relative to the largest entry."""
+    scale = max(float(g.abs().max()) for g in theirs.values())
+    return max(float((ours[name] - g).abs().max()) for name, g in theirs.items()) / scale
+
+
+def completions_of_unequal_lengths(model, prompts, *, vocab_size, **kwargs):
+    """The same completion of a prompt whatever the batch: 1 to 4 tokens, by its length."""
+    return [[(sum(p) + i) % vocab_size for i in range(1 + len(p) % 4)] for p in prompts]
+
+
+@pytest.mark.parametrize(
+    "form", ["distillation", "top-k", "plain fine-tuning", "on-policy", "LoRA"]
+)
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch(
+    setup, tiny_models, form, monkeypatch
+):
+    """grad_accum_steps 4 of batch 2 trains on one batch of 8: the same gradient, the same logged
+    loss, though its micro-batches score different numbers of tokens (their completions too)."""
+    monkeypatch.setattr(on_policy_module, "generate", completions_of_unequal_lengths)
+    tokenizer, _, _, split = setup
+    stream = train.endless_batches(
+        split, settings(train=MICRO_BATCHES, group_by_length=False), pad_id=0
+    )
+    micro_batches = [next(stream) for _ in range(4)]
+    assert len({batch.num_scored_tokens for batch in micro_batches}) > 1
+    one, one_log = first_step(setup, tiny_models, form, ONE_BATCH)
+    accumulated, accumulated_log = first_step(setup, tiny_models, form, MICRO_BATCHES)
+    assert largest_difference(accumulated, one) < 1e-5
+    for term in ("loss", "kl", "ce"):
+        assert getattr(accumulated_log, term) == pytest.approx(getattr(one_log, term), abs=1e-6)
+
+
+def test_an_even_average_of_the_micro_batches_means_is_another_gradient(setup, tiny_models):
+    """What accumulation did before it weighed micro-batches by their tokens: the test above
+    tells the two apart."""
+    _, teacher_model, vocab, split = setup
+    one, _ = first_step(setup, tiny_models, "distillation", ONE_BATCH)
+    run_settings = settings(train=MICRO_BATCHES, group_by_length=False)
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    stream = train.endless_batches(split, run_settings, pad_id=0)
+    for batch in [next(stream) for _ in range(4)]:
+        targets = OnlineTeacher(teacher_model, vocab).targets(batch, top_k=None)
+        (batch_loss(student, batch, targets, run_settings, vocab).loss / 4).backward()
+    evenly = {name: p.grad for name, p in student.named_parameters()}
+    assert largest_difference(evenly, one) > 1e-2
+
+
+def test_the_fused_optimizer_steps_as_the_plain_one_does(tiny_models):
+    """kdsweep's AdamW (torch's fused kernel) and torch's per-tensor loop take the same steps from
+    the same gradients, to float rounding."""
+    students = [AutoModelForCausalLM.from_pretrained(tiny_models["student"]) for _ in range(2)]
+    start = [p.detach().clone() for p in students[0].parameters()]
+    fused = train.adamw(students[0], settings(train={"weight_decay": 0.1}))
+    plain = torch.optim.AdamW(students[1].parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for ours, theirs in zip(*(s.parameters() for s in students)):
+            ours.grad = torch.randn(ours.shape, generator=generator)
+            theirs.grad = ours.grad.clone()
+        fused.step()
+        plain.step()
+    pairs = list(zip(*(s.parameters() for s in students)))
+    moved = max(float((ours - before).abs().max()) for (ours, _), before in zip(pairs, start))
+    apart = max(float((ours - theirs).abs().max()) for ours, theirs in pairs)
+    assert moved > 1e-2 and apart < 1e-6
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_for_the_same_gradient(setup, tiny_models):
+    batch = next(train.endless_batches(setup[3], settings(), pad_id=0))
+
+    def kept_for_backward(student) -> int:
+        count = 0
+
+        def pack(tensor):
+            nonlocal count
+            count += 1
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            hidden_states(student, batch.input_ids, batch.attention_mask)
+        return count
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).train()
+    whole = kept_for_backward(student)
+    checkpoint_activations(student)
+    assert kept_for_backward(student) < whole / 4
+    assert kept_for_backward(student.eval()) == whole  # evaluation computes as before
+
+    plain, _ = first_step(setup, tiny_models, "distillation", ONE_BATCH)
+    checkpointed, _ = first_step(
+        setup, tiny_models, "distillation", {**ONE_BATCH, "gradient_checkpointing": True}
+    )
+    assert largest_difference(checkpointed, plain) < 1e-6
+
+
 def test_a_hook_can_stop_the_run(setup, tiny_models):
     class Pruned(Exception):
         pass
@@ -220,12 +354,20 @@ def test_warmup_then_cosine():
     assert train.warmup_then_cosine(10, 0.0)(0) == pytest.approx(1.0)
 
 
-def test_mixed_precision_choices():
+def test_mixed_precision_choices(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_amx", lambda: False)
     autocast, scaler = train.mixed_precision("auto", cpu)
     assert not scaler.is_enabled()
     with autocast():
-        assert torch.ones(2, 2).dtype == torch.float32  # auto on a CPU: full fp32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32  # a CPU without AMX
+    assert models.resolve_dtype("auto", cpu, frozen=True) == torch.float32
+    monkeypatch.setattr(models, "cpu_has_amx", lambda: True)  # where bf16 is fast
+    autocast, scaler = train.mixed_precision("auto", cpu)
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert models.resolve_dtype("auto", cpu, frozen=True) == torch.bfloat16
+    assert models.resolve_dtype("auto", cpu, frozen=False) == torch.float32  # master weights
     autocast, scaler = train.mixed_precision("bf16", cpu)
     with autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
@@ -249,7 +391,7 @@ def test_perplexity_is_token_weighted():
                 )
 
         def get_decoder(self):
-            return lambda input_ids, attention_mask: type(
+            return lambda input_ids, attention_mask, use_cache: type(
                 "Out", (), {"last_hidden_state": torch.ones(*input_ids.shape, 1)}
             )
 

@@ -36,6 +36,8 @@ FIXED = (
     "batch_size",
     "max_steps",
     "precision",
+    "gradient_checkpointing",
+    "attn_implementation",
     "seed",
 )
 

@@ -19,7 +19,7 @@ STUDIES = sorted(ROOT.joinpath("studies").glob("*.yaml"))
 def test_every_shipped_study_validates(path):
     study = load_study(path)
     assert study.name
-    assert study.teacher.name and study.student.name
+    assert study.teacher.name and study.student.label
 
 
 def write(tmp_path, text: str) -> Path:
@@ -103,6 +103,21 @@ def test_set_overrides_any_field(tmp_path):
     assert problems(path, ["train.max_steps"]) == [
         f"{path}: --set train.max_steps: expected key.path=value"
     ]
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "train.attn_implementation=flash",
+            "train.attn_implementation: must be one of sdpa, eager, flash_attention_2, got "
+            "'flash'",
+        ),
+    ],
+)
+def test_impossible_settings(tmp_path, setting, message):
+    path = write(tmp_path, MINIMAL)
+    assert f"{path}: {message}" in problems(path, [setting])
 
 
 @pytest.mark.parametrize(
