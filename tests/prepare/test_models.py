@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from kdsweep.cli import main
 from kdsweep.errors import StudyError
 from kdsweep.names import Tag
-from kdsweep.prepare import demo, model_folders
+from kdsweep.prepare import demo, demo_models, model_folders
 from kdsweep.prepare.inputs import read_inputs
 from kdsweep.prepare.trial_runner import TrialRunner
 from kdsweep.progress import SweepProgress
@@ -30,7 +30,7 @@ LAYERS = [0, 3]  # of the teacher's 4
 def llama_teacher(tmp_path_factory) -> Path:
     """A folder holding a 4-layer Llama (hidden size 32, random weights) and the demo tokenizer."""
     folder = tmp_path_factory.mktemp("llama") / "teacher"
-    tokenizer = demo.build_tokenizer(demo.generate_conversations(300, seed=0))
+    tokenizer = demo_models.build_tokenizer(demo.generate_conversations(300, seed=0))
     torch.manual_seed(0)
     llama(len(tokenizer), layers=4).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -100,7 +100,7 @@ def test_the_student_built_from_the_teacher_is_those_layers(
     ids = AutoTokenizer.from_pretrained(folder)("Name a fruit.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(student(ids).logits, teacher(ids).logits)
-    assert AutoTokenizer.from_pretrained(folder).chat_template == demo.CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(folder).chat_template == demo_models.CHAT_TEMPLATE
 
 
 def test_the_built_student_is_kept_and_rebuilt_when_the_teacher_changes(
@@ -188,14 +188,14 @@ def write_gguf(model: LlamaForCausalLM, tokenizer, path: Path) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(
         [
-            gguf.TokenType.CONTROL if t in demo.SPECIAL_TOKENS else gguf.TokenType.NORMAL
+            gguf.TokenType.CONTROL if t in demo_models.SPECIAL_TOKENS else gguf.TokenType.NORMAL
             for t in tokens
         ]
     )
     writer.add_token_merges([" ".join(pair) for pair in bpe["merges"]])
-    writer.add_eos_token_id(demo.EOS_TOKEN_ID)
-    writer.add_pad_token_id(demo.EOS_TOKEN_ID)
-    writer.add_chat_template(demo.CHAT_TEMPLATE)
+    writer.add_eos_token_id(demo_models.EOS_TOKEN_ID)
+    writer.add_pad_token_id(demo_models.EOS_TOKEN_ID)
+    writer.add_chat_template(demo_models.CHAT_TEMPLATE)
     layer_names = {
         "input_layernorm": "attn_norm",
         "self_attn.q_proj": "attn_q",
@@ -252,7 +252,7 @@ def test_a_gguf_teacher_is_dequantized_once_into_a_plain_folder(
     ids = torch.tensor([[5, 17, 300, 2]])
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, direct(ids).logits)
-    assert AutoTokenizer.from_pretrained(folder).chat_template == demo.CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(folder).chat_template == demo_models.CHAT_TEMPLATE
     # The student is built from the dequantized teacher's layers.
     assert json.loads((Path(inputs.student.name) / "built_from.json").read_text())["layers"]
     monkeypatch.setattr(model_folders, "_write_dequantized", built_again)
