@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import datasets
+import huggingface_hub
 import pytest
 
 from kdsweep.prepare import demo, demo_models
@@ -27,6 +29,10 @@ def isolate(patch: pytest.MonkeyPatch, root: Path) -> None:
     patch.setenv("HF_HUB_OFFLINE", "1")
     patch.setenv("HF_DATASETS_OFFLINE", "1")
     patch.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
+    # The libraries read HF_HUB_OFFLINE once, when imported: in this process, set it where they
+    # keep it, so a hub name costs no attempt to reach the hub (the environment serves children).
+    patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    patch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     patch.chdir(root)
 
 
