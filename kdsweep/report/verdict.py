@@ -143,9 +143,13 @@ def _control(data: ReportData, distilled: pd.Series, baseline: pd.Series) -> str
     ours, theirs = data.shown(distilled, "student_ppl"), data.shown(control, "student_ppl")
     if pd.isna(theirs):
         return ""
+    against_baseline = _relative(ours, data.shown(baseline, "student_ppl"))
     share = (
-        f"the teacher's share of the lead; against the tuned baseline it was "
-        f"{_relative(ours, data.shown(baseline, 'student_ppl'))}, and the rest is the searches'"
+        f"the teacher's share of the lead; against the tuned baseline it was {against_baseline}, "
+        "and the rest is the searches'"
+        if ours <= theirs
+        else f"at these settings the teacher made the student worse (against the tuned baseline "
+        f"it was {against_baseline})"
     )
     accuracy = ""
     em, their_em = data.shown(distilled, "exact_match"), data.shown(control, "exact_match")

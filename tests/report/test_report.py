@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from kdsweep.cli import main
 from kdsweep.names import StudyAttr, TrialAttr
-from kdsweep.report import SECTIONS, collect, render, write_report
+from kdsweep.report import SECTIONS, collect, render, verdict, write_report
 from kdsweep.store.storage import load_existing_study
 from kdsweep.study.reader import load_study
 
@@ -336,3 +338,26 @@ def test_reasoning_left_out_and_a_truncated_teacher_are_said(studies):
     wrong = section(text, "What went wrong")
     assert "The reasoning of 20 train answers was not trained on" in wrong
     assert "The teacher's answers were truncated on 25% of the decoded rows" in wrong
+
+
+@pytest.mark.parametrize(
+    ("control_ppl", "said"),
+    [
+        (8.0, "50.0% lower, exact match 30.0% against 10.0%: the teacher's share of the lead"),
+        (
+            3.0,
+            "33.3% higher, exact match 30.0% against 10.0%: at these settings the teacher made "
+            "the student worse (against the tuned baseline it was 20.0% lower)",
+        ),
+    ],
+)
+def test_the_control_sentence_says_which_way_the_teacher_moved_the_winner(control_ppl, said):
+    """The winner against itself at alpha 0: a lead is the teacher's share; a deficit is said
+    as one, not as a share of a lead."""
+    winner = pd.Series({"student_ppl": 4.0, "exact_match": 0.3})
+    baseline = pd.Series({"student_ppl": 5.0, "exact_match": 0.2})
+    control = pd.Series({"student_ppl": control_ppl, "exact_match": 0.1})
+    data = SimpleNamespace(
+        control=control, shown=lambda row, name: row[name], trial_cell=lambda row: "[9](link)"
+    )
+    assert said in verdict._control(data, winner, baseline)
