@@ -31,10 +31,9 @@ from kdsweep.prepare.demo_models import (
     build_tokenizer,
     folders,
     parameters,
-    save,
     student_config,
     teacher_config,
-    train_teacher,
+    train_and_save,
 )
 
 PREFIX = "demo:"  # a study's teacher or student named demo:teacher / demo:student
@@ -280,14 +279,13 @@ def _build_models(folders: dict[str, Path]) -> None:
         f"building the demo teacher ({parameters(teacher):,} parameters) in "
         f"{folders['teacher'].parent}: one-time, under a minute"
     )
-    train_teacher(
+    train_and_save(
+        folders,
         teacher,
+        student,
         tokenizer,
         corpus,
         test,
         settings=TEACHER_TRAINING,
-        max_length=64,
         console=console,
     )
-    save(folders["teacher"], teacher, tokenizer)
-    save(folders["student"], student, tokenizer)

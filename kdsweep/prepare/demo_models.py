@@ -228,10 +228,27 @@ def folders(root: Path) -> dict[str, Path]:
     return {"teacher": root / "teacher", "student": root / "student"}
 
 
-def save(folder: Path, model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
-    with atomic_folder(folder) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+def train_and_save(
+    folders: dict[str, Path],
+    teacher: Qwen3ForCausalLM,
+    student: Qwen3ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    corpus: list[Messages],
+    held_out: list[Messages],
+    *,
+    settings: dict,
+    console: Console,
+) -> None:
+    """A demo's models: the teacher trained (:func:`train_teacher`, on rows of up to 64 tokens,
+    as the demo studies read them), then it and the untrained student saved, each folder whole
+    with the tokenizer."""
+    train_teacher(
+        teacher, tokenizer, corpus, held_out, settings=settings, max_length=64, console=console
+    )
+    for role, model in (("teacher", teacher), ("student", student)):
+        with atomic_folder(folders[role]) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
 
 
 def train_teacher(

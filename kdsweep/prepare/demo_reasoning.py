@@ -30,8 +30,7 @@ from kdsweep.prepare.demo_models import (
     build_tokenizer,
     config,
     parameters,
-    save,
-    train_teacher,
+    train_and_save,
 )
 
 PREFIX = "reasoning-"  # demo:reasoning-teacher, demo:reasoning-student
@@ -144,14 +143,13 @@ def build_models(folders: dict[str, Path]) -> None:
         f"building the reasoning demo's teacher ({parameters(teacher):,} parameters) in "
         f"{folders['teacher'].parent}: one-time, a few minutes"
     )
-    train_teacher(
+    train_and_save(
+        folders,
         teacher,
+        student,
         tokenizer,
         corpus,
         held_out,
         settings=TEACHER_TRAINING,
-        max_length=64,
         console=console,
     )
-    save(folders["teacher"], teacher, tokenizer)
-    save(folders["student"], student, tokenizer)

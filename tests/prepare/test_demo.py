@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from kdsweep import paths
-from kdsweep.prepare import demo, demo_models
+from kdsweep.prepare import demo, demo_models, demo_reasoning
 
 from conftest import ROOT
 
@@ -192,3 +192,19 @@ def test_the_demo_models_are_built_once_by_kdsweeps_own_loop(monkeypatch, capsys
     assert teacher.config.hidden_size == demo.teacher_config(10).hidden_size
     assert (folders["student"] / "tokenizer.json").exists()
     assert demo.ensure_models() == folders  # built once
+
+
+def test_the_reasoning_demo_models_are_built_once_by_kdsweeps_own_loop(monkeypatch, capsys):
+    """As the demo's, at a fraction of its corpus and steps: a teacher with Qwen3's tokens."""
+    monkeypatch.setattr(demo_reasoning, "CORPUS_ROWS", 400)
+    steps = demo_reasoning.TEACHER_TRAINING | {"max_steps": 4, "eval_every": 4}
+    monkeypatch.setattr(demo_reasoning, "TEACHER_TRAINING", steps)
+    teacher = demo.location("demo:reasoning-teacher")
+    err = capsys.readouterr().err
+    assert "teacher step 4/4: loss" in err and "teacher step 4: held-out perplexity" in err
+    assert Qwen3ForCausalLM.from_pretrained(teacher).config.num_hidden_layers
+    student = demo.location("demo:reasoning-student")  # built with the teacher, not again
+    assert "building" not in capsys.readouterr().err
+    assert AutoTokenizer.from_pretrained(student).chat_template == (
+        demo_models.QWEN3_CHAT_TEMPLATE
+    )
