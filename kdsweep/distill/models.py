@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -88,7 +89,7 @@ def load_tokenizer(role: str, spec: ModelConfig) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.name, revision=spec.revision)
     except (OSError, ValueError) as exc:
-        raise _missing(role, spec.name, exc) from exc
+        raise missing_model(role, spec.name, exc) from exc
     if tokenizer.pad_token_id is None:
         # Padding is masked by the attention mask, never by id, so any id does as the pad.
         tokenizer.pad_token = tokenizer.eos_token
@@ -125,7 +126,7 @@ def load_model(
             spec.name, revision=spec.revision, dtype=dtype, attn_implementation=attention
         )
     except (OSError, ValueError) as exc:
-        raise _missing(role, spec.name, exc) from exc
+        raise missing_model(role, spec.name, exc) from exc
     model.to(device)
     if role == "teacher":
         model.eval().requires_grad_(False)
@@ -204,16 +205,31 @@ def check_vocabularies(
         try:
             rows[role] = embedding_rows(spec.name, spec.revision)
         except (OSError, ValueError) as exc:
-            raise _missing(role, spec.name, exc) from exc
+            raise missing_model(role, spec.name, exc) from exc
     return shared_vocabulary(tokenizer, rows["teacher"], rows["student"])
 
 
-def _missing(role: str, location: str, exc: Exception) -> UsageError:
+def missing_model(role: str, location: str, exc: Exception) -> UsageError:
+    """The one line for a model that cannot be read from ``location``, naming the fix."""
     fix = f"set {role}.name to a model folder or a reachable hub id"
-    if location.startswith(("/", ".", "~")) and not Path(location).expanduser().exists():
-        return UsageError(f"cannot load the {role}: no folder {location}; {fix}")
+    if not Path(location).expanduser().exists():
+        if location.startswith(("/", ".", "~")):
+            return UsageError(f"cannot load the {role}: no folder {location}; {fix}")
+        if not _is_repo_id(location):
+            return UsageError(
+                f"cannot load the {role}: no folder {location}, and not a hub repo id "
+                f"(namespace/name); {fix}"
+            )
     reason = first_line(exc)
     return UsageError(f"cannot load the {role} from {location!r}: {reason}; {fix}")
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def hidden_states(

@@ -24,6 +24,7 @@ from rich.console import Console
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
 
+from kdsweep.distill.models import missing_model
 from kdsweep.errors import UsageError, first_line
 from kdsweep.paths import atomic_folder, cache_dir, remove_stale_staging
 from kdsweep.prepare.teacher_cache import model_digest
@@ -59,10 +60,7 @@ def _gguf_path(role: str, spec: ModelConfig) -> Path:
         validate_repo_id(spec.name)
         return Path(cached_file(spec.name, spec.gguf_file, revision=spec.revision))
     except HFValidationError as exc:
-        raise UsageError(
-            f"{role}.name {spec.name!r} is neither a folder here nor a hub repo id "
-            f"(namespace/name); set it to the folder holding {spec.gguf_file}, or its hub repo"
-        ) from exc
+        raise missing_model(role, spec.name, exc) from exc
     except OSError as exc:
         raise UsageError(
             f"cannot read the {role}'s GGUF file {spec.gguf_file!r} from {spec.name}: "
